@@ -1,0 +1,1791 @@
+#!/usr/bin/env python3
+"""buildserver: a self-hosted build server in one file.
+
+Projects hold a shell command; builds run it on this host with a bounded pool
+of workers. Every status change is a row, output is captured live into SQLite,
+and the REST API is the build-jobs API of Polyaxon v0.x.
+
+    python buildserver.py                  # serve on http://127.0.0.1:8000/
+    python buildserver.py adduser alice    # prints alice's token
+    python buildserver.py token alice      # a new token for alice
+
+Endpoints (all under /api/v1, each with and without a trailing slash):
+
+    GET              /health
+    GET POST         /{user}
+    GET PATCH DELETE /{user}/{project}
+    GET POST         /{user}/{project}/builds
+    GET PATCH DELETE /{user}/{project}/builds/{id}    (POST there stops it)
+    POST             /{user}/{project}/builds/{id}/stop
+    POST             /{user}/{project}/builds/{id}/restart
+    GET POST         /{user}/{project}/builds/{id}/statuses
+    GET              /{user}/{project}/builds/{id}/statuses/{number or uuid}
+    GET POST         /{user}/{project}/builds/{id}/logs
+
+The server needs bottle and waitress; everything else is the standard library.
+"""
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid as uuidlib
+
+try:
+    import bottle
+except ImportError:  # the client commands work with the standard library alone
+    bottle = None
+
+__version__ = "0.1.0"
+log = logging.getLogger("buildserver")
+
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+KiB, MiB = 1024, 1024 * 1024
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+
+# The status machine, the one source of truth for the runner and for statuses
+# reported by whatever runs an unmanaged build.
+TRANSITIONS = {
+    "created": {"scheduled", "running", "stopped"},
+    "scheduled": {"running", "stopped"},
+    "running": {"succeeded", "failed", "stopping"},
+    "stopping": {"stopped", "failed"},
+    "succeeded": set(),
+    "failed": set(),
+    "stopped": set(),
+}
+STATUSES = tuple(TRANSITIONS)
+FINAL = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
+ACTIVE = ("created", "scheduled", "running", "stopping")
+
+JSON_BODY_LIMIT = 1 * MiB
+LOG_BODY_LIMIT = 8 * MiB
+LOG_CHUNK = 512 * KiB        # the largest row of log_chunks
+LOG_JSON_DEFAULT = 1 * MiB   # bytes per JSON log page unless ?limit= says otherwise
+LOG_JSON_MAX = 16 * MiB
+LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses at most this
+PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
+FOLLOW_WAIT_SECONDS = 5.0    # a follower re-checks its build at least this often
+DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+RESERVED_USERNAMES = {"health"}  # routes that share the /api/v1/{username} level
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+@dataclasses.dataclass
+class Config:
+    """What `serve` is told; each field is a flag and a BUILDSERVER_* variable."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "./buildserver-data"
+    workers: int = 2
+    threads: int = 32
+    stop_grace: float = 10.0
+    max_log_bytes: int = 100 * MiB
+
+    @property
+    def db_path(self):
+        return os.path.join(self.data_dir, "buildserver.db")
+
+    @property
+    def workspaces(self):
+        return os.path.join(self.data_dir, "workspaces")
+
+    @property
+    def max_followers(self):
+        """Followers each hold an HTTP thread; keep a reserve for the API."""
+        return max(1, self.threads - max(2, self.threads // 4))
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc)
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+###############################################################################
+# Validation ##################################################################
+###############################################################################
+# Fields are described as JSON Schema fragments. One small checker enforces
+# them, and each "description" is also the sentence an invalid value gets back.
+
+FIELDS = {
+    "project_name": {"type": "string", "pattern": NAME_RE,
+                     "description": "1 to 64 letters, digits, '_' or '-', starting with a letter or digit"},
+    "description": {"type": ["string", "null"], "maxLength": 4096,
+                    "description": "a string of at most 4096 characters, or null"},
+    "command": {"type": ["string", "null"], "minLength": 1, "maxLength": 64 * KiB,
+                "pattern": "^[^\\u0000]*$",
+                "description": "a non-empty shell command of at most 65536 characters, without NUL bytes"},
+    "env": {"type": ["object", "null"], "maxProperties": 100,
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+            "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"},
+            "description": "an object of at most 100 NAME: \"value\" strings, names like PATH or MY_VAR"},
+    "timeout": {"type": ["integer", "null"], "minimum": 1, "maximum": 604800,
+                "description": "whole seconds from 1 to 604800, or null for no limit"},
+    "name": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,128}$",
+             "description": "1 to 128 letters, digits, '_' or '-', or null"},
+    "tags": {"type": ["array", "null"], "maxItems": 20,
+             "items": {"type": "string", "minLength": 1, "maxLength": 64},
+             "description": "a list of at most 20 strings of 1 to 64 characters"},
+    "is_managed": {"type": "boolean", "description": "true or false"},
+    "status": {"type": "string", "enum": list(STATUSES),
+               "description": "one of " + ", ".join(STATUSES)},
+    "message": {"type": ["string", "null"], "maxLength": 4096,
+                "description": "a string of at most 4096 characters, or null"},
+    "traceback": {"type": ["string", "null"], "maxLength": 64 * KiB,
+                  "description": "a string of at most 65536 characters, or null"},
+}
+
+PROJECT_CREATE = {"name": FIELDS["project_name"], **{
+    f: FIELDS[f] for f in ("description", "command", "env", "timeout")}}
+PROJECT_PATCH = {f: FIELDS[f] for f in ("description", "command", "env", "timeout")}
+BUILD_CREATE = {f: FIELDS[f] for f in (
+    "command", "env", "timeout", "name", "description", "tags", "is_managed")}
+BUILD_PATCH = {f: FIELDS[f] for f in ("name", "description", "tags")}
+STATUS_REPORT = {f: FIELDS[f] for f in ("status", "message", "traceback")}
+
+# polyaxon-client's create_build sends every field of its job schema, unset
+# ones as null; those mean nothing here, so a null one is let through.
+POLYAXON_NULLABLE = frozenset({
+    "id", "uuid", "unique_name", "user", "project", "build_job", "last_status",
+    "created_at", "updated_at", "started_at", "finished_at", "pod_id", "total_run",
+    "content", "definition", "resources", "ttl", "is_clone", "dockerfile", "backend"})
+
+_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "null": lambda v: v is None,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(pattern):
+    # JSON Schema's "$" is the end of the text; Python's also allows a final "\n".
+    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
+
+
+def conforms(value, schema):
+    """Whether `value` satisfies the subset of JSON Schema that FIELDS uses."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if types and not any(_TYPES[t](value) for t in types):
+        return False
+    if value is None:
+        return True
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if isinstance(value, str):
+        return (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+                and ("pattern" not in schema or bool(_pattern(schema["pattern"]).search(value))))
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return schema.get("minimum", value) <= value <= schema.get("maximum", value)
+    if isinstance(value, list):
+        return (len(value) <= schema.get("maxItems", len(value))
+                and all(conforms(v, schema.get("items", {})) for v in value))
+    if isinstance(value, dict):
+        return (len(value) <= schema.get("maxProperties", len(value))
+                and all(conforms(k, schema.get("propertyNames", {}))
+                        and conforms(v, schema.get("additionalProperties", {}))
+                        for k, v in value.items()))
+    return True
+
+
+def validate(data, fields, required=(), tolerated=frozenset()):
+    """The fields of `data` that `fields` allows, or ApiError(400) naming each bad one.
+
+    :param tolerated: names that are let through (and dropped) when null.
+    """
+    errors = {}
+    for key, value in data.items():
+        if key in fields:
+            if not conforms(value, fields[key]):
+                errors[key] = "must be " + fields[key]["description"]
+        elif not (key in tolerated and value is None):
+            errors[key] = "is not a field of this request"
+    for key in required:
+        if key not in data:
+            errors[key] = "is required"
+    if errors:
+        names = ", ".join(sorted(errors))
+        raise ApiError(400, f"The request has invalid fields: {names}.", errors=errors)
+    return {k: v for k, v in data.items() if k in fields}
+
+
+def valid_name(name):
+    return isinstance(name, str) and bool(_pattern(NAME_RE).search(name))
+
+
+###############################################################################
+# Database ####################################################################
+###############################################################################
+
+class SchemaError(Exception):
+    """The database file is not one this version of buildserver can use."""
+
+
+class Database:
+    """SQLite connections: one per thread, and one writer at a time.
+
+    WAL lets readers run beside the writer. Writers in this process queue on a
+    Python lock instead of SQLite's busy handler, which sleeps in steps of up
+    to 100 ms; the busy timeout remains for other processes (the CLI).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+        self._connections = []
+        self._connections_lock = threading.Lock()
+        self._write_lock = threading.RLock()
+
+    def connect(self):
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # NORMAL in WAL mode never corrupts and loses nothing when the process
+        # dies; only a power cut may take back the last transactions.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    @property
+    def conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.connect()
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def all(self, sql, params=()):
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql, params=()):
+        return self.conn.execute(sql, params).fetchone()
+
+    @contextlib.contextmanager
+    def write(self):
+        """A write transaction; BEGIN IMMEDIATE takes the lock up front, so
+        a transaction never fails half-way on a lock upgrade."""
+        with self._write_lock:
+            conn = self.conn
+            if conn.in_transaction:  # nested: part of the outer transaction
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def migrate(self, schema_path=SCHEMA_PATH):
+        """Bring the file up to the newest `-- migration N` of schema.sql."""
+        try:
+            with open(schema_path, encoding="utf-8") as f:
+                script = f.read()
+        except OSError as e:
+            raise SchemaError(f"cannot read {schema_path} ({e.strerror}); "
+                              "schema.sql must sit beside buildserver.py") from None
+        parts = re.split(r"^-- migration (\d+)\s*$", script, flags=re.M)
+        migrations = {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
+        conn = self.conn
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise SchemaError(f"{self.path} is not a SQLite database ({e})") from None
+        if version == 0 and tables:
+            raise SchemaError(f"{self.path} holds tables that buildserver did not make; "
+                              "refusing to touch it")
+        if version > max(migrations):
+            raise SchemaError(f"{self.path} was written by a newer buildserver "
+                              f"(schema version {version}, this one knows {max(migrations)})")
+        for number in sorted(n for n in migrations if n > version):
+            with self.write() as c:
+                for statement in _statements(migrations[number]):
+                    c.execute(statement)
+                c.execute(f"PRAGMA user_version = {number:d}")
+
+    def close(self):
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+def _statements(script):
+    """Split a migration into statements; executescript() would COMMIT ours."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
+BUILD_SELECT = """
+    SELECT b.*, p.name AS project_name, u.name AS owner
+    FROM builds b JOIN projects p ON p.id = b.project_id JOIN users u ON u.id = p.owner_id
+"""
+PROJECT_SELECT = """
+    SELECT p.*, u.name AS owner,
+           (SELECT number FROM builds WHERE project_id = p.id ORDER BY number DESC LIMIT 1)
+               AS last_number,
+           (SELECT last_status FROM builds WHERE project_id = p.id ORDER BY number DESC LIMIT 1)
+               AS last_status
+    FROM projects p JOIN users u ON u.id = p.owner_id
+"""
+
+
+class Store:
+    """The named queries: users and tokens, projects, builds, statuses, logs.
+
+    :param on_change: called with a build's id after its status or log changed.
+    """
+
+    def __init__(self, db, on_change=lambda build_id: None):
+        self.db = db
+        self.on_change = on_change
+
+    # Users and tokens --------------------------------------------------------
+
+    def user_count(self):
+        return self.db.one("SELECT count(*) FROM users")[0]
+
+    def user_by_name(self, name):
+        return self.db.one("SELECT * FROM users WHERE name = ?", (name,))
+
+    def user_by_token(self, token):
+        return self.db.one(
+            "SELECT u.* FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
+            (hash_token(token),))
+
+    def create_user(self, name, is_admin=False):
+        """A new user and its first token (the only time the token exists)."""
+        with self.db.write() as c:
+            user_id = c.execute(
+                "INSERT INTO users (name, is_admin, created_at) VALUES (?, ?, ?)",
+                (name, int(is_admin), now_iso())).lastrowid
+            return self.new_token(user_id)
+
+    def new_token(self, user_id):
+        """Replace the user's tokens with a new one, and return it."""
+        token = secrets.token_urlsafe(32)
+        with self.db.write() as c:
+            c.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
+            c.execute("INSERT INTO tokens (hash, user_id, created_at) VALUES (?, ?, ?)",
+                      (hash_token(token), user_id, now_iso()))
+        return token
+
+    # Projects ----------------------------------------------------------------
+
+    def project(self, owner, name):
+        return self.db.one(PROJECT_SELECT + " WHERE u.name = ? AND p.name = ?", (owner, name))
+
+    def projects(self, owner_id, limit, offset):
+        count = self.db.one("SELECT count(*) FROM projects WHERE owner_id = ?", (owner_id,))[0]
+        rows = self.db.all(PROJECT_SELECT + " WHERE p.owner_id = ? ORDER BY p.name LIMIT ? OFFSET ?",
+                           (owner_id, limit, offset))
+        return count, rows
+
+    def create_project(self, owner_id, fields):
+        now = now_iso()
+        try:
+            with self.db.write() as c:
+                c.execute(
+                    "INSERT INTO projects (owner_id, name, description, command, env, timeout,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (owner_id, fields["name"], fields.get("description"), fields.get("command"),
+                     json.dumps(fields.get("env") or {}), fields.get("timeout"), now, now))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def update_project(self, project_id, fields):
+        values = {**fields, "updated_at": now_iso()}
+        if "env" in values:
+            values["env"] = json.dumps(values["env"] or {})
+        # The column names come from PROJECT_PATCH, never from the request.
+        assignments = ", ".join(f"{column} = :{column}" for column in values)
+        with self.db.write() as c:
+            c.execute(f"UPDATE projects SET {assignments} WHERE id = :id",
+                      {**values, "id": project_id})
+
+    def delete_project(self, project_id):
+        with self.db.write() as c:
+            c.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+
+    # Builds ------------------------------------------------------------------
+
+    def build(self, build_id):
+        return self.db.one(BUILD_SELECT + " WHERE b.id = ?", (build_id,))
+
+    def build_by_number(self, project_id, number):
+        return self.db.one(BUILD_SELECT + " WHERE b.project_id = ? AND b.number = ?",
+                           (project_id, number))
+
+    def builds(self, project, statuses, limit, offset):
+        """A page of the project's builds, newest first, and how many there are."""
+        if not statuses:
+            rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ?"
+                               " ORDER BY b.number DESC LIMIT ? OFFSET ?",
+                               (project["id"], limit, offset))
+            return project["builds_count"], rows
+        wanted = json.dumps(sorted(statuses))
+        count = self.db.one("SELECT count(*) FROM builds WHERE project_id = ? AND last_status"
+                            " IN (SELECT value FROM json_each(?))", (project["id"], wanted))[0]
+        rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ? AND b.last_status IN"
+                           " (SELECT value FROM json_each(?)) ORDER BY b.number DESC"
+                           " LIMIT ? OFFSET ?", (project["id"], wanted, limit, offset))
+        return count, rows
+
+    def create_build(self, project_id, user, fields, restarted_from=None):
+        """Record a build `created` (and `scheduled` if managed); returns its row id."""
+        now = now_iso()
+        managed = fields.get("is_managed", True)
+        with self.db.write() as c:
+            number = c.execute("UPDATE projects SET next_number = next_number + 1,"
+                               " builds_count = builds_count + 1 WHERE id = ?"
+                               " RETURNING next_number - 1", (project_id,)).fetchone()[0]
+            build_id = c.execute(
+                "INSERT INTO builds (project_id, number, uuid, user, name, description, tags,"
+                " last_status, is_managed, command, env, timeout, created_at, updated_at,"
+                " restarted_from) VALUES (?, ?, ?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?, ?)",
+                (project_id, number, uuidlib.uuid4().hex, user, fields.get("name"),
+                 fields.get("description"), json.dumps(fields.get("tags") or []), int(managed),
+                 fields.get("command"), json.dumps(fields.get("env") or {}),
+                 fields.get("timeout"), now, now, restarted_from)).lastrowid
+            self._add_status(c, build_id, "created", None, now)
+            if managed:
+                self._set_status(c, build_id, "scheduled", "waiting for a free worker", now)
+        return build_id
+
+    def update_build(self, build_id, fields):
+        values = {**fields, "updated_at": now_iso()}
+        if "tags" in values:
+            values["tags"] = json.dumps(values["tags"] or [])
+        # The column names come from BUILD_PATCH, never from the request.
+        assignments = ", ".join(f"{column} = :{column}" for column in values)
+        with self.db.write() as c:
+            c.execute(f"UPDATE builds SET {assignments} WHERE id = :id", {**values, "id": build_id})
+
+    def delete_build(self, build_id):
+        with self.db.write() as c:
+            c.execute("UPDATE projects SET builds_count = builds_count - 1"
+                      " WHERE id = (SELECT project_id FROM builds WHERE id = ?)", (build_id,))
+            c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+
+    def set_pgid(self, build_id, pgid):
+        with self.db.write() as c:
+            c.execute("UPDATE builds SET pgid = ? WHERE id = ?", (pgid, build_id))
+
+    def transition(self, build_id, status, message=None, exit_code=None, sources=None):
+        """Move a build to `status` if the status machine (and `sources`) allow it.
+
+        :returns: the new status entry, or None when the move is not allowed.
+        """
+        now = now_iso()
+        with self.db.write() as c:
+            row = c.execute("SELECT last_status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if (row is None or status not in TRANSITIONS[row[0]]
+                    or (sources is not None and row[0] not in sources)):
+                return None
+            if exit_code is not None:
+                c.execute("UPDATE builds SET exit_code = ? WHERE id = ?", (exit_code, build_id))
+            entry = self._set_status(c, build_id, status, message, now)
+        self.on_change(build_id)
+        return entry
+
+    def _set_status(self, c, build_id, status, message, now):
+        c.execute("UPDATE builds SET last_status = :status, updated_at = :now,"
+                  " started_at = CASE WHEN :status = 'running' THEN :now ELSE started_at END,"
+                  " finished_at = CASE WHEN :status IN ('succeeded', 'failed', 'stopped')"
+                  "                    THEN :now ELSE finished_at END"
+                  " WHERE id = :id", {"status": status, "now": now, "id": build_id})
+        return self._add_status(c, build_id, status, message, now)
+
+    def _add_status(self, c, build_id, status, message, now):
+        number = c.execute("SELECT coalesce(max(number), 0) + 1 FROM statuses WHERE build_id = ?",
+                           (build_id,)).fetchone()[0]
+        entry_uuid = uuidlib.uuid4().hex
+        c.execute("INSERT INTO statuses (build_id, number, uuid, status, message, created_at)"
+                  " VALUES (?, ?, ?, ?, ?, ?)",
+                  (build_id, number, entry_uuid, status, message, now))
+        return {"number": number, "uuid": entry_uuid, "status": status,
+                "message": message, "created_at": now}
+
+    def builds_with_status(self, statuses, managed=True):
+        """Row ids of managed builds in `statuses`, oldest first."""
+        return self.db.all("SELECT id, uuid, pgid, last_status FROM builds WHERE is_managed = ?"
+                           " AND last_status IN (SELECT value FROM json_each(?)) ORDER BY id",
+                           (int(managed), json.dumps(list(statuses))))
+
+    def active_builds(self, project_id):
+        return [r["id"] for r in self.db.all(
+            "SELECT id FROM builds WHERE project_id = ? AND last_status IN"
+            " ('created', 'scheduled', 'running', 'stopping')", (project_id,))]
+
+    # Statuses ----------------------------------------------------------------
+
+    def statuses(self, build_id, limit, offset):
+        count = self.db.one("SELECT count(*) FROM statuses WHERE build_id = ?", (build_id,))[0]
+        rows = self.db.all("SELECT * FROM statuses WHERE build_id = ? ORDER BY number"
+                           " LIMIT ? OFFSET ?", (build_id, limit, offset))
+        return count, rows
+
+    def status(self, build_id, key):
+        column = "number" if key.isdigit() else "uuid"
+        return self.db.one(f"SELECT * FROM statuses WHERE build_id = ? AND {column} = ?",
+                           (build_id, int(key) if key.isdigit() else key))
+
+    # Logs --------------------------------------------------------------------
+
+    def log_state(self, build_id):
+        return self.db.one("SELECT log_size, last_status FROM builds WHERE id = ?", (build_id,))
+
+    def append_log(self, build_id, data, max_bytes):
+        """Store output as it arrived; past `max_bytes` it is dropped and one
+        line says so. Returns (log size, truncated), or None if the build is gone."""
+        with self.db.write() as c:
+            row = c.execute("SELECT log_size, truncated FROM builds WHERE id = ?",
+                            (build_id,)).fetchone()
+            if row is None:
+                return None
+            size, truncated = row
+            if truncated or not data:
+                return size, bool(truncated)
+            if size + len(data) > max_bytes:
+                data = bytes(data[:max(0, max_bytes - size)]) + (
+                    f"\n[buildserver] log truncated: it reached --max-log-bytes ({max_bytes} "
+                    "bytes); later output was dropped\n").encode()
+                truncated = True
+            last = c.execute("SELECT id, offset, data FROM log_chunks WHERE build_id = ?"
+                             " ORDER BY offset DESC LIMIT 1", (build_id,)).fetchone()
+            view = memoryview(data)
+            if last is not None and len(last["data"]) + len(view) <= LOG_CHUNK:
+                # Small writes join the last chunk, so a trickling log stays few rows.
+                c.execute("UPDATE log_chunks SET data = ? WHERE id = ?",
+                          (last["data"] + bytes(view), last["id"]))
+                size += len(view)
+                view = view[len(view):]
+            for start in range(0, len(view), LOG_CHUNK):
+                piece = view[start:start + LOG_CHUNK]
+                c.execute("INSERT INTO log_chunks (build_id, offset, data) VALUES (?, ?, ?)",
+                          (build_id, size, piece))
+                size += len(piece)
+            c.execute("UPDATE builds SET log_size = ?, truncated = ? WHERE id = ?",
+                      (size, int(truncated), build_id))
+        self.on_change(build_id)
+        return size, bool(truncated)
+
+    def log_piece(self, build_id, start, end):
+        """Bytes from `start` up to `end`, at most to the end of one chunk."""
+        row = self.db.one("SELECT offset, data FROM log_chunks WHERE build_id = ? AND offset <= ?"
+                          " ORDER BY offset DESC LIMIT 1", (build_id, start))
+        if row is None or start >= end:
+            return b""
+        return row["data"][start - row["offset"]:end - row["offset"]]
+
+    def log_bytes(self, build_id, start, end):
+        pieces, pos = [], start
+        while pos < end:
+            piece = self.log_piece(build_id, pos, end)
+            if not piece:
+                break
+            pieces.append(piece)
+            pos += len(piece)
+        return b"".join(pieces)
+
+    def tail_offset(self, build_id, size, lines):
+        """Where the last `lines` lines of a log of `size` bytes start."""
+        pos, wanted = size, lines
+        if lines == 0:
+            return size
+        while pos > 0:
+            row = self.db.one("SELECT offset, data FROM log_chunks WHERE build_id = ?"
+                              " AND offset < ? ORDER BY offset DESC LIMIT 1", (build_id, pos))
+            if row is None:
+                break
+            data = row["data"][:pos - row["offset"]]
+            end = len(data) - 1 if pos == size and data.endswith(b"\n") else len(data)
+            while True:
+                newline = data.rfind(b"\n", 0, end)
+                if newline < 0:
+                    break
+                wanted -= 1
+                if wanted == 0:
+                    return row["offset"] + newline + 1
+                end = newline
+            pos = row["offset"]
+        return 0
+
+
+###############################################################################
+# Log followers ###############################################################
+###############################################################################
+
+class LogBus:
+    """Wakes log followers when a build's log or status changes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._versions = collections.Counter()
+        self.closed = False
+
+    def version(self, build_id):
+        return self._versions[build_id]
+
+    def notify(self, build_id):
+        with self._cond:
+            self._versions[build_id] += 1
+            self._cond.notify_all()
+
+    def wait(self, build_id, seen, timeout):
+        """Until the build changes after version `seen`, the bus closes, or `timeout`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed or self._versions[build_id] != seen, timeout)
+
+    def close(self):
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class LogStream:
+    """A build's log from `start` to `end` as a file-like object for the server.
+
+    Returned from a handler, Bottle gives it to waitress's file wrapper without
+    peeking at it, so while following the response headers can go out (through
+    the WSGI `write`) before the first output exists. Each read() returns what
+    one chunk holds; it waits for more only when following.
+    """
+
+    def __init__(self, store, bus, build_id, start, end, follow=False, write=None, on_close=None):
+        self.store, self.bus, self.build_id = store, bus, build_id
+        self.pos, self.end, self.follow = start, end, follow
+        self._write, self._on_close = write, on_close
+
+    def read(self, size=-1):
+        while self.pos < self.end:
+            seen = self.bus.version(self.build_id)
+            state = self.store.log_state(self.build_id)
+            if state is None:
+                return b""
+            piece = self.store.log_piece(self.build_id, self.pos, min(self.end, state["log_size"]))
+            if piece:
+                self.pos += len(piece)
+                return piece
+            if not self.follow or state["last_status"] in FINAL or self.bus.closed:
+                return b""
+            if self._write is not None:  # send the headers before waiting
+                self._write(b"")
+                self._write = None
+            self.bus.wait(self.build_id, seen, FOLLOW_WAIT_SECONDS)
+        return b""
+
+    def close(self):
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+
+###############################################################################
+# Runner ######################################################################
+###############################################################################
+
+class Job:
+    """A managed build while a worker runs it."""
+
+    def __init__(self, build):
+        self.build = build
+        self.id = build["id"]
+        self.ending = None          # (final status, message) once a stop or timeout is asked
+        self.exited = False         # the shell has exited (not yet reaped)
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+
+    def stop(self, status, message):
+        """Ask the worker to end the build `status` with `message` (first ask wins)."""
+        with self._lock:
+            if self.ending is None:
+                self.ending = (status, message)
+        self.wake()
+
+    def wake(self):
+        with self._lock:
+            if self._wake_w is not None:
+                os.write(self._wake_w, b".")
+
+    def close(self):
+        with self._lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = None
+
+
+class Runner:
+    """Runs managed builds: `workers` at a time, first come first served.
+
+    Lifecycle: start() recovers what a dead server left and starts the workers;
+    submit() hands over a scheduled build; stop() ends one; shutdown() stops
+    the running builds and waits for the workers, leaving the rest scheduled.
+    """
+
+    def __init__(self, config, store):
+        self.config = config
+        self.store = store
+        self._cond = threading.Condition()  # guards _queue, _jobs and _closing
+        self._queue = collections.deque()
+        self._jobs = {}
+        self._closing = False
+        self._threads = []
+
+    def start(self):
+        self.recover()
+        with self._cond:
+            self._queue.extend(r["id"] for r in self.store.builds_with_status(["scheduled"]))
+        for number in range(self.config.workers):
+            thread = threading.Thread(target=self._work, name=f"worker-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, build_id):
+        with self._cond:
+            self._queue.append(build_id)
+            self._cond.notify()
+
+    def is_running(self, build_id):
+        return build_id in self._jobs
+
+    def stop(self, build_id, message, wait=0.0):
+        """Stop a build: at once if it has not started, else through SIGTERM.
+
+        :param wait: seconds to wait for a running build to end.
+        :returns: whether the build has ended.
+        """
+        with self._cond:
+            job = self._jobs.get(build_id)
+            if job is None:
+                # Not running here: it has not started, or something else runs it.
+                if self.store.transition(build_id, "stopped", message,
+                                         sources=("created", "scheduled")) is None:
+                    self.store.transition(build_id, "stopping", message, sources=("running",))
+                return True
+        job.stop("stopped", message)
+        return job.done.wait(wait)
+
+    def shutdown(self):
+        """Stop running builds (they end `stopped`), then wait for the workers."""
+        with self._cond:
+            self._closing = True
+            jobs = list(self._jobs.values())
+            self._cond.notify_all()
+        for job in jobs:
+            job.stop("stopped", "stopped: the server shut down")
+        deadline = time.monotonic() + self.config.stop_grace + 5
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def recover(self):
+        """End builds that a server which died left running, and kill what is left of them."""
+        for row in self.store.builds_with_status(["running", "stopping"]):
+            _kill_leftovers(row["pgid"], row["uuid"])
+            self.store.transition(row["id"], "failed",
+                                  "interrupted: the server restarted while it ran")
+            log.warning("build %d was interrupted by a server restart", row["id"])
+
+    def _work(self):
+        while True:
+            with self._cond:
+                while not self._closing and not self._queue:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                build_id = self._queue.popleft()
+                # Claimed under the lock, so a stop sees either `scheduled` or a Job.
+                if self.store.transition(build_id, "running", "started",
+                                         sources=("scheduled",)) is None:
+                    continue
+                job = self._jobs[build_id] = Job(self.store.build(build_id))
+            try:
+                self._run(job)
+            except Exception:
+                log.exception("build %d: the runner failed", job.id)
+                self._finish(job, "failed", "internal error in the runner")
+            finally:
+                with self._cond:
+                    del self._jobs[build_id]
+                job.close()
+                job.done.set()
+
+    def _run(self, job):
+        build = job.build
+        workspace = os.path.join(self.config.workspaces, build["owner"],
+                                 build["project_name"], str(build["number"]))
+        read_fd, write_fd = os.pipe()
+        try:
+            shutil.rmtree(workspace, ignore_errors=True)
+            os.makedirs(workspace)
+            _grow_pipe(write_fd)
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", build["command"]], cwd=workspace, env=_build_env(build, workspace),
+                stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                start_new_session=True, close_fds=True)
+        except OSError as e:
+            os.close(read_fd)
+            self._finish(job, "failed", f"could not start: {e.strerror or e}")
+            return
+        finally:
+            os.close(write_fd)
+        try:
+            self.store.set_pgid(job.id, proc.pid)
+            threading.Thread(target=_watch_exit, args=(proc.pid, job),
+                             name=f"exit-{proc.pid}", daemon=True).start()
+            self._supervise(job, proc, read_fd)
+        finally:
+            os.close(read_fd)
+            _killpg(proc.pid, signal.SIGKILL)
+            returncode = proc.wait()
+        if returncode == 0:
+            status, message = "succeeded", "exit code 0"
+        elif returncode < 0:
+            status, message = "failed", f"killed by signal {_signal_name(-returncode)}"
+        else:
+            status, message = "failed", f"exit code {returncode}"
+        self._finish(job, *(job.ending or (status, message)), exit_code=returncode)
+
+    def _supervise(self, job, proc, out_fd):
+        """Capture output, honour stop and timeout, and return once the shell
+        has exited and its process group is gone (or the pipe has gone quiet)."""
+        poller = select.poll()
+        poller.register(out_fd, select.POLLIN)
+        poller.register(job._wake_r, select.POLLIN)
+        buffer, dropping, eof = bytearray(), False, False
+        flush_at = kill_at = drain_until = None
+        timeout = job.build["timeout"]
+        timeout_at = time.monotonic() + timeout if timeout else None
+        stopping = False
+        while not (eof and job.exited):
+            now = time.monotonic()
+            deadlines = [t for t in (flush_at, kill_at, drain_until,
+                                     None if stopping else timeout_at) if t is not None]
+            wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
+            for fd, _ in poller.poll(wait_ms):
+                if fd == out_fd:
+                    data = os.read(out_fd, PIPE_SIZE)
+                    if not data:
+                        eof = True
+                        poller.unregister(out_fd)
+                    elif not dropping:
+                        buffer += data
+                        flush_at = flush_at or now + LOG_FLUSH_SECONDS
+                else:
+                    os.read(job._wake_r, 4096)
+            now = time.monotonic()
+            if timeout_at is not None and now >= timeout_at and not stopping:
+                job.stop("failed", f"timed out after {timeout} s")
+            if job.ending and not stopping:
+                stopping = True
+                self.store.transition(job.id, "stopping", job.ending[1])
+                _killpg(proc.pid, signal.SIGTERM)
+                kill_at = now + self.config.stop_grace
+            if kill_at is not None and now >= kill_at:
+                _killpg(proc.pid, signal.SIGKILL)
+                kill_at = None
+            if job.exited and drain_until is None:
+                # The shell is gone: whatever it left in its group goes too.
+                _killpg(proc.pid, signal.SIGKILL)
+                drain_until = now + DRAIN_SECONDS
+            if drain_until is not None and now >= drain_until:
+                break  # something outside the group holds the pipe open
+            if buffer and (len(buffer) >= LOG_CHUNK or eof or now >= flush_at):
+                dropping = self._flush(job, buffer)
+                flush_at = None
+        if buffer:
+            self._flush(job, buffer)
+
+    def _flush(self, job, buffer):
+        """Store the buffered output; returns whether output is now being dropped."""
+        result = self.store.append_log(job.id, buffer, self.config.max_log_bytes)
+        buffer.clear()
+        return result is None or result[1]
+
+    def _finish(self, job, status, message, exit_code=None):
+        if status in ("stopped", "failed") and job.ending:
+            self.store.transition(job.id, "stopping", job.ending[1], sources=("running",))
+        self.store.transition(job.id, status, message, exit_code=exit_code)
+        log.info("build %d %s: %s", job.id, status, message)
+
+
+def _build_env(build, workspace):
+    env = dict(os.environ)
+    env.update(json.loads(build["env"]))
+    env.update(BUILD_ID=str(build["number"]), BUILD_UUID=build["uuid"],
+               BUILD_PROJECT=f"{build['owner']}/{build['project_name']}",
+               BUILD_USER=build["user"], BUILD_WORKSPACE=workspace)
+    return env
+
+
+def _grow_pipe(fd):
+    """Fewer wake-ups per megabyte of output (Linux only; harmless elsewhere)."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (ImportError, OSError):
+        pass
+
+
+def _watch_exit(pid, job):
+    """Tell the job when its shell exits, without reaping it: until reaped, its
+    pid (which is the group's id) cannot be reused, so killpg stays safe."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass
+    job.exited = True
+    job.wake()
+
+
+def _killpg(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _kill_leftovers(pgid, build_uuid):
+    """Kill a dead server's build's process group, if it still is that build's.
+
+    A pid (and so a group id) may have been reused since; on Linux the group is
+    killed only if one of its processes carries the build's BUILD_UUID.
+    """
+    if not pgid or pgid == os.getpgrp():
+        return
+    if os.path.isdir("/proc/self"):
+        marker = f"\0BUILD_UUID={build_uuid}\0".encode()
+        if not any(marker in b"\0" + _read(f"/proc/{pid}/environ") + b"\0"
+                   for pid in _group_members(pgid)):
+            return
+    _killpg(pgid, signal.SIGKILL)
+
+
+def _group_members(pgid):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        stat = _read(f"/proc/{pid}/stat")
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            yield pid
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+###############################################################################
+# Errors and HTTP helpers #####################################################
+###############################################################################
+
+class ApiError(Exception):
+    """An answer other than 2xx: {"detail": ...} plus per-field "errors" on a 400."""
+
+    def __init__(self, status, detail, errors=None, headers=None):
+        super().__init__(detail)
+        self.status, self.detail, self.errors, self.headers = status, detail, errors, headers or {}
+
+    def body(self):
+        body = {"detail": self.detail}
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+def json_bytes(obj):
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def read_body(limit):
+    """The request body, refused with 413 from Content-Length before it is read."""
+    environ = bottle.request.environ
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length and not length.isdigit():
+        raise ApiError(400, "The Content-Length header is not a number.")
+    if length and int(length) > limit:
+        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
+    body = environ["wsgi.input"].read(int(length) if length else limit + 1)
+    if len(body) > limit:
+        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
+    return body
+
+
+def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
+    """The body as a JSON object."""
+    body = read_body(limit)
+    if not body.strip() and empty_ok:
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return data
+
+
+def int_param(name, default, low, high):
+    raw = bottle.request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"The query parameter {name} must be a whole number"
+                            f" from {low} to {high}.", errors={name: f"must be {low} to {high}"})
+    return int(raw)
+
+
+def flag_param(name):
+    raw = bottle.request.query.get(name, "").lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ApiError(400, f"The query parameter {name} must be 1 or 0.", errors={name: "must be 1 or 0"})
+
+
+def page_params():
+    return int_param("limit", 20, 1, 1000), int_param("offset", 0, 0, 2 ** 62)
+
+
+def page(count, results, limit, offset):
+    """A page of a list, with links to its neighbours."""
+    def link(new_offset):
+        request = bottle.request
+        query = dict(request.query.allitems())
+        query.update(limit=str(limit), offset=str(new_offset))
+        path = request.environ.get("buildserver.path", request.path)
+        return f"{request.urlparts.scheme}://{request.urlparts.netloc}{path}?" + \
+            urllib.parse.urlencode(query)
+    return {"count": count,
+            "next": link(offset + limit) if offset + limit < count else None,
+            "previous": link(max(0, offset - limit)) if offset > 0 else None,
+            "results": results}
+
+
+###############################################################################
+# Representations #############################################################
+###############################################################################
+
+def project_json(p):
+    return {"name": p["name"], "owner": p["owner"], "description": p["description"],
+            "command": p["command"], "env": json.loads(p["env"]), "timeout": p["timeout"],
+            "created_at": p["created_at"], "updated_at": p["updated_at"],
+            "builds_count": p["builds_count"],
+            "last_build": None if p["last_number"] is None else
+            {"id": p["last_number"], "last_status": p["last_status"]}}
+
+
+def build_json(b):
+    duration = None
+    if b["started_at"]:
+        end = parse_iso(b["finished_at"]) if b["finished_at"] else \
+            datetime.datetime.now(datetime.timezone.utc)
+        duration = round((end - parse_iso(b["started_at"])).total_seconds(), 3)
+    owner, project = b["owner"], b["project_name"]
+    return {
+        "id": b["number"], "uuid": b["uuid"], "name": b["name"],
+        "unique_name": f"{owner}.{project}.builds.{b['number']}", "user": b["user"],
+        "project": f"{owner}/{project}", "description": b["description"],
+        "tags": json.loads(b["tags"]), "last_status": b["last_status"],
+        "is_managed": bool(b["is_managed"]), "created_at": b["created_at"],
+        "updated_at": b["updated_at"], "started_at": b["started_at"],
+        "finished_at": b["finished_at"], "command": b["command"], "env": json.loads(b["env"]),
+        "timeout": b["timeout"], "exit_code": b["exit_code"], "duration": duration,
+        "log_size": b["log_size"], "truncated": bool(b["truncated"]),
+        "restarted_from": b["restarted_from"]}
+
+
+def status_json(entry, build_number):
+    return {"id": entry["number"], "uuid": entry["uuid"], "job": build_number,
+            "status": entry["status"], "message": entry["message"],
+            "created_at": entry["created_at"]}
+
+
+###############################################################################
+# The application #############################################################
+###############################################################################
+
+class App:
+    """The WSGI application: routes, auth, the runner and the database.
+
+    It serves every route with and without a trailing slash (by trimming the
+    slash before Bottle routes: a redirect would turn a client's POST into a
+    GET), and logs one line per request, never a token.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        os.makedirs(config.workspaces, exist_ok=True)
+        self.db = Database(config.db_path)
+        self.db.migrate()
+        self.bus = LogBus()
+        self.store = Store(self.db, on_change=self.bus.notify)
+        self.runner = Runner(config, self.store)
+        self.followers = threading.BoundedSemaphore(config.max_followers)
+        self.closing = False
+        self.bottle = make_routes(self)
+        self.runner.start()
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        environ["buildserver.path"] = path
+        if len(path) > 1 and path.endswith("/"):
+            environ["PATH_INFO"] = path.rstrip("/") or "/"
+        started = time.perf_counter()
+        answered = []
+
+        def start(status, headers, exc_info=None):
+            answered.append(status[:3])
+            write = start_response(status, headers, exc_info)
+            environ["buildserver.write"] = write
+            return write
+
+        try:
+            return self.bottle(environ, start)
+        finally:
+            log.info("%s %s %s %.1fms %s", environ.get("REQUEST_METHOD"), path,
+                     answered[0] if answered else "-", (time.perf_counter() - started) * 1000,
+                     environ.get("buildserver.user", "-"))
+
+    def shutdown(self, timeout=None):
+        """Refuse new requests, stop the builds (followers get their last
+        output), then end the followers; True if they all ended in `timeout`."""
+        self.closing = True
+        self.runner.shutdown()
+        self.bus.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in range(self.config.max_followers):  # holding every slot: none is left
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.followers.acquire(timeout=remaining):
+                return False
+        return True
+
+    def close(self):
+        """Shut down and close the database (after the HTTP threads are done)."""
+        if not self.closing:
+            self.shutdown(timeout=10)
+        self.db.close()
+
+
+def make_app(config=None):
+    """The buildserver WSGI app for `config` (a Config, or a mapping of its fields)."""
+    if not isinstance(config, Config):
+        config = Config(**(config or {}))
+    return App(config)
+
+
+# Auth -------------------------------------------------------------------------
+
+AUTH_RE = re.compile(r'^\s*(?:token|bearer)\s+"?([^"\s]+)"?\s*$', re.I)
+
+
+def authenticate(store):
+    """The user whose token the request carries, or ApiError(401)."""
+    header = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
+    match = AUTH_RE.match(header)
+    user = store.user_by_token(match.group(1)) if match else None
+    if user is None:
+        reason = "is missing" if not header else "is not valid" if match else "is malformed"
+        raise ApiError(401, f"Authentication failed: the token {reason}. Send the header "
+                            "'Authorization: Token <your token>'.",
+                       headers={"WWW-Authenticate": "Token"})
+    bottle.request.environ["buildserver.user"] = user["name"]
+    return user
+
+
+def token_required(app):
+    """Decorator: authenticate, then allow a user only inside their own namespace
+    (admins everywhere). Access is checked before existence: a 403 never tells
+    whether a project or build exists. The handler gets the user first."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapper(**params):
+            user = authenticate(app.store)
+            username = params.get("username")
+            if username is not None and not user["is_admin"] and username != user["name"]:
+                raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
+            return handler(user, **params)
+        return wrapper
+    return decorate
+
+
+# Lookups that own their 404s ------------------------------------------------------
+
+def _owner(app, username):
+    user = app.store.user_by_name(username) if valid_name(username) else None
+    if user is None:
+        raise ApiError(404, f"There is no user {username!r}.")
+    return user
+
+
+def _project(app, username, project_name):
+    project = app.store.project(username, project_name) if valid_name(project_name) else None
+    if project is None:
+        _owner(app, username)
+        raise ApiError(404, f"There is no project {username}/{project_name}.")
+    return project
+
+
+def _build(app, username, project_name, build_id):
+    """The build, and its project; 404 for ids that are not whole numbers."""
+    project = _project(app, username, project_name)
+    build = None
+    if build_id.isdigit() and len(build_id) < 19:
+        build = app.store.build_by_number(project["id"], int(build_id))
+    if build is None:
+        raise ApiError(404, f"There is no build {build_id} in {username}/{project_name}.")
+    return build
+
+
+# Handlers ------------------------------------------------------------------------
+
+def make_routes(app):
+    """Bottle routes for `app`: handlers, then the routing table."""
+    store, runner, config = app.store, app.runner, app.config
+    authorized = token_required(app)
+
+    def health():
+        return {"status": "ok"}
+
+    @authorized
+    def list_projects(user, username):
+        owner = _owner(app, username)
+        limit, offset = page_params()
+        count, rows = store.projects(owner["id"], limit, offset)
+        return page(count, [project_json(r) for r in rows], limit, offset)
+
+    @authorized
+    def create_project(user, username):
+        owner = _owner(app, username)
+        fields = validate(read_json(), PROJECT_CREATE, required=("name",))
+        if not store.create_project(owner["id"], fields):
+            raise ApiError(400, f"The project name {fields['name']!r} is taken.",
+                           errors={"name": "is taken"})
+        return created(project_json(store.project(username, fields["name"])))
+
+    @authorized
+    def get_project(user, username, project_name):
+        return project_json(_project(app, username, project_name))
+
+    @authorized
+    def patch_project(user, username, project_name):
+        project = _project(app, username, project_name)
+        fields = validate(read_json(), PROJECT_PATCH)
+        if fields:
+            store.update_project(project["id"], fields)
+        return project_json(store.project(username, project_name))
+
+    @authorized
+    def delete_project(user, username, project_name):
+        project = _project(app, username, project_name)
+        stop_all(store.active_builds(project["id"]), f"stopped by {user['name']}: project deleted")
+        store.delete_project(project["id"])
+        shutil.rmtree(os.path.join(config.workspaces, username, project_name), ignore_errors=True)
+        return {"detail": f"Deleted the project {username}/{project_name}."}
+
+    def stop_all(build_ids, message):
+        for build_id in build_ids:
+            runner.stop(build_id, message)
+        for build_id in build_ids:  # each already has its SIGTERM: wait for them together
+            runner.stop(build_id, message, wait=config.stop_grace + 5)
+
+    @authorized
+    def list_builds(user, username, project_name):
+        project = _project(app, username, project_name)
+        limit, offset = page_params()
+        wanted = [s for s in bottle.request.query.get("status", "").split(",") if s]
+        unknown = [s for s in wanted if s not in TRANSITIONS]
+        if unknown:
+            raise ApiError(400, f"Unknown status {unknown[0]!r}; statuses are "
+                                f"{', '.join(STATUSES)}.", errors={"status": "unknown status"})
+        count, rows = store.builds(project, wanted, limit, offset)
+        return page(count, [build_json(r) for r in rows], limit, offset)
+
+    @authorized
+    def create_build(user, username, project_name):
+        project = _project(app, username, project_name)
+        fields = validate(read_json(empty_ok=True), BUILD_CREATE, tolerated=POLYAXON_NULLABLE)
+        fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
+        fields.setdefault("timeout", project["timeout"])
+        fields["command"] = fields.get("command") or project["command"]
+        if fields.get("is_managed", True) and not fields["command"]:
+            raise ApiError(400, "There is no command to run: give one, or set the project's.",
+                           errors={"command": "is required (the project has none)"})
+        return start_build(project, user, fields)
+
+    def start_build(project, user, fields, restarted_from=None):
+        build_id = store.create_build(project["id"], user["name"], fields, restarted_from)
+        if fields.get("is_managed", True):
+            runner.submit(build_id)
+        return created(build_json(store.build(build_id)))
+
+    @authorized
+    def get_build(user, username, project_name, build_id):
+        return build_json(_build(app, username, project_name, build_id))
+
+    @authorized
+    def patch_build(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        fields = validate(read_json(), BUILD_PATCH)
+        if fields:
+            store.update_build(build["id"], fields)
+        return build_json(store.build(build["id"]))
+
+    @authorized
+    def delete_build(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        stop_all([build["id"]], f"stopped by {user['name']}: build deleted")
+        store.delete_build(build["id"])
+        shutil.rmtree(os.path.join(config.workspaces, username, project_name, str(build["number"])),
+                      ignore_errors=True)
+        return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}
+
+    @authorized
+    def stop_build(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        # Most builds obey SIGTERM at once: wait a moment, so the answer says `stopped`.
+        runner.stop(build["id"], f"stopped by {user['name']}", wait=min(2.0, config.stop_grace))
+        return build_json(store.build(build["id"]))
+
+    @authorized
+    def restart_build(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        project = _project(app, username, project_name)
+        fields = {"command": build["command"], "env": json.loads(build["env"]),
+                  "timeout": build["timeout"], "name": build["name"],
+                  "tags": json.loads(build["tags"]), "is_managed": bool(build["is_managed"])}
+        return start_build(project, user, fields, restarted_from=build["number"])
+
+    @authorized
+    def list_statuses(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        limit, offset = page_params()
+        count, rows = store.statuses(build["id"], limit, offset)
+        return page(count, [status_json(r, build["number"]) for r in rows], limit, offset)
+
+    @authorized
+    def report_status(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        fields = validate(read_json(), STATUS_REPORT, required=("status",))
+        if build["is_managed"]:
+            raise ApiError(400, "This build is managed: the server reports its statuses.")
+        message = "\n".join(filter(None, (fields.get("message"), fields.get("traceback")))) or None
+        entry = store.transition(build["id"], fields["status"], message)
+        if entry is None:
+            current = store.build(build["id"])["last_status"]
+            raise ApiError(400, f"A build cannot go from {current} to {fields['status']}.",
+                           errors={"status": f"not allowed after {current}"})
+        return created(status_json(entry, build["number"]))
+
+    @authorized
+    def get_status(user, username, project_name, build_id, status_id):
+        build = _build(app, username, project_name, build_id)
+        entry = None
+        if (status_id.isdigit() and len(status_id) < 19) or re.fullmatch(r"[0-9a-f]{32}", status_id):
+            entry = store.status(build["id"], status_id)
+        if entry is None:
+            raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
+        return status_json(entry, build["number"])
+
+    @authorized
+    def get_logs(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        request = bottle.request
+        fmt = request.query.get("format") or (
+            "json" if "application/json" in request.get_header("Accept", "") else "text")
+        if fmt not in ("text", "json"):
+            raise ApiError(400, "The query parameter format must be text or json.",
+                           errors={"format": "must be text or json"})
+        follow = flag_param("follow")
+        if follow and fmt == "json":
+            raise ApiError(400, "follow works with the text format only.",
+                           errors={"follow": "needs format=text"})
+        size, final = build["log_size"], build["last_status"] in FINAL
+        offset = int_param("offset", 0, 0, 2 ** 62)
+        tail = int_param("tail", None, 0, 10 ** 7)
+        if tail is not None:
+            offset = store.tail_offset(build["id"], size, tail)
+        if fmt == "json":
+            limit = int_param("limit", LOG_JSON_DEFAULT, 0, LOG_JSON_MAX)
+            return log_page(build, min(offset, size), limit, size, final)
+        limit = int_param("limit", None, 0, 2 ** 62)
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        bottle.response.set_header("X-Log-Size", str(size))
+        bottle.response.set_header("X-More-Data", "false" if final else "true")
+        if not follow or final:
+            start = min(offset, size)
+            end = size if limit is None else min(size, start + limit)
+            bottle.response.set_header("Content-Length", str(end - start))
+            return LogStream(store, app.bus, build["id"], start, end)
+        if not app.followers.acquire(blocking=False):
+            raise ApiError(503, "Too many log followers at once; try again shortly.",
+                           headers={"Retry-After": "5"})
+        end = float("inf") if limit is None else offset + limit
+        return LogStream(store, app.bus, build["id"], offset, end, follow=True,
+                         write=request.environ.get("buildserver.write"),
+                         on_close=app.followers.release)
+
+    def log_page(build, offset, limit, size, final):
+        data = store.log_bytes(build["id"], offset, min(size, offset + limit))
+        data = data[:_utf8_boundary(data)]
+        if not final and b"\n" in data:
+            data = data[:data.rfind(b"\n") + 1]  # whole lines while more may come
+        next_offset = offset + len(data)
+        return {"job": build["number"], "offset": offset, "next_offset": next_offset,
+                "size": size, "complete": final and next_offset == size,
+                "truncated": bool(build["truncated"]),
+                "text": data.decode("utf-8", "replace")}
+
+    @authorized
+    def append_logs(user, username, project_name, build_id):
+        build = _build(app, username, project_name, build_id)
+        body = read_body(LOG_BODY_LIMIT)
+        if build["is_managed"]:
+            raise ApiError(400, "This build is managed: the server captures its log.")
+        if build["last_status"] in FINAL:
+            raise ApiError(400, f"The build is {build['last_status']}: its log is closed.")
+        if bottle.request.content_type.split(";")[0].strip() == "application/json":
+            body = _json_log_text(body)
+        size, _ = store.append_log(build["id"], body, config.max_log_bytes)
+        return {"size": size}
+
+    routes = [
+        ("GET", "/api/v1/health", health),
+        ("GET", "/api/v1/<username>", list_projects),
+        ("POST", "/api/v1/<username>", create_project),
+        ("GET", "/api/v1/<username>/<project_name>", get_project),
+        ("PATCH", "/api/v1/<username>/<project_name>", patch_project),
+        ("DELETE", "/api/v1/<username>/<project_name>", delete_project),
+        ("GET", "/api/v1/<username>/<project_name>/builds", list_builds),
+        ("POST", "/api/v1/<username>/<project_name>/builds", create_build),
+        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>", get_build),
+        ("PATCH", "/api/v1/<username>/<project_name>/builds/<build_id>", patch_build),
+        ("DELETE", "/api/v1/<username>/<project_name>/builds/<build_id>", delete_build),
+        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>", stop_build),
+        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/stop", stop_build),
+        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/restart", restart_build),
+        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>/statuses", list_statuses),
+        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/statuses", report_status),
+        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>/statuses/<status_id>",
+         get_status),
+        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>/logs", get_logs),
+        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/logs", append_logs),
+    ]
+    web = bottle.Bottle()
+    for method, path, handler in routes:
+        web.route(path, method, _answering(app, handler))
+    web.default_error_handler = _error_page
+    web.routes_table = routes
+    return web
+
+
+def created(body):
+    bottle.response.status = 201
+    return body
+
+
+def _answering(app, handler):
+    """Turn a handler's dict into JSON, and every failure into the one error shape."""
+    @functools.wraps(handler)
+    def wrapper(**params):
+        response = bottle.response
+        try:
+            if app.closing:
+                raise ApiError(503, "The server is shutting down.", headers={"Retry-After": "5"})
+            result = handler(**params)
+        except ApiError as e:
+            response.status = e.status
+            for name, value in e.headers.items():
+                response.set_header(name, value)
+            result = e.body()
+        except Exception:
+            log.exception("internal error in %s %s", bottle.request.method, bottle.request.path)
+            response.status = 500
+            result = {"detail": "internal error"}
+        if isinstance(result, dict):
+            response.content_type = "application/json"
+            return json_bytes(result)
+        return result
+    return wrapper
+
+
+def _error_page(error):
+    """Bottle's own errors (unknown route, wrong method) in the one error shape."""
+    bottle.response.content_type = "application/json"
+    if error.status_code == 404:
+        detail = f"There is no endpoint at {bottle.request.path}."
+    elif error.status_code == 405:
+        detail = (f"{bottle.request.method} is not allowed here; "
+                  f"use {error.headers.get('Allow', 'another method')}.")
+    else:
+        detail = "internal error" if error.status_code >= 500 else str(error.body)
+    return json_bytes({"detail": detail})
+
+
+def _utf8_boundary(data):
+    """The length of `data` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): is its sequence whole?
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else \
+                4 if byte >> 3 == 30 else 1
+            return len(data) if back >= need else len(data) - back
+    return len(data)
+
+
+def _json_log_text(body):
+    """A JSON string (or, as Polyaxon's tracker sends, a list of lines) as log bytes."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The body is declared JSON but is not valid JSON.") from None
+    if isinstance(value, list) and all(isinstance(line, str) for line in value):
+        value = "".join(line + "\n" for line in value)
+    if not isinstance(value, str):
+        raise ApiError(400, "A JSON log body must be a string (or a list of strings).")
+    return value.encode("utf-8", "surrogatepass")
+
+
+###############################################################################
+# Serving #####################################################################
+###############################################################################
+
+def serve(config):
+    """Run the server until SIGINT or SIGTERM; returns the exit code."""
+    import fcntl
+    import waitress
+    from waitress import wasyncore
+
+    os.makedirs(config.data_dir, exist_ok=True)
+    lock = open(os.path.join(config.data_dir, "serve.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
+        return 1
+    app = make_app(config)
+    if app.store.user_count() == 0:
+        token = app.store.create_user("admin", is_admin=True)
+        print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
+    server = waitress.create_server(
+        app, host=config.host, port=config.port, threads=config.threads,
+        ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
+        outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4))
+    print(f"buildserver {__version__} listening on "
+          f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
+    log.info("serving %s with %d workers", config.data_dir, config.workers)
+
+    finished = threading.Event()
+
+    def shut_down():
+        log.info("shutting down: stopping running builds")
+        app.shutdown(timeout=10)
+        finished.set()
+        server.pull_trigger()
+
+    def on_signal(signum, frame):
+        if not app.closing:
+            app.closing = True
+            threading.Thread(target=shut_down, name="shutdown").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    listening = True
+    # waitress's own run(), but stoppable: signal handlers run here, between polls.
+    while not finished.is_set():
+        if app.closing and listening:
+            server.del_channel()
+            server.socket.close()
+            listening = False
+        wasyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(  # followers' last bytes still on their way
+            c.total_outbufs_len for c in list(server.active_channels.values())):
+        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+    server.task_dispatcher.shutdown(timeout=5)
+    wasyncore.close_all(server._map)
+    app.close()
+    log.info("stopped")
+    return 0
+
+
+def _url_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+COMMANDS = ("serve", "adduser", "token")
+
+
+def _env(name, default):
+    return os.environ.get(f"BUILDSERVER_{name.upper()}", default)
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    return parse
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="buildserver.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=__version__)
+    commands = p.add_subparsers(dest="command", metavar="COMMAND")
+    s = commands.add_parser("serve", help="run the server (the default command)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            description="Run the server. Every flag can also be set with "
+                                        "BUILDSERVER_<FLAG>, e.g. BUILDSERVER_PORT=9000.")
+    s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
+    s.add_argument("--port", type=_positive(int), default=_env("port", "8000"),
+                   help="port to listen on (0: any free port)")
+    s.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
+                   help="folder of the database and the build workspaces")
+    s.add_argument("--workers", type=_positive(int), default=_env("workers", "2"),
+                   help="builds run at once (0: none run, they wait scheduled)")
+    s.add_argument("--threads", type=_positive(int), default=_env("threads", "32"),
+                   help="HTTP threads; log followers may use all but a reserve")
+    s.add_argument("--stop-grace", type=_positive(float), default=_env("stop_grace", "10"),
+                   help="seconds between SIGTERM and SIGKILL when a build is stopped")
+    s.add_argument("--max-log-bytes", type=_positive(int),
+                   default=_env("max_log_bytes", str(100 * MiB)),
+                   help="bytes of log kept per build; later output is dropped")
+    for name, text in (("adduser", "create a user and print its token"),
+                       ("token", "give a user a new token (the old ones stop working)")):
+        c = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.add_argument("name", help="the user's name")
+        if name == "adduser":
+            c.add_argument("--admin", action="store_true", help="may act in every namespace")
+        c.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
+                       help="folder of the database")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve"] + argv
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            if bottle is None:
+                return _fail("the server needs bottle and waitress: "
+                             "pip install -r requirements.txt", 1)
+            config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
+                            workers=args.workers, threads=max(4, args.threads),
+                            stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes)
+            return serve(config)
+        return manage_users(args)
+    except SchemaError as e:
+        return _fail(str(e), 1)
+    except OSError as e:
+        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+
+
+def manage_users(args):
+    """`adduser` and `token`: the token is the last line of standard output."""
+    if not valid_name(args.name) or args.name in RESERVED_USERNAMES:
+        return _fail(f"{args.name!r} is not a valid user name: use 1 to 64 letters, digits, "
+                     "'_' or '-', starting with a letter or digit", 2)
+    os.makedirs(args.data_dir, exist_ok=True)
+    db = Database(os.path.join(args.data_dir, "buildserver.db"))
+    try:
+        db.migrate()
+        store = Store(db)
+        user = store.user_by_name(args.name)
+        if args.command == "adduser":
+            if user is not None:
+                return _fail(f"the user {args.name!r} exists already", 2)
+            token = store.create_user(args.name, is_admin=args.admin)
+            print(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
+                  "Its token, shown only now:")
+        else:
+            if user is None:
+                return _fail(f"there is no user {args.name!r}", 2)
+            token = store.new_token(user["id"])
+            print(f"New token for {args.name!r}; the earlier ones no longer work:")
+        print(token)
+        return 0
+    finally:
+        db.close()
+
+
+def _fail(message, code):
+    print(f"buildserver: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+-- buildserver's database. Each "-- migration N" section moves a database from
+-- PRAGMA user_version N-1 to N, inside one transaction; buildserver.py applies
+-- the sections above the file's version on start, so a second start is a no-op.
+-- Times are RFC 3339 text in UTC ("2026-11-28T09:15:02.123456Z"): they sort.
+
+-- migration 1
+CREATE TABLE users (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    is_admin    INTEGER NOT NULL DEFAULT 0,
+    created_at  TEXT NOT NULL
+);
+
+-- Only the SHA-256 of a token is kept; the token itself is shown once.
+CREATE TABLE tokens (
+    hash        TEXT PRIMARY KEY,
+    user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at  TEXT NOT NULL
+);
+CREATE INDEX tokens_user ON tokens(user_id);
+
+CREATE TABLE projects (
+    id            INTEGER PRIMARY KEY,
+    owner_id      INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    description   TEXT,
+    command       TEXT,
+    env           TEXT NOT NULL DEFAULT '{}',   -- JSON object
+    timeout       INTEGER,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    -- Kept as counters so that a page of a huge project never counts its builds,
+    -- and so that build numbers are never reused after a delete.
+    builds_count  INTEGER NOT NULL DEFAULT 0,
+    next_number   INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (owner_id, name)
+);
+
+CREATE TABLE builds (
+    id              INTEGER PRIMARY KEY,        -- global: the dispatch order
+    project_id      INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    number          INTEGER NOT NULL,           -- the API's "id": counts from 1 per project
+    uuid            TEXT NOT NULL UNIQUE,
+    user            TEXT NOT NULL,              -- who created it
+    name            TEXT,
+    description     TEXT,
+    tags            TEXT NOT NULL DEFAULT '[]', -- JSON list
+    last_status     TEXT NOT NULL,
+    is_managed      INTEGER NOT NULL,
+    command         TEXT,
+    env             TEXT NOT NULL DEFAULT '{}', -- JSON object, project env merged in
+    timeout         INTEGER,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    started_at      TEXT,
+    finished_at     TEXT,
+    exit_code       INTEGER,
+    log_size        INTEGER NOT NULL DEFAULT 0,
+    truncated       INTEGER NOT NULL DEFAULT 0,
+    restarted_from  INTEGER,
+    pgid            INTEGER,                    -- the process group, for crash recovery
+    UNIQUE (project_id, number)
+);
+CREATE INDEX builds_project_status ON builds(project_id, last_status, number);
+CREATE INDEX builds_status ON builds(last_status);
+
+CREATE TABLE statuses (
+    id          INTEGER PRIMARY KEY,
+    build_id    INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+    number      INTEGER NOT NULL,               -- the API's "id": counts from 1 per build
+    uuid        TEXT NOT NULL UNIQUE,
+    status      TEXT NOT NULL,
+    message     TEXT,
+    created_at  TEXT NOT NULL,
+    UNIQUE (build_id, number)
+);
+
+-- A log is stored as it arrives, in chunks of up to LOG_CHUNK bytes; "offset"
+-- is the position of the chunk's first byte in the whole log.
+CREATE TABLE log_chunks (
+    id          INTEGER PRIMARY KEY,
+    build_id    INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+    offset      INTEGER NOT NULL,
+    data        BLOB NOT NULL,
+    UNIQUE (build_id, offset)
+);
