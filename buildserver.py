@@ -488,9 +488,10 @@ class Store:
         now = now_iso()
         managed = fields.get("is_managed", True)
         with self.db.write() as c:
-            number = c.execute("UPDATE projects SET next_number = next_number + 1,"
-                               " builds_count = builds_count + 1 WHERE id = ?"
-                               " RETURNING next_number - 1", (project_id,)).fetchone()[0]
+            number = c.execute("SELECT next_number FROM projects WHERE id = ?",
+                               (project_id,)).fetchone()[0]
+            c.execute("UPDATE projects SET next_number = next_number + 1,"
+                      " builds_count = builds_count + 1 WHERE id = ?", (project_id,))
             build_id = c.execute(
                 "INSERT INTO builds (project_id, number, uuid, user, name, description, tags,"
                 " last_status, is_managed, command, env, timeout, created_at, updated_at,"
