@@ -1678,10 +1678,327 @@ def _url_host(host):
 
 
 ###############################################################################
+# Client ######################################################################
+###############################################################################
+# `run`, `status`, `logs`, `stop` and `builds` talk to a server over HTTP with
+# the standard library alone, so this file can be copied onto any box that
+# triggers builds, with or without bottle and waitress.
+
+EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
+EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
+
+
+class ClientError(Exception):
+    """The server answered with an error: `status` and its `detail`."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class Unreachable(Exception):
+    """The server could not be reached, or the connection dropped."""
+
+
+class Client:
+    """buildserver's REST API over http.client.
+
+    :param url: the server, e.g. http://127.0.0.1:8000
+    :param token: sent as `Authorization: Token ...`
+    """
+
+    def __init__(self, url, token, timeout=30.0):
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"the server URL must start with http:// or https://, not {url!r}")
+        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._scheme, self._netloc, self._base = parts.scheme, parts.netloc, parts.path.rstrip("/")
+        self.token, self.timeout = token, timeout
+
+    def _connect(self, timeout):
+        import http.client
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._netloc, timeout=timeout)
+
+    def _open(self, method, path, body=None, timeout=None, accept="application/json"):
+        """An open response, or ClientError/Unreachable."""
+        headers = {"Accept": accept}
+        if self.token:
+            headers["Authorization"] = f"Token {self.token}"
+        if body is not None:
+            body = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn = self._connect(self.timeout if timeout is None else timeout)
+        try:
+            conn.request(method, self._base + path, body=body, headers=headers)
+            response = conn.getresponse()
+        except (OSError, EOFError) as e:
+            conn.close()
+            raise Unreachable(f"cannot reach {self.url}: {e}") from None
+        if response.status >= 400:
+            data = response.read()
+            conn.close()
+            try:
+                detail = json.loads(data)["detail"]
+            except (ValueError, KeyError, TypeError):
+                detail = data.decode("utf-8", "replace").strip() or response.reason
+            raise ClientError(response.status, detail)
+        return conn, response
+
+    def call(self, method, path, body=None):
+        """One request; the decoded JSON answer."""
+        conn, response = self._open(method, path, body)
+        try:
+            return json.loads(response.read())
+        except (OSError, EOFError, ValueError) as e:
+            raise Unreachable(f"the connection to {self.url} broke: {e}") from None
+        finally:
+            conn.close()
+
+    def stream_log(self, build_path, offset, out, follow=True):
+        """Copy the log from byte `offset` to `out` as it arrives; returns the
+        offset reached. Raises Unreachable with `.offset` when the connection drops."""
+        query = f"?offset={offset}" + ("&follow=1" if follow else "")
+        try:
+            conn, response = self._open("GET", f"{build_path}/logs{query}", accept="text/plain",
+                                        timeout=None if follow else self.timeout)
+        except Unreachable as e:
+            e.offset = offset
+            raise
+        try:
+            while True:
+                data = response.read1(65536)
+                if not data:
+                    return offset
+                out.write(data)
+                out.flush()
+                offset += len(data)
+        except (OSError, EOFError, ValueError) as e:  # http.client.IncompleteRead is a ValueError
+            error = Unreachable(f"the connection to {self.url} dropped: {e}")
+            error.offset = offset
+            raise error from None
+        finally:
+            conn.close()
+
+    def follow(self, build_path, out, offset=0):
+        """Follow a build's log to `out` until the build is final, reconnecting
+        (from the last byte received) for up to RECONNECT_SECONDS; returns the build."""
+        give_up_at, pause = None, 0.2
+        while True:
+            try:
+                offset = self.stream_log(build_path, offset, out)
+                build = self.call("GET", build_path)
+                if build["last_status"] in FINAL and offset >= build["log_size"]:
+                    return build
+                give_up_at = None
+            except Unreachable as e:
+                offset = getattr(e, "offset", offset)
+                now = time.monotonic()
+                give_up_at = give_up_at or now + RECONNECT_SECONDS
+                if now >= give_up_at:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+
+def _project_spec(spec):
+    user, _, project = spec.partition("/")
+    if not (valid_name(user) and valid_name(project)):
+        raise argparse.ArgumentTypeError(f"expected USER/PROJECT, got {spec!r}")
+    return spec
+
+
+def _env_pair(text):
+    name, sep, value = text.partition("=")
+    if not sep or not conforms(name, FIELDS["env"]["propertyNames"]):
+        raise argparse.ArgumentTypeError(f"expected NAME=value, got {text!r}")
+    return name, value
+
+
+def client_exit_code(build):
+    """0 if the build succeeded, its own exit code if it failed with one, else 1."""
+    if build["last_status"] == "succeeded":
+        return 0
+    code = build.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def _ago(stamp, now=None):
+    if not stamp:
+        return "-"
+    seconds = ((now or datetime.datetime.now(datetime.timezone.utc)) - parse_iso(stamp)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{max(0, int(seconds))} s ago"
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def _table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [header] + rows)
+
+
+def _describe(build, statuses):
+    lines = [f"build {build['id']} of {build['project']}: {build['last_status']}"
+             + (f" (exit code {build['exit_code']})" if build["exit_code"] is not None else "")]
+    for key in ("name", "user", "command", "tags", "created_at", "started_at", "finished_at"):
+        value = build[key]
+        if key == "tags":
+            value = ", ".join(value) or None
+        elif key.endswith("_at") and value:
+            value = f"{value} ({_ago(value)})"
+        lines.append(f"  {key.replace('_at', '').replace('_', ' '):<9} {value if value is not None else '-'}")
+    lines.append(f"  {'duration':<9} {_duration(build['duration'])}")
+    lines.append(f"  {'log':<9} {build['log_size']} bytes" + (" (truncated)" if build["truncated"] else ""))
+    lines.append("  history")
+    for s in statuses:
+        lines.append(f"    {s['created_at']}  {s['status']:<9}  {s['message'] or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def run_client(args):
+    """The client commands; returns the exit code."""
+    client = Client(args.url, args.token or _env("token", ""))
+    project = f"/api/v1/{args.project}"
+    try:
+        if args.command == "run":
+            return _run_build(client, project, args)
+        if args.command == "builds":
+            query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+            page_ = client.call("GET", f"{project}/builds{query}")
+            if args.json:
+                print(json.dumps(page_, indent=2))
+            else:
+                print(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
+                               _ago(b["created_at"]), _duration(b["duration"]),
+                               ",".join(b["tags"]) or "-"] for b in page_["results"]],
+                             ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]))
+            return 0
+        if args.command == "status":
+            build_id = args.id
+            if build_id is None:
+                latest = client.call("GET", f"{project}/builds?limit=1")["results"]
+                if not latest:
+                    return _fail(f"{args.project} has no builds yet", 1)
+                build_id = latest[0]["id"]
+            path = f"{project}/builds/{build_id}"
+            build = client.call("GET", path)
+            statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
+            print(json.dumps({**build, "statuses": statuses}, indent=2) if args.json
+                  else _describe(build, statuses))
+            return 0
+        path = f"{project}/builds/{args.id}"
+        if args.command == "stop":
+            build = client.call("POST", f"{path}/stop")
+            print(json.dumps(build, indent=2) if args.json else
+                  f"build {build['id']} of {build['project']}: {build['last_status']}")
+            return 0
+        if args.command == "logs":
+            if args.follow:
+                client.follow(path, sys.stdout.buffer)
+            else:
+                client.stream_log(path, 0, sys.stdout.buffer, follow=False)
+            return 0
+    except ClientError as e:
+        return _fail(f"the server says ({e.status}): {e.detail}",
+                     EXIT_REFUSED if e.status in (401, 403) else 1)
+    except Unreachable as e:
+        return _fail(str(e), EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    raise AssertionError(args.command)
+
+
+def _run_build(client, project, args):
+    """`run`: create a build, follow its log, exit with its result."""
+    body = {"command": args.command_, "name": args.name, "timeout": args.timeout,
+            "env": dict(args.env) if args.env else None, "tags": args.tag}
+    build = client.call("POST", f"{project}/builds", {k: v for k, v in body.items() if v})
+    path = f"{project}/builds/{build['id']}"
+    print(f"build {build['id']}: {client.url}{path}", file=sys.stderr, flush=True)
+    if args.no_follow:
+        print(json.dumps(build, indent=2) if args.json else build["id"])
+        return 0
+    try:
+        build = client.follow(path, sys.stdout.buffer)
+    except KeyboardInterrupt:
+        if args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] "):
+            client.call("POST", f"{path}/stop")
+            print(f"build {build['id']}: stop requested", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(build, indent=2))
+    print(f"build {build['id']}: {build['last_status']}", file=sys.stderr)
+    return client_exit_code(build)
+
+
+def _ask(question):
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+def _client_parsers(commands):
+    """The client commands' arguments."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=_env("url", "http://127.0.0.1:8000"),
+                        help="the server (env BUILDSERVER_URL; default %(default)s)")
+    common.add_argument("--token", help="your token; better set BUILDSERVER_TOKEN, which "
+                                        "stays out of shell history and ps")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    def add(name, text):
+        return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                   parents=[common])
+
+    r = add("run", "trigger a build, follow its log, and exit with its result")
+    r.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    r.add_argument("--command", dest="command_", metavar="CMD",
+                   help="the shell command (default: the project's)")
+    r.add_argument("--env", type=_env_pair, action="append", metavar="NAME=VALUE",
+                   help="an environment variable for the build (repeatable)")
+    r.add_argument("--name", help="the build's name")
+    r.add_argument("--tag", action="append", help="a tag (repeatable)")
+    r.add_argument("--timeout", type=int, help="seconds before the build is stopped and fails")
+    r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
+    r.add_argument("--stop-on-interrupt", action="store_true",
+                   help="on Ctrl-C stop the build without asking")
+    s = add("status", "a build's fields and status history (default: the latest build)")
+    s.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    s.add_argument("id", nargs="?", type=int, help="the build's id")
+    lg = add("logs", "print a build's log")
+    lg.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    lg.add_argument("id", type=int)
+    lg.add_argument("--follow", "-f", action="store_true", help="until the build ends")
+    st = add("stop", "stop a build")
+    st.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    st.add_argument("id", type=int)
+    b = add("builds", "list a project's builds, newest first")
+    b.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    b.add_argument("--status", help="only these statuses, comma-separated")
+    b.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
-COMMANDS = ("serve", "adduser", "token")
+SERVER_COMMANDS = ("serve", "adduser", "token")
+CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
 
 
 def _env(name, default):
@@ -1729,12 +2046,14 @@ def parser():
             c.add_argument("--admin", action="store_true", help="may act in every namespace")
         c.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
                        help="folder of the database")
+    _client_parsers(commands)
     return p
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+    commands = SERVER_COMMANDS + CLIENT_COMMANDS
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve"] + argv
     args = parser().parse_args(argv)
     try:
@@ -1748,6 +2067,8 @@ def main(argv=None):
                             workers=args.workers, threads=max(4, args.threads),
                             stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes)
             return serve(config)
+        if args.command in CLIENT_COMMANDS:
+            return run_client(args)
         return manage_users(args)
     except SchemaError as e:
         return _fail(str(e), 1)
