@@ -90,7 +90,7 @@ FOLLOW_WAIT_SECONDS = 5.0    # a follower re-checks its build at least this ofte
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-RESERVED_USERNAMES = {"health"}  # routes that share the /api/v1/{username} level
+RESERVED_USERNAMES = {"health", "users"}  # routes that share the /api/v1/{username} level
 
 
 ###############################################################################
@@ -251,6 +251,11 @@ def validate(data, fields, required=(), tolerated=frozenset()):
 
 def valid_name(name):
     return isinstance(name, str) and bool(_pattern(NAME_RE).search(name))
+
+
+def whole_number(text, digits=18):
+    """`text` as an int if it is 1 to `digits` ASCII digits, else None."""
+    return int(text) if re.fullmatch(r"[0-9]{1,%d}" % digits, text or "") else None
 
 
 ###############################################################################
@@ -578,10 +583,9 @@ class Store:
                            " LIMIT ? OFFSET ?", (build_id, limit, offset))
         return count, rows
 
-    def status(self, build_id, key):
-        column = "number" if key.isdigit() else "uuid"
-        return self.db.one(f"SELECT * FROM statuses WHERE build_id = ? AND {column} = ?",
-                           (build_id, int(key) if key.isdigit() else key))
+    def status(self, build_id, number=None, uuid=None):
+        return self.db.one("SELECT * FROM statuses WHERE build_id = ? AND (number = ? OR uuid = ?)",
+                           (build_id, number, uuid))
 
     # Logs --------------------------------------------------------------------
 
@@ -1064,7 +1068,7 @@ def read_body(limit):
     """The request body, refused with 413 from Content-Length before it is read."""
     environ = bottle.request.environ
     length = environ.get("CONTENT_LENGTH") or ""
-    if length and not length.isdigit():
+    if length and whole_number(length) is None:
         raise ApiError(400, "The Content-Length header is not a number.")
     if length and int(length) > limit:
         raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
@@ -1092,7 +1096,8 @@ def int_param(name, default, low, high):
     raw = bottle.request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = whole_number(raw, 19)
+    if value is None or not low <= value <= high:
         raise ApiError(400, f"The query parameter {name} must be a whole number"
                             f" from {low} to {high}.", errors={name: f"must be {low} to {high}"})
     return int(raw)
@@ -1293,9 +1298,8 @@ def _project(app, username, project_name):
 def _build(app, username, project_name, build_id):
     """The build, and its project; 404 for ids that are not whole numbers."""
     project = _project(app, username, project_name)
-    build = None
-    if build_id.isdigit() and len(build_id) < 19:
-        build = app.store.build_by_number(project["id"], int(build_id))
+    number = whole_number(build_id)
+    build = None if number is None else app.store.build_by_number(project["id"], number)
     if build is None:
         raise ApiError(404, f"There is no build {build_id} in {username}/{project_name}.")
     return build
@@ -1444,9 +1448,10 @@ def make_routes(app):
     @authorized
     def get_status(user, username, project_name, build_id, status_id):
         build = _build(app, username, project_name, build_id)
+        number = whole_number(status_id)
         entry = None
-        if (status_id.isdigit() and len(status_id) < 19) or re.fullmatch(r"[0-9a-f]{32}", status_id):
-            entry = store.status(build["id"], status_id)
+        if number is not None or re.fullmatch(r"[0-9a-f]{32}", status_id):
+            entry = store.status(build["id"], number=number, uuid=status_id)
         if entry is None:
             raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
         return status_json(entry, build["number"])
