@@ -107,6 +107,7 @@ class Config:
     threads: int = 32
     stop_grace: float = 10.0
     max_log_bytes: int = 100 * MiB
+    auth_burst: int = 30     # failed authentications per address and minute before 429s
 
     @property
     def db_path(self):
@@ -1171,6 +1172,149 @@ def status_json(entry, build_number):
 
 
 ###############################################################################
+# OpenAPI #####################################################################
+###############################################################################
+# The document is generated from the routing table and from FIELDS, the rules
+# the server validates with, so it cannot drift from what the server does.
+
+Route = collections.namedtuple("Route", "method path handler body query answer",
+                               defaults=(None, (), (200, "Detail")))
+
+_USER = {"type": "string", "description": "a user name, " + FIELDS["project_name"]["description"]}
+_ID = {"type": "string", "pattern": "^[0-9]+$", "description": "a build's id (a whole number)"}
+PATH_PARAMS = {
+    "username": _USER, "project_name": FIELDS["project_name"], "build_id": _ID,
+    "status_id": {"type": "string", "description": "a status entry's number, or its uuid"},
+}
+PAGE_QUERY = (("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20}),
+              ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62, "default": 0}))
+BUILDS_QUERY = PAGE_QUERY + (("status", {
+    "type": "string", "pattern": "^(%s)(,(%s))*$" % (("|".join(STATUSES),) * 2),
+    "description": "only builds whose last_status is one of these, comma-separated"}),)
+LOG_QUERY = (
+    ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
+                "description": "the first byte to send"}),
+    ("limit", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
+               "description": "at most this many bytes (JSON: default 1 MiB, at most 16 MiB)"}),
+    ("tail", {"type": "integer", "minimum": 0, "maximum": 10 ** 7,
+              "description": "send the last N lines"}),
+    ("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"],
+                "description": "text only: keep sending new output until the build is final"}),
+    ("format", {"type": "string", "enum": ["text", "json"],
+                "description": "text (the default) or json (also chosen by Accept: application/json)"}),
+)
+
+
+def _object(properties, required=None):
+    return {"type": "object", "properties": properties,
+            "required": sorted(properties) if required is None else list(required),
+            "additionalProperties": False}
+
+
+_STRING, _INT, _BOOL = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+_TIME = {"type": "string", "format": "date-time"}
+_NULL_STRING, _NULL_INT = {"type": ["string", "null"]}, {"type": ["integer", "null"]}
+_NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
+_ENV = {"type": "object", "additionalProperties": {"type": "string"}}
+_STATUS = {"type": "string", "enum": list(STATUSES)}
+SCHEMAS = {
+    "Detail": _object({"detail": _STRING}),
+    "Error": _object({"detail": _STRING, "errors": {
+        "type": "object", "additionalProperties": {"type": "string"}}}, required=["detail"]),
+    "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
+    "User": _object({"username": _STRING, "is_admin": _BOOL}),
+    "Project": _object({
+        "name": _STRING, "owner": _STRING, "description": _NULL_STRING,
+        "command": _NULL_STRING, "env": _ENV, "timeout": _NULL_INT, "created_at": _TIME,
+        "updated_at": _TIME, "builds_count": _INT,
+        "last_build": {"oneOf": [{"type": "null"},
+                                 _object({"id": _INT, "last_status": _STATUS})]}}),
+    "Build": _object({
+        "id": _INT, "uuid": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "name": _NULL_STRING, "unique_name": _STRING, "user": _STRING, "project": _STRING,
+        "description": _NULL_STRING, "tags": {"type": "array", "items": _STRING},
+        "last_status": _STATUS, "is_managed": _BOOL, "created_at": _TIME, "updated_at": _TIME,
+        "started_at": _NULL_TIME, "finished_at": _NULL_TIME, "command": _NULL_STRING,
+        "env": _ENV, "timeout": _NULL_INT, "exit_code": _NULL_INT,
+        "duration": {"type": ["number", "null"]}, "log_size": _INT, "truncated": _BOOL,
+        "restarted_from": _NULL_INT}),
+    "Status": _object({
+        "id": _INT, "uuid": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "job": _INT,
+        "status": _STATUS, "message": _NULL_STRING, "created_at": _TIME}),
+    "LogPage": _object({
+        "job": _INT, "offset": _INT, "next_offset": _INT, "size": _INT, "complete": _BOOL,
+        "truncated": _BOOL, "text": _STRING}),
+    "LogSize": _object({"size": _INT}),
+}
+for _name in ("Project", "Build", "Status"):
+    SCHEMAS[_name + "Page"] = _object({
+        "count": _INT, "next": _NULL_STRING, "previous": _NULL_STRING,
+        "results": {"type": "array", "items": {"$ref": f"#/components/schemas/{_name}"}}})
+
+ERROR_ANSWERS = {
+    "400": "invalid JSON, fields or query parameters", "401": "no token, or not a valid one",
+    "403": "outside your namespace", "404": "no such user, project, build or status",
+    "405": "method not allowed", "413": "the body is over the limit",
+    "429": "too many failed authentications from this address",
+    "500": "internal error", "503": "the server is shutting down, or too many log followers",
+}
+
+
+def openapi_document(routes):
+    """OpenAPI 3.1 for `routes` (a list of Route)."""
+    paths = {}
+    for route in routes:
+        path = re.sub(r"<(\w+)>", r"{\1}", route.path)
+        summary, _, details = (route.handler.__doc__ or route.handler.__name__).strip().partition("\n")
+        code, schema = route.answer
+        operation = {
+            "operationId": f"{route.handler.__name__}_{route.method.lower()}"
+                           + ("_stop" if path.endswith("/stop") else ""),
+            "summary": summary.strip(), "description": " ".join(details.split()),
+            "parameters": [{"name": name, "in": "path", "required": True, "schema": PATH_PARAMS[name]}
+                           for name in re.findall(r"{(\w+)}", path)]
+            + [{"name": name, "in": "query", "required": False, "schema": schema_}
+               for name, schema_ in route.query],
+            "responses": {str(code): {"description": "success", "content": _answer_content(schema)},
+                          **{c: {"description": d, "content": {"application/json": {
+                              "schema": {"$ref": "#/components/schemas/Error"}}}}
+                             for c, d in ERROR_ANSWERS.items()}},
+        }
+        if route.path != "/api/v1/health":
+            operation["security"] = [{"token": []}]
+        if route.body == "log":
+            operation["requestBody"] = {"content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"oneOf": [
+                    {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}}
+        elif route.body is not None:
+            fields, required = route.body
+            operation["requestBody"] = {"required": bool(required), "content": {
+                "application/json": {"schema": _object(fields, required)}}}
+        paths.setdefault(path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "buildserver", "version": __version__,
+                 "description": "Polyaxon v0.x's build-jobs API, served by buildserver. Every "
+                                "path also answers with a trailing slash."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {"token": {
+            "type": "apiKey", "in": "header", "name": "Authorization",
+            "description": "Token <token> (or Bearer <token>)"}}},
+    }
+
+
+def _answer_content(schema):
+    if schema == "LogText":
+        return {"text/plain": {"schema": {"type": "string"}},
+                "application/json": {"schema": {"$ref": "#/components/schemas/LogPage"}}}
+    if schema == "OpenAPI":
+        return {"application/json": {"schema": {"type": "object"}}}
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+
+
+###############################################################################
 # The application #############################################################
 ###############################################################################
 
@@ -1191,6 +1335,7 @@ class App:
         self.store = Store(self.db, on_change=self.bus.notify)
         self.runner = Runner(config, self.store)
         self.followers = threading.BoundedSemaphore(config.max_followers)
+        self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
         self.bottle = make_routes(self)
         self.runner.start()
@@ -1248,12 +1393,46 @@ def make_app(config=None):
 AUTH_RE = re.compile(r'^\s*(?:token|bearer)\s+"?([^"\s]+)"?\s*$', re.I)
 
 
-def authenticate(store):
-    """The user whose token the request carries, or ApiError(401)."""
-    header = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
+class AuthThrottle:
+    """Counts failed authentications per client address. Past `burst` failures
+    within `window` seconds, that address's failures get 429 instead of 401.
+    A valid token is never throttled (tokens are far too long to guess: this
+    keeps scanners from filling the log and the CPU, not from guessing)."""
+
+    def __init__(self, burst, window=60.0):
+        self.burst, self.window = burst, window
+        self._failures = {}
+        self._lock = threading.Lock()
+
+    def failed(self, address):
+        """Record a failure; seconds until `address` may fail again, or 0."""
+        if not self.burst:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 10000:  # forget quiet addresses
+                self._failures = {a: t for a, t in self._failures.items() if t[-1] > now - self.window}
+            times = self._failures.setdefault(address, collections.deque(maxlen=self.burst + 1))
+            times.append(now)
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if len(times) <= self.burst:
+                return 0
+            return max(1, int(times[0] + self.window - now + 1))
+
+
+def authenticate(store, throttle):
+    """The user whose token the request carries, or ApiError(401) (429 when
+    the address has failed too often)."""
+    environ = bottle.request.environ
+    header = environ.get("HTTP_AUTHORIZATION", "")
     match = AUTH_RE.match(header)
     user = store.user_by_token(match.group(1)) if match else None
     if user is None:
+        retry = throttle.failed(environ.get("REMOTE_ADDR", ""))
+        if retry:
+            raise ApiError(429, "Too many failed authentications from your address; "
+                                f"try again in {retry} s.", headers={"Retry-After": str(retry)})
         reason = "is missing" if not header else "is not valid" if match else "is malformed"
         raise ApiError(401, f"Authentication failed: the token {reason}. Send the header "
                             "'Authorization: Token <your token>'.",
@@ -1269,7 +1448,7 @@ def token_required(app):
     def decorate(handler):
         @functools.wraps(handler)
         def wrapper(**params):
-            user = authenticate(app.store)
+            user = authenticate(app.store, app.throttle)
             username = params.get("username")
             if username is not None and not user["is_admin"] and username != user["name"]:
                 raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
@@ -1313,10 +1492,21 @@ def make_routes(app):
     authorized = token_required(app)
 
     def health():
+        """Whether the server answers (no token needed)."""
         return {"status": "ok"}
+
+    def openapi():
+        """This API as an OpenAPI 3.1 document (no token needed)."""
+        return document
+
+    @authorized
+    def whoami(user):
+        """Who the token belongs to (Polyaxon's "get user")."""
+        return {"username": user["name"], "is_admin": bool(user["is_admin"])}
 
     @authorized
     def list_projects(user, username):
+        """The user's projects, by name."""
         owner = _owner(app, username)
         limit, offset = page_params()
         count, rows = store.projects(owner["id"], limit, offset)
@@ -1324,6 +1514,7 @@ def make_routes(app):
 
     @authorized
     def create_project(user, username):
+        """Create a project; its command, env and timeout are its builds' defaults."""
         owner = _owner(app, username)
         fields = validate(read_json(), PROJECT_CREATE, required=("name",))
         if not store.create_project(owner["id"], fields):
@@ -1333,10 +1524,12 @@ def make_routes(app):
 
     @authorized
     def get_project(user, username, project_name):
+        """One project, with its builds' count and its last build."""
         return project_json(_project(app, username, project_name))
 
     @authorized
     def patch_project(user, username, project_name):
+        """Change a project's description, command, env or timeout."""
         project = _project(app, username, project_name)
         fields = validate(read_json(), PROJECT_PATCH)
         if fields:
@@ -1345,6 +1538,8 @@ def make_routes(app):
 
     @authorized
     def delete_project(user, username, project_name):
+        """Delete a project with all its builds, statuses, logs and workspaces
+        (running builds are stopped first)."""
         project = _project(app, username, project_name)
         stop_all(store.active_builds(project["id"]), f"stopped by {user['name']}: project deleted")
         store.delete_project(project["id"])
@@ -1359,6 +1554,7 @@ def make_routes(app):
 
     @authorized
     def list_builds(user, username, project_name):
+        """The project's builds, newest first; ?status=a,b filters on last_status."""
         project = _project(app, username, project_name)
         limit, offset = page_params()
         wanted = [s for s in bottle.request.query.get("status", "").split(",") if s]
@@ -1371,6 +1567,8 @@ def make_routes(app):
 
     @authorized
     def create_build(user, username, project_name):
+        """Create a build; a managed one (the default) is scheduled to run.
+        command, env and timeout default to the project's (env is merged)."""
         project = _project(app, username, project_name)
         fields = validate(read_json(empty_ok=True), BUILD_CREATE, tolerated=POLYAXON_NULLABLE)
         fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
@@ -1389,10 +1587,12 @@ def make_routes(app):
 
     @authorized
     def get_build(user, username, project_name, build_id):
+        """One build."""
         return build_json(_build(app, username, project_name, build_id))
 
     @authorized
     def patch_build(user, username, project_name, build_id):
+        """Change a build's name, description or tags."""
         build = _build(app, username, project_name, build_id)
         fields = validate(read_json(), BUILD_PATCH)
         if fields:
@@ -1401,6 +1601,7 @@ def make_routes(app):
 
     @authorized
     def delete_build(user, username, project_name, build_id):
+        """Delete a build with its statuses, log and workspace (stopped first)."""
         build = _build(app, username, project_name, build_id)
         stop_all([build["id"]], f"stopped by {user['name']}: build deleted")
         store.delete_build(build["id"])
@@ -1410,6 +1611,8 @@ def make_routes(app):
 
     @authorized
     def stop_build(user, username, project_name, build_id):
+        """Stop a build: at once if it has not started, else SIGTERM then SIGKILL.
+        A finished build is answered unchanged."""
         build = _build(app, username, project_name, build_id)
         # Most builds obey SIGTERM at once: wait a moment, so the answer says `stopped`.
         runner.stop(build["id"], f"stopped by {user['name']}", wait=min(2.0, config.stop_grace))
@@ -1417,6 +1620,7 @@ def make_routes(app):
 
     @authorized
     def restart_build(user, username, project_name, build_id):
+        """A new build with the same command, env, timeout, name and tags."""
         build = _build(app, username, project_name, build_id)
         project = _project(app, username, project_name)
         fields = {"command": build["command"], "env": json.loads(build["env"]),
@@ -1426,6 +1630,7 @@ def make_routes(app):
 
     @authorized
     def list_statuses(user, username, project_name, build_id):
+        """A build's status history, oldest first."""
         build = _build(app, username, project_name, build_id)
         limit, offset = page_params()
         count, rows = store.statuses(build["id"], limit, offset)
@@ -1433,6 +1638,7 @@ def make_routes(app):
 
     @authorized
     def report_status(user, username, project_name, build_id):
+        """Report a status of an unmanaged build, as the status machine allows."""
         build = _build(app, username, project_name, build_id)
         fields = validate(read_json(), STATUS_REPORT, required=("status",))
         if build["is_managed"]:
@@ -1447,6 +1653,7 @@ def make_routes(app):
 
     @authorized
     def get_status(user, username, project_name, build_id, status_id):
+        """One status entry, by its number within the build or its uuid."""
         build = _build(app, username, project_name, build_id)
         number = whole_number(status_id)
         entry = None
@@ -1458,6 +1665,8 @@ def make_routes(app):
 
     @authorized
     def get_logs(user, username, project_name, build_id):
+        """A build's log: raw text (streamed; ?follow=1 until the build ends) or a
+        JSON page. ?offset and ?limit count bytes, ?tail lines."""
         build = _build(app, username, project_name, build_id)
         request = bottle.request
         fmt = request.query.get("format") or (
@@ -1507,6 +1716,8 @@ def make_routes(app):
 
     @authorized
     def append_logs(user, username, project_name, build_id):
+        """Append the body to an unmanaged build's log (a JSON string's text,
+        or raw bytes)."""
         build = _build(app, username, project_name, build_id)
         body = read_body(LOG_BODY_LIMIT)
         if build["is_managed"]:
@@ -1518,31 +1729,43 @@ def make_routes(app):
         size, _ = store.append_log(build["id"], body, config.max_log_bytes)
         return {"size": size}
 
+    B = "/api/v1/<username>/<project_name>/builds/<build_id>"
     routes = [
-        ("GET", "/api/v1/health", health),
-        ("GET", "/api/v1/<username>", list_projects),
-        ("POST", "/api/v1/<username>", create_project),
-        ("GET", "/api/v1/<username>/<project_name>", get_project),
-        ("PATCH", "/api/v1/<username>/<project_name>", patch_project),
-        ("DELETE", "/api/v1/<username>/<project_name>", delete_project),
-        ("GET", "/api/v1/<username>/<project_name>/builds", list_builds),
-        ("POST", "/api/v1/<username>/<project_name>/builds", create_build),
-        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>", get_build),
-        ("PATCH", "/api/v1/<username>/<project_name>/builds/<build_id>", patch_build),
-        ("DELETE", "/api/v1/<username>/<project_name>/builds/<build_id>", delete_build),
-        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>", stop_build),
-        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/stop", stop_build),
-        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/restart", restart_build),
-        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>/statuses", list_statuses),
-        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/statuses", report_status),
-        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>/statuses/<status_id>",
-         get_status),
-        ("GET", "/api/v1/<username>/<project_name>/builds/<build_id>/logs", get_logs),
-        ("POST", "/api/v1/<username>/<project_name>/builds/<build_id>/logs", append_logs),
+        Route("GET", "/api/v1/health", health, answer=(200, "Health")),
+        Route("GET", "/api/v1/openapi.json", openapi, answer=(200, "OpenAPI")),
+        Route("GET", "/api/v1/users", whoami, answer=(200, "User")),
+        Route("GET", "/api/v1/<username>", list_projects, query=PAGE_QUERY,
+              answer=(200, "ProjectPage")),
+        Route("POST", "/api/v1/<username>", create_project, body=(PROJECT_CREATE, ["name"]),
+              answer=(201, "Project")),
+        Route("GET", "/api/v1/<username>/<project_name>", get_project, answer=(200, "Project")),
+        Route("PATCH", "/api/v1/<username>/<project_name>", patch_project,
+              body=(PROJECT_PATCH, []), answer=(200, "Project")),
+        Route("DELETE", "/api/v1/<username>/<project_name>", delete_project),
+        Route("GET", "/api/v1/<username>/<project_name>/builds", list_builds,
+              query=BUILDS_QUERY, answer=(200, "BuildPage")),
+        Route("POST", "/api/v1/<username>/<project_name>/builds", create_build,
+              body=({**BUILD_CREATE, **{name: {"type": "null", "description": "ignored"}
+                                        for name in sorted(POLYAXON_NULLABLE)}}, []),
+              answer=(201, "Build")),
+        Route("GET", B, get_build, answer=(200, "Build")),
+        Route("PATCH", B, patch_build, body=(BUILD_PATCH, []), answer=(200, "Build")),
+        Route("DELETE", B, delete_build),
+        Route("POST", B, stop_build, answer=(200, "Build")),
+        Route("POST", B + "/stop", stop_build, answer=(200, "Build")),
+        Route("POST", B + "/restart", restart_build, answer=(201, "Build")),
+        Route("GET", B + "/statuses", list_statuses, query=PAGE_QUERY,
+              answer=(200, "StatusPage")),
+        Route("POST", B + "/statuses", report_status, body=(STATUS_REPORT, ["status"]),
+              answer=(201, "Status")),
+        Route("GET", B + "/statuses/<status_id>", get_status, answer=(200, "Status")),
+        Route("GET", B + "/logs", get_logs, query=LOG_QUERY, answer=(200, "LogText")),
+        Route("POST", B + "/logs", append_logs, body="log", answer=(200, "LogSize")),
     ]
+    document = openapi_document(routes)
     web = bottle.Bottle()
-    for method, path, handler in routes:
-        web.route(path, method, _answering(app, handler))
+    for route in routes:
+        web.route(route.path, route.method, _answering(app, route.handler))
     web.default_error_handler = _error_page
     web.routes_table = routes
     return web
@@ -2002,7 +2225,7 @@ def _client_parsers(commands):
 # Command line ################################################################
 ###############################################################################
 
-SERVER_COMMANDS = ("serve", "adduser", "token")
+SERVER_COMMANDS = ("serve", "adduser", "token", "backup")
 CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
 
 
@@ -2042,6 +2265,9 @@ def parser():
     s.add_argument("--max-log-bytes", type=_positive(int),
                    default=_env("max_log_bytes", str(100 * MiB)),
                    help="bytes of log kept per build; later output is dropped")
+    s.add_argument("--auth-burst", type=_positive(int), default=_env("auth_burst", "30"),
+                   help="failed authentications per client address and minute before "
+                        "the address gets 429 (0: no limit)")
     for name, text in (("adduser", "create a user and print its token"),
                        ("token", "give a user a new token (the old ones stop working)")):
         c = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
@@ -2051,6 +2277,13 @@ def parser():
             c.add_argument("--admin", action="store_true", help="may act in every namespace")
         c.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
                        help="folder of the database")
+    b = commands.add_parser("backup", help="copy the database safely, even while it serves",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            description="Copy the database with SQLite's online backup, "
+                                        "consistent even while the server writes to it.")
+    b.add_argument("dest", help="the file to write (replaced if it exists)")
+    b.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
+                   help="folder of the database")
     _client_parsers(commands)
     return p
 
@@ -2070,15 +2303,43 @@ def main(argv=None):
                              "pip install -r requirements.txt", 1)
             config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
                             workers=args.workers, threads=max(4, args.threads),
-                            stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes)
+                            stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes,
+                            auth_burst=args.auth_burst)
             return serve(config)
         if args.command in CLIENT_COMMANDS:
             return run_client(args)
+        if args.command == "backup":
+            return backup(os.path.join(args.data_dir, "buildserver.db"), args.dest)
         return manage_users(args)
     except SchemaError as e:
         return _fail(str(e), 1)
+    except sqlite3.Error as e:
+        return _fail(f"cannot use the database in {args.data_dir}: {e}", 1)
     except OSError as e:
         return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+
+
+def backup(db_path, dest):
+    """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
+    if not os.path.exists(db_path):
+        return _fail(f"there is no database at {db_path}", 2)
+    partial = dest + ".partial"
+    source = sqlite3.connect(db_path, timeout=30)
+    try:
+        target = sqlite3.connect(partial)
+        try:
+            source.backup(target)
+            check = target.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            target.close()
+    finally:
+        source.close()
+    if check != "ok":
+        os.unlink(partial)
+        return _fail(f"the copy failed its integrity check: {check}", 1)
+    os.replace(partial, dest)
+    print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
+    return 0
 
 
 def manage_users(args):
