@@ -247,7 +247,9 @@ def validate(data, fields, required=(), tolerated=frozenset()):
     if errors:
         names = ", ".join(sorted(errors))
         raise ApiError(400, f"The request has invalid fields: {names}.", errors=errors)
-    return {k: v for k, v in data.items() if k in fields}
+    # Unset values are null, never "": an empty string where null is allowed is null.
+    return {k: None if v == "" and conforms(None, fields[k]) else v
+            for k, v in data.items() if k in fields}
 
 
 def valid_name(name):
@@ -852,22 +854,38 @@ class Runner:
                     self._cond.wait()
                 if self._closing:
                     return
-                build_id = self._queue.popleft()
-                # Claimed under the lock, so a stop sees either `scheduled` or a Job.
-                if self.store.transition(build_id, "running", "started",
-                                         sources=("scheduled",)) is None:
-                    continue
-                job = self._jobs[build_id] = Job(self.store.build(build_id))
-            try:
-                self._run(job)
-            except Exception:
-                log.exception("build %d: the runner failed", job.id)
+                job = self._claim(self._queue.popleft())
+            if job is not None:
+                self._attend(job)
+
+    def _claim(self, build_id):
+        """Move a scheduled build to `running` and register its Job. Called under
+        the lock, so that a stop sees either `scheduled` or a Job."""
+        try:
+            if self.store.transition(build_id, "running", "started",
+                                     sources=("scheduled",)) is None:
+                return None  # stopped or deleted while it waited
+            job = self._jobs[build_id] = Job(self.store.build(build_id))
+            return job
+        except Exception:  # e.g. out of file descriptors or disk: the worker lives on
+            log.exception("build %d: could not start", build_id)
+            with contextlib.suppress(Exception):
+                self.store.transition(build_id, "failed", "internal error: could not start")
+            return None
+
+    def _attend(self, job):
+        """Run a claimed build to its end, whatever happens."""
+        try:
+            self._run(job)
+        except Exception:
+            log.exception("build %d: the runner failed", job.id)
+            with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
                 self._finish(job, "failed", "internal error in the runner")
-            finally:
-                with self._cond:
-                    del self._jobs[build_id]
-                job.close()
-                job.done.set()
+        finally:
+            with self._cond:
+                del self._jobs[job.id]
+            job.close()
+            job.done.set()
 
     def _run(self, job):
         build = job.build
