@@ -528,9 +528,10 @@ class Store:
                       " WHERE id = (SELECT project_id FROM builds WHERE id = ?)", (build_id,))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
-    def set_pgid(self, build_id, pgid):
+    def set_pgid(self, build_id, pgid, started):
         with self.db.write() as c:
-            c.execute("UPDATE builds SET pgid = ? WHERE id = ?", (pgid, build_id))
+            c.execute("UPDATE builds SET pgid = ?, pg_started = ? WHERE id = ?",
+                      (pgid, started, build_id))
 
     def transition(self, build_id, status, message=None, exit_code=None, sources=None):
         """Move a build to `status` if the status machine (and `sources`) allow it.
@@ -569,7 +570,8 @@ class Store:
 
     def builds_with_status(self, statuses, managed=True):
         """Row ids of managed builds in `statuses`, oldest first."""
-        return self.db.all("SELECT id, uuid, pgid, last_status FROM builds WHERE is_managed = ?"
+        return self.db.all("SELECT id, uuid, pgid, pg_started, last_status FROM builds"
+                           " WHERE is_managed = ?"
                            " AND last_status IN (SELECT value FROM json_each(?)) ORDER BY id",
                            (int(managed), json.dumps(list(statuses))))
 
@@ -712,10 +714,12 @@ class LogStream:
     one chunk holds; it waits for more only when following.
     """
 
-    def __init__(self, store, bus, build_id, start, end, follow=False, write=None, on_close=None):
+    def __init__(self, store, bus, build_id, start, end, follow=False, environ=None,
+                 on_close=None):
         self.store, self.bus, self.build_id = store, bus, build_id
         self.pos, self.end, self.follow = start, end, follow
-        self._write, self._on_close = write, on_close
+        self._environ, self._on_close = environ, on_close
+        self._headers_sent = False
 
     def read(self, size=-1):
         while self.pos < self.end:
@@ -729,9 +733,11 @@ class LogStream:
                 return piece
             if not self.follow or state["last_status"] in FINAL or self.bus.closed:
                 return b""
-            if self._write is not None:  # send the headers before waiting
-                self._write(b"")
-                self._write = None
+            if not self._headers_sent:  # before waiting, send the headers
+                self._headers_sent = True
+                write = (self._environ or {}).get("buildserver.write")
+                if write is not None:  # set once the response has started
+                    write(b"")
             self.bus.wait(self.build_id, seen, FOLLOW_WAIT_SECONDS)
         return b""
 
@@ -842,7 +848,7 @@ class Runner:
     def recover(self):
         """End builds that a server which died left running, and kill what is left of them."""
         for row in self.store.builds_with_status(["running", "stopping"]):
-            _kill_leftovers(row["pgid"], row["uuid"])
+            _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
             log.warning("build %d was interrupted by a server restart", row["id"])
@@ -907,7 +913,7 @@ class Runner:
         finally:
             os.close(write_fd)
         try:
-            self.store.set_pgid(job.id, proc.pid)
+            self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))
             threading.Thread(target=_watch_exit, args=(proc.pid, job),
                              name=f"exit-{proc.pid}", daemon=True).start()
             self._supervise(job, proc, read_fd)
@@ -1029,20 +1035,34 @@ def _signal_name(number):
         return str(number)
 
 
-def _kill_leftovers(pgid, build_uuid):
+def _kill_leftovers(pgid, started, build_uuid):
     """Kill a dead server's build's process group, if it still is that build's.
 
-    A pid (and so a group id) may have been reused since; on Linux the group is
-    killed only if one of its processes carries the build's BUILD_UUID.
+    A pid (and so a group id) may have been reused since. On Linux the group is
+    the build's if its leader is the build's shell (same start time: `exec`
+    keeps it), or, with the leader gone, if a member carries its BUILD_UUID.
+    Elsewhere there is no way to tell, and the group is killed.
     """
     if not pgid or pgid == os.getpgrp():
         return
     if os.path.isdir("/proc/self"):
-        marker = f"\0BUILD_UUID={build_uuid}\0".encode()
-        if not any(marker in b"\0" + _read(f"/proc/{pid}/environ") + b"\0"
-                   for pid in _group_members(pgid)):
+        leader = _start_time(pgid)
+        if leader is not None:
+            ours = leader == started
+        else:
+            marker = f"\0BUILD_UUID={build_uuid}\0".encode()
+            ours = any(marker in b"\0" + _read(f"/proc/{pid}/environ") + b"\0"
+                       for pid in _group_members(pgid))
+        if not ours:
             return
     _killpg(pgid, signal.SIGKILL)
+
+
+def _start_time(pid):
+    """When process `pid` started, in clock ticks since boot (Linux), or None."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else None
 
 
 def _group_members(pgid):
@@ -1718,7 +1738,7 @@ def make_routes(app):
                            headers={"Retry-After": "5"})
         end = float("inf") if limit is None else offset + limit
         return LogStream(store, app.bus, build["id"], offset, end, follow=True,
-                         write=request.environ.get("buildserver.write"),
+                         environ=request.environ,
                          on_close=app.followers.release)
 
     def log_page(build, offset, limit, size, final):

@@ -84,3 +84,8 @@ CREATE TABLE log_chunks (
     data        BLOB NOT NULL,
     UNIQUE (build_id, offset)
 );
+
+-- migration 2
+-- When the build's shell (its process group's leader) started, in clock ticks
+-- since boot: after a crash it tells the build's group from a reused pid.
+ALTER TABLE builds ADD COLUMN pg_started TEXT;
