@@ -220,3 +220,1642 @@ def test_real_server_serves_health_and_prints_admin_token(server_factory):
     assert (status, body) == (200, {"status": "ok"})
     status, body = server.json("GET", "/api/v1/admin", token="")
     assert status == 401
+
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+# The API through webtest against make_app: every route, its fields, pages,
+# errors and access rules; then the command line as subprocesses and one real
+# server. Builds here are unmanaged (nothing runs them) or live in an app
+# without workers (they stay `scheduled`), so a build only changes when a test
+# changes it and two GETs of it compare equal.
+
+import io
+import logging
+import re
+import types
+import urllib.parse
+
+MiB = 1024 * 1024
+HEX32 = re.compile(r"[0-9a-f]{32}")
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+PAGE_KEYS = {"count", "next", "previous", "results"}
+PROJECT_KEYS = {"name", "owner", "description", "command", "env", "timeout", "created_at",
+                "updated_at", "builds_count", "last_build"}
+BUILD_KEYS = {"id", "uuid", "name", "unique_name", "user", "project", "description", "tags",
+              "last_status", "is_managed", "created_at", "updated_at", "started_at",
+              "finished_at", "command", "env", "timeout", "exit_code", "duration", "log_size",
+              "truncated", "restarted_from"}
+STATUS_KEYS = {"id", "uuid", "job", "status", "message", "created_at"}
+LOG_JSON_KEYS = {"job", "offset", "next_offset", "size", "complete", "truncated", "text"}
+
+_NO_JSON = object()
+
+
+def call(web, method, path, token=None, json_body=_NO_JSON, body=None, content_type=None,
+         headers=None):
+    """One request through webtest, whatever its status. `json_body` goes as JSON,
+    `body` as raw bytes."""
+    hdrs = dict(headers or {})
+    if token:
+        hdrs.update(auth(token))
+    params = {}
+    if json_body is not _NO_JSON:
+        body = json.dumps(json_body).encode()
+        content_type = content_type or "application/json"
+    if body is not None:
+        params["body"] = body
+        params["content_type"] = content_type or "application/octet-stream"
+    return web.request(path, method=method, headers=hdrs, expect_errors=True, **params)
+
+
+def send(web, method, path, token, body, headers=None):
+    """`body` as JSON if it is a dict, raw if bytes, nothing if None."""
+    if isinstance(body, (dict, list)):
+        return call(web, method, path, token, body, headers=headers)
+    return call(web, method, path, token, body=body, headers=headers)
+
+
+def ok(res, status=200):
+    """The JSON of a successful answer (raw bytes if it is not JSON)."""
+    assert res.status_int == status, (res.status, res.body[:500])
+    return res.json if res.content_type == "application/json" else res.body
+
+
+def assert_error(res, status, field=None):
+    """An error answer: `status`, a JSON body {"detail": a sentence}, and when
+    `field` is given an "errors" object naming it."""
+    assert res.status_int == status, (res.status, res.body[:500])
+    assert res.content_type == "application/json"
+    body = res.json
+    assert isinstance(body, dict) and isinstance(body.get("detail"), str), body
+    assert body["detail"].strip()
+    if field is not None:
+        assert isinstance(body.get("errors"), dict) and field in body["errors"], body
+        assert isinstance(body["errors"][field], str) and body["errors"][field]
+    return body
+
+
+def _stable(build):
+    """A build as stored: a running build's duration grows by itself."""
+    if build.get("last_status") in ("running", "stopping"):
+        return {**build, "duration": "(running)"}
+    return build
+
+
+def snapshot(web, token, project):
+    """All that GETs show of `project`, its owner's list and its builds: equal
+    before and after a write that was refused."""
+    owner = project.rsplit("/", 1)[0]
+    state = {"projects": call(web, "GET", owner + "?limit=1000", token).json,
+             "project": call(web, "GET", project, token).json,
+             "builds": call(web, "GET", project + "/builds?limit=1000", token).json}
+    if "results" in state["builds"]:
+        state["builds"]["results"] = [_stable(b) for b in state["builds"]["results"]]
+    for build in state["builds"].get("results", []):
+        url = f"{project}/builds/{build['id']}"
+        state[url] = (_stable(call(web, "GET", url, token).json),
+                      call(web, "GET", url + "/statuses?limit=1000", token).json,
+                      call(web, "GET", url + "/logs", token).body)
+    return state
+
+
+def unmanaged(web, token, project, **fields):
+    """A new build that nothing runs: it stays `created` until someone reports."""
+    return ok(call(web, "POST", project + "/builds", token, {"is_managed": False, **fields}), 201)
+
+
+def report(web, token, build_url, *statuses):
+    for status in statuses:
+        ok(call(web, "POST", build_url + "/statuses", token, {"status": status}), 201)
+
+
+def append_log(web, token, build_url, data):
+    return ok(call(web, "POST", build_url + "/logs", token, body=data))
+
+
+def log_json(web, token, build_url, query=""):
+    res = call(web, "GET", f"{build_url}/logs?format=json&{query}", token)
+    body = ok(res)
+    assert set(body) == LOG_JSON_KEYS
+    return body
+
+
+def link(url):
+    """A page link as (path, query dict), after checking it is an absolute URL."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.scheme in ("http", "https") and parts.netloc, url
+    return parts.path, dict(urllib.parse.parse_qsl(parts.query))
+
+
+def relative(url):
+    """The path and query of a page link, to GET it through webtest."""
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    return parts.path + "?" + parts.query
+
+
+def walk_pages(web, token, url):
+    """Follow `next` links from `url`; returns (every result, number of pages)."""
+    results, pages = [], 0
+    while url:
+        page = ok(call(web, "GET", url, token))
+        assert set(page) == PAGE_KEYS
+        results += page["results"]
+        pages += 1
+        assert pages <= 100, "next links do not end"
+        url = relative(page["next"])
+    return results, pages
+
+
+@pytest.fixture
+def populated(web, alice, project):
+    """alice/app with two unmanaged builds: 1 `created`, named and tagged, with a
+    log; 2 `succeeded` with a log. Only requests change them."""
+    unmanaged(web, alice, project, name="first", description="one", tags=["x", "y"],
+              env={"K": "v"})
+    append_log(web, alice, project + "/builds/1", b"first line\nsecond line\n")
+    unmanaged(web, alice, project)
+    append_log(web, alice, project + "/builds/2", b"done\n")
+    report(web, alice, project + "/builds/2", "running", "succeeded")
+    return project
+
+
+def _app_fixture(tmp_path, name, **config):
+    application = buildserver.make_app(
+        buildserver.Config(data_dir=str(tmp_path / name), **config))
+    client = webtest.TestApp(application)
+    alice_token = application.store.create_user("alice")
+    ok(call(client, "POST", "/api/v1/alice", alice_token,
+            {"name": "app", "command": "make all", "env": {"A": "project", "B": "project"},
+             "timeout": 600}), 201)
+    return application, types.SimpleNamespace(app=application, web=client, alice=alice_token,
+                                              project="/api/v1/alice/app")
+
+
+@pytest.fixture
+def idle(tmp_path):
+    """An app with no workers, so managed builds stay `scheduled` until stopped;
+    its alice/app has a command, an env and a timeout for builds to inherit."""
+    application, ns = _app_fixture(tmp_path, "idle", workers=0)
+    yield ns
+    application.close()
+
+
+@pytest.fixture
+def small_logs(tmp_path):
+    """Like `idle`, with --max-log-bytes 64."""
+    application, ns = _app_fixture(tmp_path, "small", workers=0, max_log_bytes=64)
+    yield ns
+    application.close()
+
+
+# Health ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/health/"])
+def test_health_answers_ok_without_a_token(web, path):
+    res = call(web, "GET", path)
+    assert res.status_int == 200 and res.json == {"status": "ok"}
+
+
+# Projects --------------------------------------------------------------------
+
+def test_create_project_answers_201_with_every_field(web, alice):
+    body = {"name": "Web-site_2", "description": "the site", "command": "make",
+            "env": {"CI": "1"}, "timeout": 60}
+    created = ok(call(web, "POST", "/api/v1/alice", alice, body), 201)
+    assert set(created) == PROJECT_KEYS
+    assert {key: created[key] for key in body} == body
+    assert created["owner"] == "alice"
+    assert created["builds_count"] == 0 and created["last_build"] is None
+    assert RFC3339_UTC.fullmatch(created["created_at"])
+    assert RFC3339_UTC.fullmatch(created["updated_at"])
+    assert ok(call(web, "GET", "/api/v1/alice/Web-site_2", alice)) == created
+
+
+def test_create_project_with_only_a_name_has_null_defaults(web, alice):
+    created = ok(call(web, "POST", "/api/v1/alice", alice, {"name": "bare"}), 201)
+    assert (created["description"], created["command"], created["env"], created["timeout"]) \
+        == (None, None, {}, None)
+
+
+def test_create_project_with_a_taken_name_is_400_and_keeps_the_first(web, alice, bob, populated):
+    before = snapshot(web, alice, populated)
+    res = call(web, "POST", "/api/v1/alice", alice, {"name": "app", "command": "rm -rf ~"})
+    assert_error(res, 400, "name")
+    assert snapshot(web, alice, populated) == before
+    # Names are per owner: bob may have an `app` of his own.
+    assert ok(call(web, "POST", "/api/v1/bob", bob, {"name": "app"}), 201)["owner"] == "bob"
+
+
+def test_create_project_without_a_name_is_400_naming_it(web, alice, populated):
+    before = snapshot(web, alice, populated)
+    assert_error(call(web, "POST", "/api/v1/alice", alice, {"command": "make"}), 400, "name")
+    assert snapshot(web, alice, populated) == before
+
+
+def test_patch_project_changes_only_the_fields_given(web, alice):
+    ok(call(web, "POST", "/api/v1/alice", alice, {
+        "name": "p", "description": "d", "command": "c", "env": {"A": "1", "B": "2"},
+        "timeout": 5}), 201)
+    before = ok(call(web, "GET", "/api/v1/alice/p", alice))
+    patched = ok(call(web, "PATCH", "/api/v1/alice/p", alice, {"env": {"C": "3"}, "timeout": None}))
+    assert patched["env"] == {"C": "3"}  # replaced, not merged
+    assert patched["timeout"] is None
+    for key in ("name", "owner", "description", "command", "created_at", "builds_count",
+                "last_build"):
+        assert patched[key] == before[key], key
+    assert patched["updated_at"] >= before["updated_at"]
+    assert ok(call(web, "GET", "/api/v1/alice/p", alice)) == patched
+
+    patched = ok(call(web, "PATCH", "/api/v1/alice/p", alice,
+                      {"description": None, "command": "make test"}))
+    assert (patched["description"], patched["command"], patched["env"]) == (None, "make test",
+                                                                            {"C": "3"})
+    assert ok(call(web, "PATCH", "/api/v1/alice/p", alice, {})) == patched
+
+
+def test_delete_project_removes_it_with_its_builds_statuses_and_logs(web, alice, populated):
+    res = call(web, "DELETE", populated, alice)
+    assert res.status_int == 200 and isinstance(res.json["detail"], str)
+    assert_error(call(web, "GET", populated, alice), 404)
+    for suffix in ("/builds", "/builds/1", "/builds/2/statuses", "/builds/2/statuses/1",
+                   "/builds/1/logs"):
+        assert_error(call(web, "GET", populated + suffix, alice), 404)
+    assert_error(call(web, "DELETE", populated, alice), 404)
+    assert ok(call(web, "GET", "/api/v1/alice", alice))["count"] == 0
+    # A new project of the same name starts empty.
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "app", "command": "true"}), 201)
+    listing = ok(call(web, "GET", populated + "/builds", alice))
+    assert (listing["count"], listing["results"]) == (0, [])
+
+
+def test_project_counts_its_builds_and_shows_the_last_one(web, alice, project):
+    def current():
+        one = ok(call(web, "GET", project, alice))
+        listed = ok(call(web, "GET", "/api/v1/alice", alice))["results"]
+        assert listed == [one]
+        return one["builds_count"], one["last_build"]
+
+    assert current() == (0, None)
+    unmanaged(web, alice, project)
+    unmanaged(web, alice, project)
+    assert current() == (2, {"id": 2, "last_status": "created"})
+    report(web, alice, project + "/builds/2", "running")
+    assert current() == (2, {"id": 2, "last_status": "running"})
+    report(web, alice, project + "/builds/1", "stopped")
+    assert current() == (2, {"id": 2, "last_status": "running"})
+    ok(call(web, "DELETE", project + "/builds/2", alice))
+    assert current() == (1, {"id": 1, "last_status": "stopped"})
+    ok(call(web, "DELETE", project + "/builds/1", alice))
+    assert current() == (0, None)
+
+
+def test_projects_list_pages_with_limit_offset_and_links(web, alice, bob):
+    names = [f"p{i:02d}" for i in range(25)]
+    for name in names:
+        ok(call(web, "POST", "/api/v1/alice", alice, {"name": name}), 201)
+    ok(call(web, "POST", "/api/v1/bob", bob, {"name": "bobs"}), 201)
+
+    first = ok(call(web, "GET", "/api/v1/alice", alice))
+    assert set(first) == PAGE_KEYS
+    assert first["count"] == 25 and len(first["results"]) == 20  # the default limit
+    assert all(set(p) == PROJECT_KEYS and p["owner"] == "alice" for p in first["results"])
+    assert first["previous"] is None
+    assert link(first["next"]) == ("/api/v1/alice", {"limit": "20", "offset": "20"})
+
+    results, pages = walk_pages(web, alice, "/api/v1/alice?limit=7")
+    assert pages == 4 and sorted(p["name"] for p in results) == names
+
+    middle = ok(call(web, "GET", "/api/v1/alice?limit=7&offset=10", alice))
+    assert len(middle["results"]) == 7
+    assert link(middle["next"]) == ("/api/v1/alice", {"limit": "7", "offset": "17"})
+    assert link(middle["previous"]) == ("/api/v1/alice", {"limit": "7", "offset": "3"})
+    near = ok(call(web, "GET", "/api/v1/alice?limit=7&offset=3", alice))
+    assert link(near["previous"])[1] == {"limit": "7", "offset": "0"}
+    last = ok(call(web, "GET", "/api/v1/alice?limit=7&offset=21", alice))
+    assert len(last["results"]) == 4 and last["next"] is None
+    beyond = ok(call(web, "GET", "/api/v1/alice?offset=30", alice))
+    assert beyond["count"] == 25 and beyond["results"] == [] and beyond["next"] is None
+    assert beyond["previous"] is not None
+    assert len(ok(call(web, "GET", "/api/v1/alice?limit=1000", alice))["results"]) == 25
+
+
+# Builds ----------------------------------------------------------------------
+
+def test_builds_list_is_newest_first_and_pages(web, alice, project):
+    for _ in range(5):
+        unmanaged(web, alice, project)
+    listing = ok(call(web, "GET", project + "/builds", alice))
+    assert set(listing) == PAGE_KEYS and listing["count"] == 5
+    assert [b["id"] for b in listing["results"]] == [5, 4, 3, 2, 1]
+    assert all(set(b) == BUILD_KEYS for b in listing["results"])
+    assert listing["next"] is None and listing["previous"] is None
+
+    page = ok(call(web, "GET", project + "/builds?limit=2&offset=1", alice))
+    assert [b["id"] for b in page["results"]] == [4, 3]
+    assert link(page["next"]) == (project + "/builds", {"limit": "2", "offset": "3"})
+    assert link(page["previous"]) == (project + "/builds", {"limit": "2", "offset": "0"})
+    results, pages = walk_pages(web, alice, project + "/builds?limit=2")
+    assert [b["id"] for b in results] == [5, 4, 3, 2, 1] and pages == 3
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("created", [6, 1]),
+    ("created,succeeded", [6, 3, 1]),
+    ("running", [2]),
+    ("failed,stopped", [5, 4]),
+    ("scheduled", []),
+    ("succeeded,", [3]),
+    ("stopped,stopped", [4]),
+])
+def test_builds_list_filters_on_last_status(web, alice, project, query, expected):
+    walks = {1: [], 2: ["running"], 3: ["running", "succeeded"], 4: ["stopped"],
+             5: ["running", "failed"], 6: []}
+    for number, walk in walks.items():
+        unmanaged(web, alice, project)
+        report(web, alice, f"{project}/builds/{number}", *walk)
+    listing = ok(call(web, "GET", f"{project}/builds?status={query}", alice))
+    assert [b["id"] for b in listing["results"]] == expected
+    assert listing["count"] == len(expected)
+    # Paging keeps the filter in its links.
+    results, pages = walk_pages(web, alice, f"{project}/builds?status={query}&limit=1")
+    assert [b["id"] for b in results] == expected and pages == max(1, len(expected))
+
+
+def test_build_create_takes_command_env_and_timeout_from_the_project(idle):
+    build = ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, {}), 201)
+    assert set(build) == BUILD_KEYS
+    assert build["command"] == "make all"
+    assert build["env"] == {"A": "project", "B": "project"}
+    assert build["timeout"] == 600
+    assert build["id"] == 1 and HEX32.fullmatch(build["uuid"])
+    assert build["unique_name"] == "alice.app.builds.1"
+    assert (build["user"], build["project"]) == ("alice", "alice/app")
+    assert build["is_managed"] is True and build["last_status"] == "scheduled"
+    assert build["tags"] == [] and build["log_size"] == 0 and build["truncated"] is False
+    for key in ("name", "description", "started_at", "finished_at", "exit_code", "duration",
+                "restarted_from"):
+        assert build[key] is None, key
+    assert RFC3339_UTC.fullmatch(build["created_at"])
+    assert RFC3339_UTC.fullmatch(build["updated_at"])
+    assert ok(call(idle.web, "GET", idle.project + "/builds/1", idle.alice)) == build
+
+
+def test_build_fields_win_over_the_project_and_env_is_merged(idle):
+    body = {"command": "make test", "env": {"B": "build", "C": "build"}, "timeout": 5,
+            "name": "nightly-1", "description": "the nightly", "tags": ["ci", "nightly"]}
+    build = ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, body), 201)
+    assert build["env"] == {"A": "project", "B": "build", "C": "build"}
+    assert {key: build[key] for key in ("command", "timeout", "name", "description", "tags")} \
+        == {key: body[key] for key in ("command", "timeout", "name", "description", "tags")}
+    assert ok(call(idle.web, "GET", idle.project + "/builds/1", idle.alice)) == build
+
+
+def test_build_create_with_no_body_uses_every_default(idle):
+    build = ok(call(idle.web, "POST", idle.project + "/builds/", idle.alice), 201)
+    assert (build["command"], build["timeout"], build["last_status"]) == ("make all", 600,
+                                                                          "scheduled")
+
+
+def test_build_create_ignores_the_null_fields_polyaxon_client_sends(idle):
+    body = {"id": None, "uuid": None, "unique_name": None, "user": None, "project": None,
+            "last_status": None, "created_at": None, "updated_at": None, "started_at": None,
+            "finished_at": None, "content": None, "definition": None, "backend": None,
+            "name": "from-client", "description": None, "tags": None}
+    build = ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, body), 201)
+    assert build["name"] == "from-client" and build["user"] == "alice"
+    assert build["last_status"] == "scheduled" and build["tags"] == []
+
+
+def test_build_create_by_an_admin_records_the_admin_as_its_user(web, admin, alice, project):
+    build = unmanaged(web, admin, project)
+    assert build["user"] == "root" and build["project"] == "alice/app"
+
+
+def test_unmanaged_build_stays_created_and_is_never_run(web, alice, project, tmp_path):
+    marker = tmp_path / "ran"
+    build = unmanaged(web, alice, project, command=f"touch {marker}")
+    assert build["last_status"] == "created" and build["is_managed"] is False
+    # The runner takes and finishes a build created after it...
+    managed = ok(call(web, "POST", project + "/builds", alice, {}), 201)
+    assert final_build(web, alice, f"{project}/builds/{managed['id']}")["last_status"] \
+        == "succeeded"
+    # ...and never touched the unmanaged one.
+    again = ok(call(web, "GET", f"{project}/builds/{build['id']}", alice))
+    assert again == build
+    statuses = ok(call(web, "GET", f"{project}/builds/{build['id']}/statuses", alice))
+    assert [s["status"] for s in statuses["results"]] == ["created"]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("body", [{}, {"command": None}, {"is_managed": True, "env": {"A": "1"}}])
+def test_build_without_a_command_anywhere_is_400_and_creates_nothing(web, alice, body):
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "bare"}), 201)
+    before = snapshot(web, alice, "/api/v1/alice/bare")
+    assert_error(call(web, "POST", "/api/v1/alice/bare/builds", alice, body), 400, "command")
+    assert snapshot(web, alice, "/api/v1/alice/bare") == before
+    assert unmanaged(web, alice, "/api/v1/alice/bare", command="true")["id"] == 1
+
+
+def test_patch_build_changes_name_description_and_tags(web, alice, populated):
+    url = populated + "/builds/1"
+    before = ok(call(web, "GET", url, alice))
+    patched = ok(call(web, "PATCH", url, alice,
+                      {"name": "renamed", "description": "new words", "tags": ["z"]}))
+    assert (patched["name"], patched["description"], patched["tags"]) == ("renamed", "new words",
+                                                                          ["z"])
+    unchanged = {key for key in BUILD_KEYS} - {"name", "description", "tags", "updated_at"}
+    assert {k: patched[k] for k in unchanged} == {k: before[k] for k in unchanged}
+    assert patched["updated_at"] >= before["updated_at"]
+    assert ok(call(web, "GET", url, alice)) == patched
+
+    cleared = ok(call(web, "PATCH", url + "/", alice, {"name": None, "tags": []}))
+    assert (cleared["name"], cleared["description"], cleared["tags"]) == (None, "new words", [])
+
+
+def test_delete_build_answers_200_then_404_and_its_id_is_never_reused(web, alice, project):
+    for _ in range(3):
+        unmanaged(web, alice, project)
+    append_log(web, alice, project + "/builds/3", b"bye\n")
+    res = call(web, "DELETE", project + "/builds/3", alice)
+    assert res.status_int == 200 and isinstance(res.json["detail"], str)
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("PATCH", ""), ("GET", "/statuses"),
+                           ("GET", "/statuses/1"), ("GET", "/logs"), ("POST", "/stop"),
+                           ("POST", "/restart")):
+        body = {"name": "x"} if method == "PATCH" else None
+        assert_error(send(web, method, project + "/builds/3" + suffix, alice, body), 404)
+    listing = ok(call(web, "GET", project + "/builds", alice))
+    assert [b["id"] for b in listing["results"]] == [2, 1] and listing["count"] == 2
+    # The highest id was deleted; the next build still gets a new one.
+    assert unmanaged(web, alice, project)["id"] == 4
+    ok(call(web, "DELETE", project + "/builds/1/", alice))
+    assert unmanaged(web, alice, project)["id"] == 5
+    assert ok(call(web, "GET", project, alice))["builds_count"] == 3
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/stop", "/stop/"])
+def test_stop_of_a_scheduled_build_stops_it_at_once(idle, suffix):
+    build = ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, {}), 201)
+    assert build["last_status"] == "scheduled"
+    url = f"{idle.project}/builds/{build['id']}"
+    stopped = ok(call(idle.web, "POST", url + suffix, idle.alice))
+    assert set(stopped) == BUILD_KEYS
+    assert stopped["last_status"] == "stopped"
+    assert RFC3339_UTC.fullmatch(stopped["finished_at"])
+    assert stopped["started_at"] is None and stopped["exit_code"] is None
+    statuses = ok(call(idle.web, "GET", url + "/statuses", idle.alice))["results"]
+    assert [s["status"] for s in statuses] == ["created", "scheduled", "stopped"]
+    assert statuses[-1]["message"] == "stopped by alice"
+    assert ok(call(idle.web, "GET", url, idle.alice)) == stopped
+
+
+def test_stop_of_a_created_unmanaged_build_stops_it_at_once(web, alice, project):
+    unmanaged(web, alice, project)
+    stopped = ok(call(web, "POST", project + "/builds/1/stop", alice))
+    assert stopped["last_status"] == "stopped"
+
+
+def test_stop_of_a_running_unmanaged_build_asks_its_runner_to_stop(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    report(web, alice, url, "running")
+    assert ok(call(web, "POST", url, alice))["last_status"] == "stopping"
+    # Whatever runs it sees `stopping` and reports the end.
+    report(web, alice, url, "stopped")
+    assert ok(call(web, "GET", url, alice))["last_status"] == "stopped"
+
+
+@pytest.mark.parametrize("walk", [["running", "succeeded"], ["running", "failed"], ["stopped"],
+                                  ["running", "stopping", "stopped"]])
+def test_stop_of_a_finished_build_changes_nothing(web, alice, project, walk):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    report(web, alice, url, *walk)
+    before = snapshot(web, alice, project)
+    for suffix in ("", "/stop"):
+        assert ok(call(web, "POST", url + suffix, alice)) == before[url][0]
+    assert snapshot(web, alice, project) == before
+
+
+def test_restart_makes_a_new_build_with_the_same_command_env_timeout_name_and_tags(idle):
+    body = {"command": "make test", "env": {"C": "build"}, "timeout": 7, "name": "n1",
+            "tags": ["t1", "t2"]}
+    original = ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, body), 201)
+    url = idle.project + "/builds/1"
+    original = ok(call(idle.web, "POST", url + "/stop", idle.alice))
+    # The project changing afterwards does not change what a restart runs.
+    ok(call(idle.web, "PATCH", idle.project, idle.alice,
+            {"command": "other", "env": {}, "timeout": 1}))
+
+    again = ok(call(idle.web, "POST", url + "/restart", idle.alice), 201)
+    assert set(again) == BUILD_KEYS
+    assert again["id"] == 2 and again["restarted_from"] == 1
+    assert again["uuid"] != original["uuid"]
+    for key in ("command", "env", "timeout", "name", "tags"):
+        assert again[key] == original[key], key
+    assert again["env"] == {"A": "project", "B": "project", "C": "build"}
+    assert again["last_status"] == "scheduled" and again["finished_at"] is None
+    assert ok(call(idle.web, "GET", url, idle.alice)) == original
+    assert ok(call(idle.web, "GET", idle.project + "/builds/2", idle.alice)) == again
+
+    third = ok(call(idle.web, "POST", idle.project + "/builds/2/restart/", idle.alice), 201)
+    assert (third["id"], third["restarted_from"], third["command"]) == (3, 2, "make test")
+
+
+# Statuses --------------------------------------------------------------------
+
+def test_reported_statuses_walk_created_running_succeeded(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    running = ok(call(web, "POST", url + "/statuses", alice,
+                      {"status": "running", "message": "picked up by ci-3"}), 201)
+    assert set(running) == STATUS_KEYS
+    assert (running["id"], running["job"], running["status"], running["message"]) \
+        == (2, 1, "running", "picked up by ci-3")
+    build = ok(call(web, "GET", url, alice))
+    assert build["last_status"] == "running" and RFC3339_UTC.fullmatch(build["started_at"])
+    assert build["finished_at"] is None and build["duration"] >= 0
+
+    done = ok(call(web, "POST", url + "/statuses/", alice, {"status": "succeeded"}), 201)
+    assert (done["id"], done["status"], done["message"]) == (3, "succeeded", None)
+    build = ok(call(web, "GET", url, alice))
+    assert build["last_status"] == "succeeded" and RFC3339_UTC.fullmatch(build["finished_at"])
+    assert build["duration"] >= 0
+
+    listing = ok(call(web, "GET", url + "/statuses", alice))
+    assert listing["count"] == 3
+    entries = listing["results"]
+    assert [e["status"] for e in entries] == ["created", "running", "succeeded"]
+    assert [e["id"] for e in entries] == [1, 2, 3]
+    assert all(set(e) == STATUS_KEYS and e["job"] == 1 and HEX32.fullmatch(e["uuid"])
+               and RFC3339_UTC.fullmatch(e["created_at"]) for e in entries)
+    assert len({e["uuid"] for e in entries}) == 3
+    assert [e["created_at"] for e in entries] == sorted(e["created_at"] for e in entries)
+    assert entries[1:] == [running, done]
+
+
+def test_statuses_of_a_managed_build_are_listed_oldest_first_and_page(idle):
+    ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, {}), 201)
+    url = idle.project + "/builds/1"
+    ok(call(idle.web, "POST", url + "/stop", idle.alice))
+    listing = ok(call(idle.web, "GET", url + "/statuses", idle.alice))
+    assert [e["status"] for e in listing["results"]] == ["created", "scheduled", "stopped"]
+    page = ok(call(idle.web, "GET", url + "/statuses?limit=1&offset=1", idle.alice))
+    assert [e["status"] for e in page["results"]] == ["scheduled"] and page["count"] == 3
+    assert link(page["next"])[1] == {"limit": "1", "offset": "2"}
+    results, pages = walk_pages(idle.web, idle.alice, url + "/statuses?limit=2")
+    assert results == listing["results"] and pages == 2
+
+
+def test_status_detail_by_number_and_by_uuid(web, alice, populated):
+    url = populated + "/builds/2"
+    entries = ok(call(web, "GET", url + "/statuses", alice))["results"]
+    assert len(entries) == 3
+    for entry in entries:
+        for key in (str(entry["id"]), entry["uuid"]):
+            for slash in ("", "/"):
+                assert ok(call(web, "GET", f"{url}/statuses/{key}{slash}", alice)) == entry
+
+
+@pytest.mark.parametrize("status_id", ["0", "4", "abc", "-1", "1.5", "99999999999999999999999",
+                                       "0" * 32, "f" * 32, "OTHER_BUILDS_UUID", "%C2%B2",
+                                       "%EF%BC%91"])
+def test_unknown_status_is_404(web, alice, populated, status_id):
+    if status_id == "OTHER_BUILDS_UUID":  # a real status, of another build
+        status_id = ok(call(web, "GET", populated + "/builds/1/statuses", alice))[
+            "results"][0]["uuid"]
+    assert_error(call(web, "GET", f"{populated}/builds/2/statuses/{status_id}", alice), 404)
+
+
+@pytest.mark.parametrize("walk", [
+    ["running", "succeeded"], ["running", "failed"], ["running", "stopping", "stopped"],
+    ["running", "stopping", "failed"], ["stopped"], ["scheduled", "running", "succeeded"],
+    ["scheduled", "stopped"],
+])
+def test_reported_statuses_may_take_every_edge_of_the_machine(web, alice, project, walk):
+    unmanaged(web, alice, project)
+    report(web, alice, project + "/builds/1", *walk)
+    statuses = ok(call(web, "GET", project + "/builds/1/statuses", alice))["results"]
+    assert [s["status"] for s in statuses] == ["created", *walk]
+    assert ok(call(web, "GET", project + "/builds/1", alice))["last_status"] == walk[-1]
+
+
+@pytest.mark.parametrize("walk, status", [
+    ([], "created"),                               # the same status twice
+    ([], "succeeded"),                             # skips running
+    ([], "failed"),
+    ([], "stopping"),
+    (["running"], "running"),
+    (["running"], "scheduled"),
+    (["running"], "created"),
+    (["running"], "stopped"),                      # only through stopping
+    (["running", "succeeded"], "running"),         # nothing after a final status
+    (["running", "succeeded"], "succeeded"),
+    (["running", "succeeded"], "failed"),
+    (["running", "failed"], "stopped"),
+    (["stopped"], "running"),
+    (["stopped"], "stopped"),
+    (["running", "stopping"], "running"),
+    (["running", "stopping"], "succeeded"),
+    (["running", "stopping"], "stopping"),
+])
+def test_reported_status_that_breaks_the_machine_is_400_and_changes_nothing(
+        web, alice, project, walk, status):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    report(web, alice, url, *walk)
+    before = snapshot(web, alice, project)
+    assert_error(call(web, "POST", url + "/statuses", alice, {"status": status}), 400, "status")
+    assert snapshot(web, alice, project) == before
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"status": "bogus"}, "status"),
+    ({"status": "RUNNING"}, "status"),
+    ({"status": ""}, "status"),
+    ({"status": None}, "status"),
+    ({"status": 1}, "status"),
+    ({}, "status"),
+    ({"message": "no status"}, "status"),
+    ({"status": "running", "message": 5}, "message"),
+    ({"status": "running", "color": "red"}, "color"),
+])
+def test_invalid_status_report_is_400_naming_the_field(web, alice, project, body, field):
+    unmanaged(web, alice, project)
+    before = snapshot(web, alice, project)
+    assert_error(call(web, "POST", project + "/builds/1/statuses", alice, body), 400, field)
+    assert snapshot(web, alice, project) == before
+
+
+@pytest.mark.parametrize("status", ["running", "stopped", "succeeded", "scheduled"])
+def test_reporting_a_status_on_a_managed_build_is_400(idle, status):
+    ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, {}), 201)
+    before = snapshot(idle.web, idle.alice, idle.project)
+    res = call(idle.web, "POST", idle.project + "/builds/1/statuses", idle.alice,
+               {"status": status})
+    assert_error(res, 400)
+    assert snapshot(idle.web, idle.alice, idle.project) == before
+
+
+# Logs ------------------------------------------------------------------------
+
+def test_log_append_stores_the_raw_body_and_answers_the_size(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    assert append_log(web, alice, url, b"one\n") == {"size": 4}
+    # Anything not declared JSON is bytes, kept as they are.
+    res = call(web, "POST", url + "/logs", alice, body=b'"quoted"\n', content_type="text/plain")
+    assert ok(res) == {"size": 13}
+    res = call(web, "POST", url + "/logs/", alice, body=b"\xff\x00bin",
+               content_type="application/octet-stream")
+    assert ok(res) == {"size": 18}
+    res = call(web, "POST", url + "/logs", alice, body=b"a=b&c",  # what curl -d sends
+               content_type="application/x-www-form-urlencoded")
+    assert ok(res) == {"size": 23}
+    assert ok(call(web, "GET", url + "/logs", alice)) == b'one\n"quoted"\n\xff\x00bina=b&c'
+    assert ok(call(web, "GET", url, alice))["log_size"] == 23
+
+
+@pytest.mark.parametrize("content_type, body, stored", [
+    ("application/json", json.dumps("héllo wörld\n"), "héllo wörld\n".encode()),
+    ("application/json; charset=utf-8", json.dumps("x"), b"x"),
+    ("application/json", json.dumps(["one", "two"]), b"one\ntwo\n"),
+    ("application/json", json.dumps("🎉\n", ensure_ascii=True), "🎉\n".encode()),
+    ("application/json", json.dumps([]), b""),
+])
+def test_log_append_of_a_json_string_or_lines_appends_their_text(web, alice, project,
+                                                                 content_type, body, stored):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"start\n")
+    res = call(web, "POST", url + "/logs", alice, body=body.encode(), content_type=content_type)
+    assert ok(res) == {"size": 6 + len(stored)}
+    assert ok(call(web, "GET", url + "/logs", alice)) == b"start\n" + stored
+
+
+@pytest.mark.parametrize("body", [b"{", b"5", b'{"text": "x"}', b'["a", 1]', b"null", b"\xff"])
+def test_log_append_declared_json_but_not_a_string_is_400(web, alice, project, body):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"kept\n")
+    before = snapshot(web, alice, project)
+    assert_error(call(web, "POST", url + "/logs", alice, body=body,
+                      content_type="application/json"), 400)
+    assert snapshot(web, alice, project) == before
+
+
+def test_log_append_is_refused_on_a_managed_build(idle):
+    ok(call(idle.web, "POST", idle.project + "/builds", idle.alice, {}), 201)
+    before = snapshot(idle.web, idle.alice, idle.project)
+    assert_error(call(idle.web, "POST", idle.project + "/builds/1/logs", idle.alice,
+                      body=b"forged output\n"), 400)
+    assert snapshot(idle.web, idle.alice, idle.project) == before
+
+
+@pytest.mark.parametrize("walk", [["running", "succeeded"], ["running", "failed"], ["stopped"],
+                                  ["running", "stopping", "stopped"]])
+def test_log_append_is_refused_once_the_build_is_final(web, alice, project, walk):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"the end\n")
+    report(web, alice, url, *walk)
+    before = snapshot(web, alice, project)
+    assert_error(call(web, "POST", url + "/logs", alice, body=b"late\n"), 400)
+    assert snapshot(web, alice, project) == before
+
+
+def test_log_text_carries_size_and_more_data_headers(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"abc\n")
+    res = call(web, "GET", url + "/logs", alice)
+    assert res.status_int == 200 and res.body == b"abc\n"
+    assert res.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert (res.headers["X-Log-Size"], res.headers["X-More-Data"]) == ("4", "true")
+    res = call(web, "GET", url + "/logs?offset=2", alice)
+    assert res.body == b"c\n" and res.headers["X-Log-Size"] == "4"
+    report(web, alice, url, "running", "succeeded")
+    res = call(web, "GET", url + "/logs", alice)
+    assert (res.headers["X-Log-Size"], res.headers["X-More-Data"]) == ("4", "false")
+
+
+LOG_TEXT = b"alpha\nbeta\ngamma\n"
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("", LOG_TEXT),
+    ("offset=0", LOG_TEXT),
+    ("offset=6", b"beta\ngamma\n"),
+    ("limit=5", b"alpha"),
+    ("offset=6&limit=4", b"beta"),
+    ("offset=16", b"\n"),
+    ("offset=17", b""),
+    ("offset=100", b""),
+    ("limit=0", b""),
+    ("limit=1000", LOG_TEXT),
+    ("format=text", LOG_TEXT),
+    ("follow=0", LOG_TEXT),
+    ("follow=1", LOG_TEXT),            # the build is final: nothing to wait for
+    ("follow=1&offset=11", b"gamma\n"),
+    ("tail=2&limit=5", b"beta\n"),
+])
+def test_log_text_honours_offset_limit_and_tail(web, alice, project, query, expected):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, LOG_TEXT)
+    report(web, alice, url, "running", "succeeded")
+    res = call(web, "GET", f"{url}/logs?{query}", alice)
+    assert res.status_int == 200 and res.body == expected
+    assert res.headers["X-Log-Size"] == str(len(LOG_TEXT))
+
+
+@pytest.mark.parametrize("log, tail, expected", [
+    (b"a\nb\nc\n", 0, b""),
+    (b"a\nb\nc\n", 1, b"c\n"),
+    (b"a\nb\nc\n", 2, b"b\nc\n"),
+    (b"a\nb\nc\n", 3, b"a\nb\nc\n"),
+    (b"a\nb\nc\n", 1000, b"a\nb\nc\n"),
+    (b"a\nb\nc", 0, b""),                 # no newline at the end
+    (b"a\nb\nc", 1, b"c"),
+    (b"a\nb\nc", 2, b"b\nc"),
+    (b"a\nb\nc", 50, b"a\nb\nc"),
+    (b"only line", 1, b"only line"),
+    (b"", 5, b""),
+    (b"x\n\n", 1, b"\n"),                 # an empty last line is a line
+    (b"x\n\n", 2, b"x\n\n"),
+])
+def test_log_tail_sends_the_last_lines(web, alice, project, log, tail, expected):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    if log:
+        append_log(web, alice, url, log)
+    res = call(web, "GET", f"{url}/logs?tail={tail}", alice)
+    assert res.status_int == 200 and res.body == expected
+
+
+def test_log_reads_cross_stored_chunks(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    lines = [f"line {i:06d}\n".encode() for i in range(90000)]  # 12 bytes each
+    # One big append (stored in pieces, split mid-line), then a second that
+    # does not fit in the last piece.
+    append_log(web, alice, url, b"".join(lines[:60000]))
+    append_log(web, alice, url, b"".join(lines[60000:]))
+    report(web, alice, url, "running", "succeeded")  # JSON pages then keep partial lines
+    whole = b"".join(lines)
+    assert ok(call(web, "GET", url + "/logs", alice)) == whole
+    for n in (1, 29999, 30000, 30001, 46309, 46310, 46311, 89999, 90000, 100000):
+        assert call(web, "GET", f"{url}/logs?tail={n}", alice).body == b"".join(lines[-n:]), n
+    for offset in (524280, 719990):
+        assert call(web, "GET", f"{url}/logs?offset={offset}&limit=24", alice).body \
+            == whole[offset:offset + 24]
+        page = log_json(web, alice, url, f"offset={offset}&limit=24")
+        assert page["text"].encode() == whole[offset:offset + 24]
+
+
+@pytest.mark.parametrize("how", ["accept", "query", "both"])
+def test_log_json_form_has_every_field(web, alice, project, how):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"one\ntwo\n")
+    report(web, alice, url, "running", "succeeded")
+    headers = {"Accept": "application/json"} if how in ("accept", "both") else {}
+    query = "?format=json" if how in ("query", "both") else ""
+    res = call(web, "GET", f"{url}/logs{query}", alice, headers=headers)
+    assert res.status_int == 200 and res.content_type == "application/json"
+    assert res.json == {"job": 1, "offset": 0, "next_offset": 8, "size": 8, "complete": True,
+                        "truncated": False, "text": "one\ntwo\n"}
+    assert log_json(web, alice, url, "offset=4") == {
+        "job": 1, "offset": 4, "next_offset": 8, "size": 8, "complete": True,
+        "truncated": False, "text": "two\n"}
+    assert log_json(web, alice, url, "limit=4") == {
+        "job": 1, "offset": 0, "next_offset": 4, "size": 8, "complete": False,
+        "truncated": False, "text": "one\n"}
+
+
+def test_log_format_text_wins_over_an_accept_json_header(web, alice, populated):
+    res = call(web, "GET", populated + "/builds/1/logs?format=text", alice,
+               headers={"Accept": "application/json"})
+    assert res.content_type == "text/plain" and res.body == b"first line\nsecond line\n"
+
+
+@pytest.mark.parametrize("limit, text", [
+    (1, ""), (2, "é"), (3, "é"), (4, "é"), (5, "é€"), (6, "é€"), (8, "é€"), (9, "é€🎉"),
+    (10, "é€🎉\n"),
+])
+def test_log_json_cuts_a_split_utf8_character_back_to_a_boundary(web, alice, project, limit,
+                                                                  text):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, "é€🎉\n".encode())  # 2 + 3 + 4 + 1 bytes
+    report(web, alice, url, "running", "succeeded")
+    page = log_json(web, alice, url, f"limit={limit}")
+    assert page["text"] == text and page["next_offset"] == len(text.encode())
+    assert page["complete"] is (page["next_offset"] == 10)
+
+
+@pytest.mark.parametrize("limit", [4, 5, 7, 64])
+def test_log_json_pages_by_next_offset_until_complete(web, alice, project, limit):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    text = "naïve café – 日本語 🎉\n" * 3 + "no newline at the end"
+    append_log(web, alice, url, text.encode())
+    report(web, alice, url, "running", "failed")
+    pieces, offset = [], 0
+    for _ in range(200):
+        page = log_json(web, alice, url, f"offset={offset}&limit={limit}")
+        assert page["offset"] == offset and page["size"] == len(text.encode())
+        pieces.append(page["text"])
+        if page["complete"]:
+            break
+        assert page["next_offset"] > offset
+        offset = page["next_offset"]
+    assert page["complete"] and "".join(pieces) == text
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a final build whose log ends in an incomplete UTF-8 sequence never reaches "
+    "complete in the JSON form: next_offset stops before the last bytes for ever"))
+def test_log_json_of_a_final_log_ending_mid_character_still_completes(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"ok\n\xe2\x82")  # the start of a 3-byte character
+    report(web, alice, url, "running", "failed")
+    offset = 0
+    for _ in range(5):
+        page = log_json(web, alice, url, f"offset={offset}")
+        if page["complete"]:
+            break
+        assert page["next_offset"] > offset, page
+        offset = page["next_offset"]
+    assert page["complete"] and page["next_offset"] == page["size"] == 5
+
+
+def test_log_json_of_an_unfinished_build_ends_at_the_last_whole_line(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"one\ntwo\nthr")
+    report(web, alice, url, "running")
+    page = log_json(web, alice, url)
+    assert (page["text"], page["next_offset"], page["size"], page["complete"]) \
+        == ("one\ntwo\n", 8, 11, False)
+    # No whole line left: what there is, still cut to a character boundary.
+    page = log_json(web, alice, url, "offset=8")
+    assert (page["text"], page["next_offset"], page["complete"]) == ("thr", 11, False)
+    append_log(web, alice, url, "ee\nf€".encode())
+    page = log_json(web, alice, url, "offset=8")
+    assert (page["text"], page["next_offset"]) == ("three\n", 14)
+    page = log_json(web, alice, url, "offset=14&limit=3")
+    assert (page["text"], page["next_offset"]) == ("f", 15)
+    # Once final, the unfinished last line is sent too.
+    report(web, alice, url, "succeeded")
+    page = log_json(web, alice, url, "offset=8")
+    assert (page["text"], page["next_offset"], page["size"], page["complete"]) \
+        == ("three\nf€", 18, 18, True)
+
+
+def test_log_past_max_log_bytes_is_truncated_with_one_line_saying_so(small_logs):
+    web_, token = small_logs.web, small_logs.alice
+    unmanaged(web_, token, small_logs.project)
+    url = small_logs.project + "/builds/1"
+    assert append_log(web_, token, url, b"a" * 40) == {"size": 40}
+    size = append_log(web_, token, url, b"b" * 40)["size"]
+    log = ok(call(web_, "GET", url + "/logs", token))
+    assert len(log) == size
+    assert log[:64] == b"a" * 40 + b"b" * 24  # kept up to the cap, the rest dropped
+    notice = log[64:]
+    assert notice.endswith(b"\n") and len(notice.strip(b"\n").splitlines()) == 1
+    assert b"truncat" in notice.lower()
+    build = ok(call(web_, "GET", url, token))
+    assert build["truncated"] is True and build["log_size"] == size
+    assert log_json(web_, token, url)["truncated"] is True
+    # Later output is dropped and the notice stays the one last line.
+    assert append_log(web_, token, url, b"more output\n") == {"size": size}
+    assert ok(call(web_, "GET", url + "/logs", token)) == log
+    report(web_, token, url, "running", "succeeded")
+    page = log_json(web_, token, url)
+    assert page["complete"] and page["truncated"] and page["text"].encode() == log
+
+
+def test_log_of_exactly_max_log_bytes_is_not_truncated(small_logs):
+    web_, token = small_logs.web, small_logs.alice
+    unmanaged(web_, token, small_logs.project)
+    url = small_logs.project + "/builds/1"
+    assert append_log(web_, token, url, b"x" * 64) == {"size": 64}
+    assert ok(call(web_, "GET", url, token))["truncated"] is False
+    assert append_log(web_, token, url, b"Q")["size"] > 65
+    log = ok(call(web_, "GET", url + "/logs", token))
+    assert log.startswith(b"x" * 64 + b"\n") and b"Q" not in log
+    assert ok(call(web_, "GET", url, token))["truncated"] is True
+
+
+# Trailing slashes --------------------------------------------------------------
+
+# Every authenticated route, with a body it accepts; {user}, {project}, {build}.
+ROUTES = [
+    ("GET", "/api/v1/{user}", None),
+    ("POST", "/api/v1/{user}", {"name": "fresh"}),
+    ("GET", "/api/v1/{user}/{project}", None),
+    ("PATCH", "/api/v1/{user}/{project}", {"description": "changed"}),
+    ("DELETE", "/api/v1/{user}/{project}", None),
+    ("GET", "/api/v1/{user}/{project}/builds", None),
+    ("POST", "/api/v1/{user}/{project}/builds", {"is_managed": False}),
+    ("GET", "/api/v1/{user}/{project}/builds/{build}", None),
+    ("PATCH", "/api/v1/{user}/{project}/builds/{build}", {"name": "renamed"}),
+    ("DELETE", "/api/v1/{user}/{project}/builds/{build}", None),
+    ("POST", "/api/v1/{user}/{project}/builds/{build}", None),
+    ("POST", "/api/v1/{user}/{project}/builds/{build}/stop", None),
+    ("POST", "/api/v1/{user}/{project}/builds/{build}/restart", None),
+    ("GET", "/api/v1/{user}/{project}/builds/{build}/statuses", None),
+    ("POST", "/api/v1/{user}/{project}/builds/{build}/statuses", {"status": "running"}),
+    ("GET", "/api/v1/{user}/{project}/builds/{build}/statuses/1", None),
+    ("GET", "/api/v1/{user}/{project}/builds/{build}/logs", None),
+    ("POST", "/api/v1/{user}/{project}/builds/{build}/logs", b"a line\n"),
+]
+ROUTE_IDS = [f"{method} {path.replace('/api/v1/', '')}" for method, path, _ in ROUTES]
+VOLATILE = {"uuid", "created_at", "updated_at", "started_at", "finished_at", "duration"}
+
+
+def _comparable(value):
+    """A response with what differs between twin targets taken out."""
+    if isinstance(value, dict):
+        return {_comparable(k): _comparable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, str):
+        return value.replace("twin", "app").replace("fresh2", "fresh")
+    return value
+
+
+@pytest.fixture
+def twins(web, alice):
+    """alice/app and alice/twin, alike: unmanaged build 1 `created` with a log."""
+    for name in ("app", "twin"):
+        ok(call(web, "POST", "/api/v1/alice", alice, {"name": name, "command": "true"}), 201)
+        unmanaged(web, alice, f"/api/v1/alice/{name}", name="b1")
+        append_log(web, alice, f"/api/v1/alice/{name}/builds/1", b"line\n")
+
+
+@pytest.mark.parametrize("method, path, body", ROUTES + [("GET", "/api/v1/health", None)],
+                         ids=ROUTE_IDS + ["GET health"])
+def test_every_route_answers_the_same_with_and_without_a_trailing_slash(
+        web, alice, twins, method, path, body):
+    def request(project, slash):
+        url = path.format(user="alice", project=project, build=1) + slash
+        data = body
+        if slash and isinstance(body, dict) and body.get("name") == "fresh":
+            data = {"name": "fresh2"}
+        return send(web, method, url, alice, data)
+
+    if method == "GET":  # reads: the same target both ways
+        plain, slashed = request("app", ""), request("app", "/")
+        assert plain.status_int == 200 and slashed.status_int == 200
+        assert slashed.headers["Content-Type"] == plain.headers["Content-Type"]
+        assert slashed.body == plain.body
+    else:  # writes: each on its own twin
+        plain, slashed = request("app", ""), request("twin", "/")
+        assert 200 <= plain.status_int < 300, plain.body
+        assert slashed.status_int == plain.status_int, slashed.body
+        assert "Location" not in slashed.headers
+        assert _comparable(slashed.json) == _comparable(plain.json)
+        assert _comparable(snapshot(web, alice, "/api/v1/alice/twin")) \
+            == _comparable(snapshot(web, alice, "/api/v1/alice/app"))
+
+
+# Errors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [
+    "/", "/api", "/api/v1", "/api/v2/health", "/health", "/api/v1/alice/app/nope",
+    "/api/v1/alice/app/builds/1/nope", "/api/v1/alice/app/builds/1/statuses/1/nope",
+    "/api/v1/alice/app/builds/1/logs/nope", "/api/v1/alice/app/builds/1/stop/now",
+])
+def test_unknown_route_is_404_json(web, alice, populated, path):
+    for token in (alice, None):
+        assert_error(call(web, "GET", path, token), 404)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("PUT", "/api/v1/alice"),
+    ("DELETE", "/api/v1/alice"),
+    ("PATCH", "/api/v1/alice"),
+    ("PUT", "/api/v1/alice/app"),
+    ("POST", "/api/v1/alice/app"),
+    ("PUT", "/api/v1/alice/app/builds"),
+    ("DELETE", "/api/v1/alice/app/builds/"),
+    ("PUT", "/api/v1/alice/app/builds/1"),
+    ("GET", "/api/v1/alice/app/builds/1/stop"),
+    ("GET", "/api/v1/alice/app/builds/1/restart"),
+    ("DELETE", "/api/v1/alice/app/builds/1/statuses"),
+    ("POST", "/api/v1/alice/app/builds/1/statuses/1"),
+    ("DELETE", "/api/v1/alice/app/builds/1/logs"),
+    ("DELETE", "/api/v1/health"),
+])
+def test_wrong_method_is_405_json_and_changes_nothing(web, alice, populated, method, path):
+    before = snapshot(web, alice, populated)
+    assert_error(call(web, method, path, alice, {"name": "x"}), 405)
+    assert snapshot(web, alice, populated) == before
+
+
+JSON_TARGETS = [
+    ("POST", "/api/v1/alice"),
+    ("PATCH", "/api/v1/alice/app"),
+    ("POST", "/api/v1/alice/app/builds"),
+    ("PATCH", "/api/v1/alice/app/builds/1"),
+    ("POST", "/api/v1/alice/app/builds/1/statuses"),
+]
+
+
+@pytest.mark.parametrize("method, path", JSON_TARGETS, ids=[f"{m} {p}" for m, p in JSON_TARGETS])
+@pytest.mark.parametrize("body", [
+    b"{", b"{'name': 'x'}", b'{"name": "x"} trailing', b'[{"name": "x"}]', b'"text"', b"null",
+    b"\xff\xfe{}", b"[" * 100000,
+], ids=["unclosed", "single-quotes", "trailing", "array", "string", "null", "not-utf8", "deep"])
+def test_bad_json_body_is_400_and_changes_nothing(web, alice, populated, method, path, body):
+    before = snapshot(web, alice, populated)
+    assert_error(call(web, method, path, alice, body=body, content_type="application/json"), 400)
+    assert snapshot(web, alice, populated) == before
+
+
+LONG_ENV = {f"K{i}": "v" for i in range(101)}
+BAD_VALUES = {
+    "timeout": ["600", True, False, 1.5, 600.0, 0, -1, 604801, [], {}],
+    "env": [{"A": 1}, {"A": None}, {"A": True}, {"1BAD": "x"}, {"": "x"}, {"A-B": "x"},
+            {"A B": "x"}, LONG_ENV, ["A=1"], "A=1", {"A": {"B": "c"}}],
+    "command": ["", "make\u0000all", "x" * (64 * 1024 + 1), 5, ["make"], True],
+    "description": ["d" * 4097, 5, ["d"], {"d": "d"}],
+    "name": ["a.b", "a b", "n" * 129, "", 5, "é", "a/b", ["n"]],
+    "tags": ["tag", ["t"] * 21, [""], [5], ["t" * 65], [None], {"a": "b"}, [["t"]]],
+    "is_managed": ["yes", 1, 0, None],
+}
+PROJECT_NAMES_BAD = ["a.b", "a b", "-a", "_a", "p" * 65, "", 5, None, "é", "a/b", ["a"]]
+
+
+def _field_cases(target, fields, extra):
+    cases = [(target, field, value) for field in fields for value in BAD_VALUES[field]]
+    return cases + [(target, field, value) for field, value in extra]
+
+
+FIELD_CASES = (
+    [("create project", "name", v) for v in PROJECT_NAMES_BAD]
+    + _field_cases("create project", ("description", "command", "env", "timeout"),
+                   [("color", "red"), ("owner", "bob"), ("builds_count", 3), ("tags", ["t"])])
+    + _field_cases("patch project", ("description", "command", "env", "timeout"),
+                   [("name", "renamed"), ("owner", "bob"), ("builds_count", 3),
+                    ("created_at", "2020-01-01T00:00:00.000000Z"), ("last_build", None),
+                    ("color", "red")])
+    + _field_cases("create build", ("command", "env", "timeout", "name", "description", "tags",
+                                    "is_managed"),
+                   [("color", "red"), ("last_status", "succeeded"), ("uuid", "0" * 32),
+                    ("exit_code", 0), ("restarted_from", 1), ("log_size", 5)])
+    + _field_cases("patch build", ("name", "description", "tags"),
+                   [("command", "make"), ("env", {"A": "1"}), ("timeout", 5),
+                    ("is_managed", False), ("last_status", "succeeded"), ("id", 7),
+                    ("uuid", "0" * 32), ("user", "bob"), ("exit_code", 0), ("log_size", 0),
+                    ("restarted_from", 1), ("color", "red")])
+)
+FIELD_TARGETS = {
+    "create project": ("POST", "/api/v1/alice", {"name": "new"}),
+    "patch project": ("PATCH", "/api/v1/alice/app", {}),
+    "create build": ("POST", "/api/v1/alice/app/builds", {"is_managed": False}),
+    "patch build": ("PATCH", "/api/v1/alice/app/builds/1", {}),
+}
+
+
+def _case_id(target, field, value):
+    text = json.dumps(value, ensure_ascii=True)
+    return f"{target}-{field}-{text[:24]}{'...' if len(text) > 24 else ''}"
+
+
+@pytest.mark.parametrize("target, field, value", FIELD_CASES,
+                         ids=[_case_id(*case) for case in FIELD_CASES])
+def test_invalid_field_is_400_naming_it_and_changes_nothing(web, alice, populated, target,
+                                                           field, value):
+    method, path, base = FIELD_TARGETS[target]
+    before = snapshot(web, alice, populated)
+    res = call(web, method, path, alice, {**base, field: value})
+    assert_error(res, 400, field)
+    assert snapshot(web, alice, populated) == before
+    assert ok(call(web, "GET", "/api/v1/alice", alice))["count"] == 1
+
+
+FULL_ENV = {f"K{i}": "v" for i in range(100)}
+GOOD_CASES = [
+    ("create project", "name", "p" * 64), ("create project", "name", "A-_9"),
+    ("create project", "name", "9lives"),
+    ("create project", "timeout", 1), ("create project", "timeout", 604800),
+    ("create project", "timeout", None), ("create project", "env", FULL_ENV),
+    ("create project", "env", {"_X": "", "lower_9": "ünïcode"}),
+    ("create project", "description", "d" * 4096), ("create project", "description", ""),
+    ("create project", "command", "c" * (64 * 1024)),
+    ("create project", "command", "printf 'é\\n' && exit 3"),
+    ("patch project", "env", None), ("patch project", "command", None),
+    ("create build", "name", "n" * 128), ("create build", "name", "-_"),
+    ("create build", "tags", ["t" * 64] * 20), ("create build", "tags", []),
+    ("create build", "timeout", 604800), ("create build", "env", FULL_ENV),
+    ("patch build", "name", "N" * 128), ("patch build", "description", None),
+    ("patch build", "tags", ["é", "with space", "a.b"]),
+]
+
+
+@pytest.mark.parametrize("target, field, value", GOOD_CASES,
+                         ids=[_case_id(*case) for case in GOOD_CASES])
+def test_values_at_the_limits_are_accepted_and_stored(web, alice, populated, target, field,
+                                                     value):
+    method, path, base = FIELD_TARGETS[target]
+    res = call(web, method, path, alice, {**base, field: value})
+    body = ok(res, 201 if method == "POST" else 200)
+    if target == "create project":
+        path = "/api/v1/alice/" + body["name"]
+    elif target == "create build":
+        path = f"{populated}/builds/{body['id']}"
+    stored = ok(call(web, "GET", path, alice))
+    assert stored == body
+    expected = {} if field == "env" and value is None else value
+    assert stored[field] == (None if value == "" else expected)  # unset is null, never ""
+
+
+BAD_QUERIES = [
+    ("", "limit=abc", "limit"), ("", "limit=0", "limit"), ("", "limit=1001", "limit"),
+    ("", "limit=-5", "limit"), ("", "limit=1.5", "limit"), ("", "offset=-1", "offset"),
+    ("", "offset=x", "offset"),
+    ("/app/builds", "limit=abc", "limit"), ("/app/builds", "offset=-1", "offset"),
+    ("/app/builds", "status=bogus", "status"), ("/app/builds", "status=created,bogus", "status"),
+    ("/app/builds", "status=CREATED", "status"),
+    ("/app/builds/1/statuses", "limit=0", "limit"), ("/app/builds/1/statuses", "offset=-1", "offset"),
+    ("/app/builds/1/logs", "tail=x", "tail"), ("/app/builds/1/logs", "tail=-1", "tail"),
+    ("/app/builds/1/logs", "follow=maybe", "follow"), ("/app/builds/1/logs", "format=xml", "format"),
+    ("/app/builds/1/logs", "offset=-1", "offset"), ("/app/builds/1/logs", "offset=x", "offset"),
+    ("/app/builds/1/logs", "limit=abc", "limit"), ("/app/builds/1/logs", "limit=-1", "limit"),
+    ("/app/builds/1/logs", "format=json&limit=x", "limit"),
+    ("/app/builds/1/logs", "follow=1&format=json", "follow"),
+]
+
+
+@pytest.mark.parametrize("suffix, query, param", BAD_QUERIES,
+                         ids=[f"{s or '/'}?{q}" for s, q, _ in BAD_QUERIES])
+def test_invalid_query_parameter_is_400_naming_it(web, alice, populated, suffix, query, param):
+    body = assert_error(call(web, "GET", f"/api/v1/alice{suffix}?{query}", alice), 400)
+    assert param in body.get("errors", {}) or param in body["detail"], body
+
+
+@pytest.mark.parametrize("suffix", ["", "/app/builds", "/app/builds/1/statuses"])
+def test_limit_from_1_to_1000_is_accepted_and_empty_means_default(web, alice, populated, suffix):
+    for query in ("limit=1", "limit=1000", "limit=", "offset=", "offset=0"):
+        assert ok(call(web, "GET", f"/api/v1/alice{suffix}?{query}", alice))["count"] >= 1
+
+
+BUILD_SUBROUTES = [("GET", "", None), ("PATCH", "", {"name": "n"}), ("DELETE", "", None),
+                   ("POST", "", None), ("POST", "/stop", None), ("POST", "/restart", None),
+                   ("GET", "/statuses", None), ("POST", "/statuses", {"status": "running"}),
+                   ("GET", "/statuses/1", None), ("GET", "/logs", None),
+                   ("POST", "/logs", b"x\n")]
+
+
+@pytest.mark.parametrize("build_id", ["abc", "1.5", "-1", "0", "3", "99",
+                                      "99999999999999999999999", "9223372036854775808",
+                                      "1e3", "0x1", "%201", "first",
+                                      "%C2%B2", "%EF%BC%91", "%D9%A1"])  # ², fullwidth and Arabic 1
+def test_missing_or_non_numeric_build_id_is_404_on_every_build_route(web, alice, populated,
+                                                                    build_id):
+    before = snapshot(web, alice, populated)
+    for method, suffix, body in BUILD_SUBROUTES:
+        res = send(web, method, f"{populated}/builds/{build_id}{suffix}", alice, body)
+        assert_error(res, 404)
+    assert snapshot(web, alice, populated) == before
+
+
+# A lone surrogate is valid JSON ("\ud800") but cannot be encoded as UTF-8.
+SURROGATE_CASES = [
+    ("POST", "/api/v1/alice", '{"name": "new", "description": "\\ud800"}'),
+    ("PATCH", "/api/v1/alice/app", '{"env": {"A": "\\ud800"}}'),
+    ("POST", "/api/v1/alice/app/builds", '{"is_managed": false, "tags": ["\\ud800"]}'),
+    ("POST", "/api/v1/alice/app/builds", '{"is_managed": false, "env": {"A": "\\udfff"}}'),
+    ("PATCH", "/api/v1/alice/app/builds/1", '{"description": "\\ud800"}'),
+    ("POST", "/api/v1/alice/app/builds/1/statuses", '{"status": "running", "message": "\\ud800"}'),
+]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a JSON string holding a lone surrogate (\\ud800) is accepted by validation, then "
+    "answers 500; in tags/env it is stored first, and every later read of that build, its "
+    "list, or (for a project env) the project, the project list and new builds answer 500"))
+@pytest.mark.parametrize("method, path, body", SURROGATE_CASES,
+                         ids=[f"{m} {b[:40]}" for m, _, b in SURROGATE_CASES])
+def test_lone_surrogate_in_a_field_is_400_and_changes_nothing(web, alice, populated, method,
+                                                             path, body):
+    before = snapshot(web, alice, populated)
+    res = call(web, method, path, alice, body=body.encode(), content_type="application/json")
+    assert_error(res, 400)
+    assert snapshot(web, alice, populated) == before
+
+
+class _Input(io.RawIOBase):
+    """A request body that counts reads (the server should not read it)."""
+
+    def __init__(self, data=b""):
+        self.data, self.reads = io.BytesIO(data), 0
+
+    def read(self, size=-1):
+        self.reads += 1
+        return self.data.read(size)
+
+    def readline(self, size=-1):
+        self.reads += 1
+        return self.data.readline(size)
+
+
+def wsgi_call(application, method, path, token, content_length, data=b""):
+    """Call the WSGI app directly with a chosen Content-Length (or none) and body.
+
+    :returns: (status code, headers, JSON body, the body's _Input)."""
+    environ = webtest.TestRequest.blank(path, method=method, headers=auth(token)).environ
+    environ["CONTENT_TYPE"] = "application/json"
+    environ.pop("CONTENT_LENGTH", None)
+    if content_length is not None:
+        environ["CONTENT_LENGTH"] = str(content_length)
+    body = environ["wsgi.input"] = _Input(data)
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"], answer["headers"] = int(status[:3]), dict(headers)
+        return lambda chunk: None
+
+    chunks = application(environ, start_response)
+    try:
+        data = b"".join(chunks)
+    finally:
+        getattr(chunks, "close", lambda: None)()
+    return answer["status"], answer["headers"], json.loads(data), body
+
+
+WRITE_TARGETS = JSON_TARGETS + [("POST", "/api/v1/alice/app/builds/1/logs")]
+
+
+@pytest.mark.parametrize("method, path", WRITE_TARGETS,
+                         ids=[f"{m} {p}" for m, p in WRITE_TARGETS])
+def test_body_over_the_limit_is_413_from_content_length_without_reading_it(
+        app, web, alice, populated, method, path):
+    limit = 8 * MiB if path.endswith("/logs") else MiB
+    before = snapshot(web, alice, populated)
+    for length in (limit + 1, 2 ** 40):
+        status, _, body, stream = wsgi_call(app, method, path, alice, length)
+        assert status == 413 and isinstance(body["detail"], str)
+        assert stream.reads == 0
+    assert snapshot(web, alice, populated) == before
+
+
+@pytest.mark.parametrize("method, path", JSON_TARGETS, ids=[f"{m} {p}" for m, p in JSON_TARGETS])
+def test_json_body_over_1_mib_without_content_length_is_413(app, web, alice, populated, method,
+                                                            path):
+    before = snapshot(web, alice, populated)
+    data = b'{"description": "' + b"x" * MiB + b'"}'
+    status, _, body, _ = wsgi_call(app, method, path, alice, None, data)
+    assert status == 413 and isinstance(body["detail"], str)
+    assert snapshot(web, alice, populated) == before
+
+
+def test_json_body_just_over_1_mib_is_413_and_exactly_1_mib_is_read(web, alice, populated):
+    before = snapshot(web, alice, populated)
+    small = b'{"description": "padded"}'
+    res = call(web, "PATCH", populated, alice, body=small + b" " * (MiB + 1 - len(small)),
+               content_type="application/json")
+    assert_error(res, 413)
+    assert snapshot(web, alice, populated) == before
+    res = call(web, "PATCH", populated, alice, body=small + b" " * (MiB - len(small)),
+               content_type="application/json")
+    assert ok(res)["description"] == "padded"
+
+
+def test_log_append_over_8_mib_is_413_and_exactly_8_mib_is_stored(web, alice, populated):
+    url = populated + "/builds/1"
+    before = snapshot(web, alice, populated)
+    assert_error(call(web, "POST", url + "/logs", alice, body=b"x" * (8 * MiB + 1)), 413)
+    assert snapshot(web, alice, populated) == before
+    size = len(before[url][2])
+    assert append_log(web, alice, url, b"y" * (8 * MiB)) == {"size": size + 8 * MiB}
+    assert call(web, "GET", url + f"/logs?offset={size}&limit=3", alice).body == b"yyy"
+
+
+# Authentication and access -----------------------------------------------------
+
+@pytest.mark.parametrize("header", [
+    None, "", "Token", "Token ", "Tokenabc", "Basic dXNlcjpwYXNz", "Token a b",
+    "Token nope", "Bearer nope", 'Token ""', "{alice}", "Basic {alice}", "Token {alice}x",
+    "Token {alice} {alice}", "Token x{alice}", "Digest {alice}",
+])
+def test_missing_malformed_or_unknown_token_is_401(web, alice, populated, header):
+    headers = {} if header is None else {"Authorization": header.format(alice=alice)}
+    before = snapshot(web, alice, populated)
+    for method, path, body in (("GET", populated, None),
+                               ("POST", populated + "/builds", {"is_managed": False}),
+                               ("DELETE", populated, None)):
+        res = send(web, method, path, None, body, headers=headers)
+        assert_error(res, 401)
+        assert res.headers["WWW-Authenticate"] == "Token"
+        assert alice not in res.text
+    assert snapshot(web, alice, populated) == before
+
+
+@pytest.mark.parametrize("template", ["Token {}", "token {}", "TOKEN {}", 'Token "{}"',
+                                      'TOKEN "{}"', 'token "{}"', "Bearer {}", "bearer {}",
+                                      "BEARER {}"])
+def test_accepted_authorization_forms(web, alice, populated, template):
+    res = web.request(populated, method="GET", expect_errors=True,
+                      headers={"Authorization": template.format(alice)})
+    assert res.status_int == 200 and res.json["name"] == "app"
+
+
+def _route(method, path, body, user="alice", project="app", build=1):
+    return method, path.format(user=user, project=project, build=build), body
+
+
+@pytest.mark.parametrize("method, path, body", ROUTES, ids=ROUTE_IDS)
+def test_every_route_without_a_token_is_401(web, alice, populated, method, path, body):
+    before = snapshot(web, alice, populated)
+    method, url, body = _route(method, path, body)
+    res = send(web, method, url, None, body)
+    assert_error(res, 401)
+    assert res.headers["WWW-Authenticate"] == "Token"
+    assert snapshot(web, alice, populated) == before
+
+
+@pytest.mark.parametrize("target", ["existing", "missing build", "missing project",
+                                    "missing user"])
+@pytest.mark.parametrize("method, path, body", ROUTES, ids=ROUTE_IDS)
+def test_every_route_in_a_foreign_namespace_is_403_before_404(web, alice, bob, populated,
+                                                              method, path, body, target):
+    where = {"existing": {}, "missing build": {"build": 99},
+             "missing project": {"project": "ghost", "build": 99},
+             "missing user": {"user": "nobody", "project": "ghost", "build": 99}}[target]
+    before = snapshot(web, alice, populated)
+    method, url, body = _route(method, path, body, **where)
+    res = send(web, method, url, bob, body)
+    detail = assert_error(res, 403)["detail"]
+    assert "ghost" not in detail and "99" not in detail
+    assert snapshot(web, alice, populated) == before
+    assert ok(call(web, "GET", "/api/v1/bob", bob))["count"] == 0
+
+
+@pytest.mark.parametrize("method, path, body", ROUTES, ids=ROUTE_IDS)
+def test_admin_acts_in_every_namespace(web, admin, alice, populated, method, path, body):
+    method, url, body = _route(method, path, body)
+    res = send(web, method, url, admin, body)
+    assert 200 <= res.status_int < 300, res.body
+
+
+@pytest.mark.parametrize("method, path, body", ROUTES, ids=ROUTE_IDS)
+def test_admin_gets_404_for_a_missing_user_project_or_build(web, admin, alice, populated,
+                                                            method, path, body):
+    before = snapshot(web, alice, populated)
+    targets = [{"user": "nobody"}, {"user": "not.valid"}]
+    if "{project}" in path:
+        targets.append({"project": "ghost"})
+    if "{build}" in path:
+        targets.append({"build": 99})
+    for where in targets:
+        method_, url, body_ = _route(method, path, body, **where)
+        assert_error(send(web, method_, url, admin, body_), 404)
+    assert snapshot(web, alice, populated) == before
+    assert_error(call(web, "GET", "/api/v1/nobody", admin), 404)  # POST made no user
+
+
+def test_admin_actions_are_recorded_under_the_admins_name(web, admin, alice, populated):
+    created = ok(call(web, "POST", "/api/v1/alice", admin, {"name": "by-root"}), 201)
+    assert created["owner"] == "alice"
+    assert ok(call(web, "GET", "/api/v1/alice/by-root", alice)) == created
+    build = unmanaged(web, admin, populated)
+    assert build["user"] == "root"
+    ok(call(web, "POST", f"{populated}/builds/{build['id']}/stop", admin))
+    statuses = ok(call(web, "GET", f"{populated}/builds/{build['id']}/statuses", alice))
+    assert statuses["results"][-1]["message"] == "stopped by root"
+
+
+def test_tokens_never_appear_in_responses_or_the_request_log(web, alice, bob, admin, populated,
+                                                             caplog):
+    caplog.set_level(logging.DEBUG)
+    secrets_ = [alice, bob, admin]
+    answers = []
+    for token in secrets_:
+        for method, path, body in ROUTES:
+            method, url, body = _route(method, path, body, build=2)
+            if method != "DELETE":
+                answers.append(send(web, method, url, token, body))
+    for header in (f"Token {alice}x", f"Basic {bob}", f"Token {admin} extra", f"{alice}"):
+        answers.append(web.request(populated, headers={"Authorization": header},
+                                   expect_errors=True))
+    answers.append(call(web, "POST", "/api/v1/alice", alice, body=b"{" + alice.encode(),
+                        content_type="application/json"))
+    assert caplog.records, "the request log was not captured"
+    for res in answers:
+        seen = res.body + str(sorted(res.headers.items())).encode()
+        for token in secrets_:
+            assert token.encode() not in seen, (res.request.path, res.status)
+    for token in secrets_:
+        assert token not in caplog.text
+
+
+# Command line --------------------------------------------------------------------
+
+def cli(*args, env=None):
+    """`python buildserver.py ARGS` with no BUILDSERVER_* variables but `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BUILDSERVER_")}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          env={**clean, **(env or {})}, timeout=60)
+
+
+@pytest.fixture
+def open_api():
+    """open_api(data_dir) -> a webtest client of make_app on that folder."""
+    opened = []
+
+    def open_(data_dir):
+        application = buildserver.make_app(buildserver.Config(data_dir=str(data_dir), workers=0))
+        opened.append(application)
+        return webtest.TestApp(application)
+    yield open_
+    for application in opened:
+        application.close()
+
+
+def test_cli_adduser_creates_the_data_dir_and_prints_a_working_token(tmp_path, open_api):
+    data = tmp_path / "not" / "yet"
+    made = cli("adduser", "carol", "--data-dir", str(data))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    assert len(token) >= 43 and " " not in token  # 32 random bytes, base64
+    root = cli("adduser", "root", "--admin", "--data-dir", str(data))
+    assert root.returncode == 0, root.stderr
+    root_token = root.stdout.strip().splitlines()[-1]
+    assert root_token != token
+    # Only hashes are stored.
+    stored = b"".join(p.read_bytes() for p in data.iterdir() if p.is_file())
+    assert token.encode() not in stored and root_token.encode() not in stored
+
+    client = open_api(data)
+    assert ok(call(client, "POST", "/api/v1/carol", token, {"name": "mine"}), 201)
+    assert ok(call(client, "GET", "/api/v1/carol", token))["count"] == 1
+    assert_error(call(client, "GET", "/api/v1/root", token), 403)  # carol is no admin
+    assert ok(call(client, "GET", "/api/v1/carol/mine", root_token))["owner"] == "carol"
+
+
+def test_cli_adduser_of_an_existing_name_exits_2_with_one_line(tmp_path, open_api):
+    data = tmp_path / "d"
+    first = cli("adduser", "carol", "--data-dir", str(data))
+    token = first.stdout.strip().splitlines()[-1]
+    again = cli("adduser", "carol", "--admin", "--data-dir", str(data))
+    assert again.returncode == 2
+    assert again.stdout == "" and len(again.stderr.strip().splitlines()) == 1
+    assert "carol" in again.stderr
+    client = open_api(data)  # the first token still works, and carol is no admin
+    assert ok(call(client, "GET", "/api/v1/carol", token))["count"] == 0
+    assert_error(call(client, "GET", "/api/v1/root", token), 403)
+
+
+def test_cli_token_gives_a_new_token_and_the_old_one_stops_working(tmp_path, open_api):
+    data = tmp_path / "d"
+    old = cli("adduser", "carol", "--data-dir", str(data)).stdout.strip().splitlines()[-1]
+    renewed = cli("token", "carol", "--data-dir", str(data))
+    assert renewed.returncode == 0, renewed.stderr
+    new = renewed.stdout.strip().splitlines()[-1]
+    assert new != old and len(new) >= 43
+    client = open_api(data)
+    assert_error(call(client, "GET", "/api/v1/carol", old), 401)
+    assert ok(call(client, "GET", "/api/v1/carol", new))["count"] == 0
+
+
+def test_cli_token_for_an_unknown_user_fails_with_one_line(tmp_path):
+    data = tmp_path / "d"
+    cli("adduser", "carol", "--data-dir", str(data))
+    res = cli("token", "dave", "--data-dir", str(data))
+    assert res.returncode != 0 and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["a.b", "health", "a b", "x" * 65, "é"])
+def test_cli_rejects_invalid_user_names(tmp_path, open_api, name):
+    data = tmp_path / "d"
+    res = cli("adduser", f"--data-dir={data}", "--", name)
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.strip()
+    if data.exists():  # nothing was created under the bad name
+        assert open_api(data).app.store.user_by_name(name) is None
+
+
+def test_cli_help_shows_every_serve_default():
+    res = cli("serve", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for flag, default in (("--host", "127.0.0.1"), ("--port", "8000"),
+                          ("--data-dir", "./buildserver-data"), ("--workers", "2"),
+                          ("--threads", "32"), ("--stop-grace", "10"),
+                          ("--max-log-bytes", str(100 * MiB))):
+        assert flag in text
+        assert f"(default: {default})" in text, (flag, default)
+    top = cli("--help")
+    assert top.returncode == 0
+    assert all(command in top.stdout for command in ("serve", "adduser", "token"))
+
+
+def test_cli_reads_the_data_dir_from_the_environment(tmp_path, open_api):
+    data = tmp_path / "from-env"
+    res = cli("adduser", "erin", env={"BUILDSERVER_DATA_DIR": str(data)})
+    assert res.returncode == 0, res.stderr
+    client = open_api(data)
+    assert ok(call(client, "GET", "/api/v1/erin", res.stdout.strip().splitlines()[-1]))
+
+
+# A real server -------------------------------------------------------------------
+
+def test_real_server_creates_a_project_runs_a_build_and_serves_its_log(server_factory):
+    server = server_factory("--workers", "1")
+    status, project = server.json("POST", "/api/v1/admin",
+                                  {"name": "site", "command": "printf 'one\\ntwo\\n'"})
+    assert status == 201 and project["owner"] == "admin"
+    # A POST with a trailing slash over real HTTP: answered, not redirected.
+    status, build = server.json("POST", "/api/v1/admin/site/builds/", {"name": "first"})
+    assert status == 201 and build["name"] == "first"
+    url = f"/api/v1/admin/site/builds/{build['id']}"
+    assert server_final_build(server, url)["last_status"] == "succeeded"
+
+    status, headers, body = server.request("GET", url + "/logs")
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert status == 200 and body == b"one\ntwo\n"
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    assert (headers["x-log-size"], headers["x-more-data"]) == ("8", "false")
+    assert server.request("GET", url + "/logs/?tail=1")[2] == b"two\n"
+    status, page = server.json("GET", url + "/logs?format=json")
+    assert status == 200 and page["text"] == "one\ntwo\n" and page["complete"] is True
+
+    status, _, body = server.request("POST", "/api/v1/admin", body=b"{" + b" " * MiB + b"}",
+                                     headers={"Content-Type": "application/json"})
+    assert status == 413 and isinstance(json.loads(body)["detail"], str)
+    status, _, body = server.request("GET", url + "/logs", token="wrong")
+    assert status == 401 and server.token.encode() not in body
+
+    wait_until(lambda: any("/logs" in line for line in list(server.stderr_lines)),
+               message="the request log")
+    assert not any(server.token in line for line in list(server.stderr_lines))
+
+
+def test_real_server_log_follower_gets_reported_output_until_the_build_ends(server_factory):
+    server = server_factory("--workers", "0")
+    assert server.json("POST", "/api/v1/admin", {"name": "ext"})[0] == 201
+    status, build = server.json("POST", "/api/v1/admin/ext/builds", {"is_managed": False,
+                                                                     "command": "external"})
+    assert status == 201
+    url = f"/api/v1/admin/ext/builds/{build['id']}"
+    result = {}
+    follower = threading.Thread(
+        target=lambda: result.setdefault("answer", server.request("GET", url + "/logs?follow=1")),
+        daemon=True)
+    follower.start()
+    assert server.request("POST", url + "/logs", body=b"first\n")[0] == 200
+    assert server.json("POST", url + "/statuses", {"status": "running"})[0] == 201
+    assert server.request("POST", url + "/logs", body=b"second\n")[0] == 200
+    assert server.json("POST", url + "/statuses", {"status": "succeeded"})[0] == 201
+    wait_until(lambda: "answer" in result, timeout=20, message="the follower to end")
+    status, headers, body = result["answer"]
+    assert status == 200 and body == b"first\nsecond\n"

@@ -510,9 +510,6 @@ def test_follow_streams_new_output_and_closes_when_the_build_ends(server_factory
     assert server_final_build(server, path)["last_status"] == "succeeded"
 
 
-@pytest.mark.xfail(reason="BUG: LogStream gets write=None (start_response not yet called in "
-                          "the handler), so follow headers wait for the first output",
-                   strict=True)
 def test_follow_sends_headers_before_the_first_output(server_factory, gate):
     server = server_factory("--stop-grace", "1")
     project_path = admin_project(server)
