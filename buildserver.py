@@ -185,8 +185,19 @@ POLYAXON_NULLABLE = frozenset({
     "created_at", "updated_at", "started_at", "finished_at", "pod_id", "total_run",
     "content", "definition", "resources", "ttl", "is_clone", "dockerfile", "backend"})
 
+def _is_text(value):
+    """A str that is valid Unicode: JSON's "\ud800" (a lone surrogate) is not."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _TYPES = {
-    "string": lambda v: isinstance(v, str),
+    "string": _is_text,
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
@@ -1742,8 +1753,10 @@ def make_routes(app):
                          on_close=app.followers.release)
 
     def log_page(build, offset, limit, size, final):
-        data = store.log_bytes(build["id"], offset, min(size, offset + limit))
-        data = data[:_utf8_boundary(data)]
+        end = min(size, offset + limit)
+        data = store.log_bytes(build["id"], offset, end)
+        if not (final and end == size):  # the rest of a character may still come
+            data = data[:_utf8_boundary(data)]
         if not final and b"\n" in data:
             data = data[:data.rfind(b"\n") + 1]  # whole lines while more may come
         next_offset = offset + len(data)
