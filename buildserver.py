@@ -26,6 +26,7 @@ The server needs bottle and waitress; everything else is the standard library.
 """
 
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -87,7 +88,7 @@ LOG_JSON_DEFAULT = 1 * MiB   # bytes per JSON log page unless ?limit= says other
 LOG_JSON_MAX = 16 * MiB
 LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses at most this
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
-FOLLOW_WAIT_SECONDS = 5.0    # a follower re-checks its build at least this often
+FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client this often
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -839,6 +840,9 @@ class LogStream:
                 return piece
             if not self.follow or state["last_status"] in FINAL or self.bus.closed:
                 return b""
+            gone = (self._environ or {}).get("waitress.client_disconnected")
+            if gone is not None and gone():  # free the thread and the follower slot
+                return b""
             if not self._headers_sent:  # before waiting, send the headers
                 self._headers_sent = True
                 write = (self._environ or {}).get("buildserver.write")
@@ -1446,7 +1450,7 @@ def openapi_document(routes):
                               "schema": {"$ref": "#/components/schemas/Error"}}}}
                              for c, d in ERROR_ANSWERS.items()}},
         }
-        if route.path != "/api/v1/health":
+        if route.handler.__name__ not in ("health", "openapi", "dashboard"):
             operation["security"] = [{"token": []}]
         if route.body == "log":
             operation["requestBody"] = {"content": {
@@ -1475,6 +1479,8 @@ def _answer_content(schema):
     if schema == "LogText":
         return {"text/plain": {"schema": {"type": "string"}},
                 "application/json": {"schema": {"$ref": "#/components/schemas/LogPage"}}}
+    if schema == "HTML":
+        return {"text/html": {"schema": {"type": "string"}}}
     if schema == "OpenAPI":
         return {"application/json": {"schema": {"type": "object"}}}
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
@@ -1656,6 +1662,14 @@ def make_routes(app):
     """Bottle routes for `app`: handlers, then the routing table."""
     store, runner, config = app.store, app.runner, app.config
     authorized = token_required(app)
+
+    page_html, page_headers = DASHBOARD_HTML.encode(), dashboard_headers(DASHBOARD_HTML)
+
+    def dashboard():
+        """The web dashboard (an HTML page; it asks for a token)."""
+        for name, value in page_headers.items():
+            bottle.response.set_header(name, value)
+        return page_html
 
     def health():
         """Whether the server answers (no token needed)."""
@@ -1900,6 +1914,7 @@ def make_routes(app):
 
     B = "/api/v1/<username>/<project_name>/builds/<build_id>"
     routes = [
+        Route("GET", "/", dashboard, answer=(200, "HTML")),
         Route("GET", "/api/v1/health", health, answer=(200, "Health")),
         Route("GET", "/api/v1/openapi.json", openapi, answer=(200, "OpenAPI")),
         Route("GET", "/api/v1/users", whoami, answer=(200, "User")),
@@ -2029,7 +2044,8 @@ def serve(config):
         server = waitress.create_server(
             app, host=config.host, port=config.port, threads=config.threads,
             ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
-            outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4))
+            outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4),
+            channel_request_lookahead=1)  # lets a follower see that its client left
     except OSError as e:
         app.close()
         return _fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
@@ -2562,6 +2578,1171 @@ def manage_users(args):
 def _fail(message, code):
     print(f"buildserver: {message}", file=sys.stderr)
     return code
+
+
+###############################################################################
+# The dashboard page ##########################################################
+###############################################################################
+# Served at GET / : plain HTML, CSS and JavaScript, no external assets (the
+# server may have no internet). It keeps the token in the browser's local
+# storage and talks to the REST API above with the Authorization header.
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>buildserver</title>
+<link rel="icon" href="data:,">
+<style>
+:root {
+  color-scheme: light dark;
+  --bg: #f4f5f7; --fg: #1b212c; --muted: #586273; --card: #fff; --border: #d7dbe2;
+  --accent: #1f56d1; --accent-fg: #fff; --focus: #1f56d1; --code-bg: #eceff3;
+  --log-bg: #10151c; --log-fg: #d7dee8;
+  --ok: #12652b; --ok-bg: #dff3e5; --bad: #b0241a; --bad-bg: #fde3e0;
+  --run: #1c48c4; --run-bg: #e0e9ff; --wait: #744b00; --wait-bg: #fbefcf;
+  --halt: #8f3a00; --halt-bg: #ffe5cf; --off: #474f5c; --off-bg: #e8ebef;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0e1217; --fg: #e2e6ed; --muted: #9aa4b3; --card: #161b22; --border: #2c333d;
+    --accent: #6f9fff; --accent-fg: #0a1020; --focus: #8db4ff; --code-bg: #1f252e;
+    --ok: #7fe0a0; --ok-bg: #133220; --bad: #ff9a90; --bad-bg: #3d1714;
+    --run: #9dbbff; --run-bg: #172a52; --wait: #f3cf72; --wait-bg: #3a2d0c;
+    --halt: #ffb27a; --halt-bg: #40230d; --off: #b8c0cc; --off-bg: #262c35;
+  }
+}
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+a { color: var(--accent); }
+:focus-visible { outline: 3px solid var(--focus); outline-offset: 2px; }
+h1:focus, h2:focus { outline: none; }
+h1 { font-size: 1.45rem; margin: 0 0 .75rem; overflow-wrap: anywhere; }
+h1 + p.muted { margin-top: -.5rem; }
+h2 { font-size: 1.1rem; margin: 1.5rem 0 .6rem; }
+code, pre, textarea, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+code { white-space: nowrap; background: var(--code-bg); padding: .05rem .3rem; border-radius: 4px; font-size: .9em; }
+.muted { color: var(--muted); }
+.vh { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; }
+[hidden] { display: none !important; }
+
+.top { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem 1rem; padding: .6rem 1rem;
+  background: var(--card); border-bottom: 1px solid var(--border); }
+.brand { font-weight: 700; color: var(--fg); text-decoration: none; }
+.crumbs ol { display: flex; flex-wrap: wrap; list-style: none; margin: 0; padding: 0; }
+.crumbs li { overflow-wrap: anywhere; }
+.crumbs li + li::before { content: "/"; color: var(--muted); padding: 0 .4rem; }
+.who { margin-left: auto; display: flex; align-items: center; gap: .6rem; flex-wrap: wrap; }
+main { max-width: 72rem; margin: 0 auto; padding: 1.25rem 1rem 3rem; }
+main:focus { outline: none; }
+#notice { max-width: 72rem; margin: .75rem auto 0; padding: 0 1rem; }
+
+button { font: inherit; min-height: 2.25rem; padding: .35rem .9rem; border-radius: 6px;
+  border: 1px solid var(--border); background: var(--card); color: var(--fg); cursor: pointer; }
+button:hover:not(:disabled) { border-color: var(--muted); }
+button.primary { background: var(--accent); border-color: var(--accent); color: var(--accent-fg); font-weight: 600; }
+button.danger { color: var(--bad); border-color: currentColor; font-weight: 600; }
+button:disabled { opacity: .45; cursor: not-allowed; }
+button.small { min-height: 1.9rem; padding: .15rem .6rem; font-size: .9em; }
+.actions { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; margin: .75rem 0; }
+
+.card > h2:first-child { margin-top: 0; }
+.card > .fields + form { margin-top: 1rem; padding-top: .25rem; border-top: 1px solid var(--border); }
+.card { background: var(--card); border: 1px solid var(--border); border-radius: 10px; padding: 1rem 1.25rem; }
+.login { max-width: 32rem; margin: 2rem auto; }
+details.card { margin-bottom: 1.25rem; }
+label { font-weight: 600; }
+.field { display: block; margin: .7rem 0 .25rem; }
+input[type=text], input[type=password], textarea { width: 100%; font: inherit; padding: .45rem .6rem;
+  border: 1px solid var(--border); border-radius: 6px; background: var(--bg); color: var(--fg); }
+textarea { font-size: .9em; resize: vertical; }
+.hint { font-size: .88em; color: var(--muted); margin: .25rem 0; }
+.error { color: var(--bad); background: var(--bad-bg); padding: .5rem .75rem; border-radius: 6px; margin: .6rem 0; }
+.info { background: var(--code-bg); padding: .5rem .75rem; border-radius: 6px; margin: .6rem 0; }
+.error:empty, .info:empty { display: none; }
+details.more { margin-top: .75rem; }
+details.more > summary { cursor: pointer; color: var(--accent); width: fit-content; }
+form.inline { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; margin: .5rem 0 1rem; }
+form.inline input { width: 14rem; max-width: 100%; }
+
+.badge { display: inline-flex; align-items: center; gap: .3em; padding: .05rem .6rem; border-radius: 999px;
+  font-size: .85rem; font-weight: 600; white-space: nowrap; color: var(--x); background: var(--x-bg); }
+.st-succeeded { --x: var(--ok); --x-bg: var(--ok-bg); }
+.st-failed { --x: var(--bad); --x-bg: var(--bad-bg); }
+.st-running { --x: var(--run); --x-bg: var(--run-bg); }
+.st-scheduled { --x: var(--wait); --x-bg: var(--wait-bg); }
+.st-stopping { --x: var(--halt); --x-bg: var(--halt-bg); }
+.st-stopped, .st-created { --x: var(--off); --x-bg: var(--off-bg); }
+.st-running .sym { animation: pulse 1.4s ease-in-out infinite; }
+@keyframes pulse { 50% { opacity: .35; } }
+@media (prefers-reduced-motion: reduce) { .st-running .sym, .live::before { animation: none; } }
+.tag { display: inline-block; background: var(--code-bg); border-radius: 4px; padding: 0 .4rem; margin: 0 .25rem .15rem 0; font-size: .85em; }
+
+table.list { width: 100%; border-collapse: collapse; background: var(--card); border: 1px solid var(--border); border-radius: 10px; }
+.list th, .list td { text-align: left; padding: .5rem .75rem; border-bottom: 1px solid var(--border); vertical-align: top; overflow-wrap: anywhere; }
+.list th { font-size: .82rem; color: var(--muted); font-weight: 600; }
+.list tr:last-child td { border-bottom: 0; }
+.list .num { text-align: right; white-space: nowrap; }
+.pager { display: flex; flex-wrap: wrap; gap: 1rem; align-items: center; justify-content: space-between; margin: .75rem 0; }
+.filter { border: 0; padding: 0; margin: 0 0 .75rem; display: flex; flex-wrap: wrap; gap: .4rem; align-items: center; }
+.filter legend { float: left; margin-right: .4rem; font-weight: 600; font-size: .9rem; }
+.chip { display: inline-flex; align-items: center; gap: .3rem; padding: .1rem .6rem .1rem .4rem; border-radius: 999px;
+  border: 1px solid var(--border); background: var(--card); font-weight: 500; font-size: .88rem; cursor: pointer; }
+.chip:has(input:checked) { color: var(--x); background: var(--x-bg); border-color: currentColor; }
+.chip input { margin: 0; }
+
+.head { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: center; }
+.head h1 { margin: 0; }
+.cols { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 1rem; align-items: start; }
+.fields { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .35rem 1rem; margin: 0; }
+.fields dt { color: var(--muted); }
+.fields dd { margin: 0; min-width: 0; overflow-wrap: anywhere; }
+pre.cmd { margin: 0; padding: .4rem .6rem; background: var(--code-bg); border-radius: 6px; white-space: pre-wrap;
+  overflow-wrap: anywhere; font-size: .88em; max-height: 14rem; overflow: auto; }
+ol.timeline { list-style: none; margin: 0 0 0 .75rem; padding: 0; border-left: 2px solid var(--border); }
+.timeline li { position: relative; padding: 0 0 .8rem 1.3rem; }
+.timeline .dot { position: absolute; left: -.8rem; top: .05rem; width: 1.5rem; height: 1.5rem; border-radius: 50%;
+  display: grid; place-items: center; font-size: .75rem; color: var(--x); background: var(--x-bg); border: 2px solid var(--card); }
+.timeline .msg { color: var(--muted); font-size: .9em; overflow-wrap: anywhere; }
+
+.loghead { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: center; margin: 1.5rem 0 .5rem; }
+.loghead h2 { margin: 0; }
+.loghead .opts { margin-left: auto; display: flex; gap: .75rem; align-items: center; flex-wrap: wrap; font-size: .9em; }
+.loghead .opts label { font-weight: 500; }
+.live { color: var(--run); font-size: .9em; font-weight: 600; }
+.live::before { content: "●"; margin-right: .3em; animation: pulse 1.4s ease-in-out infinite; }
+.logwrap { position: relative; }
+.logbox { margin: 0; background: var(--log-bg); color: var(--log-fg); border-radius: 8px; padding: .75rem 1rem;
+  font-size: 13px; line-height: 1.45; min-height: 6rem; max-height: 70vh; overflow: auto;
+  white-space: pre-wrap; overflow-wrap: anywhere; tab-size: 8; }
+.logbox.nowrap { white-space: pre; overflow-wrap: normal; }
+.logbox:focus-visible { outline-offset: 1px; }
+.logbox .note { color: #8b96a5; font-style: italic; }
+.logbox .lines { content-visibility: auto; }
+#latest { position: absolute; right: 1rem; bottom: .75rem; box-shadow: 0 2px 8px rgba(0, 0, 0, .35); }
+#earlier { margin-bottom: .5rem; }
+
+@media (max-width: 48rem) {
+  .cols { grid-template-columns: minmax(0, 1fr); }
+  main { padding: 1rem .75rem 2.5rem; }
+  .card { padding: .9rem; }
+  table.list, .list tbody, .list tr, .list td { display: block; }
+  table.list { border: 0; background: none; }
+  .list thead { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
+  .list tr { background: var(--card); border: 1px solid var(--border); border-radius: 10px; padding: .5rem .75rem; margin-bottom: .5rem; }
+  .list td { display: flex; gap: .75rem; padding: .12rem 0; border: 0; }
+  .list td::before { content: attr(data-label); flex: 0 0 6.5rem; color: var(--muted); font-size: .85rem; }
+  .list .num { text-align: left; }
+  .logbox { font-size: 12px; padding: .6rem; }
+}
+</style>
+</head>
+<body>
+<header class="top">
+  <a class="brand" href="#/">buildserver</a>
+  <nav class="crumbs" aria-label="Breadcrumb"><ol id="crumbs"></ol></nav>
+  <div class="who" id="who" hidden>
+    <span>Signed in as <strong id="who-name"></strong></span>
+    <button type="button" class="small" id="forget">Forget token</button>
+  </div>
+</header>
+<div id="notice" role="alert"></div>
+<main id="main" tabindex="-1"><p class="muted">Loading…</p></main>
+<script>
+'use strict';
+// buildserver's dashboard: one page, hash routes (#/, #/alice, #/alice/app,
+// #/alice/app/builds/3), talking to /api/v1 with the token kept in localStorage.
+// Every piece of API data reaches the page through textContent, never as HTML.
+
+const API = new URL('api/v1', document.baseURI).pathname;   // works behind a path prefix too
+const ME_PATH = '/users';                                       // {"username", "is_admin"}
+const TOKEN_KEY = 'buildserver.token';
+const PAGE = 20;                 // list items per page
+const LOG_PAGE = 256 * 1024;     // bytes of log fetched at once (the tail, or one "load earlier")
+const LOG_KEEP = 2 * 1024 * 1024;  // bytes kept in the page while following; older ones are dropped
+const REFRESH_MS = 5000;         // status refresh while builds are active (the log itself streams)
+const STATUSES = ['created', 'scheduled', 'running', 'stopping', 'succeeded', 'failed', 'stopped'];
+const SYMBOL = {created: '○', scheduled: '…', running: '▶', stopping: '◼', succeeded: '✓', failed: '✗', stopped: '■'};
+const FINAL = new Set(['succeeded', 'failed', 'stopped']);
+const STOPPABLE = new Set(['created', 'scheduled', 'running']);
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+const NAME_PATTERN = '[A-Za-z0-9][A-Za-z0-9_\\-]{0,63}';   // the same, for pattern="" (which uses the v flag)
+const EXPIRED = 'Your saved token is no longer accepted (it may have been replaced). Enter a new one.';
+
+const main = document.getElementById('main');
+const noticeEl = document.getElementById('notice');
+let token = readToken();
+let me = null;     // {username, is_admin} once the token is known good
+let view = null;   // the current page: {path, signal, timers, update}
+
+// Helpers ---------------------------------------------------------------------
+
+function readToken() {
+  try { return localStorage.getItem(TOKEN_KEY); } catch (e) { return null; }
+}
+
+function saveToken(value) {
+  try {
+    if (value) localStorage.setItem(TOKEN_KEY, value); else localStorage.removeItem(TOKEN_KEY);
+  } catch (e) { /* storage disabled: the token lasts as long as the page */ }
+}
+
+/** An element: attributes (functions become listeners), then children (strings become text). */
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value == null || value === false) continue;
+    if (typeof value === 'function') el.addEventListener(key.replace(/^on/, ''), value);
+    else if (key === 'class') el.className = value;
+    else el.setAttribute(key, value === true ? '' : String(value));
+  }
+  for (const kid of kids.flat(Infinity)) {
+    if (kid != null && kid !== false) el.append(kid instanceof Node ? kid : String(kid));
+  }
+  return el;
+}
+
+const sym = s => h('span', {class: 'sym', 'aria-hidden': 'true'}, SYMBOL[s] || '?');
+const badge = s => h('span', {class: `badge st-${s}`}, sym(s), s);
+const tags = list => list && list.length ? list.map(t => h('span', {class: 'tag'}, t)) : h('span', {class: 'muted'}, '—');
+
+function parseTime(iso) {
+  return iso ? new Date(iso.replace(/(\.\d{3})\d+/, '$1')) : null;
+}
+
+function ago(iso) {
+  const s = (Date.now() - parseTime(iso)) / 1000;
+  if (s < 5) return 'just now';
+  if (s < 60) return `${Math.floor(s)} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  if (s < 30 * 86400) return `${Math.floor(s / 86400)} d ago`;
+  return parseTime(iso).toLocaleDateString();
+}
+
+function when(iso, long) {
+  if (!iso) return h('span', {class: 'muted'}, '—');
+  const full = parseTime(iso).toLocaleString();
+  return h('time', {datetime: iso, title: full}, long ? `${full} (${ago(iso)})` : ago(iso));
+}
+
+function duration(s) {
+  if (s == null) return '—';
+  if (s < 60) return `${s.toFixed(1)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min`;
+}
+
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+function sleep(ms, signal) {
+  return new Promise(resolve => {
+    const timer = setTimeout(resolve, ms);
+    if (signal) signal.addEventListener('abort', () => { clearTimeout(timer); resolve(); }, {once: true});
+  });
+}
+
+/** Make `nodes` the page's content (null and false are skipped). */
+function show(...nodes) { main.replaceChildren(...nodes.flat(Infinity).filter(Boolean)); }
+
+function notify(message) { noticeEl.replaceChildren(...(message ? [h('p', {class: 'error'}, message)] : [])); }
+
+// The API ---------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message, errors) { super(message); this.status = status; this.errors = errors; }
+}
+
+/** JSON from /api/v1{path}; throws ApiError with the server's own sentence. */
+async function api(path, {method = 'GET', body, auth = token, signal = view && view.signal} = {}) {
+  const headers = {Authorization: `Token ${auth}`, Accept: 'application/json'};
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  let res;
+  try {
+    res = await fetch(API + path, {method, headers, signal, cache: 'no-store',
+                                   body: body === undefined ? undefined : JSON.stringify(body)});
+  } catch (e) {
+    if (e.name === 'AbortError') throw e;
+    throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
+  }
+  const data = await res.json().catch(e => { if (e.name === 'AbortError') throw e; return null; });
+  if (res.ok) return data;
+  let message = (data && data.detail) || `The server answered ${res.status} ${res.statusText}.`;
+  const errors = Object.entries((data && data.errors) || {}).filter(([, v]) => !message.includes(v));
+  if (errors.length) message += ' ' + errors.map(([k, v]) => `${k} ${v}.`).join(' ');   // e.g. "env must be ..."
+  throw new ApiError(res.status, message, data && data.errors);
+}
+
+/** What a page does when a request fails: sign out on 401, else say what went wrong. */
+function fail(e, v) {
+  if (e.name === 'AbortError' || (v && v.signal.aborted)) return;
+  if (e.status === 401) return signOut(EXPIRED);
+  const title = e.status === 404 ? 'Not found' : e.status === 403 ? 'Not allowed' : 'Something went wrong';
+  show(h('div', {class: 'card'},
+    h('h1', {tabindex: -1}, title), h('p', {class: 'error'}, e.message),
+    h('p', {class: 'actions'}, h('button', {type: 'button', onclick: reload}, 'Try again'),
+      h('a', {href: '#/'}, 'Your projects'))));
+  focusHeading();
+}
+
+// Sign-in, routing, page frame ------------------------------------------------
+
+function newView(path) {
+  if (view) { view.ctl.abort(); view.timers.forEach(clearInterval); }
+  const ctl = new AbortController();
+  view = {path, ctl, signal: ctl.signal, timers: [], update: null};
+  notify('');
+  return view;
+}
+
+/** Build the current page anew (not just its list). */
+function reload() {
+  if (view) view.path = null;
+  route();
+}
+
+function every(v, ms, fn) {
+  v.timers.push(setInterval(() => { if (!document.hidden && !v.signal.aborted) fn(); }, ms));
+}
+
+function setCrumbs(items, title) {
+  document.getElementById('crumbs').replaceChildren(...items.map(([text, href], i) =>
+    h('li', {}, h('a', {href, 'aria-current': i === items.length - 1 ? 'page' : null}, text))));
+  document.title = title ? `${title} · buildserver` : 'buildserver';
+}
+
+function focusHeading() {
+  window.scrollTo(0, 0);
+  const heading = main.querySelector('h1');
+  if (heading) heading.focus({preventScroll: true});
+}
+
+/** Replace a container's content, keeping keyboard focus on the element with the same id. */
+function swap(container, ...nodes) {
+  const active = document.activeElement;
+  const id = container.contains(active) ? active.id : null;
+  container.replaceChildren(...nodes.flat(Infinity).filter(Boolean));
+  if (id !== null) {
+    const again = id && document.getElementById(id);
+    (again || container.closest('section').querySelector('h2') || main.querySelector('h1')).focus({preventScroll: true});
+  }
+}
+
+/** The sign-in form; `message` says why it shows (`info`: not an error). */
+function showLogin(message, info) {
+  newView(null);
+  setCrumbs([]);
+  document.getElementById('who').hidden = true;
+  const input = h('input', {id: 'token', type: 'password', autocomplete: 'off', spellcheck: 'false',
+                            'aria-describedby': 'token-help', required: true});
+  const error = h('p', {class: info ? 'info' : 'error', id: 'login-error', role: 'alert'}, message || '');
+  const submit = h('button', {type: 'submit', class: 'primary'}, 'Sign in');
+  const form = h('form', {class: 'card login', onsubmit: async e => {
+    e.preventDefault();
+    const value = input.value.trim();
+    if (!/^[\x21-\x7e]+$/.test(value)) {
+      error.textContent = 'Enter your token: one word of letters, digits, "-" and "_".';
+      return input.focus();
+    }
+    submit.disabled = true;
+    error.className = 'error';
+    error.textContent = '';
+    try {
+      me = await api(ME_PATH, {auth: value, signal: null});
+      token = value;
+      saveToken(value);
+      reload();
+    } catch (err) {
+      error.textContent = err.status === 401
+        ? 'That token was not accepted. Check that you pasted all of it; an admin can make a new one with "python buildserver.py token NAME".'
+        : err.message;
+      input.focus();
+    } finally {
+      submit.disabled = false;
+    }
+  }},
+    h('h1', {tabindex: -1}, 'Sign in'),
+    h('label', {class: 'field', for: 'token'}, 'API token'), input,
+    h('p', {class: 'hint', id: 'token-help'},
+      'Printed once by ', h('code', {}, 'python buildserver.py adduser NAME'), ' (or ', h('code', {}, 'token NAME'),
+      '); the admin\'s at the first start. This browser keeps it until you press "Forget token".'),
+    error, h('div', {class: 'actions'}, submit));
+  show(form);
+  input.focus();
+}
+
+function signOut(message, info) {
+  token = null;
+  me = null;
+  saveToken(null);
+  showLogin(message, info);
+}
+
+function route() {
+  if (!me) return;
+  const [path, query = ''] = (location.hash.slice(1) || '/').split('?');
+  const q = new URLSearchParams(query);
+  if (view && view.path === path && view.update) return view.update(q);
+  const v = newView(path);
+  document.getElementById('who').hidden = false;
+  document.getElementById('who-name').textContent = me.username + (me.is_admin ? ' (admin)' : '');
+  const parts = path.split('/').filter(Boolean);
+  if (!parts.every(p => NAME_RE.test(p))) return notFound(v);
+  if (parts.length <= 1) return projectsPage(v, parts[0] || me.username, q);
+  if (parts.length === 2) return projectPage(v, parts[0], parts[1], q);
+  if (parts.length === 4 && parts[2] === 'builds' && /^\d{1,18}$/.test(parts[3])) {
+    return buildPage(v, parts[0], parts[1], parts[3]);
+  }
+  notFound(v);
+}
+
+function notFound(v) {
+  setCrumbs([], 'Not found');
+  show(h('div', {class: 'card'}, h('h1', {tabindex: -1}, 'Not found'),
+    h('p', {}, 'There is no page at this address. ', h('a', {href: '#/'}, 'Go to your projects'), '.')));
+  focusHeading();
+}
+
+function pager(hrefFor, offset, count, newer, older) {
+  const last = Math.min(offset + PAGE, count);
+  return h('nav', {class: 'pager', 'aria-label': 'Pages'},
+    offset > 0 ? h('a', {id: 'page-prev', href: hrefFor(Math.max(0, offset - PAGE))}, `← ${newer}`) : h('span'),
+    h('span', {class: 'muted'}, count ? `${offset + 1}–${last} of ${count}` : ''),
+    last < count ? h('a', {id: 'page-next', href: hrefFor(offset + PAGE)}, `${older} →`) : h('span'));
+}
+
+function hashWith(path, params) {
+  const query = new URLSearchParams(Object.entries(params).filter(([, v]) => v)).toString();
+  return `#${path}${query ? '?' + query : ''}`;
+}
+
+const offsetOf = q => Math.max(0, parseInt(q.get('offset'), 10) || 0);
+
+// Projects --------------------------------------------------------------------
+
+async function projectsPage(v, user, q) {
+  const path = `/${user}`;
+  setCrumbs([[user, `#${path}`]], user);
+  const list = h('section', {'aria-label': 'Projects'});
+  let seen = '', current = q, active = false, ticks = 0;
+
+  async function load(query) {
+    current = query;
+    const offset = offsetOf(query);
+    const data = await api(`${path}?limit=${PAGE}&offset=${offset}`);
+    active = data.results.some(p => p.last_build && !FINAL.has(p.last_build.last_status));
+    const key = JSON.stringify(data);
+    if (key === seen) return;
+    seen = key;
+    swap(list, projectTable(user, data, offset),
+         pager(o => hashWith(path, {offset: o}), offset, data.count, 'Previous', 'Next'));
+  }
+
+  try { await load(q); } catch (e) { return fail(e, v); }
+  if (v.signal.aborted) return;
+  v.update = query => load(query).catch(e => fail(e, v));
+  show(
+    h('h1', {tabindex: -1}, user === me.username ? 'Your projects' : `Projects of ${user}`),
+    me.is_admin ? namespaceForm(user) : null,
+    newProjectForm(user), list);
+  focusHeading();
+  // Keep last-build statuses fresh: often while something runs, rarely otherwise.
+  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) load(current).catch(e => notify(e.message)); });
+}
+
+function projectTable(user, data, offset) {
+  if (!data.results.length) {
+    return offset
+      ? h('p', {}, 'No projects on this page. ', h('a', {href: `#/${user}`}, 'First page'))
+      : h('p', {class: 'muted'}, 'No projects yet. Create one with "New project" above.');
+  }
+  return h('table', {class: 'list'},
+    h('thead', {}, h('tr', {}, ['Project', 'Last build', 'Builds', 'Description'].map(t => h('th', {scope: 'col'}, t)))),
+    h('tbody', {}, data.results.map(p => {
+      const base = `#/${p.owner}/${p.name}`;
+      const last = p.last_build;
+      return h('tr', {},
+        h('td', {'data-label': 'Project'}, h('a', {id: `project-${p.name}`, href: base}, p.name)),
+        h('td', {'data-label': 'Last build'}, last
+          ? [badge(last.last_status), ' ', h('a', {id: `last-${p.name}`, href: `${base}/builds/${last.id}`}, `#${last.id}`)]
+          : h('span', {class: 'muted'}, 'none yet')),
+        h('td', {'data-label': 'Builds'}, String(p.builds_count)),
+        h('td', {'data-label': 'Description'}, p.description || h('span', {class: 'muted'}, '—')));
+    })));
+}
+
+function namespaceForm(user) {
+  const input = h('input', {type: 'text', id: 'namespace', value: user, pattern: NAME_PATTERN,
+                            autocomplete: 'off', spellcheck: 'false'});
+  return h('form', {class: 'inline', onsubmit: e => {
+    e.preventDefault();
+    if (NAME_RE.test(input.value.trim())) location.hash = `#/${input.value.trim()}`;
+  }}, h('label', {for: 'namespace'}, 'Namespace'), input, h('button', {type: 'submit'}, 'Show'));
+}
+
+function newProjectForm(user) {
+  const error = h('p', {class: 'error', role: 'alert'});
+  const form = h('form', {onsubmit: async e => {
+    e.preventDefault();
+    const f = form.elements;
+    const body = {name: f.name.value.trim()};
+    if (f.command.value.trim()) body.command = f.command.value;
+    if (f.description.value.trim()) body.description = f.description.value.trim();
+    error.textContent = '';
+    try {
+      await api(`/${user}`, {method: 'POST', body});
+      location.hash = `#/${user}/${body.name}`;
+    } catch (err) {
+      if (err.status === 401) return signOut(EXPIRED);
+      if (err.name !== 'AbortError') error.textContent = err.message;
+    }
+  }},
+    h('label', {class: 'field', for: 'np-name'}, 'Name'),
+    h('input', {type: 'text', id: 'np-name', name: 'name', required: true, pattern: NAME_PATTERN,
+                autocomplete: 'off', 'aria-describedby': 'np-name-help'}),
+    h('p', {class: 'hint', id: 'np-name-help'}, 'Letters, digits, "-" and "_".'),
+    h('label', {class: 'field', for: 'np-command'}, 'Default command'),
+    h('textarea', {id: 'np-command', name: 'command', rows: 2, placeholder: 'make test'}),
+    h('label', {class: 'field', for: 'np-description'}, 'Description'),
+    h('input', {type: 'text', id: 'np-description', name: 'description'}),
+    error, h('div', {class: 'actions'}, h('button', {type: 'submit', class: 'primary'}, 'Create project')));
+  return h('details', {class: 'more card'}, h('summary', {}, 'New project'), form);
+}
+
+// One project and its builds --------------------------------------------------
+
+async function projectPage(v, user, name, q) {
+  const path = `/${user}/${name}`;
+  setCrumbs([[user, `#/${user}`], [name, `#${path}`]], `${name} · ${user}`);
+  const list = h('div');
+  const boxes = STATUSES.map(s => h('input', {type: 'checkbox', id: `filter-${s}`, value: s, onchange: () => {
+    const chosen = boxes.filter(b => b.checked).map(b => b.value).join(',');
+    location.hash = hashWith(path, {status: chosen});
+  }}));
+  const filter = h('fieldset', {class: 'filter'}, h('legend', {}, 'Status'),
+    boxes.map((box, i) => h('label', {class: `chip st-${STATUSES[i]}`}, box, sym(STATUSES[i]), STATUSES[i])));
+  let seen = '', current = q, active = false, ticks = 0, project;
+
+  async function load(query) {
+    current = query;
+    const offset = offsetOf(query);
+    const statuses = (query.get('status') || '').split(',').filter(s => STATUSES.includes(s));
+    boxes.forEach(b => { b.checked = statuses.includes(b.value); });
+    const url = `${path}/builds?limit=${PAGE}&offset=${offset}` + (statuses.length ? `&status=${statuses.join(',')}` : '');
+    const data = await api(url);
+    active = data.results.some(b => !FINAL.has(b.last_status));
+    const key = JSON.stringify(data);
+    if (key === seen) return;
+    seen = key;
+    swap(list, buildTable(path, data, offset, statuses),
+         pager(o => hashWith(path, {status: statuses.join(','), offset: o}), offset, data.count, 'Newer', 'Older'));
+  }
+
+  try { [project] = await Promise.all([api(path), load(q)]); } catch (e) { return fail(e, v); }
+  if (v.signal.aborted) return;
+  v.update = query => load(query).catch(e => fail(e, v));
+  show(
+    h('h1', {tabindex: -1}, project.name),
+    project.description ? h('p', {class: 'muted'}, project.description) : null,
+    h('div', {class: 'card'},
+      h('dl', {class: 'fields'},
+        h('dt', {}, 'Command'), h('dd', {}, project.command ? h('pre', {class: 'cmd'}, project.command) : h('span', {class: 'muted'}, 'none: give one per build')),
+        h('dt', {}, 'Timeout'), h('dd', {}, project.timeout ? duration(project.timeout) : 'none'),
+        Object.keys(project.env).length ? [h('dt', {}, 'Environment'), h('dd', {}, envBlock(project.env))] : null),
+      triggerForm(path, project)),
+    h('section', {'aria-labelledby': 'builds-h'}, h('h2', {id: 'builds-h', tabindex: -1}, 'Builds'), filter, list));
+  focusHeading();
+  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) load(current).catch(e => notify(e.message)); });
+}
+
+function envBlock(env) {
+  const lines = Object.entries(env).map(([k, val]) => `${k}=${val}`).join('\n');
+  return h('details', {}, h('summary', {}, `${Object.keys(env).length} variable(s)`), h('pre', {class: 'cmd'}, lines));
+}
+
+function buildTable(path, data, offset, statuses) {
+  if (!data.results.length) {
+    if (offset) return h('p', {}, 'No builds on this page. ', h('a', {href: hashWith(path, {status: statuses.join(',')})}, 'First page'));
+    return h('p', {class: 'muted'}, statuses.length ? 'No builds with this status.' : 'No builds yet: trigger one above.');
+  }
+  return h('table', {class: 'list builds'},
+    h('thead', {}, h('tr', {}, ['Status', 'Build', 'Name', 'Tags', 'By', 'Created', 'Duration'].map(t => h('th', {scope: 'col'}, t)))),
+    h('tbody', {}, data.results.map(b => h('tr', {},
+      h('td', {'data-label': 'Status'}, badge(b.last_status)),
+      h('td', {'data-label': 'Build'}, h('a', {id: `build-${b.id}`, href: `#${path}/builds/${b.id}`}, `#${b.id}`)),
+      h('td', {'data-label': 'Name'}, b.name || h('span', {class: 'muted'}, '—')),
+      h('td', {'data-label': 'Tags'}, tags(b.tags)),
+      h('td', {'data-label': 'By'}, b.user),
+      h('td', {'data-label': 'Created'}, when(b.created_at)),
+      h('td', {'data-label': 'Duration', class: 'num'}, duration(b.duration))))));
+}
+
+function triggerForm(path, project) {
+  const error = h('p', {class: 'error', role: 'alert'});
+  const form = h('form', {onsubmit: async e => {
+    e.preventDefault();
+    const f = form.elements;
+    const body = {};
+    if (f.command.value.trim()) body.command = f.command.value;
+    const env = {};
+    for (const [i, line] of f.env.value.split('\n').entries()) {
+      if (!line.trim()) continue;
+      const eq = line.indexOf('=');
+      const key = line.slice(0, eq).trim();
+      if (eq < 0 || !/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) {
+        error.textContent = `Environment, line ${i + 1}: write NAME=value, the name in letters, digits and "_".`;
+        return f.env.focus();
+      }
+      env[key] = line.slice(eq + 1);
+    }
+    if (Object.keys(env).length) body.env = env;
+    if (f.name.value.trim()) body.name = f.name.value.trim();
+    const tagList = f.tags.value.split(',').map(t => t.trim()).filter(Boolean);
+    if (tagList.length) body.tags = tagList;
+    error.textContent = '';
+    f.go.disabled = true;
+    try {
+      const build = await api(`${path}/builds`, {method: 'POST', body});
+      location.hash = `#${path}/builds/${build.id}`;
+    } catch (err) {
+      if (err.status === 401) return signOut(EXPIRED);
+      if (err.name !== 'AbortError') error.textContent = err.message;
+    } finally {
+      f.go.disabled = false;
+    }
+  }},
+    h('div', {class: 'actions'}, h('button', {type: 'submit', name: 'go', class: 'primary'}, sym('running'), ' Trigger build')),
+    h('details', {class: 'more'}, h('summary', {}, 'Options: command, environment, name, tags'),
+      h('label', {class: 'field', for: 'tb-command'}, 'Command'),
+      h('textarea', {id: 'tb-command', name: 'command', rows: 2, placeholder: project.command || 'the shell command to run',
+                     'aria-describedby': 'tb-command-help'}),
+      h('p', {class: 'hint', id: 'tb-command-help'}, 'Empty: the project\'s command.'),
+      h('label', {class: 'field', for: 'tb-env'}, 'Environment'),
+      h('textarea', {id: 'tb-env', name: 'env', rows: 3, placeholder: 'NAME=value, one per line', spellcheck: 'false',
+                     'aria-describedby': 'tb-env-help'}),
+      h('p', {class: 'hint', id: 'tb-env-help'}, 'Added to the project\'s environment; these win.'),
+      h('label', {class: 'field', for: 'tb-name'}, 'Name'),
+      h('input', {type: 'text', id: 'tb-name', name: 'name', autocomplete: 'off'}),
+      h('label', {class: 'field', for: 'tb-tags'}, 'Tags'),
+      h('input', {type: 'text', id: 'tb-tags', name: 'tags', autocomplete: 'off', placeholder: 'nightly, release'})),
+    error);
+  return form;
+}
+
+// One build -------------------------------------------------------------------
+
+async function buildPage(v, user, name, id) {
+  const path = `/${user}/${name}/builds/${id}`;
+  setCrumbs([[user, `#/${user}`], [name, `#/${user}/${name}`], [`#${id}`, `#${path}`]], `#${id} · ${name}`);
+  let build, statuses;
+  try {
+    [build, statuses] = await Promise.all([api(path), api(`${path}/statuses?limit=1000`).then(r => r.results)]);
+  } catch (e) { return fail(e, v); }
+  if (v.signal.aborted) return;
+
+  const status = h('span', {id: 'status', 'aria-live': 'polite'});
+  const stop = h('button', {type: 'button', id: 'stop', class: 'danger', onclick: stopBuild}, sym('stopped'), ' Stop');
+  const restart = h('button', {type: 'button', id: 'restart', onclick: restartBuild}, h('span', {'aria-hidden': 'true'}, '↻'), ' Restart');
+  const fields = h('dl', {class: 'fields'});
+  const history = h('div');
+  const log = new LogView(v, path);
+  log.onOutput = () => { if (build.last_status === 'created' || build.last_status === 'scheduled') refresh(); };
+  log.onEnd = refresh;
+
+  let shown = '', shownStatuses = 0, clock = {at: performance.now(), duration: build.duration};
+  function render() {
+    const s = build.last_status;
+    status.replaceChildren(badge(s));
+    stop.disabled = !STOPPABLE.has(s);
+    restart.disabled = !FINAL.has(s);
+    clock = {at: performance.now(), duration: build.duration};
+    if (statuses.length !== shownStatuses) {
+      shownStatuses = statuses.length;
+      history.replaceChildren(timeline(statuses));
+    }
+    // Rebuilt only when more than the clock and the log's size changed (keeps open <details> open).
+    const key = JSON.stringify({...build, duration: 0, log_size: 0, updated_at: 0});
+    if (key === shown) {
+      document.getElementById('duration').textContent = duration(build.duration);
+      document.getElementById('log-size').textContent = bytes(build.log_size);
+      return;
+    }
+    shown = key;
+    const rows = [
+      ['Name', build.name || '—'], ['Tags', tags(build.tags)], ['Triggered by', build.user],
+      ['Created', when(build.created_at, true)], ['Started', when(build.started_at, true)],
+      ['Finished', when(build.finished_at, true)],
+      ['Duration', h('span', {id: 'duration'}, duration(build.duration))],
+      ['Exit code', build.exit_code == null ? '—' : String(build.exit_code)],
+      ['Timeout', build.timeout ? duration(build.timeout) : 'none'],
+      build.restarted_from ? ['Restarted from', h('a', {id: 'restarted-from', href: `#/${user}/${name}/builds/${build.restarted_from}`}, `#${build.restarted_from}`)] : null,
+      build.is_managed ? null : ['Runs', 'elsewhere (unmanaged)'],
+      build.description ? ['Description', build.description] : null,
+      ['Command', build.command ? h('pre', {class: 'cmd'}, build.command) : '—'],
+      Object.keys(build.env).length ? ['Environment', envBlock(build.env)] : null,
+      ['Log', [h('span', {id: 'log-size'}, bytes(build.log_size)), build.truncated ? ' (truncated: the server\'s limit was reached)' : '']],
+    ];
+    swap(fields, rows.filter(Boolean).map(([k, val]) => [h('dt', {}, k), h('dd', {}, val)]));
+  }
+
+  let inflight = null;
+  function refresh() {
+    if (!inflight) {
+      inflight = Promise.all([api(path), api(`${path}/statuses?limit=1000`)])
+        .then(([b, s]) => { build = b; statuses = s.results; render(); notify(''); return b; })
+        .catch(e => {
+          if (e.status === 401) signOut(EXPIRED);
+          else if (e.name !== 'AbortError' && !v.signal.aborted) notify(e.message);
+          return null;
+        })
+        .finally(() => { inflight = null; });
+    }
+    return inflight;
+  }
+
+  async function stopBuild() {
+    stop.disabled = true;
+    try {
+      build = await api(`${path}/stop`, {method: 'POST'});
+      render();
+      refresh();
+    } catch (e) {
+      if (e.status === 401) return signOut(EXPIRED);
+      if (e.name !== 'AbortError') { notify(`Could not stop the build: ${e.message}`); render(); }
+    }
+    if (stop.disabled && document.activeElement === document.body) restart.disabled ? log.pre.focus() : restart.focus();
+  }
+
+  async function restartBuild() {
+    restart.disabled = true;
+    try {
+      const next = await api(`${path}/restart`, {method: 'POST'});
+      location.hash = `#/${user}/${name}/builds/${next.id}`;
+    } catch (e) {
+      if (e.status === 401) return signOut(EXPIRED);
+      if (e.name !== 'AbortError') { notify(`Could not restart the build: ${e.message}`); render(); }
+    }
+  }
+
+  show(
+    h('div', {class: 'head'}, h('h1', {tabindex: -1}, `Build #${build.id}`), status),
+    h('p', {class: 'muted'}, 'of ', h('a', {href: `#/${user}/${name}`}, `${user}/${name}`),
+      build.name ? ` · ${build.name}` : ''),
+    h('div', {class: 'actions'}, stop, restart),
+    h('div', {class: 'cols'},
+      h('section', {class: 'card', 'aria-labelledby': 'fields-h'}, h('h2', {id: 'fields-h', class: 'vh'}, 'Details'), fields),
+      h('section', {class: 'card', 'aria-labelledby': 'history-h'}, h('h2', {id: 'history-h'}, 'History'), history)),
+    log.element);
+  render();
+  focusHeading();
+
+  every(v, REFRESH_MS, () => { if (!FINAL.has(build.last_status)) refresh(); });
+  every(v, 1000, () => {   // the running clock: the server's duration plus the time since (no request)
+    if (build.started_at && !build.finished_at && clock.duration != null) {
+      document.getElementById('duration').textContent = duration(clock.duration + (performance.now() - clock.at) / 1000);
+    }
+  });
+  try {
+    if (!await log.load(build)) log.follow();
+  } catch (e) {
+    if (e.status === 401) return signOut(EXPIRED);
+    if (e.name !== 'AbortError') log.say(`The log could not be loaded: ${e.message}`);
+  }
+}
+
+function timeline(statuses) {
+  let previous = null;
+  return h('ol', {class: 'timeline'}, statuses.map(s => {
+    const t = parseTime(s.created_at);
+    const step = previous ? ` +${duration((t - previous) / 1000)}` : '';
+    previous = t;
+    return h('li', {class: `st-${s.status}`},
+      h('span', {class: 'dot', 'aria-hidden': 'true'}, SYMBOL[s.status] || '?'),
+      h('strong', {}, s.status), ' ',
+      h('time', {datetime: s.created_at, title: t.toLocaleString()}, t.toLocaleTimeString()),
+      h('span', {class: 'muted'}, step),
+      s.message ? h('div', {class: 'msg'}, s.message) : null);
+  }));
+}
+
+// The log ---------------------------------------------------------------------
+// The page holds bytes [start, end) of the log: the tail at first, then what the
+// follow stream brings; "Load earlier" prepends the LOG_PAGE bytes before `start`.
+// Whole lines go into groups of small blocks that the browser lays out only when
+// they are on screen (content-visibility), so a long log stays fast; the line
+// still being written is redrawn as it grows. While the reader follows the end,
+// at most LOG_KEEP bytes stay in the page.
+
+class LogView {
+  constructor(v, path) {
+    this.v = v;
+    this.path = path;
+    this.start = 0;                // log offset of the first byte in the page
+    this.end = 0;                  // log offset after the last byte received
+    this.shown = 0;                // bytes in the groups
+    this.groups = [];              // [{el, bytes}], oldest first
+    this.pending = [];             // bytes received, not drawn yet
+    this.open = new Uint8Array(0); // the last line, until its newline comes
+    this.ansi = ansiState();
+    this.onOutput = this.onEnd = () => null;
+    this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.controls()});
+    this.empty = h('span', {class: 'note'}, 'No output yet.');
+    this.openEl = h('div');
+    this.pre.append(this.empty, this.openEl);
+    this.live = h('span', {class: 'live', id: 'live', hidden: true}, 'live');
+    this.earlierBtn = h('button', {type: 'button', id: 'earlier', class: 'small', hidden: true, onclick: () => this.earlier()});
+    this.latestBtn = h('button', {type: 'button', id: 'latest', class: 'small', hidden: true, onclick: () => {
+      this.pre.scrollTop = this.pre.scrollHeight;
+      this.pre.focus({preventScroll: true});
+    }}, '↓ Latest output');
+    const wrap = h('input', {type: 'checkbox', id: 'wrap', checked: true,
+                             onchange: () => this.pre.classList.toggle('nowrap', !wrap.checked)});
+    this.element = h('section', {'aria-labelledby': 'log-h'},
+      h('div', {class: 'loghead'}, h('h2', {id: 'log-h'}, 'Log'), this.live,
+        h('div', {class: 'opts'}, h('label', {}, wrap, ' Wrap lines'))),
+      this.earlierBtn, h('div', {class: 'logwrap'}, this.pre, this.latestBtn));
+  }
+
+  atBottom() {
+    const b = this.pre;
+    return b.scrollHeight - b.scrollTop - b.clientHeight < 40;
+  }
+
+  say(text) { this.pre.append(h('span', {class: 'note'}, `\n${text}\n`)); }
+
+  /** Show the last LOG_PAGE bytes; returns whether that is the whole, final log. */
+  async load(build) {
+    const from = Math.max(0, build.log_size - LOG_PAGE);
+    const page = await api(`${this.path}/logs?format=json&offset=${from}&limit=${LOG_PAGE}`);
+    if (!page.complete && !page.text.includes('\n')) {   // a line still being written: the stream brings it
+      this.start = this.end = page.offset;
+      return false;
+    }
+    const [skip, text] = page.offset > 0 ? dropPartialLine(page.text) : [0, page.text];
+    this.start = page.offset + skip;
+    this.end = page.next_offset;
+    this.addGroup(text, this.end - this.start, this.ansi, null);
+    this.pre.scrollTop = this.pre.scrollHeight;
+    this.controls();
+    return page.complete;
+  }
+
+  /** Stream new output (GET .../logs?follow=1) until the build is final. */
+  async follow() {
+    const signal = this.v.signal;
+    let pause = 0;
+    while (!signal.aborted) {
+      const before = this.end;
+      let retryAfter = 0;
+      try {
+        const res = await fetch(`${API}${this.path}/logs?follow=1&offset=${this.end}`, {
+          signal, cache: 'no-store', headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
+        if (res.status === 401) return signOut(EXPIRED);
+        if (res.status === 403 || res.status === 404) return this.setLive('off');   // gone, or not ours
+        if (res.ok) {
+          this.setLive('live');
+          const reader = res.body.getReader();
+          for (;;) {
+            const {done, value} = await reader.read();
+            if (done) break;
+            this.end += value.length;
+            this.add(value);
+            this.onOutput();
+          }
+        } else {
+          retryAfter = parseInt(res.headers.get('Retry-After'), 10) || 0;   // 503: too many followers
+          await res.body.cancel();
+        }
+      } catch (e) {
+        if (signal.aborted) return;   // left the page; otherwise the connection broke: go on below
+      }
+      this.setLive('wait');
+      const build = await this.onEnd();
+      if (signal.aborted) return;
+      if (build && FINAL.has(build.last_status) && this.end >= build.log_size) {
+        this.flush();
+        return this.setLive('off');
+      }
+      pause = this.end > before ? 0 : Math.min(Math.max(pause * 2, 500, retryAfter * 1000), 10000);
+      await sleep(pause, signal);
+    }
+  }
+
+  setLive(state) {
+    this.live.hidden = state === 'off';
+    this.live.textContent = state === 'live' ? 'live' : 'reconnecting…';
+  }
+
+  add(bytes) {
+    this.pending.push(bytes);
+    if (!this.scheduled) {
+      this.scheduled = true;
+      if (document.hidden) setTimeout(() => this.flush(), 250); else requestAnimationFrame(() => this.flush());
+    }
+  }
+
+  /** Draw what arrived since the last frame: one DOM change per frame, however fast the log. */
+  flush() {
+    this.scheduled = false;
+    if (!this.pending.length) return;
+    let raw = concat([this.open, ...this.pending]);
+    this.pending = [];
+    const follow = !this.groups.length || this.atBottom();
+    if (follow && raw.length > LOG_KEEP) {   // more than the page keeps, at once: skip to the last lines
+      const skip = raw.indexOf(10, raw.length - LOG_KEEP) + 1 || raw.length - LOG_KEEP;
+      ansiNodes(new TextDecoder().decode(raw.subarray(0, skip)), this.ansi, false);
+      this.groups.forEach(g => g.el.remove());
+      this.groups = [];
+      this.shown = 0;
+      this.start = this.end - (raw.length - skip);
+      raw = raw.subarray(skip);
+    }
+    let cut = raw.lastIndexOf(10) + 1;   // whole lines (a newline byte never sits inside a character)
+    if (raw.length - cut > 64 * 1024) cut = charBoundary(raw);   // a huge line: draw what there is
+    if (cut) this.addGroup(new TextDecoder().decode(raw.subarray(0, cut)), cut, this.ansi, null);
+    this.open = raw.slice(cut);
+    this.openEl.replaceChildren(ansiNodes(new TextDecoder().decode(this.open, {stream: true}), {...this.ansi}, true));
+    if (follow) {
+      while (this.shown > LOG_KEEP && this.groups.length > 1) {
+        const old = this.groups.shift();
+        old.el.remove();
+        this.shown -= old.bytes;
+        this.start += old.bytes;
+      }
+      this.pre.scrollTop = this.pre.scrollHeight;
+    }
+    this.controls();
+  }
+
+  /** Lines of text as a group of blocks of at most 200 lines, before `next` (null: at the end). */
+  addGroup(text, bytes, state, next) {
+    const el = h('div');
+    for (let from = 0; from < text.length;) {
+      let to = from, lines = 0;
+      while (lines < 200 && to - from < 16384 && to < text.length) {
+        const nl = text.indexOf('\n', to);
+        to = nl < 0 ? text.length : nl + 1;
+        lines++;
+      }
+      const block = h('div', {class: 'lines'}, ansiNodes(text.slice(from, to), state, true));
+      block.style.containIntrinsicSize = `auto ${(lines * 1.45).toFixed(2)}em`;
+      el.append(block);
+      from = to;
+    }
+    const group = {el, bytes};
+    if (next) {
+      this.pre.insertBefore(el, next.el);
+      this.groups.unshift(group);
+    } else {
+      this.pre.insertBefore(el, this.openEl);
+      this.groups.push(group);
+    }
+    this.shown += bytes;
+  }
+
+  controls() {
+    if (this.end > 0) this.empty.remove();
+    this.earlierBtn.hidden = this.start <= 0;
+    this.earlierBtn.textContent = `↑ Load earlier output (${bytes(this.start)} not shown)`;
+    this.latestBtn.hidden = this.atBottom();
+  }
+
+  /** Prepend the LOG_PAGE bytes before `start`, keeping what the reader sees in place. */
+  async earlier() {
+    const end = this.start;
+    const from = Math.max(0, end - LOG_PAGE);
+    this.earlierBtn.disabled = true;
+    try {
+      let text = '', pos = from;
+      while (pos < end) {   // a running build's page stops at a line's end: fetch the rest
+        const page = await api(`${this.path}/logs?format=json&offset=${pos}&limit=${end - pos}`);
+        if (page.next_offset <= pos) break;
+        text += page.text;
+        pos = page.next_offset;
+      }
+      const [skip, rest] = from > 0 ? dropPartialLine(text) : [0, text];
+      const fromBottom = this.pre.scrollHeight - this.pre.scrollTop;
+      this.addGroup(rest, end - from - skip, ansiState(), this.groups[0] || {el: this.openEl});
+      this.start = from + skip;
+      this.pre.scrollTop = this.pre.scrollHeight - fromBottom;
+    } catch (e) {
+      if (e.status === 401) return signOut(EXPIRED);
+      if (e.name !== 'AbortError') notify(`Could not load earlier output: ${e.message}`);
+    } finally {
+      this.earlierBtn.disabled = false;
+    }
+    this.controls();
+    if (this.earlierBtn.hidden) this.pre.focus({preventScroll: true});
+  }
+}
+
+function concat(parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+/** Where `raw` can be cut without splitting a UTF-8 character at its end. */
+function charBoundary(raw) {
+  let cut = raw.length, back = 0;
+  while (back < 3 && cut - back > 0 && (raw[cut - back - 1] & 0xc0) === 0x80) back++;
+  if (cut - back > 0 && raw[cut - back - 1] >= 0xc0) back++;   // the lead byte of a cut character
+  return cut - back;
+}
+
+/** [bytes, rest]: a page that starts inside a line drops that partial line (whole lines only). */
+function dropPartialLine(text) {
+  const nl = text.indexOf('\n');
+  if (nl < 0) return [0, text];
+  let head = text.slice(0, nl + 1), replaced = 0;
+  // A page cut inside a character starts with one U+FFFD per stray byte (at most 3).
+  while (replaced < 3 && head[replaced] === '\ufffd') replaced++;
+  head = head.slice(replaced);
+  return [replaced + new TextEncoder().encode(head).length, text.slice(nl + 1)];
+}
+
+// ANSI: colours and styles of SGR sequences become styled spans; every other
+// escape or control sequence is dropped. A sequence cut by a chunk boundary is
+// carried to the next chunk.
+
+const PALETTE = ['#4b5260', '#ff6b6b', '#5fd38d', '#e8c26a', '#6aa7ff', '#d98ae8', '#4cc9d4', '#d7dee8',
+                 '#8a94a3', '#ff8f8f', '#7fe3a3', '#ffd866', '#8dbcff', '#eaa6f5', '#74e0e8', '#ffffff'];
+const ESCAPE = /([^\x1b]+)|\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-Z\\^-~]/y;
+const PARTIAL = /^\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[ -/]*)$/;
+
+function ansiState() {
+  return {fg: null, bg: null, bold: false, dim: false, italic: false, underline: false, inverse: false, carry: ''};
+}
+
+function color256(n) {
+  if (!(n >= 0 && n < 256)) return null;
+  if (n < 16) return PALETTE[n];
+  if (n >= 232) { const g = (n - 232) * 10 + 8; return `rgb(${g},${g},${g})`; }
+  const c = x => (x ? x * 40 + 55 : 0);
+  n -= 16;
+  return `rgb(${c(Math.floor(n / 36))},${c(Math.floor(n / 6) % 6)},${c(n % 6)})`;
+}
+
+function sgr(st, params) {
+  const p = params.split(/[;:]/).map(x => (x === '' ? 0 : Number(x)));
+  for (let i = 0; i < p.length; i++) {
+    const n = p[i];
+    if (n === 0) Object.assign(st, ansiState(), {carry: st.carry});
+    else if (n === 1) st.bold = true;
+    else if (n === 2) st.dim = true;
+    else if (n === 3) st.italic = true;
+    else if (n === 4) st.underline = true;
+    else if (n === 7) st.inverse = true;
+    else if (n === 22) st.bold = st.dim = false;
+    else if (n === 23) st.italic = false;
+    else if (n === 24) st.underline = false;
+    else if (n === 27) st.inverse = false;
+    else if (n >= 30 && n <= 37) st.fg = PALETTE[n - 30];
+    else if (n >= 90 && n <= 97) st.fg = PALETTE[n - 82];
+    else if (n >= 40 && n <= 47) st.bg = PALETTE[n - 40];
+    else if (n >= 100 && n <= 107) st.bg = PALETTE[n - 92];
+    else if (n === 39) st.fg = null;
+    else if (n === 49) st.bg = null;
+    else if (n === 38 || n === 48) {
+      let c = null;
+      if (p[i + 1] === 5) { c = color256(p[i + 2]); i += 2; }
+      else if (p[i + 1] === 2) { c = `rgb(${p.slice(i + 2, i + 5).map(x => Math.min(255, x | 0)).join(',')})`; i += 4; }
+      if (c) st[n === 38 ? 'fg' : 'bg'] = c;
+    }
+  }
+}
+
+function styledText(text, st) {
+  let fg = st.fg, bg = st.bg;
+  if (st.inverse) [fg, bg] = [bg || 'var(--log-bg)', fg || 'var(--log-fg)'];
+  if (!fg && !bg && !st.bold && !st.dim && !st.italic && !st.underline) return document.createTextNode(text);
+  const span = document.createElement('span');
+  span.textContent = text;
+  if (fg) span.style.color = fg;
+  if (bg) span.style.backgroundColor = bg;
+  if (st.bold) span.style.fontWeight = 'bold';
+  if (st.dim) span.style.opacity = '0.7';
+  if (st.italic) span.style.fontStyle = 'italic';
+  if (st.underline) span.style.textDecoration = 'underline';
+  return span;
+}
+
+/** Log text as nodes (when `draw`), advancing the ANSI state `st`. */
+function ansiNodes(text, st, draw) {
+  text = st.carry + text;
+  st.carry = '';
+  if (text.endsWith('\r')) { st.carry = '\r'; text = text.slice(0, -1); }   // maybe half of "\r\n"
+  // "\r\n" ends a line; a lone "\r" rewinds it (progress bars): keep what was written last.
+  if (text.includes('\r')) {
+    text = text.replace(/\r+\n/g, '\n').split('\n').map(line => line.slice(line.lastIndexOf('\r') + 1)).join('\n');
+  }
+  const out = document.createDocumentFragment();
+  let run = '';
+  const emit = () => { if (run && draw) out.append(styledText(run, st)); run = ''; };
+  let pos = 0;
+  while (pos < text.length) {
+    ESCAPE.lastIndex = pos;
+    const m = ESCAPE.exec(text);
+    if (!m) {   // an escape that is not (yet) complete
+      const rest = text.slice(pos);
+      if (rest.length < 256 && PARTIAL.test(rest)) { st.carry = rest + st.carry; break; }
+      pos += 1;
+      continue;
+    }
+    pos = ESCAPE.lastIndex;
+    if (m[1] !== undefined) run += m[1].replace(/[\x00-\x08\x0b-\x1f\x7f]/g, '');
+    else if (m[3] === 'm' && !/^[<=>?]/.test(m[2])) { emit(); sgr(st, m[2]); }
+  }
+  emit();
+  return out;
+}
+
+// Start -----------------------------------------------------------------------
+
+async function start() {
+  window.addEventListener('hashchange', route);
+  document.getElementById('forget').addEventListener('click', () =>
+    signOut('Token forgotten: this browser no longer keeps it.', true));
+  if (!token) return showLogin();
+  try {
+    me = await api(ME_PATH, {signal: null});
+    route();
+  } catch (e) {
+    if (e.status === 401) return signOut(EXPIRED);
+    show(h('div', {class: 'card'}, h('h1', {tabindex: -1}, 'Cannot start'),
+      h('p', {class: 'error'}, e.message), h('button', {type: 'button', onclick: () => location.reload()}, 'Try again')));
+  }
+}
+
+start();
+</script>
+</body>
+</html>
+"""
+
+
+def dashboard_headers(page):
+    """Headers for the page: a policy that allows its own inline script and
+    style, identified by their hashes, and nothing else."""
+    def digest(tag):
+        inline = re.search(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S).group(1)
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+    return {
+        "Content-Type": "text/html; charset=utf-8",
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')};"
+            " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
+            " frame-ancestors 'none'"),
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,10 +21,19 @@ import sys
 import threading
 import time
 import types
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import pytest
+import waitress
 import webtest
+from waitress import wasyncore
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # only the browser tests need it; they say so
+    expect = sync_playwright = None
 
 import buildserver
 
@@ -2738,3 +2748,415 @@ def test_bench_quick_writes_every_figure_as_a_number(tmp_path):
         value = figures.get(key)
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
     assert isinstance(figures["machine"], str) and figures["machine"]
+
+###############################################################################
+# Dashboard (in a real browser) ###############################################
+###############################################################################
+# Debian's Chromium driven by Playwright, against a real waitress server.
+# Needs `pip install playwright` and `apt-get install chromium` (.ci/run does
+# both; playwright's own browser download is never used).
+
+CHROMIUM = os.environ.get("BUILDSERVER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = os.environ.get("DASHBOARD_SCREENSHOTS", "/tmp")
+LIVE_COMMAND = "for i in 1 2 3 4; do echo line $i; sleep 0.5; done"
+if expect is not None:
+    expect.set_options(timeout=10_000)
+
+
+class Dashboard:
+    """The served app: its URL, two users' tokens, and a small REST client."""
+
+    def __init__(self, url, app):
+        self.url, self.app = url, app
+        self.alice = app.store.create_user("alice")
+        self.root = app.store.create_user("root", is_admin=True)
+
+    def api(self, method, path, body=None, token=None):
+        request = urllib.request.Request(
+            self.url + "/api/v1" + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Token {token or self.alice}",
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{method} {path}: {e.code} {e.read()!r}") from None
+
+    def project(self, name, **fields):
+        return self.api("POST", "/alice", {"name": name, **fields})
+
+    def final_build(self, path, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            build = self.api("GET", path)
+            if build["last_status"] in buildserver.FINAL:
+                return build
+            assert time.monotonic() < deadline, f"{path} did not finish"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def dash(tmp_path_factory):
+    """A real waitress server on a free loopback port, run in a thread."""
+    app = buildserver.make_app(buildserver.Config(
+        data_dir=str(tmp_path_factory.mktemp("dashboard")), workers=2, stop_grace=1))
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16,
+                                    channel_request_lookahead=1)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.1, map=server._map, use_poll=True, count=1)
+    thread = threading.Thread(target=loop, name="dashboard-server", daemon=True)
+    thread.start()
+    yield Dashboard(f"http://127.0.0.1:{server.effective_port}", app)
+    app.shutdown(timeout=10)
+    stop.set()
+    thread.join(5)
+    server.task_dispatcher.shutdown(timeout=5)
+    wasyncore.close_all(server._map)
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None or not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser tests need playwright and {CHROMIUM}; see .ci/run")
+        pytest.skip(f"the browser tests need playwright and {CHROMIUM}; see .ci/run")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser, dash):
+    """open_page(width, height): a fresh browser context's page. Every console
+    message, page error and token-bearing URL is a failure, but for the
+    messages a test lists in open_page.allowed."""
+    contexts, problems, urls = [], [], []
+
+    def open_(width=1280, height=800):
+        context = browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(context)
+        page = context.new_page()
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}"))
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("request", lambda r: urls.append(r.url))
+        return page
+    open_.allowed = []
+    yield open_
+    for context in contexts:
+        context.close()
+    assert [p for p in problems if not any(a in p for a in open_.allowed)] == []
+    assert not [u for u in urls if dash.alice in u or dash.root in u], "a token went into a URL"
+
+
+@pytest.fixture
+def page(open_page):
+    return open_page()
+
+
+def sign_in(page, dash, token=None):
+    page.goto(dash.url + "/")
+    page.locator("#token").fill(token or dash.alice)
+    page.locator("#token").press("Enter")
+    expect(page.locator("#who-name")).to_have_text(re.compile("alice|root"))
+
+
+def status_of(page):
+    return page.locator("#status")
+
+
+def log_of(page):
+    return page.locator("#log")
+
+
+###############################################################################
+# Dashboard ###################################################################
+###############################################################################
+
+def test_a_wrong_token_gets_a_clear_message_and_the_right_one_lists_projects(page, dash, open_page):
+    # Chromium itself logs every 4xx answer to fetch(); a page cannot silence that.
+    open_page.allowed.append("console error: Failed to load resource: the server responded "
+                             "with a status of 401 (Unauthorized)")
+    dash.project("hello", command="true", description="says hello")
+    dash.final_build("/alice/hello/builds/" + str(dash.api("POST", "/alice/hello/builds")["id"]))
+    page.goto(dash.url + "/")
+    expect(page.locator("#token")).to_be_focused()
+    page.locator("#token").fill("not-a-real-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#login-error")).to_contain_text("That token was not accepted")
+    expect(page.locator("#who")).to_be_hidden()
+
+    page.locator("#token").fill(dash.alice)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Your projects")
+    row = page.locator("tr", has=page.get_by_role("link", name="hello", exact=True))
+    expect(row).to_contain_text("✓succeeded")
+    expect(row).to_contain_text("says hello")
+    expect(row.get_by_role("link", name="#1")).to_have_attribute("href", "#/alice/hello/builds/1")
+
+    page.reload()  # the token is remembered
+    expect(page.locator("#who-name")).to_have_text("alice")
+    expect(page.get_by_role("link", name="hello", exact=True)).to_be_visible()
+    page.get_by_role("button", name="Forget token").click()
+    expect(page.locator("#token")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("Token forgotten")
+    assert page.evaluate("localStorage.getItem('buildserver.token')") is None
+    page.screenshot(path=os.path.join(SHOTS, "dashboard-sign-in.png"))
+
+
+def test_an_admin_can_open_another_users_namespace(page, dash):
+    dash.project("shared", description="alice's")
+    sign_in(page, dash, dash.root)
+    expect(page.locator("#who-name")).to_have_text("root (admin)")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Your projects")
+    page.get_by_label("Namespace").fill("alice")
+    page.get_by_role("button", name="Show").click()
+    expect(page).to_have_url(re.compile(r"#/alice$"))
+    expect(page.get_by_role("heading", level=1)).to_have_text("Projects of alice")
+    expect(page.get_by_role("link", name="shared", exact=True)).to_be_visible()
+
+
+def test_a_project_is_created_from_the_page_and_a_taken_name_is_explained(page, dash, open_page):
+    open_page.allowed.append("console error: Failed to load resource: the server responded "
+                             "with a status of 400 (Bad Request)")  # Chromium's own line, as above
+    sign_in(page, dash)
+    page.get_by_text("New project", exact=True).click()
+    page.get_by_label("Name").fill("made-here")
+    page.get_by_label("Default command").fill("echo made")
+    page.get_by_role("button", name="Create project").click()
+    expect(page).to_have_url(re.compile(r"#/alice/made-here$"))
+    expect(page.locator(".fields")).to_contain_text("echo made")
+    page.goto(dash.url + "/#/")
+    page.get_by_text("New project", exact=True).click()
+    page.get_by_label("Name").fill("made-here")
+    page.get_by_role("button", name="Create project").click()
+    expect(page.get_by_role("alert").filter(has_text="taken")).to_contain_text(
+        "The project name 'made-here' is taken.")
+
+
+def test_a_triggered_build_shows_its_log_live_and_ends_succeeded(page, dash):
+    dash.project("live", command="echo default")
+    sign_in(page, dash)
+    page.get_by_role("link", name="live", exact=True).click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("live")
+    page.get_by_text("Options: command, environment, name, tags").click()
+    page.get_by_label("Command").fill(LIVE_COMMAND)
+    page.get_by_label("Environment").fill("GREETING=hi")
+    page.get_by_label("Tags").fill("smoke, ui")
+    page.get_by_role("button", name="Trigger build").click()
+
+    expect(page).to_have_url(re.compile(r"#/alice/live/builds/1$"))
+    page.evaluate("window.sameDocument = true")
+    expect(log_of(page)).to_contain_text("line 1")
+    assert "line 4" not in log_of(page).text_content()  # it streams: the build is not done
+    expect(status_of(page)).to_have_text("▶running")
+    expect(log_of(page)).to_contain_text("line 1\nline 2\nline 3\nline 4")
+    expect(status_of(page)).to_have_text("✓succeeded")
+    assert page.evaluate("window.sameDocument") is True  # no reload
+    expect(page.locator("#live")).to_be_hidden()
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#restart")).to_be_enabled()
+    expect(page.locator(".timeline")).to_contain_text("succeeded")
+    expect(page.locator(".timeline")).to_contain_text("exit code 0")
+    expect(page.locator(".fields")).to_contain_text("smoke")
+    page.screenshot(path=os.path.join(SHOTS, "dashboard-build-desktop.png"), full_page=True)
+
+    page.get_by_role("navigation", name="Breadcrumb").get_by_role("link", name="live").click()
+    row = page.locator("tbody tr").first
+    expect(row).to_contain_text("✓succeeded")
+    expect(row).to_contain_text("#1")
+    expect(row).to_contain_text("smoke")
+    expect(row).to_contain_text("alice")
+    page.screenshot(path=os.path.join(SHOTS, "dashboard-project-desktop.png"), full_page=True)
+
+
+def test_stop_ends_a_running_build_stopped_and_restart_starts_another(page, dash):
+    dash.project("sleepy", command="sleep 60")
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/sleepy")
+    page.get_by_role("button", name="Trigger build").click()
+    expect(page).to_have_url(re.compile(r"#/alice/sleepy/builds/1$"))
+    expect(status_of(page)).to_have_text("▶running")
+    expect(page.locator("#restart")).to_be_disabled()
+    page.get_by_role("button", name="Stop").click()
+    expect(status_of(page)).to_have_text("■stopped")
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator(".timeline")).to_contain_text("stopped by alice")
+
+    page.get_by_role("button", name="Restart").click()
+    expect(page).to_have_url(re.compile(r"#/alice/sleepy/builds/2$"))
+    expect(page.locator(".fields")).to_contain_text("#1")  # restarted from
+    expect(status_of(page)).to_have_text("▶running")
+    page.get_by_role("button", name="Stop").click()
+    expect(status_of(page)).to_have_text("■stopped")
+
+
+def test_ansi_colours_are_rendered_and_api_text_never_becomes_html(page, dash):
+    dash.project("colours", description="<img src=x onerror=\"window.owned = 1\">",
+                 command="printf '\\033[31mred\\033[0m plain \\033[1;38;5;82mgreen\\033[0m\\n<b>bold?</b>\\n'")
+    dash.final_build(f"/alice/colours/builds/{dash.api('POST', '/alice/colours/builds')['id']}")
+    sign_in(page, dash)
+    expect(page.get_by_text("<img src=x onerror=\"window.owned = 1\">")).to_be_visible()
+    page.goto(dash.url + "/#/alice/colours/builds/1")
+    expect(log_of(page)).to_contain_text("red plain green\n<b>bold?</b>")
+    text = log_of(page).text_content()
+    assert "\x1b" not in text and "[31m" not in text and "[0m" not in text
+    red = log_of(page).locator("span", has_text=re.compile("^red$"))
+    assert red.evaluate("e => getComputedStyle(e).color") == "rgb(255, 107, 107)"
+    green = log_of(page).locator("span", has_text=re.compile("^green$"))
+    assert green.evaluate("e => getComputedStyle(e).fontWeight") == "700"
+    assert page.locator("img").count() == 0 and log_of(page).locator("b").count() == 0
+    assert page.evaluate("window.owned") is None
+
+    # live, opened between the two halves of a line and of its colour sequence
+    dash.project("split", command="printf 'a \\033[3'; sleep 1.5; printf '2mgreen\\033[0m b\\n'")
+    dash.api("POST", "/alice/split/builds")
+    deadline = time.monotonic() + 10
+    while dash.api("GET", "/alice/split/builds/1")["log_size"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page.goto(dash.url + "/#/alice/split/builds/1")
+    expect(status_of(page)).to_have_text("✓succeeded")
+    expect(log_of(page)).to_contain_text("a green b\n")
+    assert log_of(page).inner_text().strip() == "a green b"  # as drawn: one line
+
+
+def test_builds_are_paged_and_filtered_by_status(page, dash):
+    dash.project("many")
+    for number in range(1, 26):  # unmanaged builds: statuses are reported, nothing runs
+        dash.api("POST", "/alice/many/builds", {"is_managed": False, "name": f"b{number}"})
+        path = f"/alice/many/builds/{number}/statuses"
+        dash.api("POST", path, {"status": "running"})
+        dash.api("POST", path, {"status": "failed" if number % 5 == 0 else "succeeded"})
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/many")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(20)
+    expect(rows.first).to_contain_text("#25")
+    expect(page.locator(".pager")).to_contain_text("1–20 of 25")
+    page.get_by_role("link", name="Older →").click()
+    expect(rows).to_have_count(5)
+    expect(page.locator(".pager")).to_contain_text("21–25 of 25")
+    expect(page.locator("#page-next")).to_have_count(0)
+    expect(page.get_by_role("heading", name="Builds")).to_be_focused()  # not lost to <body>
+
+    page.get_by_label("failed").check()
+    expect(rows).to_have_count(5)
+    for row in rows.all():
+        expect(row).to_contain_text("✗failed")
+    expect(page).to_have_url(re.compile(r"#/alice/many\?status=failed$"))
+    page.get_by_label("stopped").check()
+    expect(page).to_have_url(re.compile(r"status=stopped%2Cfailed$|status=failed%2Cstopped$"))
+    expect(rows).to_have_count(5)
+    page.go_back()
+    page.go_back()
+    expect(page.get_by_label("failed")).not_to_be_checked()
+    expect(rows).to_have_count(5)
+    expect(rows.first).to_contain_text("#5")
+
+
+def test_a_big_log_shows_its_tail_and_loads_earlier_parts_on_demand(page, dash):
+    dash.project("big", command="seq 1 200000")  # 1.3 MB
+    build = dash.final_build(f"/alice/big/builds/{dash.api('POST', '/alice/big/builds')['id']}")
+    expected = "".join(f"{i}\n" for i in range(1, 200001))
+    assert build["log_size"] == len(expected)
+    log_requests = []
+    page.on("request", lambda r: log_requests.append(r.url) if "/logs" in r.url else None)
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/big/builds/1")
+    expect(log_of(page)).to_contain_text("199999\n200000\n")
+    shown = log_of(page).text_content()
+    assert len(shown) <= 256 * 1024 and shown.split("\n")[0].isdigit()
+    assert expected.endswith(shown)  # whole lines of the tail
+    earlier = page.locator("#earlier")
+    expect(earlier).to_contain_text("Load earlier output")
+    box = log_of(page).bounding_box()
+    assert box["height"] < 800  # the log scrolls inside its box
+    for _ in range(10):
+        if earlier.is_hidden():
+            break
+        before = len(log_of(page).text_content())
+        earlier.click()
+        expect(log_of(page)).not_to_have_text(re.compile(rf"^[\s\S]{{{before}}}$"))
+    expect(earlier).to_be_hidden()
+    assert log_of(page).text_content() == expected  # no gap, no repeat at the joins
+    for url in log_requests:
+        limit = re.search(r"[?&]limit=(\d+)", url)
+        assert "follow=1" in url or (limit and int(limit.group(1)) <= 256 * 1024), url
+
+
+def test_a_fast_live_log_keeps_only_its_tail_in_the_page(page, dash):
+    dash.project("fast", command="for i in $(seq 0 11); do seq $((i*100000+1)) $((i*100000+100000)); "
+                                  "sleep 0.25; done")  # 8.9 MB in about 3 s
+    sign_in(page, dash)
+    dash.api("POST", "/alice/fast/builds")
+    page.goto(dash.url + "/#/alice/fast/builds/1")
+    expect(status_of(page)).to_have_text("✓succeeded", timeout=30_000)
+    expect(log_of(page)).to_contain_text("1199999\n1200000\n")
+    numbers = log_of(page).text_content().split("\n")[1:-1]  # the first line may be cut
+    assert len(numbers) < 400_000  # what is kept, not all 1.2 million lines
+    assert [int(n) for n in numbers] == list(range(int(numbers[0]), 1200001))
+    page.locator("#earlier").click()
+    expect(log_of(page)).to_contain_text(f"\n{int(numbers[0]) - 1}\n")
+    numbers = log_of(page).text_content().split("\n")[1:-1]
+    assert [int(n) for n in numbers] == list(range(int(numbers[0]), 1200001))
+
+
+def test_keyboard_alone_signs_in_opens_a_project_and_triggers_a_build(page, dash):
+    dash.project("keys", command="echo typed")
+    page.goto(dash.url + "/")
+    page.keyboard.type(dash.alice)
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Your projects")
+
+    def tab_to(locator, limit=40):
+        for _ in range(limit):
+            page.keyboard.press("Tab")
+            if locator.evaluate("e => e === document.activeElement"):
+                return
+        raise AssertionError(f"Tab never reached {locator}")
+    link = page.get_by_role("link", name="keys", exact=True)
+    tab_to(link)
+    assert link.evaluate("e => getComputedStyle(e).outlineStyle") != "none"  # focus is visible
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", level=1)).to_have_text("keys")
+    tab_to(page.get_by_role("button", name="Trigger build"))
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"#/alice/keys/builds/1$"))
+    expect(status_of(page)).to_have_text("✓succeeded")
+    expect(log_of(page)).to_have_text("typed\n")
+    tab_to(page.get_by_role("button", name="Restart"))
+
+
+def test_a_phone_width_page_never_scrolls_sideways(open_page, dash):
+    long_name = "a-project-with-a-rather-long-name-for-a-phone-screen-0123456789"
+    dash.project(long_name, command="echo " + "x" * 3000 + "; echo done",
+                 description="A description that goes on for a while, to wrap on a small screen.")
+    build = dash.api("POST", f"/alice/{long_name}/builds", {"tags": ["nightly", "release-candidate"],
+                                                           "name": "phone-check"})
+    dash.final_build(f"/alice/{long_name}/builds/{build['id']}")
+    page = open_page(375, 700)
+    sign_in(page, dash)
+
+    def no_sideways_scroll(shot):
+        page.screenshot(path=os.path.join(SHOTS, f"dashboard-phone-{shot}.png"), full_page=True)
+        width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width[0] <= width[1], f"{shot}: the page is {width[0]} px wide in a {width[1]} px viewport"
+    expect(page.get_by_role("link", name=long_name)).to_be_visible()
+    no_sideways_scroll("projects")
+    page.get_by_role("link", name=long_name).click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    no_sideways_scroll("project")
+    page.get_by_role("link", name="#1").first.click()
+    expect(log_of(page)).to_contain_text("done")
+    log_of(page).scroll_into_view_if_needed()  # off-screen log lines are drawn only when seen
+    no_sideways_scroll("build")
+    page.get_by_label("Wrap lines").uncheck()  # long lines then scroll inside the log only
+    no_sideways_scroll("build-nowrap")
