@@ -1276,13 +1276,21 @@ def test_every_route_answers_the_same_with_and_without_a_trailing_slash(
 # Errors ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", [
-    "/", "/api", "/api/v1", "/api/v2/health", "/health", "/api/v1/alice/app/nope",
+    "/index.html", "/api", "/api/v1", "/api/v2/health", "/health", "/api/v1/alice/app/nope",
     "/api/v1/alice/app/builds/1/nope", "/api/v1/alice/app/builds/1/statuses/1/nope",
     "/api/v1/alice/app/builds/1/logs/nope", "/api/v1/alice/app/builds/1/stop/now",
 ])
 def test_unknown_route_is_404_json(web, alice, populated, path):
     for token in (alice, None):
         assert_error(call(web, "GET", path, token), 404)
+
+
+def test_the_dashboard_page_is_served_at_the_root_with_a_strict_policy(web):
+    page = web.get("/")
+    assert page.content_type == "text/html" and b"<script>" in page.body
+    policy = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+    assert "'unsafe-inline'" not in policy
 
 
 @pytest.mark.parametrize("method, path", [
