@@ -386,16 +386,11 @@ class Database:
                               "schema.sql must sit beside buildserver.py") from None
         parts = re.split(r"^-- migration (\d+)\s*$", script, flags=re.M)
         migrations = {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
-        conn = self.conn
-        try:
+        try:  # only reads until the file is known to be ours
+            conn = self.conn
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-            if not tables:
-                # Logs are most of the bytes: 16 KiB pages store them with a
-                # quarter of the per-page work (only possible before WAL).
-                conn.execute("PRAGMA page_size = 16384")
-            conn.execute("PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as e:
             raise SchemaError(f"{self.path} is not a SQLite database ({e})") from None
         if version == 0 and tables:
@@ -404,6 +399,11 @@ class Database:
         if version > max(migrations):
             raise SchemaError(f"{self.path} was written by a newer buildserver "
                               f"(schema version {version}, this one knows {max(migrations)})")
+        if not tables:
+            # Logs are most of the bytes: 16 KiB pages store them with a quarter
+            # of the per-page work (settable only before the first table and WAL).
+            conn.execute("PRAGMA page_size = 16384")
+        conn.execute("PRAGMA journal_mode = WAL")
         for number in sorted(n for n in migrations if n > version):
             with self.write() as c:
                 for statement in _statements(migrations[number]):
@@ -553,12 +553,16 @@ class Store:
         return count, rows
 
     def create_build(self, project_id, user, fields, restarted_from=None):
-        """Record a build `created` (and `scheduled` if managed); returns its row id."""
+        """Record a build `created` (and `scheduled` if managed); returns its row
+        id, or None if the project was deleted meanwhile."""
         now = now_iso()
         managed = fields.get("is_managed", True)
         with self.db.write() as c:
-            number = c.execute("SELECT next_number FROM projects WHERE id = ?",
-                               (project_id,)).fetchone()[0]
+            row = c.execute("SELECT next_number FROM projects WHERE id = ?",
+                            (project_id,)).fetchone()
+            if row is None:
+                return None
+            number = row[0]
             c.execute("UPDATE projects SET next_number = next_number + 1,"
                       " builds_count = builds_count + 1 WHERE id = ?", (project_id,))
             build_id = c.execute(
@@ -1240,7 +1244,8 @@ def json_bytes(obj):
 
 
 def read_body(limit):
-    """The request body, refused with 413 from Content-Length before it is read."""
+    """The request body, refused with 413 from Content-Length before it is read
+    (under waitress, before it is even received: see _channel_class)."""
     environ = bottle.request.environ
     length = environ.get("CONTENT_LENGTH") or ""
     if length and whole_number(length) is None:
@@ -1718,7 +1723,7 @@ def make_routes(app):
         fields = validate(read_json(), PROJECT_PATCH)
         if fields:
             store.update_project(project["id"], fields)
-        return project_json(store.project(username, project_name))
+        return project_json(still_there(store.project(username, project_name)))
 
     @authorized
     def delete_project(user, username, project_name):
@@ -1729,6 +1734,12 @@ def make_routes(app):
         store.delete_project(project["id"])
         shutil.rmtree(os.path.join(config.workspaces, username, project_name), ignore_errors=True)
         return {"detail": f"Deleted the project {username}/{project_name}."}
+
+    def still_there(row):
+        """`row`, re-read after a write; None means a delete won the race."""
+        if row is None:
+            raise ApiError(404, "It was deleted while this request ran.")
+        return row
 
     def stop_all(build_ids, message):
         for build_id in build_ids:
@@ -1765,7 +1776,8 @@ def make_routes(app):
 
     def start_build(project, user, fields, restarted_from=None):
         build_id = store.create_build(project["id"], user["name"], fields, restarted_from)
-        answer = build_json(store.build(build_id))  # before the worker wakes and competes
+        answer = build_json(still_there(build_id and store.build(build_id)))
+        # (read before the worker wakes and competes for the interpreter)
         if fields.get("is_managed", True):
             runner.submit(build_id)
         return created(answer)
@@ -1782,7 +1794,7 @@ def make_routes(app):
         fields = validate(read_json(), BUILD_PATCH)
         if fields:
             store.update_build(build["id"], fields)
-        return build_json(store.build(build["id"]))
+        return build_json(still_there(store.build(build["id"])))
 
     @authorized
     def delete_build(user, username, project_name, build_id):
@@ -1801,7 +1813,7 @@ def make_routes(app):
         build = _build(app, username, project_name, build_id)
         # Most builds obey SIGTERM at once: wait a moment, so the answer says `stopped`.
         runner.stop(build["id"], f"stopped by {user['name']}", wait=min(2.0, config.stop_grace))
-        return build_json(store.build(build["id"]))
+        return build_json(still_there(store.build(build["id"])))
 
     @authorized
     def restart_build(user, username, project_name, build_id):
@@ -1831,7 +1843,7 @@ def make_routes(app):
         message = "\n".join(filter(None, (fields.get("message"), fields.get("traceback")))) or None
         entry = store.transition(build["id"], fields["status"], message)
         if entry is None:
-            current = store.build(build["id"])["last_status"]
+            current = still_there(store.build(build["id"]))["last_status"]
             raise ApiError(400, f"A build cannot go from {current} to {fields['status']}.",
                            errors={"status": f"not allowed after {current}"})
         return created(status_json(entry, build["number"]))
@@ -1913,7 +1925,7 @@ def make_routes(app):
             raise ApiError(400, f"The build is {build['last_status']}: its log is closed.")
         if bottle.request.content_type.split(";")[0].strip() == "application/json":
             body = _json_log_text(body)
-        size, _ = store.append_log(build["id"], body, config.max_log_bytes)
+        size, _ = still_there(store.append_log(build["id"], body, config.max_log_bytes))
         return {"size": size}
 
     B = "/api/v1/<username>/<project_name>/builds/<build_id>"
@@ -2056,6 +2068,7 @@ def serve(config):
     # Big sends for log downloads (set on each accepted connection).
     server.adj.socket_options = server.adj.socket_options + [
         (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
+    server.channel_class = _channel_class()
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
         token = app.store.create_user("admin", is_admin=True)
         print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
@@ -2096,6 +2109,31 @@ def serve(config):
     app.close()
     log.info("stopped")
     return 0
+
+
+def body_limit(path):
+    """The largest request body a path takes."""
+    return LOG_BODY_LIMIT if path.rstrip("/").endswith("/logs") else JSON_BODY_LIMIT
+
+
+def _channel_class():
+    """waitress's HTTP channel, with a parser that refuses a body over its
+    path's limit from its Content-Length: the app sees the request at once,
+    with no body, and answers 413; the connection closes after the answer."""
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+
+    class Parser(HTTPRequestParser):
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            if self.content_length > body_limit(self.path):
+                self.body_rcv = None  # so the request is complete without its body
+                self.connection_close = True
+
+    class Channel(HTTPChannel):
+        parser_class = Parser
+
+    return Channel
 
 
 def _return_startup_memory():

@@ -11,10 +11,13 @@ import io
 import json
 import logging
 import os
+import random
 import re
+import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import waitress
@@ -2733,6 +2737,1118 @@ def test_the_client_works_without_bottle_or_waitress(served):
                                  capture_output=True, timeout=60)
     assert served_only.returncode == 1 and b"needs bottle and waitress" in served_only.stderr
 
+###############################################################################
+# Robustness ##################################################################
+###############################################################################
+# What the contract promises when things go wrong: who may do what (the full
+# authorization matrix, taken from the routing table), the abuse limits (413,
+# 429), many clients at once, `kill -9` of the server, unusable data folders
+# and database files, migrations and online backups.
+
+# Robustness: helpers --------------------------------------------------------
+
+def db_dump(path):
+    """Every row of the SQLite file at `path`, as SQL text (schema included)."""
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+class RowWatch:
+    """Whether the rows of a SQLite file changed since the last look. The dump
+    is compared only when PRAGMA data_version says another connection committed."""
+
+    def __init__(self, path):
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.version = self._version()
+        self.dump = db_dump(path)
+
+    def _version(self):
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def changed(self):
+        """Whether a row changed since the last call; the new state is then the reference."""
+        version = self._version()
+        if version == self.version:
+            return False
+        dump = db_dump(self.path)
+        changed, self.version, self.dump = dump != self.dump, version, dump
+        return changed
+
+    def close(self):
+        self.conn.close()
+
+
+def integrity(path):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def user_version(path):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def schema_migrations():
+    """{number: sql} of schema.sql's `-- migration N` sections."""
+    with open(buildserver.SCHEMA_PATH, encoding="utf-8") as f:
+        parts = re.split(r"^-- migration (\d+)\s*$", f.read(), flags=re.M)
+    return {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
+
+
+def run_cli(*args, timeout=30):
+    """`python buildserver.py ARGS`; the CompletedProcess, text mode."""
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def add_user(data_dir, name, *flags):
+    """A new user made by the `adduser` command; returns its token."""
+    done = run_cli("adduser", name, *flags, "--data-dir", str(data_dir))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def api(server, method, path, body=None, token=None, headers=None, timeout=30):
+    """(status, parsed JSON or raw bytes) of one request to a real server."""
+    status, _, data = server.request(method, path, body, token=token, headers=headers,
+                                     timeout=timeout)
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, data
+
+
+def all_builds(server, project_path, token=None):
+    """Every build of a project, following the pages."""
+    builds, offset = [], 0
+    while True:
+        status, page = api(server, "GET", f"{project_path}/builds?limit=1000&offset={offset}",
+                           token=token)
+        assert status == 200, page
+        builds += page["results"]
+        offset += 1000
+        if page["next"] is None:
+            return builds
+
+
+def check_history(server, build_path, token=None):
+    """Assert that a build's status history is a path through the status machine."""
+    status, page = api(server, "GET", f"{build_path}/statuses?limit=1000", token=token)
+    assert status == 200, page
+    names = [entry["status"] for entry in page["results"]]
+    assert names and names[0] == "created", (build_path, names)
+    for before, after in zip(names, names[1:]):
+        assert after in buildserver.TRANSITIONS[before], (build_path, names)
+    assert [entry["id"] for entry in page["results"]] == list(range(1, len(names) + 1))
+    return page["results"]
+
+
+def raw_request_head(host, port, method, path, headers, first_bytes=b""):
+    """Open a socket and send a request's head and the first bytes of its body."""
+    sock = socket.create_connection((host, port), timeout=10)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    sock.sendall(head.encode("latin-1") + first_bytes)
+    return sock
+
+
+def read_status_line(sock, deadline):
+    """The first line of the answer, waiting until `deadline` (monotonic) at most."""
+    received = b""
+    while b"\r\n" not in received:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("no answer before the deadline: the server waits for the body")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(4096)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        received += chunk
+    return received.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+def server_errors(server):
+    """Lines of a real server's log that betray a bug (a traceback, a 500)."""
+    return [line for line in list(server.stderr_lines)
+            if "Traceback" in line or "internal error" in line or "database is locked" in line]
+
+
+# Authorization matrix -------------------------------------------------------
+# Every route of the routing table, with every kind of credential, against
+# existing and missing resources. Refused requests must leave the database
+# exactly as it was.
+
+def is_public(path):
+    """Health, the API's description and the pages outside the API (the
+    dashboard's shell, which asks for the token in the browser) need no token."""
+    return path in ("/api/v1/health", "/api/v1/openapi.json") or not path.startswith("/api/")
+
+
+REFUSED_KINDS = ("none", "malformed", "unknown", "revoked")
+EXISTING = {"username": "alice", "project_name": "app", "build_id": "1", "status_id": "1"}
+MISSING = {"username": ["nobody"], "project_name": ["nothere"], "build_id": ["999", "abc"],
+           "status_id": ["99", "0123456789abcdef0123456789abcdef"]}
+
+
+def request_body(route, serial):
+    """A body that the route would accept: a refusal is then about access alone."""
+    if route.method not in ("POST", "PATCH"):
+        return None, {}
+    json_type = {"Content-Type": "application/json"}
+    if route.path.endswith("/logs"):
+        return b"some output\n", {"Content-Type": "text/plain"}
+    if route.path.endswith("/statuses"):
+        return json.dumps({"status": "running"}).encode(), json_type
+    if route.path.endswith("/builds"):
+        return json.dumps({"is_managed": False, "command": "true"}).encode(), json_type
+    if route.path == "/api/v1/<username>":
+        return json.dumps({"name": f"made-{serial}"}).encode(), json_type
+    if route.path == "/api/v1/<username>/<project_name>":
+        return json.dumps({"description": "changed"}).encode(), json_type
+    if route.path.endswith("/<build_id>") and route.method == "PATCH":
+        return json.dumps({"name": "renamed", "tags": ["x"]}).encode(), json_type
+    return None, {}  # stop, restart: no body
+
+
+def expected_status(route, params, kind):
+    """What SPEC.md's "Authentication and access" says the answer must be."""
+    if is_public(route.path):
+        return route.answer[0]
+    if kind in REFUSED_KINDS:
+        return 401
+    if "username" not in params:  # /api/v1/users: any valid token
+        return route.answer[0]
+    if kind == "foreign" or (kind == "owner" and params["username"] != "alice"):
+        return 403  # before existence
+    missing = any(params[name] != EXISTING[name] for name in params)
+    return 404 if missing else route.answer[0]
+
+
+@pytest.fixture
+def open_app(tmp_path):
+    """An app whose runner starts nothing and which never throttles failed auths."""
+    application = buildserver.make_app(buildserver.Config(
+        data_dir=str(tmp_path / "data"), workers=0, auth_burst=0))
+    yield application
+    application.close()
+
+
+def test_every_route_answers_401_403_404_exactly_as_the_spec_says_and_refusals_change_nothing(
+        open_app, request):
+    web = webtest.TestApp(open_app)
+    store = open_app.store
+    admin = store.create_user("root", is_admin=True)
+    revoked = store.create_user("alice")
+    alice = store.new_token(store.user_by_name("alice")["id"])
+    bob = store.create_user("bob")
+    tokens = (admin, revoked, alice, bob)
+
+    def make_project(name):
+        """alice/<name> with an unmanaged build 1 (its status 1 is `created`)."""
+        web.post_json("/api/v1/alice", {"name": name, "command": "true"},
+                      headers={"Authorization": f"Token {admin}"})
+        web.post_json(f"/api/v1/alice/{name}/builds", {"is_managed": False},
+                      headers={"Authorization": f"Token {admin}"})
+    make_project("app")
+
+    credentials = [
+        ("none", None),
+        ("malformed", "Basic YWxpY2U6c2VjcmV0"),
+        ("malformed", "Token"),
+        ("malformed", f"Token {alice} extra"),
+        ("malformed", "Token\u00e9"),
+        ("unknown", f"Token {secrets.token_urlsafe(32)}"),
+        ("revoked", f"Token {revoked}"),
+        ("foreign", f"Token {bob}"),
+        ("owner", f'token "{alice}"'),  # the spec's other spellings, too
+        ("admin", f"Bearer {admin}"),
+    ]
+    routes = open_app.bottle.routes_table
+    assert len(routes) >= 21
+    watch = RowWatch(open_app.config.db_path)
+    request.addfinalizer(watch.close)
+    failures, forbidden_bodies, serial = [], {}, 0
+
+    for route in routes:
+        names = re.findall(r"<(\w+)>", route.path)
+        fillings = [{n: EXISTING[n] for n in names}]
+        for name in names:
+            fillings += [{**fillings[0], name: value} for value in MISSING[name]]
+        for params in fillings:
+            for kind, header in credentials:
+                for slash in ("", "/"):
+                    serial += 1
+                    expected = expected_status(route, params, kind)
+                    filled = params
+                    if expected < 300 and "project_name" in params:
+                        # A success changes things: give it a project of its own.
+                        filled = {**params, "project_name": f"fresh-{serial}"}
+                        make_project(filled["project_name"])
+                    path = re.sub(r"<(\w+)>", lambda m: filled[m.group(1)], route.path) + slash
+                    body, headers = request_body(route, serial)
+                    if header is not None:
+                        headers = {**headers, "Authorization": header}
+                    resp = web.request(path, method=route.method, headers=headers, body=body,
+                                       expect_errors=True)
+                    where = f"{route.method} {path} with {kind} token {header!r}"
+                    if resp.status_int != expected:
+                        failures.append(f"{where}: {resp.status_int}, expected {expected}: "
+                                        f"{resp.body[:200]!r}")
+                    if any(token in resp.text for token in tokens) or any(
+                            token in value for token in tokens for value in resp.headers.values()):
+                        failures.append(f"{where}: a token appears in the answer")
+                    if resp.status_int >= 400:
+                        if resp.content_type != "application/json" or not isinstance(
+                                resp.json.get("detail"), str):
+                            failures.append(f"{where}: not a JSON error: {resp.body[:200]!r}")
+                    if resp.status_int == 401 and resp.headers.get("WWW-Authenticate") != "Token":
+                        failures.append(f"{where}: 401 without WWW-Authenticate: Token")
+                    if resp.status_int == 403:
+                        forbidden_bodies.setdefault((route.method, route.path, kind), set()).add(
+                            resp.body)
+                    if watch.changed() and resp.status_int >= 300:
+                        failures.append(f"{where}: refused with {resp.status_int} but the "
+                                        "database changed")
+
+    # A 403 never tells whether the thing exists: one body per route, whatever the ids.
+    for route, bodies in forbidden_bodies.items():
+        if len(bodies) != 1:
+            failures.append(f"{route}: 403 answers differ with existence: {sorted(bodies)}")
+    assert not failures, f"{len(failures)} deviations:\n" + "\n".join(failures[:40])
+
+
+def test_methods_a_path_does_not_have_get_405_and_change_nothing(open_app):
+    web = webtest.TestApp(open_app)
+    admin = open_app.store.create_user("root", is_admin=True)
+    web.post_json("/api/v1/root", {"name": "app", "command": "true"},
+                  headers={"Authorization": f"Token {admin}"})
+    web.post_json("/api/v1/root/app/builds", {"is_managed": False},
+                  headers={"Authorization": f"Token {admin}"})
+    routes = open_app.bottle.routes_table
+    patterns = [(route.method, re.compile("^" + re.sub(r"<\w+>", "[^/]+", route.path) + "$"))
+                for route in routes]
+    fill = {"username": "root", "project_name": "app", "build_id": "1", "status_id": "1"}
+    before = db_dump(open_app.config.db_path)
+    failures = []
+    for path in sorted({re.sub(r"<(\w+)>", lambda m: fill[m.group(1)], r.path) for r in routes}):
+        served = {method for method, pattern in patterns if pattern.match(path)}
+        for method in sorted({"GET", "POST", "PATCH", "DELETE", "PUT"} - served):
+            for header in ({"Authorization": f"Token {admin}"}, {}):
+                resp = web.request(path, method=method, headers=header, body=b"{}",
+                                   expect_errors=True)
+                if header and resp.status_int != 405 or resp.status_int not in (401, 405):
+                    failures.append(f"{method} {path} {header and 'admin'}: {resp.status_int}")
+                elif not isinstance(resp.json.get("detail"), str):
+                    failures.append(f"{method} {path}: not a JSON error")
+    assert not failures, failures
+    assert db_dump(open_app.config.db_path) == before
+
+
+# Abuse limits ---------------------------------------------------------------
+
+def test_a_huge_content_length_gets_413_before_the_body_is_sent(server_factory):
+    server = server_factory()
+    db_path = os.path.join(server.data_dir, "buildserver.db")
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    before = db_dump(db_path)
+    for path, content_type in (("/api/v1/admin", "application/json"),
+                               ("/api/v1/admin/app/builds", "application/json"),
+                               ("/api/v1/admin/app/builds/1/logs", "text/plain")):
+        sock = raw_request_head(server.host, server.port, "POST", path, {
+            "Authorization": f"Token {server.token}", "Content-Type": content_type,
+            "Content-Length": str(10 ** 12)}, b'{"name": "x')
+        try:
+            assert " 413 " in read_status_line(sock, time.monotonic() + 10)
+        finally:
+            sock.close()
+    assert db_dump(db_path) == before
+    assert api(server, "GET", "/api/v1/health", token="") == (200, {"status": "ok"})
+
+
+def test_a_content_length_just_over_the_limits_gets_413_before_the_body_is_sent(server_factory):
+    server = server_factory()
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    sockets = [raw_request_head(server.host, server.port, "POST", path, {
+        "Authorization": f"Token {server.token}", "Content-Type": content_type,
+        "Content-Length": str(length)}, b'{"na')
+        for path, content_type, length in (
+            ("/api/v1/admin", "application/json", buildserver.JSON_BODY_LIMIT + 1),
+            ("/api/v1/admin/app/builds/1/logs", "text/plain", buildserver.LOG_BODY_LIMIT + 1))]
+    try:
+        deadline = time.monotonic() + 3  # a server that checks the header answers at once
+        for sock in sockets:
+            assert " 413 " in read_status_line(sock, deadline)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_failed_authentications_past_the_burst_get_429_while_a_valid_token_still_works(
+        server_factory):
+    server = server_factory("--auth-burst", "5")
+    db_path = os.path.join(server.data_dir, "buildserver.db")
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    before = db_dump(db_path)
+    unknown = secrets.token_urlsafe(32)
+    for _ in range(5):
+        status, body = api(server, "POST", "/api/v1/admin/app/builds", {}, token=unknown)
+        assert status == 401, body
+        assert api(server, "GET", "/api/v1/admin/app")[0] == 200
+    answers = [server.request("POST", "/api/v1/admin/app/builds", {}, token=token,
+                              headers=headers)
+               for token, headers in ((unknown, None), ("", None),
+                                      ("", {"Authorization": "Basic eDp5"}))]
+    for status, headers, data in answers:
+        assert status == 429, data
+        assert 1 <= int(headers["Retry-After"]) <= 61
+        assert isinstance(json.loads(data)["detail"], str)
+    assert db_dump(db_path) == before
+    # The valid token is never throttled, reads and writes alike.
+    assert api(server, "GET", "/api/v1/admin/app")[0] == 200
+    assert api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})[0] == 201
+    assert api(server, "GET", "/api/v1/health", token="")[0] == 200
+
+
+# Many clients at once -------------------------------------------------------
+
+FAST = "echo start $BUILD_ID; sleep 0.05; echo end"
+SLOW = "i=0; while [ $i -lt 15 ]; do echo line $i; i=$((i+1)); sleep 0.05; done"
+STUBBORN = "trap '' TERM; echo stubborn; sleep 3"  # needs the SIGKILL after --stop-grace
+FOLLOWED = "for i in 1 2 3 4 5 6 7 8; do echo followed $i; sleep 0.03; done"
+
+
+class Workload:
+    """What the client threads did, for the checks afterwards."""
+
+    def __init__(self, server, deadline):
+        self.server, self.deadline = server, deadline
+        self.lock = threading.Lock()
+        self.problems = []
+        self.created = {}   # project path -> numbers answered 201
+        self.deleted = {}   # project path -> numbers answered 200 to DELETE
+        self.known = []     # (project path, number) for the readers
+        self.requests = 0
+
+    def call(self, method, path, token, body=None, ok=(200,), headers=None, allow=()):
+        """One request; anything but `ok` (or an `allow`ed exception) is a problem."""
+        with self.lock:
+            self.requests += 1
+        try:
+            status, _, data = self.server.request(method, path, body, token=token,
+                                                  headers=headers, timeout=30)
+        except allow:
+            return None, None
+        except Exception as e:  # noqa: BLE001 (every failure is reported)
+            self.problems.append(f"{method} {path}: {e!r}")
+            return None, None
+        if status not in ok or status >= 500 or b"database is locked" in data:
+            self.problems.append(f"{method} {path}: {status} {data[:300]!r}")
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, data
+
+    def record(self, project, number, deleted=False):
+        with self.lock:
+            (self.deleted if deleted else self.created).setdefault(project, set()).add(number)
+            if not deleted:
+                self.known.append((project, number))
+
+    def running(self):
+        return time.monotonic() < self.deadline
+
+
+def managed_client(work, token, project, seed):
+    """Creates, reads, patches, stops, restarts and deletes its own managed builds."""
+    rng, mine, creates = random.Random(seed), [], 0
+    for _ in range(300):
+        if not work.running():
+            return
+        op = rng.choices(["create", "get", "patch", "stop", "delete", "restart", "list",
+                          "statuses", "log"], [4, 3, 2, 2, 1, 1, 1, 2, 2])[0]
+        if op in ("create", "restart") and creates >= 25 or op != "create" and not mine:
+            op = "list"
+        number = rng.choice(mine) if mine else None
+        build = f"{project}/builds/{number}"
+        if op == "create":
+            command = rng.choices([FAST, SLOW, STUBBORN], [6, 2, 1])[0]
+            status, body = work.call("POST", f"{project}/builds", token,
+                                     {"command": command, "tags": ["load"]}, ok=(201,))
+            if status == 201:
+                creates += 1
+                mine.append(body["id"])
+                work.record(project, body["id"])
+        elif op == "restart":
+            status, body = work.call("POST", f"{build}/restart", token, ok=(201,))
+            if status == 201:
+                creates += 1
+                mine.append(body["id"])
+                work.record(project, body["id"])
+        elif op == "get":
+            work.call("GET", build + "/", token)
+        elif op == "patch":
+            work.call("PATCH", build, token, {"name": f"n{seed}", "tags": ["a", "b"],
+                                              "description": "patched"})
+        elif op == "stop":
+            work.call("POST", rng.choice([build, build + "/stop"]), token)
+        elif op == "delete":
+            status, _ = work.call("DELETE", build, token)
+            if status == 200:
+                mine.remove(number)
+                work.record(project, number, deleted=True)
+        elif op == "list":
+            work.call("GET", f"{project}/builds?status=scheduled,running&limit=50", token)
+        elif op == "statuses":
+            work.call("GET", f"{build}/statuses?limit=1000", token)
+        else:
+            work.call("GET", rng.choice([f"{build}/logs?tail=3", f"{build}/logs?format=json"]),
+                      token)
+
+
+def unmanaged_client(work, token, project, seed):
+    """Reports statuses and appends logs to its own unmanaged builds, as a CI
+    agent would; tracks each build's status to know the exact answers."""
+    rng, mine = random.Random(seed), {}  # number -> the status it must have
+    for _ in range(300):
+        if not work.running():
+            break
+        op = rng.choices(["create", "log", "report", "bad report", "stop", "delete"],
+                         [2, 5, 3, 1, 1, 1])[0]
+        if op != "create" and not mine or op == "create" and len(mine) > 8:
+            op = "create" if not mine else "log"
+        if op == "create":
+            status, body = work.call("POST", f"{project}/builds", token,
+                                     {"is_managed": False, "name": f"agent{seed}"}, ok=(201,))
+            if status == 201:
+                mine[body["id"]] = "created"
+                work.record(project, body["id"])
+            continue
+        number = rng.choice(sorted(mine))
+        build, current = f"{project}/builds/{number}", mine[number]
+        final = current in buildserver.FINAL
+        if op == "log":
+            if rng.random() < 0.5:
+                work.call("POST", f"{build}/logs", token, b"raw line\n" * rng.randint(1, 50),
+                          headers={"Content-Type": "text/plain"}, ok=(400,) if final else (200,))
+            else:
+                work.call("POST", f"{build}/logs", token, json.dumps("json line\n"),
+                          headers={"Content-Type": "application/json"},
+                          ok=(400,) if final else (200,))
+        elif op == "report" and not final:
+            new = rng.choice(sorted(buildserver.TRANSITIONS[current]))
+            status, _ = work.call("POST", f"{build}/statuses", token,
+                                  {"status": new, "message": "from the agent"}, ok=(201,))
+            if status == 201:
+                mine[number] = new
+        elif op in ("report", "bad report"):
+            wrong = sorted(set(buildserver.STATUSES) - buildserver.TRANSITIONS[current])
+            work.call("POST", f"{build}/statuses", token, {"status": rng.choice(wrong)},
+                      ok=(400,))
+        elif op == "stop":
+            status, body = work.call("POST", f"{build}/stop", token)
+            if status == 200:
+                mine[number] = body["last_status"]
+        else:
+            status, _ = work.call("DELETE", build, token)
+            if status == 200:
+                del mine[number]
+                work.record(project, number, deleted=True)
+    for number, current in mine.items():  # leave nothing active behind
+        build = f"{project}/builds/{number}"
+        if current in ("created", "scheduled"):
+            work.call("POST", f"{build}/stop", token)
+        elif current in ("running", "stopping"):
+            end = "succeeded" if current == "running" else "stopped"
+            work.call("POST", f"{build}/statuses", token, {"status": end}, ok=(201,))
+
+
+def follower_client(work, token, project, seed):
+    """Follows the logs of builds it creates; what it saw must be the stored log."""
+    server = work.server
+    for _ in range(20):
+        if not work.running():
+            return
+        status, body = work.call("POST", f"{project}/builds", token, {"command": FOLLOWED},
+                                 ok=(201,))
+        if status != 201:
+            continue
+        work.record(project, body["id"])
+        build = f"{project}/builds/{body['id']}"
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        try:
+            conn.request("GET", f"{build}/logs?follow=1",
+                         headers={"Authorization": f"Token {token}"})
+            resp = conn.getresponse()
+            followed = resp.read()
+        except Exception as e:  # noqa: BLE001
+            work.problems.append(f"follow {build}: {e!r}")
+            continue
+        finally:
+            conn.close()
+        if resp.status != 200:
+            work.problems.append(f"follow {build}: {resp.status} {followed[:200]!r}")
+            continue
+        status, _, stored = server.request("GET", f"{build}/logs", token=token)
+        if status != 200 or stored != followed:
+            work.problems.append(f"follow {build}: saw {followed!r}, stored {stored!r}")
+
+
+def reader_client(work, token, projects, seed):
+    """Reads anything anyone made (an admin); builds may vanish under it."""
+    rng = random.Random(seed)
+    for _ in range(400):
+        if not work.running():
+            return
+        with work.lock:
+            target = rng.choice(work.known) if work.known else None
+        op = rng.choice(["health", "projects", "list", "build", "statuses", "log", "json"])
+        if target is None or op in ("health", "projects", "list"):
+            project = rng.choice(projects)
+            path = {"health": "/api/v1/health", "projects": project.rsplit("/", 1)[0],
+                    "list": f"{project}/builds?status=running,stopping,succeeded&limit=100"}
+            work.call("GET", path.get(op, path["list"]), token)
+            continue
+        build = f"{target[0]}/builds/{target[1]}"
+        suffix = {"build": "", "statuses": "/statuses", "log": "/logs?offset=3",
+                  "json": "/logs?format=json&limit=100"}[op]
+        # A log deleted while it streams ends short: the answer cannot be taken back.
+        work.call("GET", build + suffix, token, ok=(200, 404),
+                  allow=(http.client.IncompleteRead,) if op == "log" else ())
+
+
+def test_many_clients_at_once_get_no_5xx_and_leave_only_valid_histories(server_factory):
+    server = server_factory("--workers", "3", "--stop-grace", "1")
+    admin = server.token
+    alice = add_user(server.data_dir, "alice")  # the CLI writes beside the running server
+    for owner, token in (("admin", admin), ("alice", alice)):
+        for name in ("m", "u"):
+            assert api(server, "POST", f"/api/v1/{owner}", {"name": name, "command": FAST},
+                       token=token)[0] == 201
+    projects = [f"/api/v1/{owner}/{name}" for owner in ("admin", "alice") for name in "mu"]
+    work = Workload(server, time.monotonic() + 6)
+    clients = []
+    for i in range(3):
+        for owner, token in (("admin", admin), ("alice", alice)):
+            clients.append((managed_client, token, f"/api/v1/{owner}/m", i))
+    for i in range(2):
+        for owner, token in (("admin", admin), ("alice", alice)):
+            clients.append((unmanaged_client, token, f"/api/v1/{owner}/u", 10 + i))
+    clients += [(follower_client, token, f"/api/v1/{owner}/m", 20 + i)
+                for i, (owner, token) in enumerate((("admin", admin), ("alice", alice),
+                                                    ("admin", admin)))]
+    clients += [(reader_client, admin, projects, 30 + i) for i in range(3)]
+    assert len(clients) >= 16
+    threads = [threading.Thread(target=target, args=(work, *args), daemon=True)
+               for target, *args in clients]
+    for thread in threads:
+        thread.start()
+    # Meanwhile, more CLI writers on the same database file.
+    cli_tokens = [add_user(server.data_dir, f"late{i}") for i in range(2)]
+    assert all(cli_tokens)
+
+    others = [t for t, (target, *_) in zip(threads, clients) if target is not follower_client]
+    for thread in others:
+        thread.join(60)
+        assert not thread.is_alive(), "a client thread did not end by itself"
+
+    # End every managed build still active, which also ends the followers.
+    def stop_active():
+        active = [(p, b["id"]) for p in projects[0::2] for b in all_builds(server, p)
+                  if b["last_status"] not in buildserver.FINAL]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda pb: api(server, "POST", f"{pb[0]}/builds/{pb[1]}/stop"),
+                          active))
+        return not active
+    wait_until(stop_active, timeout=60, interval=0.1, message="every build to end")
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive(), "a follower did not end with its build"
+
+    assert not work.problems, f"{len(work.problems)} problems:\n" + "\n".join(work.problems[:30])
+    assert work.requests > 500, work.requests  # the load really happened
+    histories = []
+    for project in projects:
+        builds = all_builds(server, project)
+        numbers = [b["id"] for b in builds]
+        assert len(numbers) == len(set(numbers))
+        expected = work.created.get(project, set()) - work.deleted.get(project, set())
+        assert set(numbers) == expected, (project, sorted(expected ^ set(numbers)))
+        assert api(server, "GET", project)[1]["builds_count"] == len(builds)
+        for build in builds:
+            assert build["last_status"] in buildserver.FINAL, (project, build)
+            history = check_history(server, f"{project}/builds/{build['id']}")
+            assert history[-1]["status"] == build["last_status"]
+            histories.append([entry["status"] for entry in history])
+    # The load reached the interesting paths: runs, stops of running builds, early stops.
+    assert ["created", "scheduled", "running", "succeeded"] in histories
+    assert ["created", "scheduled", "running", "stopping", "stopped"] in histories
+    assert ["created", "scheduled", "stopped"] in histories
+    assert not server_errors(server), server_errors(server)
+
+
+# A write that loses a race with a delete ------------------------------------
+# A request finds its build (or project), then waits for the write lock while
+# something else deletes it. Another process holds SQLite's write lock here, so
+# the interleaving is the same every run: the request is seen waiting in
+# SQLite's busy handler before the delete is committed.
+
+def _waiting_in_sqlite(pid):
+    """Whether a thread of process `pid` sleeps in SQLite's busy handler."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if "nanosleep" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.fixture(scope="module")
+def race_server(tmp_path_factory):
+    sleeper = threading.Thread(target=time.sleep, args=(1,))
+    sleeper.start()
+    try:
+        seen = os.path.isdir("/proc/self/task") and wait_until(
+            lambda: _waiting_in_sqlite(os.getpid()), timeout=0.5, interval=0.01)
+    except AssertionError:
+        seen = False
+    sleeper.join()
+    if not seen:
+        pytest.skip("needs /proc/<pid>/task/<tid>/wchan to see a thread sleep (Linux)")
+    server = Server(tmp_path_factory.mktemp("race"), "--workers", "0").start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("method, suffix, body, deleted", [
+    pytest.param("PATCH", "/builds/1", {"name": "late"}, "build",
+                 id="patch-build"),
+    pytest.param("POST", "/builds/1", None, "build", id="stop-seed-route"),
+    pytest.param("POST", "/builds/1/stop", None, "build", id="stop"),
+    pytest.param("POST", "/builds/1/statuses", {"status": "running"}, "build", id="report-status"),
+    pytest.param("POST", "/builds/1/logs", b"late output\n", "build", id="append-log"),
+    pytest.param("POST", "/builds/1/restart", None, "build", id="restart"),
+    pytest.param("DELETE", "/builds/1", None, "build", id="delete-build"),
+    pytest.param("POST", "/builds", {"is_managed": False}, "project", id="create-build"),
+    pytest.param("PATCH", "", {"description": "late"}, "project",
+                 id="patch-project"),
+    pytest.param("DELETE", "", None, "project", id="delete-project"),
+])
+def test_a_write_that_loses_a_race_with_a_delete_gets_a_4xx_never_a_500(
+        race_server, method, suffix, body, deleted):
+    server = race_server
+    name = f"race-{secrets.token_hex(4)}"
+    project = f"/api/v1/admin/{name}"
+    assert api(server, "POST", "/api/v1/admin", {"name": name, "command": "true"})[0] == 201
+    assert api(server, "POST", f"{project}/builds", {"is_managed": False})[0] == 201
+    logged = len(server.stderr_lines)
+    conn = sqlite3.connect(os.path.join(server.data_dir, "buildserver.db"), timeout=30,
+                           isolation_level=None)
+    answer = []
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        project_id, build_id = conn.execute(
+            "SELECT p.id, b.id FROM projects p JOIN builds b ON b.project_id = p.id"
+            " WHERE p.name = ? AND b.number = 1", (name,)).fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        headers = {"Content-Type": "text/plain"} if isinstance(body, bytes) else None
+        client = threading.Thread(target=lambda: answer.append(
+            api(server, method, project + suffix, body, headers=headers)))
+        client.start()
+        wait_until(lambda: _waiting_in_sqlite(server.proc.pid) or answer, timeout=10,
+                   interval=0.005, message="the request to wait for the write lock")
+        if deleted == "build":
+            conn.execute("UPDATE projects SET builds_count = builds_count - 1 WHERE id = ?",
+                         (project_id,))
+            conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+        else:
+            conn.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+        conn.close()
+    client.join(30)
+    assert answer, "no answer"
+    status, reply = answer[0]
+    assert status < 500, reply
+    assert isinstance(reply, dict) and reply.get("detail") != "internal error", reply
+    request_line = f" {project + suffix} "
+    wait_until(lambda: any(request_line in line for line in server.stderr_lines[logged:]),
+               timeout=5, message="the request's log line")
+    assert not [line for line in server.stderr_lines[logged:] if "Traceback" in line]
+
+
+# kill -9 --------------------------------------------------------------------
+
+def test_kill_9_in_the_middle_of_heavy_log_output_loses_nothing_stored(server_factory, tmp_path):
+    data = tmp_path / "crash"
+    server = server_factory("--workers", "1", data_dir=data)
+    token = server.token
+    api(server, "POST", "/api/v1/admin", {"name": "app"})
+    # Fast output, verifiable line by line: 1, 2, 3, ... from a loop of `seq`s.
+    loud = "i=1; while :; do seq $i $((i+999)); i=$((i+1000)); done"
+    status, first = api(server, "POST", "/api/v1/admin/app/builds", {"command": loud})
+    assert status == 201
+    status, second = api(server, "POST", "/api/v1/admin/app/builds", {"command": "echo second"})
+    assert (status, second["last_status"]) == (201, "scheduled")
+    seen = wait_until(lambda: (lambda b: b["log_size"] >= 2 * 1024 * 1024 and b)(
+        api(server, "GET", "/api/v1/admin/app/builds/1")[1]), timeout=30,
+        message="2 MiB of output")
+    assert seen["last_status"] == "running"
+    server.proc.kill()
+    server.proc.wait(10)
+    marker = f"BUILD_UUID={first['uuid']}"
+    assert pids_with_marker(marker), "the build's loop outlives the server"
+
+    again = server_factory("--workers", "1", data_dir=data)
+    again.token = token
+    assert integrity(os.path.join(str(data), "buildserver.db")) == [("ok",)]
+    wait_until(lambda: not pids_with_marker(marker), timeout=10,
+               message="the leftover processes to be killed")
+    build = api(again, "GET", "/api/v1/admin/app/builds/1")[1]
+    assert build["last_status"] == "failed"
+    history = check_history(again, "/api/v1/admin/app/builds/1")
+    assert "interrupted" in history[-1]["message"]
+    status, _, log = again.request("GET", "/api/v1/admin/app/builds/1/logs")
+    assert status == 200 and len(log) == build["log_size"] >= seen["log_size"]
+    *lines, partial = log.split(b"\n")
+    assert lines == [str(n).encode() for n in range(1, len(lines) + 1)]
+    assert str(len(lines) + 1).encode().startswith(partial)
+    # The build that was waiting runs now.
+    done = wait_until(lambda: (lambda b: b["last_status"] in buildserver.FINAL and b)(
+        api(again, "GET", "/api/v1/admin/app/builds/2")[1]), message="build 2")
+    assert done["last_status"] == "succeeded"
+    assert again.request("GET", "/api/v1/admin/app/builds/2/logs")[2] == b"second\n"
+
+
+def test_kill_9_in_the_middle_of_a_burst_of_writes_keeps_every_answered_write(
+        server_factory, tmp_path):
+    data = tmp_path / "burst"
+    server = server_factory("--workers", "2", data_dir=data)
+    token = server.token
+    for name in ("m", "u"):
+        api(server, "POST", "/api/v1/admin", {"name": name, "command": "echo hi"})
+    lock = threading.Lock()
+    created = {"m": set(), "u": set()}
+    log_sizes = {}   # unmanaged build number -> the largest size a 200 reported
+    reported = set()  # unmanaged builds whose report of `running` was answered 201
+    dead, problems = threading.Event(), []
+
+    def call(method, path, body, **kw):
+        status, reply = api(server, method, path, body, timeout=10, **kw)
+        if status >= 500:
+            problems.append((method, path, status, reply))
+        return status, reply
+
+    def writer(seed):
+        rng = random.Random(seed)
+        for _ in range(2000):
+            try:
+                kind = rng.choice("mu")
+                status, body = call("POST", f"/api/v1/admin/{kind}/builds",
+                                    {"is_managed": kind == "m", "tags": [f"w{seed}"]})
+                if status != 201:
+                    continue
+                with lock:
+                    created[kind].add(body["id"])
+                if kind == "u":
+                    build = f"/api/v1/admin/u/builds/{body['id']}"
+                    status, reply = call("POST", f"{build}/statuses", {"status": "running"})
+                    if status == 201:
+                        reported.add(body["id"])
+                    for _ in range(3):
+                        status, reply = call("POST", f"{build}/logs", b"x" * 5000,
+                                             headers={"Content-Type": "text/plain"})
+                        if status == 200:
+                            log_sizes[body["id"]] = reply["size"]
+                    call("PATCH", build, {"description": "patched"})
+            except (OSError, http.client.HTTPException) as e:
+                if not dead.is_set():
+                    problems.append(repr(e))
+                return
+
+    threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(created["m"]) + len(created["u"]) >= 60, timeout=30,
+               message="60 builds created")
+    dead.set()
+    server.proc.kill()
+    server.proc.wait(10)
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    assert not problems
+
+    again = server_factory("--workers", "2", data_dir=data)
+    again.token = token
+    assert integrity(os.path.join(str(data), "buildserver.db")) == [("ok",)]
+    for kind in "mu":
+        builds = {b["id"]: b for b in all_builds(again, f"/api/v1/admin/{kind}")}
+        assert created[kind] <= set(builds), sorted(created[kind] - set(builds))
+    unmanaged = {b["id"]: b for b in all_builds(again, "/api/v1/admin/u")}
+    for number, size in log_sizes.items():
+        assert unmanaged[number]["log_size"] >= size
+    for number in reported:
+        assert unmanaged[number]["last_status"] == "running"  # nobody else runs it
+    # Managed builds: the interrupted ones failed, the waiting ones ran.
+    def all_final():
+        builds = all_builds(again, "/api/v1/admin/m")
+        return all(b["last_status"] in buildserver.FINAL for b in builds) and builds
+    for build in wait_until(all_final, timeout=60, interval=0.1, message="managed builds"):
+        history = check_history(again, f"/api/v1/admin/m/builds/{build['id']}")
+        assert build["last_status"] == "succeeded" or "interrupted" in history[-1]["message"]
+    for number in list(unmanaged)[:20]:
+        check_history(again, f"/api/v1/admin/u/builds/{number}")
+
+
+# Data folders and database files --------------------------------------------
+
+def assert_clear_failure(done, *patterns):
+    """A nonzero exit with one line on standard error that says what is wrong
+    (matching each regular expression of `patterns`)."""
+    assert done.returncode != 0
+    message = done.stderr.strip()
+    assert message and "\n" not in message, done.stderr
+    assert message.startswith("buildserver: ") and "Traceback" not in message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["adduser", "alice"],
+                                     ["token", "alice"], ["backup", "copy.db"]])
+def test_a_data_folder_that_cannot_be_made_gets_a_one_line_message(tmp_path, command):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"a regular file where a folder should be\n")
+    data_dir = str(blocker / "data")  # ENOTDIR, even for root
+    done = run_cli(*command, "--data-dir", data_dir)
+    assert_clear_failure(done, re.escape(data_dir))
+    assert blocker.read_bytes() == b"a regular file where a folder should be\n"
+
+
+def test_a_data_folder_that_is_a_file_gets_a_one_line_message(tmp_path):
+    blocker = tmp_path / "data"
+    blocker.write_bytes(b"not a folder\n")
+    assert_clear_failure(run_cli("serve", "--port", "0", "--data-dir", str(blocker)),
+                         re.escape(str(blocker)))
+    assert blocker.read_bytes() == b"not a folder\n"
+
+
+def test_a_second_server_on_the_same_data_folder_is_refused(server_factory, tmp_path):
+    server = server_factory(data_dir=tmp_path / "shared")
+    assert_clear_failure(run_cli("serve", "--port", "0", "--data-dir", server.data_dir),
+                         re.escape(server.data_dir))
+    assert api(server, "GET", "/api/v1/health", token="")[0] == 200
+
+
+def make_bad_database(path, kind):
+    """A buildserver.db that this buildserver must refuse; returns words the message needs."""
+    if kind == "random bytes":
+        path.write_bytes(random.Random(7).randbytes(64 * 1024))
+        return "not a (SQLite )?database"
+    conn = sqlite3.connect(path)
+    try:
+        if kind == "foreign":
+            conn.executescript("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);"
+                               "INSERT INTO customers (name) VALUES ('Ada'), ('Grace');")
+            return "did not make"
+        for number, sql in sorted(schema_migrations().items()):
+            conn.executescript(sql)
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+        return "newer"
+    finally:
+        conn.close()
+
+
+BAD_DATABASES = ["random bytes", "foreign", "newer"]
+
+
+@pytest.mark.parametrize("kind", BAD_DATABASES)
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["adduser", "alice"]])
+def test_a_database_file_buildserver_cannot_use_is_refused_with_a_one_line_message(
+        tmp_path, kind, command):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    words = make_bad_database(data_dir / "buildserver.db", kind)
+    done = run_cli(*command, "--data-dir", str(data_dir))
+    assert_clear_failure(done, re.escape(str(data_dir)), words)
+    assert done.stdout == ""  # no admin token, no "listening"
+
+
+@pytest.mark.parametrize("kind", [
+    "random bytes",
+    "foreign",
+    "newer",
+])
+def test_a_database_file_buildserver_refuses_is_left_byte_for_byte_unchanged(tmp_path, kind):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    db = data_dir / "buildserver.db"
+    make_bad_database(db, kind)
+    before = db.read_bytes()
+    for command in (["serve", "--port", "0"], ["adduser", "alice"], ["token", "alice"]):
+        assert run_cli(*command, "--data-dir", str(data_dir)).returncode != 0
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith("buildserver.db")) == [
+        "buildserver.db"]
+
+
+def test_an_empty_database_at_version_0_is_migrated_to_the_latest_schema(server_factory, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / "buildserver.db")
+    conn.executescript("CREATE TABLE scratch (x); DROP TABLE scratch; PRAGMA user_version = 0;")
+    conn.close()
+    server = server_factory(data_dir=data_dir)
+    assert server.token  # a fresh database: the admin user was made
+    db = str(data_dir / "buildserver.db")
+    assert user_version(db) == max(schema_migrations())
+    assert api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})[0] == 201
+    assert integrity(db) == [("ok",)]
+
+
+def write_database_at(path, version):
+    """A buildserver database at schema `version`, holding a user, a project, a
+    finished build with its statuses and log; returns the user's token."""
+    token = secrets.token_urlsafe(32)
+    now = "2026-01-02T03:04:05.000006Z"
+    conn = sqlite3.connect(path)
+    try:
+        for number, sql in sorted(schema_migrations().items()):
+            if number <= version:
+                conn.executescript(sql)
+        conn.execute(f"PRAGMA user_version = {version:d}")
+        conn.execute("INSERT INTO users (id, name, is_admin, created_at) VALUES (1, 'old', 1, ?)",
+                     (now,))
+        conn.execute("INSERT INTO tokens (hash, user_id, created_at) VALUES (?, 1, ?)",
+                     (buildserver.hash_token(token), now))
+        conn.execute("INSERT INTO projects (id, owner_id, name, command, created_at, updated_at,"
+                     " builds_count, next_number) VALUES (1, 1, 'app', 'true', ?, ?, 1, 2)",
+                     (now, now))
+        conn.execute("INSERT INTO builds (id, project_id, number, uuid, user, last_status,"
+                     " is_managed, command, created_at, updated_at, started_at, finished_at,"
+                     " exit_code, log_size) VALUES (1, 1, 1, ?, 'old', 'succeeded', 1, 'true',"
+                     " ?, ?, ?, ?, 0, 6)", ("a" * 32, now, now, now, now))
+        for number, status in enumerate(("created", "scheduled", "running", "succeeded"), 1):
+            conn.execute("INSERT INTO statuses (build_id, number, uuid, status, created_at)"
+                         " VALUES (1, ?, ?, ?, ?)", (number, f"{number:032x}", status, now))
+        conn.execute("INSERT INTO log_chunks (build_id, offset, data) VALUES (1, 0, ?)",
+                     (b"hello\n",))
+        conn.commit()
+    finally:
+        conn.close()
+    return token
+
+
+def test_a_database_at_the_latest_version_is_used_as_it_is(server_factory, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    db = str(data_dir / "buildserver.db")
+    latest = max(schema_migrations())
+    token = write_database_at(db, latest)
+    before = db_dump(db)
+    server = server_factory(data_dir=data_dir)
+    assert server.token is None  # it has a user: no new admin
+    server.token = token
+    build = api(server, "GET", "/api/v1/old/app/builds/1")[1]
+    assert (build["last_status"], build["log_size"]) == ("succeeded", 6)
+    assert server.request("GET", "/api/v1/old/app/builds/1/logs")[2] == b"hello\n"
+    server.stop()
+    assert server.proc.returncode == 0
+    assert user_version(db) == latest
+    assert db_dump(db) == before
+
+
+@pytest.mark.skipif(max(schema_migrations()) < 2, reason="schema.sql has one migration: "
+                    "no older version exists yet")
+def test_a_database_at_an_older_version_is_migrated_and_keeps_its_data(server_factory, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    db = str(data_dir / "buildserver.db")
+    token = write_database_at(db, max(schema_migrations()) - 1)
+    server = server_factory(data_dir=data_dir)
+    server.token = token
+    assert user_version(db) == max(schema_migrations())
+    assert server.request("GET", "/api/v1/old/app/builds/1/logs")[2] == b"hello\n"
+    assert integrity(db) == [("ok",)]
+
+
+# Backup ---------------------------------------------------------------------
+
+def test_a_backup_taken_while_the_server_writes_is_whole_and_holds_earlier_builds(
+        server_factory, tmp_path):
+    server = server_factory("--workers", "0")
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    before = {}
+    for _ in range(30):
+        status, build = api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+        assert status == 201
+        status, reply = api(server, "POST", f"/api/v1/admin/app/builds/{build['id']}/logs",
+                            b"y" * 20000, headers={"Content-Type": "text/plain"})
+        before[build["id"]] = reply["size"]
+    writing, written, problems = threading.Event(), [], []
+
+    def writer():
+        while not writing.is_set():
+            status, build = api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+            if status != 201:
+                problems.append(build)
+                return
+            status, reply = api(server, "POST", f"/api/v1/admin/app/builds/{build['id']}/logs",
+                                b"z" * 100000, headers={"Content-Type": "text/plain"})
+            if status != 200:
+                problems.append(reply)
+            written.append(build["id"])
+
+    threads = [threading.Thread(target=writer, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(written) >= 3, message="the writers to be busy")
+        dest = tmp_path / "copy.db"
+        done = run_cli("backup", str(dest), "--data-dir", server.data_dir)
+        during = len(written)
+    finally:
+        writing.set()
+        for thread in threads:
+            thread.join(30)
+    assert done.returncode == 0, done.stderr
+    assert not problems
+    assert during > 3 or len(written) > during  # the writes went on around the backup
+    assert integrity(str(dest)) == [("ok",)]
+    assert user_version(str(dest)) == max(schema_migrations())
+    conn = sqlite3.connect(dest)
+    try:
+        copied = dict(conn.execute("SELECT number, log_size FROM builds"))
+    finally:
+        conn.close()
+    for number, size in before.items():
+        assert copied[number] == size
+    # The copy is a database a server starts on.
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(dest, restored / "buildserver.db")
+    other = server_factory("--workers", "0", data_dir=restored)
+    other.token = server.token
+    assert other.request("GET", "/api/v1/admin/app/builds/1/logs")[2] == b"y" * 20000
+
 
 ###############################################################################
 # Benchmark ###################################################################
@@ -2884,9 +4000,7 @@ def log_of(page):
     return page.locator("#log")
 
 
-###############################################################################
-# Dashboard ###################################################################
-###############################################################################
+# The page, scenario by scenario ------------------------------------------------
 
 def test_a_wrong_token_gets_a_clear_message_and_the_right_one_lists_projects(page, dash, open_page):
     # Chromium itself logs every 4xx answer to fetch(); a page cannot silence that.
