@@ -92,7 +92,8 @@ FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client thi
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-RESERVED_USERNAMES = {"health", "users"}  # routes that share the /api/v1/{username} level
+# GET-only routes that share the /api/v1/{username} level: never user names
+RESERVED_USERNAMES = {"health", "users", "openapi.json"}
 
 
 ###############################################################################
@@ -1629,6 +1630,11 @@ def token_required(app):
     def decorate(handler):
         @functools.wraps(handler)
         def wrapper(**params):
+            if params.get("username") in RESERVED_USERNAMES:  # e.g. POST /api/v1/health
+                if len(params) > 1:
+                    raise ApiError(404, f"There is no endpoint at {bottle.request.path}.")
+                raise ApiError(405, f"{bottle.request.method} is not allowed here; use GET.",
+                               headers={"Allow": "GET"})
             user = authenticate(app.store, app.throttle)
             username = params.get("username")
             if username is not None and not user["is_admin"] and username != user["name"]:

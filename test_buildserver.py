@@ -1289,6 +1289,17 @@ def test_unknown_route_is_404_json(web, alice, populated, path):
         assert_error(call(web, "GET", path, token), 404)
 
 
+@pytest.mark.parametrize("method, path, status", [
+    ("POST", "/api/v1/health", 405), ("PATCH", "/api/v1/users", 405),
+    ("POST", "/api/v1/openapi.json", 405), ("GET", "/api/v1/health/app", 404),
+    ("GET", "/api/v1/users/app/builds", 404), ("DELETE", "/api/v1/health/app/builds/1", 404),
+])
+def test_the_fixed_routes_beside_user_names_are_never_taken_for_users(web, admin, method, path,
+                                                                         status):
+    for token in (admin, None):
+        assert_error(call(web, method, path, token), status)
+
+
 def test_the_dashboard_page_is_served_at_the_root_with_a_strict_policy(web):
     page = web.get("/")
     assert page.content_type == "text/html" and b"<script>" in page.body
