@@ -201,7 +201,8 @@ def _is_text(value):
 
 _TYPES = {
     "string": _is_text,
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+               or (isinstance(v, float) and v.is_integer()),  # JSON Schema: 70.0 is one
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
     "object": lambda v: isinstance(v, dict),
@@ -230,7 +231,7 @@ def conforms(value, schema):
                 and ("pattern" not in schema or bool(_pattern(schema["pattern"]).search(value))))
     if isinstance(value, bool):
         return True
-    if isinstance(value, int):
+    if isinstance(value, (int, float)):
         return schema.get("minimum", value) <= value <= schema.get("maximum", value)
     if isinstance(value, list):
         return (len(value) <= schema.get("maxItems", len(value))
@@ -261,8 +262,10 @@ def validate(data, fields, required=(), tolerated=frozenset()):
     if errors:
         names = ", ".join(sorted(errors))
         raise ApiError(400, f"The request has invalid fields: {names}.", errors=errors)
-    # Unset values are null, never "": an empty string where null is allowed is null.
-    return {k: None if v == "" and conforms(None, fields[k]) else v
+    # Unset values are null, never "": an empty string where null is allowed is
+    # null. A whole number written 70.0 is stored as 70.
+    return {k: None if v == "" and conforms(None, fields[k]) else
+            int(v) if isinstance(v, float) else v
             for k, v in data.items() if k in fields}
 
 
@@ -1270,6 +1273,11 @@ def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
         raise ApiError(400, "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    try:  # a lone surrogate ("\ud800") anywhere, field names included, is not text
+        json_bytes(data)
+    except UnicodeEncodeError:
+        raise ApiError(400, "The request body has a \\u escape that is not a character "
+                            "(a lone surrogate such as \\ud800).") from None
     return data
 
 
@@ -1369,7 +1377,7 @@ PATH_PARAMS = {
 PAGE_QUERY = (("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20}),
               ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62, "default": 0}))
 BUILDS_QUERY = PAGE_QUERY + (("status", {
-    "type": "string", "pattern": "^(%s)(,(%s))*$" % (("|".join(STATUSES),) * 2),
+    "type": "string", "pattern": "^(%s)?(,(%s)?)*$" % (("|".join(STATUSES),) * 2),
     "description": "only builds whose last_status is one of these, comma-separated"}),)
 LOG_QUERY = (
     ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
@@ -1453,8 +1461,8 @@ def openapi_document(routes):
             "summary": summary.strip(), "description": " ".join(details.split()),
             "parameters": [{"name": name, "in": "path", "required": True, "schema": PATH_PARAMS[name]}
                            for name in re.findall(r"{(\w+)}", path)]
-            + [{"name": name, "in": "query", "required": False, "schema": schema_}
-               for name, schema_ in route.query],
+            + [{"name": name, "in": "query", "required": False, "allowEmptyValue": True,
+                "schema": schema_} for name, schema_ in route.query],
             "responses": {str(code): {"description": "success", "content": _answer_content(schema)},
                           **{c: {"description": d, "content": {"application/json": {
                               "schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -1630,11 +1638,8 @@ def token_required(app):
     def decorate(handler):
         @functools.wraps(handler)
         def wrapper(**params):
-            if params.get("username") in RESERVED_USERNAMES:  # e.g. POST /api/v1/health
-                if len(params) > 1:
-                    raise ApiError(404, f"There is no endpoint at {bottle.request.path}.")
-                raise ApiError(405, f"{bottle.request.method} is not allowed here; use GET.",
-                               headers={"Allow": "GET"})
+            if params.get("username") in RESERVED_USERNAMES:  # e.g. /api/v1/health/x
+                raise ApiError(404, f"There is no endpoint at {bottle.request.path}.")
             user = authenticate(app.store, app.throttle)
             username = params.get("username")
             if username is not None and not user["is_admin"] and username != user["name"]:
@@ -1726,7 +1731,7 @@ def make_routes(app):
     def patch_project(user, username, project_name):
         """Change a project's description, command, env or timeout."""
         project = _project(app, username, project_name)
-        fields = validate(read_json(), PROJECT_PATCH)
+        fields = validate(read_json(empty_ok=True), PROJECT_PATCH)
         if fields:
             store.update_project(project["id"], fields)
         return project_json(still_there(store.project(username, project_name)))
@@ -1797,7 +1802,7 @@ def make_routes(app):
     def patch_build(user, username, project_name, build_id):
         """Change a build's name, description or tags."""
         build = _build(app, username, project_name, build_id)
-        fields = validate(read_json(), BUILD_PATCH)
+        fields = validate(read_json(empty_ok=True), BUILD_PATCH)
         if fields:
             store.update_build(build["id"], fields)
         return build_json(still_there(store.build(build["id"])))
@@ -1887,7 +1892,7 @@ def make_routes(app):
         if tail is not None:
             offset = store.tail_offset(build["id"], size, tail)
         if fmt == "json":
-            limit = int_param("limit", LOG_JSON_DEFAULT, 0, LOG_JSON_MAX)
+            limit = min(int_param("limit", LOG_JSON_DEFAULT, 0, 2 ** 62), LOG_JSON_MAX)
             return log_page(build, min(offset, size), limit, size, final)
         limit = int_param("limit", None, 0, 2 ** 62)
         bottle.response.content_type = "text/plain; charset=utf-8"
@@ -1972,9 +1977,20 @@ def make_routes(app):
     web = bottle.Bottle()
     for route in routes:
         web.route(route.path, route.method, _answering(app, route.handler))
+    # The fixed paths share their level with /<username>: without these, POST
+    # /api/v1/health would be create_project for a user called "health".
+    for path in sorted({r.path for r in routes if "<" not in r.path}):
+        allowed = ",".join(sorted({r.method for r in routes if r.path == path}))
+        others = [m for m in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS") if m not in allowed]
+        web.route(path, others, _answering(app, functools.partial(_not_allowed, allowed)))
     web.default_error_handler = _error_page
     web.routes_table = routes
     return web
+
+
+def _not_allowed(allowed):
+    raise ApiError(405, f"{bottle.request.method} is not allowed here; use {allowed}.",
+                   headers={"Allow": allowed})
 
 
 def created(body):
