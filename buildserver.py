@@ -164,7 +164,7 @@ FIELDS = {
     "tags": {"type": ["array", "null"], "maxItems": 20,
              "items": {"type": "string", "minLength": 1, "maxLength": 64},
              "description": "a list of at most 20 strings of 1 to 64 characters"},
-    "is_managed": {"type": "boolean", "description": "true or false"},
+    "is_managed": {"type": ["boolean", "null"], "description": "true or false (null: true)"},
     "status": {"type": "string", "enum": list(STATUSES),
                "description": "one of " + ", ".join(STATUSES)},
     "message": {"type": ["string", "null"], "maxLength": 4096,
@@ -1780,7 +1780,8 @@ def make_routes(app):
         fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
         fields.setdefault("timeout", project["timeout"])
         fields["command"] = fields.get("command") or project["command"]
-        if fields.get("is_managed", True) and not fields["command"]:
+        fields["is_managed"] = fields.get("is_managed") is not False  # Polyaxon sends null
+        if fields["is_managed"] and not fields["command"]:
             raise ApiError(400, "There is no command to run: give one, or set the project's.",
                            errors={"command": "is required (the project has none)"})
         return start_build(project, user, fields)

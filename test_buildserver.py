@@ -1893,6 +1893,85 @@ def test_real_server_log_follower_gets_reported_output_until_the_build_ends(serv
     assert status == 200 and body == b"first\nsecond\n"
 
 
+# Polyaxon's own client ------------------------------------------------------------
+# polyaxon-client 0.6 (2019) is installed by .ci/run into a folder of its own,
+# apart from the test environment, since it pins old libraries. It needs two
+# shims on Python 3.10+: collections.Mapping and friends moved to
+# collections.abc, and its Jinja2 needs MarkupSafe 2.0 (pinned at install).
+
+POLYAXON_SHIM = """
+import collections, collections.abc
+for name in ("Mapping", "MutableMapping", "Sequence", "Iterable", "Callable", "Set",
+             "MutableSet", "MutableSequence", "Hashable"):
+    if not hasattr(collections, name):
+        setattr(collections, name, getattr(collections.abc, name))
+"""
+
+POLYAXON_SCRIPT = """
+import sys
+from polyaxon_client.client import PolyaxonClient
+host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = PolyaxonClient(host=host, port=port, token=token, schema_response=True, reraise=True)
+u, p = "admin", "app"
+made = c.project.create_build(u, p, {"name": "from-polyaxon", "tags": ["px"], "is_managed": False})
+print("create", made.id, made.unique_name, made.last_status)
+b = c.build_job.get_build(u, p, made.id)
+print("get", b.id, b.uuid.hex, b.name, b.tags)
+b = c.build_job.update_build(u, p, made.id, {"description": "patched", "tags": ["a", "b"]})
+print("update", b.description, b.tags)
+s = c.build_job.create_status(u, p, made.id, status="running", message="agent started")
+print("status", s.status, s.job, s.id)
+print("send_logs", c.build_job.send_logs(u, p, made.id, ["line one", "line two"]).status_code)
+print("logs", repr(c.build_job.logs(u, p, made.id, stream=False).text))
+print("statuses", [x.status for x in c.build_job.get_statuses(u, p, made.id)["results"]])
+print("final", c.build_job.create_status(u, p, made.id, status="succeeded").status)
+print("list", [x.id for x in c.project.list_builds(u, p)["results"]])
+managed = c.project.create_build(u, p, {"name": "managed"})
+print("managed", managed.id, managed.last_status in ("scheduled", "running"))
+print("stop", c.build_job.stop(u, p, managed.id).status_code,
+      c.build_job.get_build(u, p, managed.id).last_status)
+print("delete", c.build_job.delete_build(u, p, made.id).status_code)
+try:
+    c.build_job.get_build(u, p, made.id)
+except Exception as e:
+    print("gone", type(e).__name__)
+"""
+
+
+def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp_path):
+    installed = os.environ.get("BUILDSERVER_POLYAXON", os.path.join(HERE, ".ci", "polyaxon"))
+    if not os.path.isdir(os.path.join(installed, "polyaxon_client")):
+        message = f"polyaxon-client 0.6.1 is not installed in {installed} (.ci/run does it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    (tmp_path / "sitecustomize.py").write_text(POLYAXON_SHIM)
+    (tmp_path / "drive.py").write_text(POLYAXON_SCRIPT)
+    server = server_factory("--stop-grace", "1")
+    assert server.json("POST", "/api/v1/admin", {"name": "app", "command": "sleep 30"})[0] == 201
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "drive.py"), server.host, str(server.port), server.token],
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{installed}"},
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"get 1 [0-9a-f]{32} from-polyaxon \['px'\]", lines.pop(1))
+    assert lines == [
+        "create 1 admin.app.builds.1 created",
+        "update patched ['a', 'b']",
+        "status running 1 2",
+        "send_logs 200",
+        "logs 'line one\\nline two'",
+        "statuses ['created', 'running']",
+        "final succeeded",
+        "list [1]",
+        "managed 2 True",
+        "stop 200 stopped",
+        "delete 200",
+        "gone NotFoundError",
+    ]
+
+
 ###############################################################################
 # Runner ######################################################################
 ###############################################################################
