@@ -84,6 +84,7 @@ ACTIVE = ("created", "scheduled", "running", "stopping")
 JSON_BODY_LIMIT = 1 * MiB
 LOG_BODY_LIMIT = 8 * MiB
 LOG_CHUNK = 512 * KiB        # the largest row of log_chunks
+LOG_JOIN = 16 * KiB          # a smaller last chunk is joined by the next write
 LOG_JSON_DEFAULT = 1 * MiB   # bytes per JSON log page unless ?limit= says otherwise
 LOG_JSON_MAX = 16 * MiB
 LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses at most this
@@ -294,7 +295,8 @@ class Database:
     to 100 ms; the busy timeout remains for other processes (the CLI).
     """
 
-    CHECKPOINT_BYTES = 8 * MiB
+    CHECKPOINT_BYTES = 8 * MiB   # written to the WAL between two checkpoints
+    WAL_LIMIT = 64 * MiB         # past this the WAL file is emptied, writers waiting
 
     def __init__(self, path, background_checkpoints=False):
         """:param background_checkpoints: copy the WAL back into the database in
@@ -309,6 +311,7 @@ class Database:
         self._wal_bytes = 0
         self._checkpoint_due = threading.Event()
         self._checkpointer = None
+        self._closed = False
 
     def connect(self):
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
@@ -351,16 +354,17 @@ class Database:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             self.wrote(4 * KiB)
 
     def wrote(self, size):
         """Count what went into the WAL; past CHECKPOINT_BYTES wake the checkpointer."""
         self._wal_bytes += size
-        if self._background and self._wal_bytes >= self.CHECKPOINT_BYTES:
+        if self._background and self._wal_bytes >= self.CHECKPOINT_BYTES and not self._closed:
             self._wal_bytes = 0
             if self._checkpointer is None:
                 self._checkpointer = threading.Thread(target=self._checkpoint_loop,
@@ -374,9 +378,14 @@ class Database:
             while True:
                 self._checkpoint_due.wait()
                 self._checkpoint_due.clear()
-                if self._checkpointer is None:  # closing
+                if self._closed:
                     return
+                # PASSIVE runs beside the writers; but with writers never pausing
+                # the WAL is never reset, so past WAL_LIMIT they wait for a TRUNCATE.
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if _file_size(self.path + "-wal") > self.WAL_LIMIT:
+                    with self._write_lock:
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
 
@@ -416,6 +425,7 @@ class Database:
 
     def close(self):
         """Close every connection, leaving the database whole in its file."""
+        self._closed = True
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             self._checkpoint_due.set()
@@ -428,6 +438,13 @@ class Database:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+def _file_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _statements(script):
@@ -684,13 +701,14 @@ class Store:
                 truncated = True
             last = c.execute("SELECT id, length(data) FROM log_chunks WHERE build_id = ?"
                              " ORDER BY offset DESC LIMIT 1", (build_id,)).fetchone()
-            view = memoryview(data)
-            if last is not None and last[1] + len(view) <= LOG_CHUNK:
-                # Small writes join the last chunk, so a trickling log stays few rows.
+            view, written = memoryview(data), len(data)
+            if last is not None and last[1] + len(view) <= LOG_JOIN:
+                # Small writes join a small last chunk, so a trickling log stays
+                # few rows without rewriting much at each write.
                 joined = c.execute("SELECT data FROM log_chunks WHERE id = ?",
                                    (last[0],)).fetchone()[0] + bytes(view)
                 c.execute("UPDATE log_chunks SET data = ? WHERE id = ?", (joined, last[0]))
-                size += len(view)
+                size, written = size + len(view), len(joined)
                 view = view[len(view):]
             for start in range(0, len(view), LOG_CHUNK):
                 piece = view[start:start + LOG_CHUNK]
@@ -699,7 +717,7 @@ class Store:
                 size += len(piece)
             c.execute("UPDATE builds SET log_size = ?, truncated = ? WHERE id = ?",
                       (size, int(truncated), build_id))
-            self.db.wrote(len(data))
+            self.db.wrote(written)
         self.on_change(build_id)
         return size, bool(truncated)
 
@@ -814,7 +832,9 @@ class LogFile:
             if not self._base <= self.pos < self._base + len(self._chunk):
                 self._base, self._chunk = self.store.log_chunk(self.build_id, self.pos)
                 if not self._chunk:
-                    break  # deleted meanwhile
+                    # Short of Content-Length, the server would wait for bytes
+                    # that never come: abort the connection instead.
+                    raise ConnectionAbortedError("the build was deleted while its log was sent")
             piece = self._chunk[self.pos - self._base:stop - self._base]
             pieces.append(piece)
             self.pos += len(piece)
@@ -881,17 +901,26 @@ class Job:
         self.id = build["id"]
         self.ending = None          # (final status, message) once a stop or timeout is asked
         self.stopping = False       # the build has been moved to `stopping`
+        self.finishing = False      # its end is decided: stops come too late
         self.exited = False         # the shell has exited (not yet reaped)
         self.done = threading.Event()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
 
     def stop(self, status, message):
-        """Ask the worker to end the build `status` with `message` (first ask wins)."""
+        """Ask the worker to end the build `status` with `message` (first ask
+        wins; once the build is finishing, nothing changes it)."""
         with self._lock:
-            if self.ending is None:
+            if self.ending is None and not self.finishing:
                 self.ending = (status, message)
         self.wake()
+
+    def finish(self):
+        """The (status, message) a stop or timeout asked for, or None; after
+        this call no stop can change how the build ends."""
+        with self._lock:
+            self.finishing = True
+            return self.ending
 
     def wake(self):
         with self._lock:
@@ -968,6 +997,16 @@ class Runner:
         deadline = time.monotonic() + self.config.stop_grace + 5
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def stop_project(self, project_id, message, wait):
+        """Stop whatever still runs of a project: after its rows are deleted, a
+        build claimed while the delete waited would otherwise run on."""
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job.build["project_id"] == project_id]
+        for job in jobs:
+            job.stop("stopped", message)
+        for job in jobs:
+            job.done.wait(wait)
 
     def recover(self):
         """End builds that a server which died left running, and kill what is left of them."""
@@ -1054,7 +1093,7 @@ class Runner:
             status, message = "failed", f"killed by signal {_signal_name(-returncode)}"
         else:
             status, message = "failed", f"exit code {returncode}"
-        self._finish(job, *(job.ending or (status, message)), exit_code=returncode)
+        self._finish(job, status, message, exit_code=returncode)
 
     def _supervise(self, job, proc, out_fd, exit_fd):
         """Capture output, honour stop and timeout, and return once the shell
@@ -1115,11 +1154,17 @@ class Runner:
         """Store the buffered output; returns whether output is now being dropped."""
         result = self.store.append_log(job.id, buffer, self.config.max_log_bytes)
         buffer.clear()
+        if result is None:  # deleted while it ran
+            job.stop("stopped", "the build was deleted")
         return result is None or result[1]
 
     def _finish(self, job, status, message, exit_code=None):
-        if job.ending and not job.stopping:  # stopped before the supervisor saw it
-            self.store.transition(job.id, "stopping", job.ending[1], sources=("running",))
+        """End the build: as a stop or timeout asked, else `status`."""
+        ending = job.finish()
+        if ending:
+            if not job.stopping:  # asked after the supervisor last looked
+                self.store.transition(job.id, "stopping", ending[1], sources=("running",))
+            status, message = ending
         self.store.transition(job.id, status, message, exit_code=exit_code)
         log.info("build %d %s: %s", job.id, status, message)
 
@@ -1528,7 +1573,6 @@ class App:
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
         self.bottle = make_routes(self)
-        self.runner.start()
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO") or "/"
@@ -1547,7 +1591,8 @@ class App:
         try:
             return self.bottle(environ, start)
         finally:
-            log.info("%s %s %s %.1fms %s", environ.get("REQUEST_METHOD"), path,
+            # repr() escapes newlines and the like: a path cannot forge a log line
+            log.info("%s %s %s %.1fms %s", environ.get("REQUEST_METHOD"), repr(path)[1:-1],
                      answered[0] if answered else "-", (time.perf_counter() - started) * 1000,
                      environ.get("buildserver.user", "-"))
 
@@ -1571,11 +1616,17 @@ class App:
         self.db.close()
 
 
-def make_app(config=None):
-    """The buildserver WSGI app for `config` (a Config, or a mapping of its fields)."""
+def make_app(config=None, start=True):
+    """The buildserver WSGI app for `config` (a Config, or a mapping of its fields).
+
+    :param start: start the runner (recovery, then the workers) at once.
+    """
     if not isinstance(config, Config):
         config = Config(**(config or {}))
-    return App(config)
+    app = App(config)
+    if start:
+        app.runner.start()
+    return app
 
 
 # Auth -------------------------------------------------------------------------
@@ -1741,8 +1792,10 @@ def make_routes(app):
         """Delete a project with all its builds, statuses, logs and workspaces
         (running builds are stopped first)."""
         project = _project(app, username, project_name)
-        stop_all(store.active_builds(project["id"]), f"stopped by {user['name']}: project deleted")
+        message = f"stopped by {user['name']}: project deleted"
+        stop_all(store.active_builds(project["id"]), message)
         store.delete_project(project["id"])
+        runner.stop_project(project["id"], message, wait=config.stop_grace + 5)
         shutil.rmtree(os.path.join(config.workspaces, username, project_name), ignore_errors=True)
         return {"detail": f"Deleted the project {username}/{project_name}."}
 
@@ -2078,7 +2131,7 @@ def serve(config):
     except OSError:
         print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
         return 1
-    app = make_app(config)
+    app = make_app(config, start=False)  # no build starts before the port is ours
     try:
         server = waitress.create_server(
             app, host=config.host, port=config.port, threads=config.threads,
@@ -2095,6 +2148,7 @@ def serve(config):
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
         token = app.store.create_user("admin", is_admin=True)
         print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
+    app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", config.data_dir, config.workers)

@@ -1361,7 +1361,7 @@ BAD_VALUES = {
     "description": ["d" * 4097, 5, ["d"], {"d": "d"}],
     "name": ["a.b", "a b", "n" * 129, "", 5, "é", "a/b", ["n"]],
     "tags": ["tag", ["t"] * 21, [""], [5], ["t" * 65], [None], {"a": "b"}, [["t"]]],
-    "is_managed": ["yes", 1, 0, None],
+    "is_managed": ["yes", 1, 0, []],
 }
 PROJECT_NAMES_BAD = ["a.b", "a b", "-a", "_a", "p" * 65, "", 5, None, "é", "a/b", ["a"]]
 
