@@ -2675,6 +2675,97 @@ def test_shutdown_kills_a_build_ignoring_sigterm_after_the_grace_period(server_f
     assert (last_status, exit_code) == ("stopped", -9)
 
 
+# Found in review, pinned -----------------------------------------------------------
+
+def proc_cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle(
+        server_factory):
+    server = server_factory("--stop-grace", "1")
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds",
+                                {"command": "head -c 30000000 /dev/zero"})
+    path = f"{project_path}/builds/{build['id']}"
+    assert server_final_build(server, path)["log_size"] == 30000000
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+    sock.sendall(f"GET {path}/logs HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Token {server.token}\r\n\r\n".encode())
+    assert sock.recv(4096)  # the download has begun
+    assert server.json("DELETE", path)[0] == 200
+    received = 0
+    while True:  # the server must end the response early, not hang or spin
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        received += len(data)
+    sock.close()
+    assert received < 30000000
+    before = proc_cpu_ticks(server.proc.pid)
+    time.sleep(1)  # measuring idleness needs an interval; nothing waits on it
+    assert proc_cpu_ticks(server.proc.pid) - before < 50  # not a core spinning (100/s)
+
+
+def test_a_trickling_log_keeps_the_wal_and_the_chunk_rows_small(web, alice, project, app):
+    web.post_json(project + "/builds", {"is_managed": False}, headers=auth(alice))
+    url = project + "/builds/1/logs"
+    for number in range(3000):
+        web.post(url, b"x" * 99 + b"\n", headers=auth(alice))
+    log = web.get(url, headers=auth(alice)).body
+    assert log == (b"x" * 99 + b"\n") * 3000
+    rows = app.db.one("SELECT count(*), max(length(data)) FROM log_chunks")
+    assert rows[0] <= 3000 * 100 // (16 * 1024) + 2 and rows[1] <= 16 * 1024
+    wal = app.config.db_path + "-wal"
+    assert os.path.getsize(wal) < 64 * 1024 * 1024  # each write rewrote 512 KiB before
+
+
+def test_a_failed_start_leaves_queued_builds_scheduled(server_factory, tmp_path):
+    data_dir = tmp_path / "queued"
+    first = server_factory("--workers", "0", data_dir=data_dir)
+    project_path = admin_project(first)
+    for _ in range(2):
+        assert first.json("POST", project_path + "/builds", {"command": "sleep 30"})[0] == 201
+    first.stop()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        done = subprocess.run([sys.executable, SCRIPT, "serve", "--data-dir", str(data_dir),
+                               "--workers", "2", "--port", str(busy.getsockname()[1])],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert done.returncode == 1 and "cannot listen on" in done.stderr
+    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+        statuses = [row[0] for row in db.execute("SELECT status FROM statuses ORDER BY id")]
+    assert statuses == ["created", "scheduled"] * 2  # nothing ran, nothing was stopped
+
+
+def test_a_build_claimed_while_its_project_is_deleted_does_not_run_on(server_factory):
+    server = server_factory("--stop-grace", "2", "--workers", "2")
+    project_path = admin_project(server)
+    status, stubborn = server.json("POST", project_path + "/builds",
+                                   {"command": "trap '' TERM; echo ready; sleep 60"})
+    server_wait_for_log(server, f"{project_path}/builds/{stubborn['id']}", b"ready")
+    deleted = []
+    deleting = threading.Thread(target=lambda: deleted.append(
+        server.json("DELETE", project_path)[0]))
+    deleting.start()  # waits the stop grace for the stubborn build
+    wait_until(lambda: server.json("GET", f"{project_path}/builds/1")[1]["last_status"]
+               == "stopping", message="the delete to stop build 1")
+    status, late = server.json("POST", project_path + "/builds", {"command": "sleep 77"})
+    assert status == 201
+    deleting.join(30)
+    assert deleted == [200]
+    assert server.json("GET", project_path)[0] == 404
+    wait_gone(f"BUILD_UUID={late['uuid']}")
+    wait_gone(f"BUILD_UUID={stubborn['uuid']}")
+
+
 ###############################################################################
 # Client ######################################################################
 ###############################################################################
