@@ -140,6 +140,20 @@ def hash_token(token):
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+class ApiError(Exception):
+    """An answer other than 2xx: {"detail": ...} plus per-field "errors" on a 400."""
+
+    def __init__(self, status, detail, errors=None, headers=None):
+        super().__init__(detail)
+        self.status, self.detail, self.errors, self.headers = status, detail, errors, headers or {}
+
+    def body(self):
+        body = {"detail": self.detail}
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
 ###############################################################################
 # Validation ##################################################################
 ###############################################################################
@@ -536,14 +550,19 @@ class Store:
         return True
 
     def update_project(self, project_id, fields):
+        self._update("projects", project_id, fields, {"env": {}})
+
+    def _update(self, table, row_id, fields, json_columns):
+        """Set validated `fields` (plus updated_at) of a row; `json_columns` maps
+        the JSON columns to what null stands for."""
         values = {**fields, "updated_at": now_iso()}
-        if "env" in values:
-            values["env"] = json.dumps(values["env"] or {})
-        # The column names come from PROJECT_PATCH, never from the request.
+        for column, empty in json_columns.items():
+            if column in values:
+                values[column] = json.dumps(values[column] or empty)
+        # The table and column names come from this module, never from a request.
         assignments = ", ".join(f"{column} = :{column}" for column in values)
         with self.db.write() as c:
-            c.execute(f"UPDATE projects SET {assignments} WHERE id = :id",
-                      {**values, "id": project_id})
+            c.execute(f"UPDATE {table} SET {assignments} WHERE id = :id", {**values, "id": row_id})
 
     def delete_project(self, project_id):
         with self.db.write() as c:
@@ -600,13 +619,7 @@ class Store:
         return build_id
 
     def update_build(self, build_id, fields):
-        values = {**fields, "updated_at": now_iso()}
-        if "tags" in values:
-            values["tags"] = json.dumps(values["tags"] or [])
-        # The column names come from BUILD_PATCH, never from the request.
-        assignments = ", ".join(f"{column} = :{column}" for column in values)
-        with self.db.write() as c:
-            c.execute(f"UPDATE builds SET {assignments} WHERE id = :id", {**values, "id": build_id})
+        self._update("builds", build_id, fields, {"tags": []})
 
     def delete_build(self, build_id):
         with self.db.write() as c:
@@ -654,17 +667,17 @@ class Store:
         return {"number": number, "uuid": entry_uuid, "status": status,
                 "message": message, "created_at": now}
 
-    def builds_with_status(self, statuses, managed=True):
-        """Row ids of managed builds in `statuses`, oldest first."""
+    def managed_builds(self, statuses):
+        """Managed builds in `statuses`, oldest first."""
         return self.db.all("SELECT id, uuid, pgid, pg_started, last_status FROM builds"
-                           " WHERE is_managed = ?"
+                           " WHERE is_managed = 1"
                            " AND last_status IN (SELECT value FROM json_each(?)) ORDER BY id",
-                           (int(managed), json.dumps(list(statuses))))
+                           (json.dumps(list(statuses)),))
 
     def active_builds(self, project_id):
         return [r["id"] for r in self.db.all(
             "SELECT id FROM builds WHERE project_id = ? AND last_status IN"
-            " ('created', 'scheduled', 'running', 'stopping')", (project_id,))]
+            " (SELECT value FROM json_each(?))", (project_id, json.dumps(ACTIVE)))]
 
     # Statuses ----------------------------------------------------------------
 
@@ -845,18 +858,18 @@ class LogFile:
 
 
 class LogStream:
-    """A build's log from `start` to `end` as a file-like object for the server.
+    """A followed log, from `start` until `end` or the build is final, as a
+    file-like object for the server.
 
     Returned from a handler, Bottle gives it to waitress's file wrapper without
-    peeking at it, so while following the response headers can go out (through
-    the WSGI `write`) before the first output exists. Each read() returns what
-    one chunk holds; it waits for more only when following.
+    peeking at it, so the response headers can go out (through the WSGI
+    `write`) before the first output exists. Each read() returns what one chunk
+    holds, waiting for more when there is none yet.
     """
 
-    def __init__(self, store, bus, build_id, start, end, follow=False, environ=None,
-                 on_close=None):
+    def __init__(self, store, bus, build_id, start, end, environ, on_close):
         self.store, self.bus, self.build_id = store, bus, build_id
-        self.pos, self.end, self.follow = start, end, follow
+        self.pos, self.end = start, end
         self._environ, self._on_close = environ, on_close
         self._headers_sent = False
 
@@ -870,14 +883,14 @@ class LogStream:
             if piece:
                 self.pos += len(piece)
                 return piece
-            if not self.follow or state["last_status"] in FINAL or self.bus.closed:
+            if state["last_status"] in FINAL or self.bus.closed:
                 return b""
-            gone = (self._environ or {}).get("waitress.client_disconnected")
+            gone = self._environ.get("waitress.client_disconnected")
             if gone is not None and gone():  # free the thread and the follower slot
                 return b""
             if not self._headers_sent:  # before waiting, send the headers
                 self._headers_sent = True
-                write = (self._environ or {}).get("buildserver.write")
+                write = self._environ.get("buildserver.write")
                 if write is not None:  # set once the response has started
                     write(b"")
             self.bus.wait(self.build_id, seen, FOLLOW_WAIT_SECONDS)
@@ -957,7 +970,7 @@ class Runner:
     def start(self):
         self.recover()
         with self._cond:
-            self._queue.extend(r["id"] for r in self.store.builds_with_status(["scheduled"]))
+            self._queue.extend(r["id"] for r in self.store.managed_builds(["scheduled"]))
         for number in range(self.config.workers):
             thread = threading.Thread(target=self._work, name=f"worker-{number}", daemon=True)
             thread.start()
@@ -1010,7 +1023,7 @@ class Runner:
 
     def recover(self):
         """End builds that a server which died left running, and kill what is left of them."""
-        for row in self.store.builds_with_status(["running", "stopping"]):
+        for row in self.store.managed_builds(["running", "stopping"]):
             _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
@@ -1247,17 +1260,21 @@ def _kill_leftovers(pgid, started, build_uuid):
     _killpg(pgid, signal.SIGKILL)
 
 
+def _stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (state first), or []."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat[stat.rfind(b")") + 2:].split()
+
+
 def _start_time(pid):
     """When process `pid` started, in clock ticks since boot (Linux), or None."""
-    stat = _read(f"/proc/{pid}/stat")
-    fields = stat[stat.rfind(b")") + 2:].split()
+    fields = _stat(pid)
     return fields[19].decode() if len(fields) > 19 else None
 
 
 def _group_members(pgid):
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        stat = _read(f"/proc/{pid}/stat")
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = _stat(pid)
         if len(fields) > 2 and int(fields[2]) == pgid:
             yield pid
 
@@ -1271,22 +1288,8 @@ def _read(path):
 
 
 ###############################################################################
-# Errors and HTTP helpers #####################################################
+# HTTP helpers ################################################################
 ###############################################################################
-
-class ApiError(Exception):
-    """An answer other than 2xx: {"detail": ...} plus per-field "errors" on a 400."""
-
-    def __init__(self, status, detail, errors=None, headers=None):
-        super().__init__(detail)
-        self.status, self.detail, self.errors, self.headers = status, detail, errors, headers or {}
-
-    def body(self):
-        body = {"detail": self.detail}
-        if self.errors:
-            body["errors"] = self.errors
-        return body
-
 
 def json_bytes(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
@@ -1961,8 +1964,7 @@ def make_routes(app):
             raise ApiError(503, "Too many log followers at once; try again shortly.",
                            headers={"Retry-After": "5"})
         end = float("inf") if limit is None else offset + limit
-        return LogStream(store, app.bus, build["id"], offset, end, follow=True,
-                         environ=request.environ,
+        return LogStream(store, app.bus, build["id"], offset, end, request.environ,
                          on_close=app.followers.release)
 
     def log_page(build, offset, limit, size, final):
