@@ -995,7 +995,7 @@ class Runner:
         """Stop a build: at once if it has not started, else through SIGTERM.
 
         :param wait: seconds to wait for a running build to end.
-        :returns: whether the build has ended.
+        :returns: False if a running build has not ended within `wait`.
         """
         with self._lock:
             job = self._jobs.get(build_id)
@@ -2596,7 +2596,7 @@ def parser():
     s.add_argument("--workers", type=_positive(int), default=_env("workers", "2"),
                    help="builds run at once (0: none run, they wait scheduled)")
     s.add_argument("--threads", type=_positive(int), default=_env("threads", "32"),
-                   help="HTTP threads; log followers may use all but a reserve")
+                   help="HTTP threads (at least 4); log followers may use all but a reserve")
     s.add_argument("--stop-grace", type=_positive(float), default=_env("stop_grace", "10"),
                    help="seconds between SIGTERM and SIGKILL when a build is stopped")
     s.add_argument("--max-log-bytes", type=_positive(int),
