@@ -1086,8 +1086,11 @@ class Runner:
                                  build["project_name"], str(build["number"]))
         read_fd, write_fd = os.pipe()
         try:
-            shutil.rmtree(workspace, ignore_errors=True)
-            os.makedirs(workspace)
+            try:
+                os.makedirs(workspace)
+            except FileExistsError:  # left by a build of a deleted namesake: start fresh
+                shutil.rmtree(workspace)
+                os.makedirs(workspace)
             _grow_pipe(write_fd)
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", build["command"]], cwd=workspace, env=_build_env(build, workspace),
@@ -2158,14 +2161,6 @@ def serve(config):
     server.adj.socket_options = server.adj.socket_options + [
         (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
     server.channel_class = _channel_class()
-    if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
-        token = app.store.create_user("admin", is_admin=True)
-        print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
-    app.runner.start()
-    print(f"buildserver {__version__} listening on "
-          f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
-    log.info("serving %s with %d workers", config.data_dir, config.workers)
-
     finished = threading.Event()
 
     def shut_down():
@@ -2179,8 +2174,16 @@ def serve(config):
             app.closing = True
             threading.Thread(target=shut_down, name="shutdown").start()
 
+    # Before any build starts, so that a signal always stops builds cleanly.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
+        token = app.store.create_user("admin", is_admin=True)
+        print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
+    app.runner.start()
+    print(f"buildserver {__version__} listening on "
+          f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
+    log.info("serving %s with %d workers", config.data_dir, config.workers)
     _return_startup_memory()
     listening = True
     # waitress's own run(), but stoppable: signal handlers run here, between polls.
