@@ -2562,7 +2562,9 @@ def test_after_kill_9_a_restart_fails_the_interrupted_build_and_runs_the_waiting
 def test_shutdown_signal_stops_running_builds_keeps_waiting_ones_and_flushes_followers(
         server_factory, tmp_path, signum):
     data_dir = tmp_path / "graceful"
-    stop_grace = 1
+    # The build obeys SIGTERM at once; a long grace keeps a loaded machine from
+    # SIGKILLing its shell before it could run its trap.
+    stop_grace = 8
     server = server_factory("--workers", "1", "--stop-grace", str(stop_grace),
                             data_dir=data_dir)
     project_path = admin_project(server)
