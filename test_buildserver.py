@@ -2725,6 +2725,16 @@ def test_a_trickling_log_keeps_the_wal_and_the_chunk_rows_small(web, alice, proj
     assert os.path.getsize(wal) < 64 * 1024 * 1024  # each write rewrote 512 KiB before
 
 
+def test_a_path_cannot_forge_a_line_of_the_request_log(server_factory):
+    server = server_factory()
+    forged = "2026-11-28 00:00:00,000 INFO buildserver: POST /api/v1/admin/app/builds/1/stop"
+    status, _, _ = server.request("GET", "/api/v1/x%0a" + forged.replace(" ", "%20"), token="")
+    assert status == 404
+    wait_until(lambda: any("/api/v1/x" in line for line in server.stderr_lines),
+               message="the request's log line")
+    assert not any(line.startswith(forged) for line in server.stderr_lines)
+
+
 def test_a_failed_start_leaves_queued_builds_scheduled(server_factory, tmp_path):
     data_dir = tmp_path / "queued"
     first = server_factory("--workers", "0", data_dir=data_dir)
