@@ -159,14 +159,19 @@ class Server:
 
     def start(self):
         Server.started.append(self)
-        self.stderr_tail = []
-        self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir", self.data_dir,
-             *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.makedirs(self.data_dir, exist_ok=True)
+        # The server's log goes to a file, as it would to a journal: a thread
+        # here draining a pipe line by line would compete with the measuring
+        # thread for this process's interpreter.
+        self.log_path = os.path.join(self.data_dir, "server.log")
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir", self.data_dir,
+                 *self.args], stdout=subprocess.PIPE, stderr=log_file, text=True)
         while True:
             line = self.proc.stdout.readline()
             if not line:
-                raise BenchError("the server did not start: " + self.proc.stderr.read()[-2000:])
+                raise BenchError("the server did not start: " + "".join(self.log_tail()))
             if "token, shown only now: " in line:
                 self.token = line.rsplit(" ", 1)[1].strip()
             if "listening on http://" in line:
@@ -174,14 +179,17 @@ class Server:
                 self.host, port = host_port.rsplit(":", 1)
                 self.port = int(port)
                 break
-        # The server logs a line per request: keep its pipes drained.
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
+        self.proc.stdout.close()  # nothing more comes there
         return self
 
-    def _drain(self, stream):
-        for line in stream:
-            self.stderr_tail = (self.stderr_tail + [line])[-50:]
+    def log_tail(self, lines=50):
+        """The last lines the server logged."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 64 * 1024))
+                return f.read().decode("utf-8", "replace").splitlines(True)[-lines:]
+        except (OSError, AttributeError):
+            return []
 
     @property
     def pid(self):
@@ -756,8 +764,9 @@ def main(argv=None):
         report = run(params, only, folder)
     except (BenchError, OSError, http.client.HTTPException) as e:
         for server in Server.started:
-            if server.stderr_tail:
-                print(f"--- the last lines server {server.pid} logged:", *server.stderr_tail,
+            tail = server.log_tail()
+            if tail:
+                print(f"--- the last lines server {server.pid} logged:", *tail,
                       sep="\n", end="", file=sys.stderr)
         print(f"bench.py: error: {e!r}", file=sys.stderr)
         return 2
