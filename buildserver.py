@@ -302,14 +302,18 @@ class SchemaError(Exception):
 
 
 class Database:
-    """SQLite connections: one per thread, and one writer at a time.
+    """SQLite connections: a reader per thread, and one writer connection that
+    threads take turns on.
 
     WAL lets readers run beside the writer. Writers in this process queue on a
     Python lock instead of SQLite's busy handler, which sleeps in steps of up
-    to 100 ms; the busy timeout remains for other processes (the CLI).
+    to 100 ms; the busy timeout remains for other processes (the CLI). A commit
+    empties the page cache of every other connection: with all writes on one
+    connection, the writer's cache stays warm.
     """
 
     CHECKPOINT_BYTES = 8 * MiB   # written to the WAL between two checkpoints
+    COMMIT_PAGES = 8             # pages a commit writes (rows and their index entries)
     WAL_LIMIT = 64 * MiB         # past this the WAL file is emptied, writers waiting
 
     def __init__(self, path, background_checkpoints=False):
@@ -321,8 +325,10 @@ class Database:
         self._connections = []
         self._connections_lock = threading.Lock()
         self._write_lock = threading.RLock()
+        self._writer = None
         self._background = background_checkpoints
         self._wal_bytes = 0
+        self._page_size = 4 * KiB  # until migrate() reads the file's
         self._checkpoint_due = threading.Event()
         self._checkpointer = None
         self._closed = False
@@ -343,11 +349,15 @@ class Database:
 
     @property
     def conn(self):
+        """This thread's connection for reading."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self.connect()
-            with self._connections_lock:
-                self._connections.append(conn)
+            conn = self._local.conn = self._kept(self.connect())
+        return conn
+
+    def _kept(self, conn):
+        with self._connections_lock:
+            self._connections.append(conn)
         return conn
 
     def all(self, sql, params=()):
@@ -361,7 +371,9 @@ class Database:
         """A write transaction; BEGIN IMMEDIATE takes the lock up front, so
         a transaction never fails half-way on a lock upgrade."""
         with self._write_lock:
-            conn = self.conn
+            if self._writer is None:
+                self._writer = self._kept(self.connect())
+            conn = self._writer
             if conn.in_transaction:  # nested: part of the outer transaction
                 yield conn
                 return
@@ -373,7 +385,7 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self.wrote(4 * KiB)
+            self.wrote(self.COMMIT_PAGES * self._page_size)
 
     def wrote(self, size):
         """Count what went into the WAL; past CHECKPOINT_BYTES wake the checkpointer."""
@@ -431,6 +443,7 @@ class Database:
             # of the per-page work (settable only before the first table and WAL).
             conn.execute("PRAGMA page_size = 16384")
         conn.execute("PRAGMA journal_mode = WAL")
+        self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         for number in sorted(n for n in migrations if n > version):
             with self.write() as c:
                 for statement in _statements(migrations[number]):
@@ -452,6 +465,7 @@ class Database:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        self._writer = None
 
 
 def _file_size(path):
@@ -627,14 +641,10 @@ class Store:
                       " WHERE id = (SELECT project_id FROM builds WHERE id = ?)", (build_id,))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
-    def set_pgid(self, build_id, pgid, started):
-        with self.db.write() as c:
-            c.execute("UPDATE builds SET pgid = ?, pg_started = ? WHERE id = ?",
-                      (pgid, started, build_id))
-
-    def transition(self, build_id, status, message=None, exit_code=None, sources=None):
+    def transition(self, build_id, status, message=None, sources=None, **columns):
         """Move a build to `status` if the status machine (and `sources`) allow it.
 
+        :param columns: exit_code, pgid, pg_started: set in the same transaction.
         :returns: the new status entry, or None when the move is not allowed.
         """
         now = now_iso()
@@ -643,18 +653,21 @@ class Store:
             if (row is None or status not in TRANSITIONS[row[0]]
                     or (sources is not None and row[0] not in sources)):
                 return None
-            if exit_code is not None:
-                c.execute("UPDATE builds SET exit_code = ? WHERE id = ?", (exit_code, build_id))
-            entry = self._set_status(c, build_id, status, message, now)
+            entry = self._set_status(c, build_id, status, message, now, **columns)
         self.on_change(build_id)
         return entry
 
-    def _set_status(self, c, build_id, status, message, now):
+    def _set_status(self, c, build_id, status, message, now,
+                    exit_code=None, pgid=None, pg_started=None):
         c.execute("UPDATE builds SET last_status = :status, updated_at = :now,"
                   " started_at = CASE WHEN :status = 'running' THEN :now ELSE started_at END,"
                   " finished_at = CASE WHEN :status IN ('succeeded', 'failed', 'stopped')"
-                  "                    THEN :now ELSE finished_at END"
-                  " WHERE id = :id", {"status": status, "now": now, "id": build_id})
+                  "                    THEN :now ELSE finished_at END,"
+                  " exit_code = coalesce(:exit_code, exit_code), pgid = coalesce(:pgid, pgid),"
+                  " pg_started = coalesce(:pg_started, pg_started)"
+                  " WHERE id = :id", {"status": status, "now": now, "id": build_id,
+                                      "exit_code": exit_code, "pgid": pgid,
+                                      "pg_started": pg_started})
         return self._add_status(c, build_id, status, message, now)
 
     def _add_status(self, c, build_id, status, message, now):
@@ -1052,19 +1065,27 @@ class Runner:
                 self._attend(job)
 
     def _claim(self, build_id):
-        """Move a scheduled build to `running` and register its Job."""
+        """Register a Job for a build that still waits. It stays `scheduled`
+        until its process exists (see _run): the process starts sooner, and
+        one transaction records both `running` and the process group."""
         try:
             with self._lock:
-                if self._closing or self.store.transition(
-                        build_id, "running", "started", sources=("scheduled",)) is None:
+                build = None if self._closing else self.store.build(build_id)
+                if build is None or build["last_status"] != "scheduled":
                     return None  # stopped or deleted while it waited; or shutting down
-                job = self._jobs[build_id] = Job(self.store.build(build_id))
+                job = self._jobs[build_id] = Job(build)
                 return job
         except Exception:  # e.g. out of file descriptors or disk: the worker lives on
             log.exception("build %d: could not start", build_id)
             with contextlib.suppress(Exception):
-                self.store.transition(build_id, "failed", "internal error: could not start")
+                self._fail_to_start(build_id, "internal error: could not start")
             return None
+
+    def _fail_to_start(self, build_id, message):
+        """End a build `failed`, through `running` if it never got there (the
+        status machine's only way to `failed`)."""
+        self.store.transition(build_id, "running", "started", sources=("scheduled",))
+        self.store.transition(build_id, "failed", message)
 
     def _attend(self, job):
         """Run a claimed build to its end, whatever happens."""
@@ -1072,8 +1093,9 @@ class Runner:
             self._run(job)
         except Exception:
             log.exception("build %d: the runner failed", job.id)
+            job.finish()
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
-                self._finish(job, "failed", "internal error in the runner")
+                self._fail_to_start(job.id, "internal error in the runner")
         finally:
             with self._lock:
                 del self._jobs[job.id]
@@ -1082,6 +1104,9 @@ class Runner:
 
     def _run(self, job):
         build = job.build
+        if job.ending:  # stopped before it started
+            self._finish(job, "stopped", job.ending[1])
+            return
         workspace = os.path.join(self.config.workspaces, build["owner"],
                                  build["project_name"], str(build["number"]))
         read_fd, write_fd = os.pipe()
@@ -1098,15 +1123,18 @@ class Runner:
                 start_new_session=True, close_fds=True)
         except OSError as e:
             os.close(read_fd)
-            self._finish(job, "failed", f"could not start: {e.strerror or e}")
+            job.finish()
+            self._fail_to_start(job.id, f"could not start: {e.strerror or e}")
             return
         finally:
             os.close(write_fd)
         exit_fd = None
         try:
-            self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))
-            exit_fd = _exit_notifier(proc.pid, job)
-            self._supervise(job, proc, read_fd, exit_fd)
+            # None: deleted while it started (the group is killed just below)
+            if self.store.transition(job.id, "running", "started", sources=("scheduled",),
+                                     pgid=proc.pid, pg_started=_start_time(proc.pid)):
+                exit_fd = _exit_notifier(proc.pid, job)
+                self._supervise(job, proc, read_fd, exit_fd)
         finally:
             os.close(read_fd)
             if exit_fd is not None:

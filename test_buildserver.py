@@ -2148,6 +2148,26 @@ def test_build_runs_in_a_fresh_workspace_kept_after_and_removed_with_the_build(
     assert not os.path.exists(workspace)
 
 
+def test_a_build_that_cannot_start_fails_with_the_reason_and_the_worker_runs_on(
+        web, alice, project, config):
+    # A file where the project's workspace folder should be: no workspace can be made.
+    os.makedirs(os.path.join(config.workspaces, "alice"))
+    with open(os.path.join(config.workspaces, "alice", "app"), "w") as f:
+        f.write("in the way")
+    build = post_build(web, alice, project, {"command": "echo never"})
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "failed"
+    assert done["log_size"] == 0 and done["started_at"] and done["finished_at"]
+    entries = ok(web.get(f"{project}/builds/{build['id']}/statuses", headers=auth(alice)))
+    assert [e["status"] for e in entries["results"]] == ["created", "scheduled", "running",
+                                                          "failed"]
+    assert entries["results"][-1]["message"] == "could not start: Not a directory"
+    os.remove(os.path.join(config.workspaces, "alice", "app"))
+    build = post_build(web, alice, project, {"command": "echo ran"})
+    assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+        "succeeded"
+
+
 def test_build_stdin_is_dev_null(web, alice, project):
     build = post_build(web, alice, project,
                        {"command": "cat; echo cat ended; readlink /proc/$$/fd/0"})
