@@ -91,6 +91,7 @@ LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
 FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client this often
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
+COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 # GET-only routes that share the /api/v1/{username} level: never user names
@@ -2238,11 +2239,21 @@ def body_limit(path):
 
 
 def _channel_class():
-    """waitress's HTTP channel, with a parser that refuses a body over its
-    path's limit from its Content-Length: the app sees the request at once,
-    with no body, and answers 413; the connection closes after the answer."""
+    """waitress's HTTP channel, changed in three ways:
+
+    - its parser refuses a body over its path's limit from its Content-Length:
+      the app sees the request at once, with no body, and answers 413; the
+      connection closes after the answer;
+    - an answer's head goes out with the first bytes of its body, in one send:
+      the client wakes once, not twice;
+    - the connection stays open after a chunked answer (a followed log), as
+      HTTP/1.1 allows: waitress closes it, and a client that follows a build
+      and then asks for it would have to connect again. An answer cut short
+      (an error, a client gone) still closes it.
+    """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
+    from waitress.task import WSGITask
 
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus):
@@ -2251,8 +2262,50 @@ def _channel_class():
                 self.body_rcv = None  # so the request is complete without its body
                 self.connection_close = True
 
+    class Task(WSGITask):
+        _keeping_open = False
+
+        def build_response_header(self):
+            self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
+                                  self.request.headers.get("CONNECTION", "").lower() != "close")
+            try:
+                return super().build_response_header()
+            finally:
+                self._keeping_open = False
+
+        def set_close_on_finish(self):
+            if not self._keeping_open:  # while the head is built, only chunking asks
+                super().set_close_on_finish()
+
+        def write(self, data):
+            if self.wrote_header or not data or len(data) > COALESCE_BYTES:
+                return super().write(data)
+            channel = self.channel
+            channel.holding = True
+            try:
+                super().write(data)
+            finally:
+                channel.holding = False
+                channel.release_head()
+
     class Channel(HTTPChannel):
         parser_class = Parser
+        task_class = Task
+        holding, _head = False, None
+
+        def write_soon(self, data):
+            if self.holding and self._head is None:
+                self._head = data
+                return len(data)
+            if self._head is not None:
+                data, self._head = self._head + data, None
+            return super().write_soon(data)
+
+        def release_head(self):
+            """Send a head that no body joined (e.g. a 304)."""
+            if self._head is not None:
+                head, self._head = self._head, None
+                super().write_soon(head)
 
     return Channel
 

@@ -244,6 +244,40 @@ def test_real_server_serves_health_and_prints_admin_token(server_factory):
     assert status == 401
 
 
+def test_a_connection_stays_open_after_a_followed_log(server_factory):
+    server = server_factory()
+    # The build waits for a gate file, so the log is followed while it runs (chunked).
+    status, _ = server.json("POST", "/api/v1/admin", {
+        "name": "app", "command": "while [ ! -e gate ]; do sleep 0.01; done; echo hi"})
+    assert status == 201
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        auth_header = {"Authorization": f"Token {server.token}"}
+        conn.request("POST", "/api/v1/admin/app/builds", body=b"{}",
+                     headers={**auth_header, "Content-Type": "application/json"})
+        created = conn.getresponse()
+        assert created.status == 201 and json.loads(created.read())["id"] == 1
+        first_socket = conn.sock
+        conn.request("GET", "/api/v1/admin/app/builds/1/logs?follow=1", headers=auth_header)
+        followed = conn.getresponse()  # the head comes before any output
+        assert followed.getheader("Transfer-Encoding") == "chunked"
+        workspace = os.path.join(server.data_dir, "workspaces", "admin", "app", "1")
+        wait_until(lambda: os.path.isdir(workspace), message="the build's workspace")
+        open(os.path.join(workspace, "gate"), "w").close()
+        assert followed.status == 200 and followed.read() == b"hi\n"
+        assert not followed.will_close  # HTTP/1.1 keep-alive, not "Connection: close"
+        conn.request("GET", "/api/v1/admin/app/builds/1", headers=auth_header)
+        build = conn.getresponse()
+        assert build.status == 200 and json.loads(build.read())["last_status"] == "succeeded"
+        assert conn.sock is first_socket  # the same connection all along
+        conn.request("GET", "/api/v1/admin/app/builds/1/logs?follow=1", headers={
+            **auth_header, "Connection": "close"})
+        asked_to_close = conn.getresponse()
+        assert asked_to_close.read() == b"hi\n" and asked_to_close.will_close
+    finally:
+        conn.close()
+
+
 ###############################################################################
 # HTTP API ####################################################################
 ###############################################################################
