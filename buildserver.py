@@ -1634,13 +1634,21 @@ class App:
             environ["buildserver.write"] = write
             return write
 
-        try:
-            return self.bottle(environ, start)
-        finally:
+        def log_request():
             # repr() escapes newlines and the like: a path cannot forge a log line
             log.info("%s %s %s %.1fms %s", environ.get("REQUEST_METHOD"), repr(path)[1:-1],
                      answered[0] if answered else "-", (time.perf_counter() - started) * 1000,
                      environ.get("buildserver.user", "-"))
+
+        try:
+            body = self.bottle(environ, start)
+        except BaseException:
+            log_request()
+            raise
+        if isinstance(body, list):  # logged once sent: the client does not wait for the line
+            return _Then(body, log_request)
+        log_request()  # a log or a file: logged as it starts
+        return body
 
     def shutdown(self, timeout=None):
         """Refuse new requests, stop the builds (followers get their last
@@ -1660,6 +1668,18 @@ class App:
         if not self.closing:
             self.shutdown(timeout=10)
         self.db.close()
+
+
+class _Then(list):
+    """A response body that calls `then` when the server is done sending it
+    (WSGI servers call a body's close())."""
+
+    def __init__(self, body, then):
+        super().__init__(body)
+        self._then = then
+
+    def close(self):
+        self._then()
 
 
 def make_app(config=None, start=True):
@@ -2719,6 +2739,10 @@ def main(argv=None):
         if args.command == "serve":
             logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            # A line per request: skip what the format never shows (the logging
+            # HOWTO's "Optimization": caller lookup, thread and process names).
+            logging._srcfile = None
+            logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
             if bottle is None:
                 return _fail("the server needs bottle and waitress: "
                              "pip install -r requirements.txt", 1)
