@@ -2729,11 +2729,16 @@ def parser():
     return p
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def with_command(argv):
+    """`argv` with its command first: `serve` unless it names another."""
     commands = SERVER_COMMANDS + CLIENT_COMMANDS
     if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
-        argv = ["serve"] + argv
+        return ["serve"] + argv
+    return argv
+
+
+def main(argv=None):
+    argv = with_command(sys.argv[1:] if argv is None else list(argv))
     args = parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -3985,5 +3990,38 @@ def dashboard_headers(page):
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
+# Running the server ----------------------------------------------------------------
+
+MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
+    "import sys, importlib.machinery as m, importlib.util as u; "
+    "sys.argv[0] = sys.argv.pop(1); l = m.SourceFileLoader('buildserver', sys.argv[0]); "
+    "b = sys.modules['buildserver'] = u.module_from_spec(u.spec_from_loader(l.name, l)); "
+    "l.exec_module(b); sys.exit(b.main())")
+
+
+def serve_as_module():
+    """Replace this process with a fresh Python that runs this file as a
+    module; returns only when it cannot.
+
+    CPython keeps the syntax tree of the script it was started with until the
+    script ends: for `python buildserver.py` that is the server's whole life,
+    and about 6 MB of this file's tree. A module's tree is freed once it is
+    compiled. The process keeps its pid, files and environment (systemd sees
+    nothing); it costs one more start of Python.
+    """
+    started_as = getattr(sys, "orig_argv", [])  # (3.10+) e.g. python3 -X utf8 <file> serve
+    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
+            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)):
+        return  # started some other way (embedded, runpy): leave it as it is
+    options = started_as[1:len(started_as) - len(sys.argv)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [sys.executable, *options, "-c", MODULE_LAUNCHER,
+                                  os.path.abspath(__file__), *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    if __spec__ is None and with_command(sys.argv[1:])[0] == "serve":  # a script, not -m
+        serve_as_module()
     sys.exit(main())

@@ -244,6 +244,34 @@ def test_real_server_serves_health_and_prints_admin_token(server_factory):
     assert status == 401
 
 
+def test_serve_runs_the_file_as_a_module_in_the_same_process_keeping_python_options(tmp_path):
+    # The script's syntax tree would stay in memory for the server's life.
+    server = Server(tmp_path / "served")
+    proc_args = [sys.executable, "-X", "utf8", SCRIPT, "serve", "--port", "0",
+                 "--data-dir", server.data_dir]
+    server.proc = subprocess.Popen(proc_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+    try:
+        line = ""
+        while "listening on http://" not in line:
+            line = server.proc.stdout.readline()
+            assert line, "server did not start: " + server.proc.stderr.read()
+        with open(f"/proc/{server.proc.pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")[:-1]
+        assert cmdline[:4] == [sys.executable.encode(), b"-X", b"utf8", b"-c"]
+        assert b"SourceFileLoader" in cmdline[4]
+        assert cmdline[5:] == [os.path.abspath(SCRIPT).encode(), *map(str.encode, proc_args[4:])]
+        server.host, server.port = "127.0.0.1", int(line.rstrip().rstrip("/").rsplit(":", 1)[1])
+        assert server.json("GET", "/api/v1/health", token="") == (200, {"status": "ok"})
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert "stopped" in server.proc.stderr.read()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
 def test_a_connection_stays_open_after_a_followed_log(server_factory):
     server = server_factory()
     # The build waits for a gate file, so the log is followed while it runs (chunked).
