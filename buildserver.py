@@ -129,7 +129,8 @@ class Config:
 
 
 def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is twice as fast as strftime; "+00:00" becomes "Z"
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_iso(text):
@@ -1188,9 +1189,9 @@ class Runner:
             if timeout_at is not None and now >= timeout_at and not stopping:
                 job.stop("failed", f"timed out after {timeout} s")
             if job.ending and not stopping:
+                _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 stopping = job.stopping = True
                 self.store.transition(job.id, "stopping", job.ending[1])
-                _killpg(proc.pid, signal.SIGTERM)
                 kill_at = now + self.config.stop_grace
             if kill_at is not None and now >= kill_at:
                 _killpg(proc.pid, signal.SIGKILL)
