@@ -643,10 +643,14 @@ class Store:
                       " WHERE id = (SELECT project_id FROM builds WHERE id = ?)", (build_id,))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
-    def transition(self, build_id, status, message=None, sources=None, **columns):
+    def set_pgid(self, build_id, pgid, started):
+        with self.db.write() as c:
+            c.execute("UPDATE builds SET pgid = ?, pg_started = ? WHERE id = ?",
+                      (pgid, started, build_id))
+
+    def transition(self, build_id, status, message=None, sources=None, exit_code=None):
         """Move a build to `status` if the status machine (and `sources`) allow it.
 
-        :param columns: exit_code, pgid, pg_started: set in the same transaction.
         :returns: the new status entry, or None when the move is not allowed.
         """
         now = now_iso()
@@ -655,21 +659,18 @@ class Store:
             if (row is None or status not in TRANSITIONS[row[0]]
                     or (sources is not None and row[0] not in sources)):
                 return None
-            entry = self._set_status(c, build_id, status, message, now, **columns)
+            entry = self._set_status(c, build_id, status, message, now, exit_code)
         self.on_change(build_id)
         return entry
 
-    def _set_status(self, c, build_id, status, message, now,
-                    exit_code=None, pgid=None, pg_started=None):
+    def _set_status(self, c, build_id, status, message, now, exit_code=None):
         c.execute("UPDATE builds SET last_status = :status, updated_at = :now,"
                   " started_at = CASE WHEN :status = 'running' THEN :now ELSE started_at END,"
                   " finished_at = CASE WHEN :status IN ('succeeded', 'failed', 'stopped')"
                   "                    THEN :now ELSE finished_at END,"
-                  " exit_code = coalesce(:exit_code, exit_code), pgid = coalesce(:pgid, pgid),"
-                  " pg_started = coalesce(:pg_started, pg_started)"
+                  " exit_code = coalesce(:exit_code, exit_code)"
                   " WHERE id = :id", {"status": status, "now": now, "id": build_id,
-                                      "exit_code": exit_code, "pgid": pgid,
-                                      "pg_started": pg_started})
+                                      "exit_code": exit_code})
         return self._add_status(c, build_id, status, message, now)
 
     def _add_status(self, c, build_id, status, message, now):
@@ -1067,27 +1068,19 @@ class Runner:
                 self._attend(job)
 
     def _claim(self, build_id):
-        """Register a Job for a build that still waits. It stays `scheduled`
-        until its process exists (see _run): the process starts sooner, and
-        one transaction records both `running` and the process group."""
+        """Move a scheduled build to `running` and register its Job."""
         try:
             with self._lock:
-                build = None if self._closing else self.store.build(build_id)
-                if build is None or build["last_status"] != "scheduled":
+                if self._closing or self.store.transition(
+                        build_id, "running", "started", sources=("scheduled",)) is None:
                     return None  # stopped or deleted while it waited; or shutting down
-                job = self._jobs[build_id] = Job(build)
+                job = self._jobs[build_id] = Job(self.store.build(build_id))
                 return job
         except Exception:  # e.g. out of file descriptors or disk: the worker lives on
             log.exception("build %d: could not start", build_id)
             with contextlib.suppress(Exception):
-                self._fail_to_start(build_id, "internal error: could not start")
+                self.store.transition(build_id, "failed", "internal error: could not start")
             return None
-
-    def _fail_to_start(self, build_id, message):
-        """End a build `failed`, through `running` if it never got there (the
-        status machine's only way to `failed`)."""
-        self.store.transition(build_id, "running", "started", sources=("scheduled",))
-        self.store.transition(build_id, "failed", message)
 
     def _attend(self, job):
         """Run a claimed build to its end, whatever happens."""
@@ -1095,9 +1088,8 @@ class Runner:
             self._run(job)
         except Exception:
             log.exception("build %d: the runner failed", job.id)
-            job.finish()
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
-                self._fail_to_start(job.id, "internal error in the runner")
+                self._finish(job, "failed", "internal error in the runner")
         finally:
             with self._lock:
                 del self._jobs[job.id]
@@ -1106,9 +1098,6 @@ class Runner:
 
     def _run(self, job):
         build = job.build
-        if job.ending:  # stopped before it started
-            self._finish(job, "stopped", job.ending[1])
-            return
         workspace = os.path.join(self.config.workspaces, build["owner"],
                                  build["project_name"], str(build["number"]))
         read_fd, write_fd = os.pipe()
@@ -1125,18 +1114,15 @@ class Runner:
                 start_new_session=True, close_fds=True)
         except OSError as e:
             os.close(read_fd)
-            job.finish()
-            self._fail_to_start(job.id, f"could not start: {e.strerror or e}")
+            self._finish(job, "failed", f"could not start: {e.strerror or e}")
             return
         finally:
             os.close(write_fd)
         exit_fd = None
         try:
-            # None: deleted while it started (the group is killed just below)
-            if self.store.transition(job.id, "running", "started", sources=("scheduled",),
-                                     pgid=proc.pid, pg_started=_start_time(proc.pid)):
-                exit_fd = _exit_notifier(proc.pid, job)
-                self._supervise(job, proc, read_fd, exit_fd)
+            self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))
+            exit_fd = _exit_notifier(proc.pid, job)
+            self._supervise(job, proc, read_fd, exit_fd)
         finally:
             os.close(read_fd)
             if exit_fd is not None:
@@ -2264,13 +2250,15 @@ def _channel_class():
 
     - its parser refuses a body over its path's limit from its Content-Length:
       the app sees the request at once, with no body, and answers 413; the
-      connection closes after the answer;
+      connection closes after the answer (its unread body is never parsed as
+      requests);
     - an answer's head goes out with the first bytes of its body, in one send:
       the client wakes once, not twice;
     - the connection stays open after a chunked answer (a followed log), as
       HTTP/1.1 allows: waitress closes it, and a client that follows a build
       and then asks for it would have to connect again. An answer cut short
-      (an error, a client gone) still closes it.
+      (an error, a client gone) still closes it; a HEAD answer gets no last
+      chunk (waitress would send one, a stray body).
     """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
@@ -2279,14 +2267,16 @@ def _channel_class():
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
-            if self.content_length > body_limit(self.path):
+            self.body_refused = self.content_length > body_limit(self.path)
+            if self.body_refused:
                 self.body_rcv = None  # so the request is complete without its body
-                self.connection_close = True
 
     class Task(WSGITask):
         _keeping_open = False
 
         def build_response_header(self):
+            if getattr(self.request, "body_refused", False):  # its unread body must not
+                super().set_close_on_finish()                 # be taken for requests
             self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
                                   self.request.headers.get("CONNECTION", "").lower() != "close")
             try:
@@ -2297,6 +2287,13 @@ def _channel_class():
         def set_close_on_finish(self):
             if not self._keeping_open:  # while the head is built, only chunking asks
                 super().set_close_on_finish()
+
+        def finish(self):
+            if self.request.command == "HEAD":  # no body: not even the last chunk
+                if not self.wrote_header:
+                    self.write(b"")
+                self.chunked_response = False
+            super().finish()
 
         def write(self, data):
             if self.wrote_header or not data or len(data) > COALESCE_BYTES:
@@ -3994,8 +3991,9 @@ def dashboard_headers(page):
 # Running the server ----------------------------------------------------------------
 
 MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
-    "import sys, importlib.machinery as m, importlib.util as u; "
+    "import os, sys, importlib.machinery as m, importlib.util as u; "
     "sys.argv[0] = sys.argv.pop(1); l = m.SourceFileLoader('buildserver', sys.argv[0]); "
+    "sys.path[:1] = [os.path.dirname(sys.argv[0])] if sys.path[:1] == [''] else sys.path[:1]; "
     "b = sys.modules['buildserver'] = u.module_from_spec(u.spec_from_loader(l.name, l)); "
     "l.exec_module(b); sys.exit(b.main())")
 
@@ -4011,12 +4009,15 @@ def serve_as_module():
     nothing); it costs one more start of Python.
     """
     started_as = getattr(sys, "orig_argv", [])  # (3.10+) e.g. python3 -X utf8 <file> serve
-    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
-            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)):
-        return  # started some other way (embedded, runpy): leave it as it is
     options = started_as[1:len(started_as) - len(sys.argv)]
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
+            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)
+            or not all(o.startswith("-") or (i and options[i - 1] in ("-X", "-W"))
+                       for i, o in enumerate(options))):
+        return  # not python itself running this file (embedded, runpy, coverage run)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     with contextlib.suppress(OSError):
         os.execv(sys.executable, [sys.executable, *options, "-c", MODULE_LAUNCHER,
                                   os.path.abspath(__file__), *sys.argv[1:]])

@@ -306,6 +306,32 @@ def test_a_connection_stays_open_after_a_followed_log(server_factory):
         conn.close()
 
 
+def test_a_head_of_a_followed_log_leaves_the_connection_usable(server_factory):
+    server = server_factory()
+    assert server.json("POST", "/api/v1/admin", {"name": "app", "command": "sleep 30"})[0] == 201
+    assert server.json("POST", "/api/v1/admin/app/builds", {})[0] == 201
+    wait_until(lambda: server.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"]
+               == "running", message="the build to run")
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    try:  # HEAD, then a request on the same connection; read until the server closes
+        sock.sendall(f"HEAD /api/v1/admin/app/builds/1/logs?follow=1 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Token {server.token}\r\n\r\n".encode()
+                     + b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    finally:
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 200 ")
+    after_head = received.split(b"\r\n\r\n", 1)[1]
+    # Nothing follows a HEAD's head but the next answer (or nothing, if it closed).
+    assert after_head == b"" or after_head.startswith(b"HTTP/1.1 200 "), after_head[:40]
+    assert server.json("POST", "/api/v1/admin/app/builds/1/stop")[1]["last_status"] == "stopped"
+
+
 ###############################################################################
 # HTTP API ####################################################################
 ###############################################################################
@@ -3159,7 +3185,9 @@ def read_status_line(sock, deadline):
 
 def server_errors(server):
     """Lines of a real server's log that betray a bug (a traceback, a 500)."""
-    return [line for line in list(server.stderr_lines)
+    lines = list(server.stderr_lines)
+    # Each with the lines after it: a failure shows the whole traceback.
+    return ["".join(lines[i:i + 25]) for i, line in enumerate(lines)
             if "Traceback" in line or "internal error" in line or "database is locked" in line]
 
 
@@ -3373,6 +3401,29 @@ def test_a_content_length_just_over_the_limits_gets_413_before_the_body_is_sent(
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_the_unread_body_of_a_413_is_never_taken_for_requests(server_factory):
+    server = server_factory()
+    smuggled = b"DELETE /api/v1/admin/app HTTP/1.1\r\nHost: x\r\nAuthorization: Token " + \
+        server.token.encode() + b"\r\nContent-Length: 0\r\n\r\n"
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    sock = raw_request_head(server.host, server.port, "POST", "/api/v1/admin", {
+        "Authorization": f"Token {server.token}", "Content-Type": "application/json",
+        "Content-Length": str(buildserver.JSON_BODY_LIMIT + 1)}, smuggled)
+    try:
+        assert " 413 " in read_status_line(sock, time.monotonic() + 10)
+        sock.settimeout(10)
+        answers = b""
+        while True:  # the server closes the connection after the 413
+            data = sock.recv(65536)
+            if not data:
+                break
+            answers += data
+        assert b"HTTP/1.1" not in answers  # no second answer
+    finally:
+        sock.close()
+    assert api(server, "GET", "/api/v1/admin/app")[0] == 200  # not deleted
 
 
 def test_failed_authentications_past_the_burst_get_429_while_a_valid_token_still_works(
