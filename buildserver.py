@@ -2767,6 +2767,39 @@ def main(argv=None):
         return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
 
 
+MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
+    "import os, sys, importlib.machinery as m, importlib.util as u; "
+    "sys.argv[0] = sys.argv.pop(1); l = m.SourceFileLoader('buildserver', sys.argv[0]); "
+    "sys.path[:1] = [os.path.dirname(sys.argv[0])] if sys.path[:1] == [''] else sys.path[:1]; "
+    "b = sys.modules['buildserver'] = u.module_from_spec(u.spec_from_loader(l.name, l)); "
+    "l.exec_module(b); sys.exit(b.main())")
+
+
+def serve_as_module():
+    """Replace this process with a fresh Python that runs this file as a
+    module; returns only when it cannot.
+
+    CPython keeps the syntax tree of the script it was started with until the
+    script ends: for `python buildserver.py` that is the server's whole life,
+    and about 6 MB of this file's tree. A module's tree is freed once it is
+    compiled. The process keeps its pid, files and environment (systemd sees
+    nothing); it costs one more start of Python.
+    """
+    started_as = getattr(sys, "orig_argv", [])  # (3.10+) e.g. python3 -X utf8 <file> serve
+    options = started_as[1:len(started_as) - len(sys.argv)]
+    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
+            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)
+            or not all(o.startswith("-") or (i and options[i - 1] in ("-X", "-W"))
+                       for i, o in enumerate(options))):
+        return  # not python itself running this file (embedded, runpy, coverage run)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [sys.executable, *options, "-c", MODULE_LAUNCHER,
+                                  os.path.abspath(__file__), *sys.argv[1:]])
+
+
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
     if not os.path.exists(db_path):
@@ -3986,41 +4019,6 @@ def dashboard_headers(page):
             " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
             " frame-ancestors 'none'"),
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-
-
-# Running the server ----------------------------------------------------------------
-
-MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
-    "import os, sys, importlib.machinery as m, importlib.util as u; "
-    "sys.argv[0] = sys.argv.pop(1); l = m.SourceFileLoader('buildserver', sys.argv[0]); "
-    "sys.path[:1] = [os.path.dirname(sys.argv[0])] if sys.path[:1] == [''] else sys.path[:1]; "
-    "b = sys.modules['buildserver'] = u.module_from_spec(u.spec_from_loader(l.name, l)); "
-    "l.exec_module(b); sys.exit(b.main())")
-
-
-def serve_as_module():
-    """Replace this process with a fresh Python that runs this file as a
-    module; returns only when it cannot.
-
-    CPython keeps the syntax tree of the script it was started with until the
-    script ends: for `python buildserver.py` that is the server's whole life,
-    and about 6 MB of this file's tree. A module's tree is freed once it is
-    compiled. The process keeps its pid, files and environment (systemd sees
-    nothing); it costs one more start of Python.
-    """
-    started_as = getattr(sys, "orig_argv", [])  # (3.10+) e.g. python3 -X utf8 <file> serve
-    options = started_as[1:len(started_as) - len(sys.argv)]
-    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
-            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)
-            or not all(o.startswith("-") or (i and options[i - 1] in ("-X", "-W"))
-                       for i, o in enumerate(options))):
-        return  # not python itself running this file (embedded, runpy, coverage run)
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
-    with contextlib.suppress(OSError):
-        os.execv(sys.executable, [sys.executable, *options, "-c", MODULE_LAUNCHER,
-                                  os.path.abspath(__file__), *sys.argv[1:]])
 
 
 if __name__ == "__main__":
