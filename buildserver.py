@@ -863,6 +863,8 @@ class LogFile:
                 if not self._chunk:
                     # Short of Content-Length, the server would wait for bytes
                     # that never come: abort the connection instead.
+                    log.info("build %d was deleted while its log was sent: connection closed",
+                             self.build_id)
                     raise ConnectionAbortedError("the build was deleted while its log was sent")
             piece = self._chunk[self.pos - self._base:stop - self._base]
             pieces.append(piece)
@@ -2189,7 +2191,10 @@ def serve(config):
             app, host=config.host, port=config.port, threads=config.threads,
             ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
             outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4),
-            channel_request_lookahead=1)  # lets a follower see that its client left
+            channel_request_lookahead=1,  # lets a follower see that its client left
+            # A connection ended early (a client gone; a log deleted while it was
+            # sent, which LogFile logs in a line) is no fault worth a traceback.
+            log_socket_errors=False)
     except OSError as e:
         app.close()
         return _fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)

@@ -2815,6 +2815,9 @@ def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle
         received += len(data)
     sock.close()
     assert received < 30000000
+    wait_until(lambda: any("deleted while its log was sent" in line
+                           for line in server.stderr_lines), message="the log line")
+    assert not server_errors(server), server_errors(server)  # a line, not a traceback
     before = proc_cpu_ticks(server.proc.pid)
     time.sleep(1)  # measuring idleness needs an interval; nothing waits on it
     assert proc_cpu_ticks(server.proc.pid) - before < 50  # not a core spinning (100/s)
