@@ -82,6 +82,8 @@ FINAL = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
 ACTIVE = ("created", "scheduled", "running", "stopping")
 
 JSON_BODY_LIMIT = 1 * MiB
+LONE_SURROGATE = ("The request body has a \\u escape that is not a character "
+                  "(a lone surrogate such as \\ud800).")
 LOG_BODY_LIMIT = 8 * MiB
 LOG_CHUNK = 512 * KiB        # the largest row of log_chunks
 LOG_JOIN = 16 * KiB          # a smaller last chunk is joined by the next write
@@ -1356,13 +1358,23 @@ def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
     try:  # a lone surrogate ("\ud800") anywhere, field names included, is not text
         json_bytes(data)
     except UnicodeEncodeError:
-        raise ApiError(400, "The request body has a \\u escape that is not a character "
-                            "(a lone surrogate such as \\ud800).") from None
+        raise ApiError(400, LONE_SURROGATE) from None
+    except RecursionError:  # the decoder nests deeper than the encoder can
+        raise ApiError(400, "The request body nests objects and arrays too deeply.") from None
     return data
 
 
+def query_param(name):
+    """The query parameter's one value, or None; given twice it is ambiguous."""
+    values = bottle.request.query.getall(name)
+    if len(values) > 1:
+        raise ApiError(400, f"The query parameter {name} is given more than once.",
+                       errors={name: "given more than once"})
+    return values[0] if values else None
+
+
 def int_param(name, default, low, high):
-    raw = bottle.request.query.get(name)
+    raw = query_param(name)
     if raw is None or raw == "":
         return default
     value = whole_number(raw, 19)
@@ -1373,7 +1385,7 @@ def int_param(name, default, low, high):
 
 
 def flag_param(name):
-    raw = bottle.request.query.get(name, "").lower()
+    raw = (query_param(name) or "").lower()
     if raw in ("", "0", "false", "no"):
         return False
     if raw in ("1", "true", "yes"):
@@ -1630,7 +1642,7 @@ class App:
                      environ.get("buildserver.user", "-"))
 
         try:
-            body = self.bottle(environ, start)
+            body = self.bottle(environ, start) if _is_utf8(path) else _path_not_utf8(start)
         except BaseException:
             log_request()
             raise
@@ -1657,6 +1669,23 @@ class App:
         if not self.closing:
             self.shutdown(timeout=10)
         self.db.close()
+
+
+def _is_utf8(path):
+    """Whether a WSGI path (its bytes as latin-1) is UTF-8. Bottle would drop
+    the bytes that are not, and a request for "vic%FFtim" reach "victim"."""
+    try:
+        path.encode("latin-1").decode("utf-8")
+        return True
+    except UnicodeError:
+        return False
+
+
+def _path_not_utf8(start_response):
+    body = json_bytes({"detail": "The path is not valid UTF-8 once its %-escapes are decoded."})
+    start_response("400 Bad Request", [("Content-Type", "application/json"),
+                                       ("Content-Length", str(len(body)))])
+    return [body]
 
 
 class _Then(list):
@@ -1871,7 +1900,7 @@ def make_routes(app):
         """The project's builds, newest first; ?status=a,b filters on last_status."""
         project = _project(app, username, project_name)
         limit, offset = page_params()
-        wanted = [s for s in bottle.request.query.get("status", "").split(",") if s]
+        wanted = [s for s in (query_param("status") or "").split(",") if s]
         unknown = [s for s in wanted if s not in TRANSITIONS]
         if unknown:
             raise ApiError(400, f"Unknown status {unknown[0]!r}; statuses are "
@@ -1986,7 +2015,7 @@ def make_routes(app):
         JSON page. ?offset and ?limit count bytes, ?tail lines."""
         build = _build(app, username, project_name, build_id)
         request = bottle.request
-        fmt = request.query.get("format") or (
+        fmt = query_param("format") or (
             "json" if "application/json" in request.get_header("Accept", "") else "text")
         if fmt not in ("text", "json"):
             raise ApiError(400, "The query parameter format must be text or json.",
@@ -1996,10 +2025,12 @@ def make_routes(app):
             raise ApiError(400, "follow works with the text format only.",
                            errors={"follow": "needs format=text"})
         size, final = build["log_size"], build["last_status"] in FINAL
-        offset = int_param("offset", 0, 0, 2 ** 62)
+        offset = int_param("offset", None, 0, 2 ** 62)
         tail = int_param("tail", None, 0, 10 ** 7)
-        if tail is not None:
-            offset = store.tail_offset(build["id"], size, tail)
+        if tail is not None and offset is not None:
+            raise ApiError(400, "Give tail (lines from the end) or offset (bytes from the "
+                                "start), not both.", errors={"tail": "not with offset"})
+        offset = store.tail_offset(build["id"], size, tail) if tail is not None else offset or 0
         if fmt == "json":
             limit = min(int_param("limit", LOG_JSON_DEFAULT, 0, 2 ** 62), LOG_JSON_MAX)
             return log_page(build, min(offset, size), limit, size, final)
@@ -2022,6 +2053,11 @@ def make_routes(app):
     def log_page(build, offset, limit, size, final):
         end = min(size, offset + limit)
         data = store.log_bytes(build["id"], offset, end)
+        if data and _utf8_boundary(data) == 0:
+            # The limit ends inside the first character: send it whole, or the
+            # page would be empty and its next_offset would never move on.
+            end = min(size, offset + _utf8_length(data[0]))
+            data = store.log_bytes(build["id"], offset, end)
         if not (final and end == size):  # the rest of a character may still come
             data = data[:_utf8_boundary(data)]
         if not final and b"\n" in data:
@@ -2144,14 +2180,18 @@ def _error_page(error):
     return json_bytes({"detail": detail})
 
 
+def _utf8_length(lead):
+    """How many bytes the UTF-8 sequence that starts with byte `lead` has (1 if
+    `lead` cannot start one)."""
+    return 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4 if lead >> 3 == 30 else 1
+
+
 def _utf8_boundary(data):
     """The length of `data` without a UTF-8 character cut off at its end."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): is its sequence whole?
-            need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else \
-                4 if byte >> 3 == 30 else 1
-            return len(data) if back >= need else len(data) - back
+            return len(data) if back >= _utf8_length(byte) else len(data) - back
     return len(data)
 
 
@@ -2165,7 +2205,10 @@ def _json_log_text(body):
         value = "".join(line + "\n" for line in value)
     if not isinstance(value, str):
         raise ApiError(400, "A JSON log body must be a string (or a list of strings).")
-    return value.encode("utf-8", "surrogatepass")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, LONE_SURROGATE) from None
 
 
 ###############################################################################

@@ -1188,7 +1188,9 @@ def test_log_format_text_wins_over_an_accept_json_header(web, alice, populated):
 
 
 @pytest.mark.parametrize("limit, text", [
-    (1, ""), (2, "é"), (3, "é"), (4, "é"), (5, "é€"), (6, "é€"), (8, "é€"), (9, "é€🎉"),
+    # A limit inside the first character sends that character whole: an empty
+    # page would leave next_offset where it was, and a pager would loop.
+    (1, "é"), (2, "é"), (3, "é"), (4, "é"), (5, "é€"), (6, "é€"), (8, "é€"), (9, "é€🎉"),
     (10, "é€🎉\n"),
 ])
 def test_log_json_cuts_a_split_utf8_character_back_to_a_boundary(web, alice, project, limit,
@@ -1202,7 +1204,7 @@ def test_log_json_cuts_a_split_utf8_character_back_to_a_boundary(web, alice, pro
     assert page["complete"] is (page["next_offset"] == 10)
 
 
-@pytest.mark.parametrize("limit", [4, 5, 7, 64])
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 5, 7, 64])
 def test_log_json_pages_by_next_offset_until_complete(web, alice, project, limit):
     unmanaged(web, alice, project)
     url = project + "/builds/1"
@@ -1555,6 +1557,14 @@ BAD_QUERIES = [
     ("/app/builds/1/logs", "limit=abc", "limit"), ("/app/builds/1/logs", "limit=-1", "limit"),
     ("/app/builds/1/logs", "format=json&limit=x", "limit"),
     ("/app/builds/1/logs", "follow=1&format=json", "follow"),
+    # Given twice, a parameter is ambiguous whichever value is valid.
+    ("", "limit=abc&limit=1", "limit"), ("", "limit=1&limit=abc", "limit"),
+    ("/app/builds", "status=running&status=created", "status"),
+    ("/app/builds/1/logs", "tail=1&tail=2", "tail"),
+    ("/app/builds/1/logs", "format=json&format=text", "format"),
+    ("/app/builds/1/logs", "follow=0&follow=1", "follow"),
+    # tail picks where the answer starts; an offset as well would be ignored.
+    ("/app/builds/1/logs", "tail=1&offset=0", "tail"),
 ]
 
 
@@ -1609,6 +1619,44 @@ def test_lone_surrogate_in_a_field_is_400_and_changes_nothing(web, alice, popula
     before = snapshot(web, alice, populated)
     res = call(web, method, path, alice, body=body.encode(), content_type="application/json")
     assert_error(res, 400)
+    assert snapshot(web, alice, populated) == before
+
+
+def test_lone_surrogate_in_a_json_log_body_is_400_and_stores_nothing(web, alice, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    append_log(web, alice, url, b"before\n")
+    for body in ('"\\ud800x"', '["ok", "\\udfff"]'):
+        assert_error(call(web, "POST", url + "/logs", alice, body=body.encode(),
+                          content_type="application/json"), 400)
+    assert call(web, "GET", url + "/logs", alice).body == b"before\n"
+
+
+@pytest.mark.parametrize("method, path, field", [
+    ("POST", "/api/v1/alice", "description"), ("PATCH", "/api/v1/alice/app", "description"),
+    ("POST", "/api/v1/alice/app/builds", "tags"), ("PATCH", "/api/v1/alice/app/builds/1", "tags"),
+    ("POST", "/api/v1/alice/app/builds/1/statuses", "message"),
+])
+def test_json_nested_just_deep_enough_to_decode_is_400_not_500(web, alice, populated, method,
+                                                                path, field):
+    # Past some depth json.loads succeeds but encoding the value again overflows
+    # the stack (where exactly depends on the caller's stack): try every depth.
+    before = snapshot(web, alice, populated)
+    for depth in range(850, 1050):
+        body = '{"%s": %s%s}' % (field, "[" * depth, "]" * depth)
+        res = call(web, method, path, alice, body=body.encode(), content_type="application/json")
+        assert_error(res, 400)
+    assert snapshot(web, alice, populated) == before
+
+
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE"])
+def test_path_that_is_not_utf8_is_400_and_never_reaches_a_namesake(web, alice, populated, method):
+    # Bottle drops undecodable bytes: /vic%FFtim would otherwise act on /victim.
+    before = snapshot(web, alice, populated)
+    for path in ("/api/v1/alice/a%FFpp", "/api/v1/alice/app/builds/1%C3", "/api/v1/ali%80ce/app"):
+        res = call(web, method, path, alice, json_body={"description": "changed"}
+                   if method == "PATCH" else _NO_JSON)
+        assert "UTF-8" in assert_error(res, 400)["detail"]
     assert snapshot(web, alice, populated) == before
 
 
