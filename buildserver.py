@@ -2431,6 +2431,10 @@ class Client:
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._netloc, self._base = parts.scheme, parts.netloc, parts.path.rstrip("/")
         self.token, self.timeout = token, timeout
+        import http.client  # here, not at the top: the server never needs it
+        # What a connection that drops mid-answer raises (IncompleteRead,
+        # RemoteDisconnected and BadStatusLine are HTTPExceptions).
+        self._dropped = (OSError, EOFError, ValueError, http.client.HTTPException)
 
     def _connect(self, timeout):
         import http.client
@@ -2449,11 +2453,14 @@ class Client:
         try:
             conn.request(method, self._base + path, body=body, headers=headers)
             response = conn.getresponse()
-        except (OSError, EOFError) as e:
+        except self._dropped as e:
             conn.close()
             raise Unreachable(f"cannot reach {self.url}: {e}") from None
         if response.status >= 400:
-            data = response.read()
+            try:
+                data = response.read()
+            except self._dropped:
+                data = b""
             conn.close()
             try:
                 detail = json.loads(data)["detail"]
@@ -2467,7 +2474,7 @@ class Client:
         conn, response = self._open(method, path, body)
         try:
             return json.loads(response.read())
-        except (OSError, EOFError, ValueError) as e:
+        except self._dropped as e:
             raise Unreachable(f"the connection to {self.url} broke: {e}") from None
         finally:
             conn.close()
@@ -2490,7 +2497,7 @@ class Client:
                 out.write(data)
                 out.flush()
                 offset += len(data)
-        except (OSError, EOFError, ValueError) as e:  # http.client.IncompleteRead is a ValueError
+        except self._dropped as e:
             error = Unreachable(f"the connection to {self.url} dropped: {e}")
             error.offset = offset
             raise error from None

@@ -3079,6 +3079,32 @@ def test_follow_survives_a_server_restart_without_losing_or_repeating_output(tmp
         first.stop()
 
 
+def test_follow_waiting_between_chunks_survives_a_server_restart(tmp_path):
+    # Killed while the client waits for the next chunk, the server's socket
+    # ends cleanly mid-answer: http.client raises IncompleteRead, which the
+    # client must take as a dropped connection like any other.
+    data_dir = tmp_path / "restarted"
+    first = Server(data_dir, "--stop-grace", "1").start()
+    try:
+        first.json("POST", "/api/v1/admin", {"name": "app"})
+        proc = start_client(first, "run", "admin/app", "--command", "echo started; sleep 60")
+        assert proc.stdout.readline() == b"started\n"
+        time.sleep(0.5)  # the client is idle, waiting for the next chunk
+        first.proc.kill()
+        first.proc.wait(10)
+        second = Server(data_dir, "--port", str(first.port)).start()
+        second.token = first.token
+        try:
+            out, err = proc.communicate(timeout=60)
+            assert b"Traceback" not in err, err.decode()
+            assert proc.returncode == 1, err.decode()
+            assert b"failed" in err and out == b"", (out, err)
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
 def test_the_client_works_without_bottle_or_waitress(served):
     blocker = ("import runpy, sys; sys.modules['bottle'] = None; sys.modules['waitress'] = None;"
                f" sys.argv = [{SCRIPT!r}] + sys.argv[1:]; runpy.run_path({SCRIPT!r}, run_name='__main__')")
