@@ -2727,11 +2727,13 @@ def _env(name, default):
     return os.environ.get(f"BUILDSERVER_{name.upper()}", default)
 
 
-def _positive(kind):
+def _positive(kind, most=None):
     def parse(text):
         value = kind(text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}: {text}")
         return value
     return parse
 
@@ -2746,7 +2748,7 @@ def parser():
                             description="Run the server. Every flag can also be set with "
                                         "BUILDSERVER_<FLAG>, e.g. BUILDSERVER_PORT=9000.")
     s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
-    s.add_argument("--port", type=_positive(int), default=_env("port", "8000"),
+    s.add_argument("--port", type=_positive(int, 65535), default=_env("port", "8000"),
                    help="port to listen on (0: any free port)")
     s.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
                    help="folder of the database and the build workspaces")

@@ -1874,6 +1874,19 @@ def cli(*args, env=None):
                           env={**clean, **(env or {})}, timeout=60)
 
 
+@pytest.mark.parametrize("args, env, flag", [
+    (["--port", "80800"], {}, "--port"), (["--port", "-1"], {}, "--port"),
+    ([], {"BUILDSERVER_PORT": "99999"}, "--port"), (["--port", "http"], {}, "--port"),
+    (["--workers", "-1"], {}, "--workers"), (["--stop-grace", "soon"], {}, "--stop-grace"),
+])
+def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_path, args, env,
+                                                                          flag):
+    # A port past 65535 would otherwise wrap around to some other port.
+    result = cli("serve", "--data-dir", str(tmp_path / "data"), *args, env=env)
+    assert result.returncode == 2 and flag in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.fixture
 def open_api():
     """open_api(data_dir) -> a webtest client of make_app on that folder."""
