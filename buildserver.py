@@ -1080,7 +1080,13 @@ class Runner:
                     return None  # stopped or deleted while it waited; or shutting down
                 job = self._jobs[build_id] = Job(self.store.build(build_id))
                 return job
-        except Exception:  # e.g. out of file descriptors or disk: the worker lives on
+        except sqlite3.OperationalError as e:  # a full disk, say: it stays first in line
+            log.error("build %d: could not start (%s); trying again", build_id, e)
+            with self._cond:
+                self._queue.appendleft(build_id)
+            self._pause(1.0)
+            return None
+        except Exception:  # e.g. out of file descriptors: the worker lives on
             log.exception("build %d: could not start", build_id)
             with contextlib.suppress(Exception):
                 self.store.transition(build_id, "failed", "internal error: could not start")
@@ -1090,10 +1096,11 @@ class Runner:
         """Run a claimed build to its end, whatever happens."""
         try:
             self._run(job)
-        except Exception:
+        except Exception as e:
             log.exception("build %d: the runner failed", job.id)
+            reason = str(e) if isinstance(e, sqlite3.OperationalError) else "internal error"
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
-                self._finish(job, "failed", "internal error in the runner")
+                self._finish(job, "failed", f"{reason} in the runner")
         finally:
             with self._lock:
                 del self._jobs[job.id]
@@ -1176,7 +1183,7 @@ class Runner:
                 else:
                     os.read(job._wake_r, 4096)
             now = time.monotonic()
-            if timeout_at is not None and now >= timeout_at and not stopping:
+            if timeout_at is not None and now >= timeout_at and not (stopping or job.finishing):
                 job.stop("failed", f"timed out after {timeout} s")
             if job.ending and not stopping:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
@@ -1187,7 +1194,10 @@ class Runner:
                 _killpg(proc.pid, signal.SIGKILL)
                 kill_at = None
             if job.exited and drain_until is None:
-                # The shell is gone: whatever it left in its group goes too.
+                # The shell is gone: whatever it left in its group goes too. Its
+                # exit decided how the build ends: a stop or timeout while the
+                # last output drains comes too late.
+                job.finish()
                 _killpg(proc.pid, signal.SIGKILL)
                 drain_until = now + DRAIN_SECONDS
             if drain_until is not None and now >= drain_until:
@@ -1210,10 +1220,32 @@ class Runner:
         ending = job.finish()
         if ending:
             if not job.stopping:  # asked after the supervisor last looked
-                self.store.transition(job.id, "stopping", ending[1], sources=("running",))
+                self._persist(job, lambda: self.store.transition(
+                    job.id, "stopping", ending[1], sources=("running",)))
             status, message = ending
-        self.store.transition(job.id, status, message, exit_code=exit_code)
+        self._persist(job, lambda: self.store.transition(job.id, status, message,
+                                                         exit_code=exit_code))
         log.info("build %d %s: %s", job.id, status, message)
+
+    def _persist(self, job, write):
+        """Do `write` until the database takes it: a full disk, say, must not
+        leave a build showing a status it has left. Gives up when the server
+        shuts down (the next start's recovery ends the build)."""
+        pause = 0.1
+        while True:
+            try:
+                return write()
+            except sqlite3.OperationalError as e:
+                if self._closing:
+                    raise
+                log.error("build %d: cannot record its status (%s); trying again", job.id, e)
+                self._pause(pause)
+                pause = min(2 * pause, 5.0)
+
+    def _pause(self, seconds):
+        """Sleep, but no longer than until shutdown."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closing, seconds)
 
 
 def _build_env(build, workspace):
@@ -1277,21 +1309,40 @@ def _kill_leftovers(pgid, started, build_uuid):
     A pid (and so a group id) may have been reused since. On Linux the group is
     the build's if its leader is the build's shell (same start time: `exec`
     keeps it), or, with the leader gone, if a member carries its BUILD_UUID.
-    Elsewhere there is no way to tell, and the group is killed.
+    Elsewhere there is no way to tell, and the group is killed. A build whose
+    group was never recorded (the server died just after starting it) is found
+    by its BUILD_UUID alone (Linux).
     """
-    if not pgid or pgid == os.getpgrp():
+    if not pgid:
+        for group in _groups_carrying(build_uuid):
+            _killpg(group, signal.SIGKILL)
+        return
+    if pgid == os.getpgrp():
         return
     if os.path.isdir("/proc/self"):
         leader = _start_time(pgid)
         if leader is not None:
             ours = leader == started
         else:
-            marker = f"\0BUILD_UUID={build_uuid}\0".encode()
-            ours = any(marker in b"\0" + _read(f"/proc/{pid}/environ") + b"\0"
-                       for pid in _group_members(pgid))
+            ours = any(_carries(pid, build_uuid) for pid in _group_members(pgid))
         if not ours:
             return
     _killpg(pgid, signal.SIGKILL)
+
+
+def _carries(pid, build_uuid):
+    """Whether process `pid`'s environment holds the build's BUILD_UUID."""
+    environ = b"\0" + _read(f"/proc/{pid}/environ") + b"\0"
+    return f"\0BUILD_UUID={build_uuid}\0".encode() in environ
+
+
+def _groups_carrying(build_uuid):
+    """The process groups (not ours) of the processes that carry the build's
+    BUILD_UUID (Linux; elsewhere none)."""
+    if not os.path.isdir("/proc/self"):
+        return set()
+    return {int(fields[2]) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if len(fields := _stat(pid)) > 2 and _carries(pid, build_uuid)} - {os.getpgrp()}
 
 
 def _stat(pid):
@@ -2156,6 +2207,13 @@ def _answering(app, handler):
             for name, value in e.headers.items():
                 response.set_header(name, value)
             result = e.body()
+        except sqlite3.OperationalError as e:  # a full disk, say
+            log.error("%s %s: the database failed: %s", bottle.request.method,
+                      repr(bottle.request.path)[1:-1], e)
+            response.status = 503
+            response.set_header("Retry-After", "30")
+            result = {"detail": f"The server cannot use its database right now ({e}). "
+                                "Try again later."}
         except Exception:
             log.exception("internal error in %s %s", bottle.request.method, bottle.request.path)
             response.status = 500

@@ -118,10 +118,11 @@ def final_build(web, token, path, timeout=15.0):
 class Server:
     """A real `python buildserver.py serve` on a free loopback port."""
 
-    def __init__(self, data_dir, *args, env=None):
+    def __init__(self, data_dir, *args, env=None, preexec_fn=None):
         self.data_dir = str(data_dir)
         self.args = args
         self.env = {**os.environ, **(env or {})}
+        self.preexec_fn = preexec_fn
         self.proc = None
         self.token = None
 
@@ -129,7 +130,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir", self.data_dir,
              *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-            text=True)
+            text=True, preexec_fn=self.preexec_fn)
         self.stdout_lines = []
         while True:
             line = self.proc.stdout.readline()
@@ -2508,7 +2509,8 @@ def test_a_background_child_holding_the_output_pipe_does_not_keep_the_build_runn
 
 def test_a_child_outside_the_group_holding_the_pipe_does_not_keep_the_build_running(
         web, alice, project):
-    build = post_build(web, alice, project, {"command": "setsid sleep 30 & echo bye"})
+    # (the pause lets the child leave the group before the shell's exit kills the group)
+    build = post_build(web, alice, project, {"command": "setsid sleep 30 & sleep 0.3; echo bye"})
     marker = f"BUILD_UUID={build['uuid']}"
     try:
         done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=20)
@@ -2516,6 +2518,40 @@ def test_a_child_outside_the_group_holding_the_pipe_does_not_keep_the_build_runn
         assert build_log(web, alice, project, build["id"]) == b"bye\n"
     finally:
         kill_marked(marker)
+
+
+def test_a_stop_while_the_last_output_drains_does_not_change_how_the_build_ended(
+        web, alice, project, app):
+    # The shell exited 0, but a child outside its group holds the pipe: the
+    # server drains the output for a moment. A stop then comes too late.
+    build = post_build(web, alice, project, {"command": "setsid sleep 30 & sleep 0.3; exit 0"})
+    marker = f"BUILD_UUID={build['uuid']}"
+    url = f"{project}/builds/{build['id']}"
+    try:
+        def shell_exited():  # a zombie: exited, not yet reaped by the server
+            pgid = app.db.one("SELECT pgid FROM builds WHERE uuid = ?", (build["uuid"],))[0]
+            return pgid and not process_alive(pgid)
+        wait_until(shell_exited, message="the shell to exit")
+        time.sleep(0.2)  # the server has seen the exit (the drain lasts DRAIN_SECONDS)
+        assert call(web, "POST", url + "/stop", alice).status_int == 200
+        done = final_build(web, alice, url, timeout=20)
+        assert (done["last_status"], done["exit_code"]) == ("succeeded", 0)
+        history = web.get(url + "/statuses", headers=auth(alice)).json["results"]
+        assert [s["status"] for s in history] == ["created", "scheduled", "running", "succeeded"]
+    finally:
+        kill_marked(marker)
+
+
+def test_a_timeout_while_the_last_output_drains_does_not_change_how_the_build_ended(
+        web, alice, project):
+    # Exit at 0.5 s, output drained until 1.5 s: the timeout at 1 s comes too late.
+    build = post_build(web, alice, project, {"command": "setsid sleep 30 & sleep 0.5; exit 0",
+                                             "timeout": 1})
+    try:
+        done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=20)
+        assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
+    finally:
+        kill_marked(f"BUILD_UUID={build['uuid']}")
 
 
 def test_deleting_a_running_build_stops_it_and_removes_it(web, alice, project, config):
@@ -2791,6 +2827,74 @@ def test_after_kill_9_a_build_left_stopping_ends_failed_interrupted(server_facto
     assert history[-1]["message"].startswith("interrupted")
     wait_gone(f"BUILD_UUID={build['uuid']}")
     assert restarted.request("GET", path + "/logs")[2] == b"ready\n"
+
+
+def test_a_restart_kills_a_build_whose_process_group_was_never_recorded(
+        server_factory, tmp_path):
+    # The server died between starting the build and recording its group:
+    # the next start finds the leftovers by their BUILD_UUID.
+    data_dir = tmp_path / "crashed"
+    server = server_factory("--workers", "0", data_dir=data_dir)
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds", {"command": "sleep 60"})
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+        db.execute("UPDATE builds SET last_status = 'running', pgid = NULL WHERE uuid = ?",
+                   (build["uuid"],))
+    leftover = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                                env={**os.environ, "BUILD_UUID": build["uuid"]})
+    try:
+        restarted = server_factory("--workers", "0", data_dir=data_dir)
+        restarted.token = server.token
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        done = restarted.json("GET", f"{project_path}/builds/{build['id']}")[1]
+        assert done["last_status"] == "failed"
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+
+
+def test_builds_wait_out_a_database_that_cannot_be_written_and_keep_their_order(tmp_path):
+    # A full disk, made here with a file size limit on the server process: the
+    # builds must neither be dropped from the queue nor left showing `running`.
+    import resource
+    data_dir = tmp_path / "full"
+    first = Server(data_dir, "--workers", "0").start()
+    project_path = admin_project(first)
+    paths = []
+    for command in ("echo a; sleep 1", "echo b"):
+        status, build = first.json("POST", project_path + "/builds", {"command": command})
+        paths.append(f"{project_path}/builds/{build['id']}")
+    first.stop()
+    wal = os.path.join(data_dir, "buildserver.db-wal")
+
+    def limit_files(size):  # the shared-memory file (32 KiB) fits; a commit does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    server = Server(data_dir, "--workers", "1", preexec_fn=lambda: limit_files(32768)).start()
+    server.token = first.token
+
+    def logged(text):
+        return lambda: any(text in line for line in server.stderr_lines)
+    try:
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        wait_until(logged("could not start"), message="a claim to fail")
+        assert [server.json("GET", p)[1]["last_status"] for p in paths] == ["scheduled"] * 2
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        server_wait_for_log(server, paths[0], b"a")
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE,
+                         (os.path.getsize(wal), resource.RLIM_INFINITY))
+        wait_until(logged("cannot record its status"), message="the end of build a to fail")
+        assert server.json("GET", paths[0])[1]["last_status"] == "running"
+        status, body = server.json("POST", project_path + "/builds", {"command": "echo c"})
+        assert status == 503 and "Try again later" in body["detail"], body
+        assert server.json("GET", project_path + "/builds")[1]["count"] == 2
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        a, b = (server_final_build(server, p) for p in paths)
+        assert (a["last_status"], b["last_status"]) == ("succeeded", "succeeded")
+        assert a["finished_at"] <= b["started_at"]
+    finally:
+        server.stop()
 
 
 def process_alive(pid):
