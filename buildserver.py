@@ -591,6 +591,14 @@ class Store:
     def build(self, build_id):
         return self.db.one(BUILD_SELECT + " WHERE b.id = ?", (build_id,))
 
+    def label(self, build_id):
+        """How the server's log names a build."""
+        with contextlib.suppress(sqlite3.Error):
+            build = self.build(build_id)
+            if build is not None:
+                return build_label(build)
+        return f"build {build_id} (internal id)"
+
     def build_by_number(self, project_id, number):
         return self.db.one(BUILD_SELECT + " WHERE b.project_id = ? AND b.number = ?",
                            (project_id, number))
@@ -840,8 +848,8 @@ class LogFile:
     memory, nor in waitress's buffers. Positions are the log's byte offsets.
     """
 
-    def __init__(self, store, build_id, start, end):
-        self.store, self.build_id = store, build_id
+    def __init__(self, store, build, start, end):
+        self.store, self.build_id, self.label = store, build["id"], build_label(build)
         self.pos, self.end = start, end
         self._base, self._chunk = start, b""  # the chunk last read, from byte _base
 
@@ -865,8 +873,8 @@ class LogFile:
                 if not self._chunk:
                     # Short of Content-Length, the server would wait for bytes
                     # that never come: abort the connection instead.
-                    log.info("build %d was deleted while its log was sent: connection closed",
-                             self.build_id)
+                    log.info("%s was deleted while its log was sent: connection closed",
+                             self.label)
                     raise ConnectionAbortedError("the build was deleted while its log was sent")
             piece = self._chunk[self.pos - self._base:stop - self._base]
             pieces.append(piece)
@@ -1057,7 +1065,7 @@ class Runner:
             _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
-            log.warning("build %d was interrupted by a server restart", row["id"])
+            log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
 
     def _work(self):
         while True:
@@ -1081,13 +1089,13 @@ class Runner:
                 job = self._jobs[build_id] = Job(self.store.build(build_id))
                 return job
         except sqlite3.OperationalError as e:  # a full disk, say: it stays first in line
-            log.error("build %d: could not start (%s); trying again", build_id, e)
+            log.error("%s could not start (%s); trying again", self.store.label(build_id), e)
             with self._cond:
                 self._queue.appendleft(build_id)
             self._pause(1.0)
             return None
         except Exception:  # e.g. out of file descriptors: the worker lives on
-            log.exception("build %d: could not start", build_id)
+            log.exception("%s could not start", self.store.label(build_id))
             with contextlib.suppress(Exception):
                 self.store.transition(build_id, "failed", "internal error: could not start")
             return None
@@ -1097,7 +1105,7 @@ class Runner:
         try:
             self._run(job)
         except Exception as e:
-            log.exception("build %d: the runner failed", job.id)
+            log.exception("%s: the runner failed", build_label(job.build))
             reason = str(e) if isinstance(e, sqlite3.OperationalError) else "internal error"
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
                 self._finish(job, "failed", f"{reason} in the runner")
@@ -1225,7 +1233,7 @@ class Runner:
             status, message = ending
         self._persist(job, lambda: self.store.transition(job.id, status, message,
                                                          exit_code=exit_code))
-        log.info("build %d %s: %s", job.id, status, message)
+        log.info("%s %s: %s", build_label(job.build), status, message)
 
     def _persist(self, job, write):
         """Do `write` until the database takes it: a full disk, say, must not
@@ -1238,7 +1246,8 @@ class Runner:
             except sqlite3.OperationalError as e:
                 if self._closing:
                     raise
-                log.error("build %d: cannot record its status (%s); trying again", job.id, e)
+                log.error("%s: cannot record its status (%s); trying again",
+                          build_label(job.build), e)
                 self._pause(pause)
                 pause = min(2 * pause, 5.0)
 
@@ -1474,6 +1483,11 @@ def project_json(p):
             "builds_count": p["builds_count"],
             "last_build": None if p["last_number"] is None else
             {"id": p["last_number"], "last_status": p["last_status"]}}
+
+
+def build_label(b):
+    """A build as people know it, for the server's log: "build 7 of alice/app"."""
+    return f"build {b['number']} of {b['owner']}/{b['project_name']}"
 
 
 def build_json(b):
@@ -2093,7 +2107,7 @@ def make_routes(app):
             start = min(offset, size)
             end = size if limit is None else min(size, start + limit)
             bottle.response.set_header("Content-Length", str(end - start))
-            return LogFile(store, build["id"], start, end)
+            return LogFile(store, build, start, end)
         if not app.followers.acquire(blocking=False):
             raise ApiError(503, "Too many log followers at once; try again shortly.",
                            headers={"Retry-After": "5"})

@@ -2952,6 +2952,20 @@ def test_shutdown_kills_a_build_ignoring_sigterm_after_the_grace_period(server_f
 
 # Found in review, pinned -----------------------------------------------------------
 
+def test_the_server_log_names_builds_as_people_know_them(server_factory):
+    # Not by the internal row id, which no API answer shows.
+    server = server_factory()
+    for name in ("one", "two"):
+        assert server.json("POST", "/api/v1/admin", {"name": name, "command": "true"})[0] == 201
+    for path in ("/api/v1/admin/one/builds", "/api/v1/admin/one/builds",
+                 "/api/v1/admin/two/builds"):
+        status, build = server.json("POST", path, {})
+        server_final_build(server, f"{path}/{build['id']}")
+    wait_until(lambda: any("build 1 of admin/two succeeded" in line
+                           for line in server.stderr_lines), message="the build's log line")
+    assert not any("build 3 " in line for line in server.stderr_lines)
+
+
 def proc_cpu_ticks(pid):
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
