@@ -1106,9 +1106,10 @@ class Runner:
             self._run(job)
         except Exception as e:
             log.exception("%s: the runner failed", build_label(job.build))
-            reason = str(e) if isinstance(e, sqlite3.OperationalError) else "internal error"
+            message = (f"the database failed: {e}" if isinstance(e, sqlite3.OperationalError)
+                       else "internal error in the runner")
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
-                self._finish(job, "failed", f"{reason} in the runner")
+                self._finish(job, "failed", message)
         finally:
             with self._lock:
                 del self._jobs[job.id]
@@ -2724,8 +2725,8 @@ def _run_build(client, project, args):
     if args.no_follow:
         print(json.dumps(build, indent=2) if args.json else build["id"])
         return 0
-    try:
-        build = client.follow(path, sys.stdout.buffer)
+    try:  # with --json, standard output holds the build's JSON alone
+        build = client.follow(path, (sys.stderr if args.json else sys.stdout).buffer)
     except KeyboardInterrupt:
         if args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] "):
             client.call("POST", f"{path}/stop")
@@ -2753,13 +2754,15 @@ def _client_parsers(commands):
                         help="the server (env BUILDSERVER_URL; default %(default)s)")
     common.add_argument("--token", help="your token; better set BUILDSERVER_TOKEN, which "
                                         "stays out of shell history and ps")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    scripted = argparse.ArgumentParser(add_help=False, parents=[common])
+    scripted.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    def add(name, text):
+    def add(name, text, json_too=True):
         return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                                   parents=[common])
+                                   parents=[scripted if json_too else common])
 
-    r = add("run", "trigger a build, follow its log, and exit with its result")
+    r = add("run", "trigger a build, follow its log, and exit with its result "
+                   "(with --json the log goes to standard error)")
     r.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
     r.add_argument("--command", dest="command_", metavar="CMD",
                    help="the shell command (default: the project's)")
@@ -2774,7 +2777,7 @@ def _client_parsers(commands):
     s = add("status", "a build's fields and status history (default: the latest build)")
     s.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
     s.add_argument("id", nargs="?", type=int, help="the build's id")
-    lg = add("logs", "print a build's log")
+    lg = add("logs", "print a build's log (as it is: no --json)", json_too=False)
     lg.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
     lg.add_argument("id", type=int)
     lg.add_argument("--follow", "-f", action="store_true", help="until the build ends")
@@ -2954,11 +2957,16 @@ def backup(db_path, dest):
 
 def manage_users(args):
     """`adduser` and `token`: the token is the last line of standard output."""
-    if not valid_name(args.name) or args.name in RESERVED_USERNAMES:
+    if not valid_name(args.name):
         return _fail(f"{args.name!r} is not a valid user name: use 1 to 64 letters, digits, "
                      "'_' or '-', starting with a letter or digit", 2)
+    if args.name in RESERVED_USERNAMES:
+        return _fail(f"{args.name!r} cannot be a user name: /api/v1/{args.name} is an endpoint", 2)
+    db_path = os.path.join(args.data_dir, "buildserver.db")
+    if args.command == "token" and not os.path.exists(db_path):  # a mistyped --data-dir
+        return _fail(f"there is no database at {db_path}", 2)
     os.makedirs(args.data_dir, exist_ok=True)
-    db = Database(os.path.join(args.data_dir, "buildserver.db"))
+    db = Database(db_path)
     try:
         db.migrate()
         store = Store(db)

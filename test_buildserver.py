@@ -1956,6 +1956,17 @@ def test_cli_token_for_an_unknown_user_fails_with_one_line(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_cli_token_with_a_mistyped_data_dir_creates_nothing(tmp_path):
+    res = cli("token", "carol", "--data-dir", str(tmp_path / "typo"))
+    assert res.returncode == 2 and "no database" in res.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_cli_says_a_reserved_user_name_is_an_endpoint_not_malformed(tmp_path):
+    res = cli("adduser", "health", "--data-dir", str(tmp_path / "d"))
+    assert res.returncode == 2 and "/api/v1/health is an endpoint" in res.stderr
+
+
 @pytest.mark.parametrize("name", ["a.b", "health", "a b", "x" * 65, "é"])
 def test_cli_rejects_invalid_user_names(tmp_path, open_api, name):
     data = tmp_path / "d"
@@ -3109,7 +3120,8 @@ def test_run_uses_the_projects_command_env_name_tags_and_timeout(served):
                     "--name", "nightly", "--tag", "x", "--tag", "y", "--timeout", "60",
                     "--json")
     assert result.returncode == 0, result.stderr
-    build = json.loads(result.stdout.split(b"default\n", 1)[1])
+    build = json.loads(result.stdout)  # the log went to standard error
+    assert b"default\n" in result.stderr
     assert (build["env"], build["name"], build["tags"], build["timeout"], build["command"]) == (
         {"A": "1", "B": "two words"}, "nightly", ["x", "y"], 60, "echo default")
 
@@ -3118,6 +3130,11 @@ def test_run_uses_the_projects_command_env_name_tags_and_timeout(served):
                                            ("kill -9 $$", 1)])
 def test_run_exits_with_the_builds_own_exit_code_or_1(served, command, code):
     assert client(served, "run", "admin/app", "--command", command).returncode == code
+
+
+def test_logs_takes_no_json_flag_since_its_output_is_the_log(served):
+    result = client(served, "logs", "admin/app", "1", "--json")
+    assert result.returncode == 2 and b"--json" in result.stderr
 
 
 def test_run_with_no_follow_prints_the_id_and_returns_at_once(served):
