@@ -1543,7 +1543,7 @@ LOG_QUERY = (
     ("limit", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
                "description": "at most this many bytes (JSON: default 1 MiB, at most 16 MiB)"}),
     ("tail", {"type": "integer", "minimum": 0, "maximum": 10 ** 7,
-              "description": "send the last N lines"}),
+              "description": "send the last N lines (but nothing before offset)"}),
     ("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"],
                 "description": "text only: keep sending new output until the build is final"}),
     ("format", {"type": "string", "enum": ["text", "json"],
@@ -2091,12 +2091,10 @@ def make_routes(app):
             raise ApiError(400, "follow works with the text format only.",
                            errors={"follow": "needs format=text"})
         size, final = build["log_size"], build["last_status"] in FINAL
-        offset = int_param("offset", None, 0, 2 ** 62)
+        offset = int_param("offset", 0, 0, 2 ** 62)
         tail = int_param("tail", None, 0, 10 ** 7)
-        if tail is not None and offset is not None:
-            raise ApiError(400, "Give tail (lines from the end) or offset (bytes from the "
-                                "start), not both.", errors={"tail": "not with offset"})
-        offset = store.tail_offset(build["id"], size, tail) if tail is not None else offset or 0
+        if tail is not None:  # the last lines, of those from offset on
+            offset = max(offset, store.tail_offset(build["id"], size, tail))
         if fmt == "json":
             limit = min(int_param("limit", LOG_JSON_DEFAULT, 0, 2 ** 62), LOG_JSON_MAX)
             return log_page(build, min(offset, size), limit, size, final)
@@ -2367,7 +2365,7 @@ def body_limit(path):
 
 
 def _channel_class():
-    """waitress's HTTP channel, changed in three ways:
+    """waitress's HTTP channel, changed in four ways:
 
     - its parser refuses a body over its path's limit from its Content-Length:
       the app sees the request at once, with no body, and answers 413; the
@@ -2379,11 +2377,12 @@ def _channel_class():
       HTTP/1.1 allows: waitress closes it, and a client that follows a build
       and then asks for it would have to connect again. An answer cut short
       (an error, a client gone) still closes it; a HEAD answer gets no last
-      chunk (waitress would send one, a stray body).
+      chunk (waitress would send one, a stray body);
+    - its own error answers are JSON, like the app's.
     """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
-    from waitress.task import WSGITask
+    from waitress.task import ErrorTask, WSGITask
 
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus):
@@ -2427,9 +2426,23 @@ def _channel_class():
                 channel.holding = False
                 channel.release_head()
 
+    class JSONErrorTask(ErrorTask):
+        """waitress's own refusals (a malformed request, a body over its limit)
+        in the API's one error shape, not as text/plain."""
+
+        def execute(self):
+            error = self.request.error
+            body = json_bytes({"detail": f"{error.reason}: {error.body}"})
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
     class Channel(HTTPChannel):
         parser_class = Parser
         task_class = Task
+        error_task_class = JSONErrorTask
         holding, _head = False, None
 
         def write_soon(self, data):

@@ -1107,6 +1107,8 @@ LOG_TEXT = b"alpha\nbeta\ngamma\n"
     ("follow=1", LOG_TEXT),            # the build is final: nothing to wait for
     ("follow=1&offset=11", b"gamma\n"),
     ("tail=2&limit=5", b"beta\n"),
+    ("tail=2&offset=0", b"beta\ngamma\n"),   # the last lines, but none before offset
+    ("tail=2&offset=11", b"gamma\n"),
 ])
 def test_log_text_honours_offset_limit_and_tail(web, alice, project, query, expected):
     unmanaged(web, alice, project)
@@ -1564,8 +1566,6 @@ BAD_QUERIES = [
     ("/app/builds/1/logs", "tail=1&tail=2", "tail"),
     ("/app/builds/1/logs", "format=json&format=text", "format"),
     ("/app/builds/1/logs", "follow=0&follow=1", "follow"),
-    # tail picks where the answer starts; an offset as well would be ignored.
-    ("/app/builds/1/logs", "tail=1&offset=0", "tail"),
 ]
 
 
@@ -3406,6 +3406,26 @@ def read_status_line(sock, deadline):
             break
         received += chunk
     return received.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /api/v1/admin HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET /api/v1/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /api/v1/admin HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+], ids=["bad Content-Length", "raw non-ASCII path", "unknown transfer coding"])
+def test_requests_waitress_refuses_get_the_json_error_shape_too(server_factory, head):
+    server = server_factory()
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(head)
+    answer = b""
+    while chunk := sock.recv(65536):  # waitress closes the connection after it
+        answer += chunk
+    sock.close()
+    head_part, body = answer.split(b"\r\n\r\n", 1)
+    assert head_part.split(b" ", 2)[1] in (b"400", b"501"), answer
+    assert b"Content-Type: application/json" in head_part, answer
+    detail = json.loads(body)["detail"]
+    assert isinstance(detail, str) and detail.strip()
 
 
 def server_errors(server):
