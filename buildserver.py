@@ -1082,11 +1082,12 @@ class Runner:
     def _claim(self, build_id):
         """Move a scheduled build to `running` and register its Job."""
         try:
+            build = self.store.build(build_id)  # first: a failed read changes nothing
             with self._lock:
-                if self._closing or self.store.transition(
+                if build is None or self._closing or self.store.transition(
                         build_id, "running", "started", sources=("scheduled",)) is None:
                     return None  # stopped or deleted while it waited; or shutting down
-                job = self._jobs[build_id] = Job(self.store.build(build_id))
+                job = self._jobs[build_id] = Job(build)
                 return job
         except sqlite3.OperationalError as e:  # a full disk, say: it stays first in line
             log.error("%s could not start (%s); trying again", self.store.label(build_id), e)
