@@ -301,6 +301,19 @@ def whole_number(text, digits=18):
 # Database ####################################################################
 ###############################################################################
 
+def unavailable(error):
+    """Whether an error is SQLite's, from the machine (a full disk, an I/O
+    error, a lock held past the busy timeout), not from a bug."""
+    if not isinstance(error, sqlite3.Error):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
+                               sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN)
+    return isinstance(error, sqlite3.OperationalError) and any(
+        words in str(error) for words in ("disk", "locked", "readonly", "unable to open"))
+
+
 class SchemaError(Exception):
     """The database file is not one this version of buildserver can use."""
 
@@ -1080,25 +1093,33 @@ class Runner:
                 self._attend(job)
 
     def _claim(self, build_id):
-        """Move a scheduled build to `running` and register its Job."""
+        """Move a scheduled build to `running` and register its Job; None when
+        it is not to run, or cannot start now."""
         try:
-            build = self.store.build(build_id)  # first: a failed read changes nothing
             with self._lock:
-                if build is None or self._closing or self.store.transition(
+                if self._closing or self.store.transition(
                         build_id, "running", "started", sources=("scheduled",)) is None:
                     return None  # stopped or deleted while it waited; or shutting down
+                # Read after the move, under the lock: a deleted build's id is
+                # reused, and the row must be the one just moved.
+                build = self.store.build(build_id)
                 job = self._jobs[build_id] = Job(build)
                 return job
-        except sqlite3.OperationalError as e:  # a full disk, say: it stays first in line
-            log.error("%s could not start (%s); trying again", self.store.label(build_id), e)
-            with self._cond:
+        except Exception as e:  # e.g. a full disk, no file descriptors: the worker lives on
+            label = self.store.label(build_id)
+            if unavailable(e):
+                log.error("%s could not start (%s)", label, e)
+            else:
+                log.exception("%s could not start", label)
+            try:
+                if self._persist(label, lambda: self.store.transition(
+                        build_id, "failed", f"could not start: {e}", sources=("running",))):
+                    return None
+            except sqlite3.Error:  # shutting down (the next start runs it), or a bug
+                return None
+            with self._cond:  # still scheduled: it stays first in line, and is tried again
                 self._queue.appendleft(build_id)
             self._pause(1.0)
-            return None
-        except Exception:  # e.g. out of file descriptors: the worker lives on
-            log.exception("%s could not start", self.store.label(build_id))
-            with contextlib.suppress(Exception):
-                self.store.transition(build_id, "failed", "internal error: could not start")
             return None
 
     def _attend(self, job):
@@ -1107,8 +1128,8 @@ class Runner:
             self._run(job)
         except Exception as e:
             log.exception("%s: the runner failed", build_label(job.build))
-            message = (f"the database failed: {e}" if isinstance(e, sqlite3.OperationalError)
-                       else "internal error in the runner")
+            message = f"the database failed: {e}" if unavailable(e) else \
+                "internal error in the runner"
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
                 self._finish(job, "failed", message)
         finally:
@@ -1197,9 +1218,11 @@ class Runner:
                 job.stop("failed", f"timed out after {timeout} s")
             if job.ending and not stopping:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
-                stopping = job.stopping = True
-                self.store.transition(job.id, "stopping", job.ending[1])
+                stopping = True
                 kill_at = now + self.config.stop_grace
+                self._persist(build_label(job.build), lambda: self.store.transition(
+                    job.id, "stopping", job.ending[1]))
+                job.stopping = True  # written: _finish need not write it
             if kill_at is not None and now >= kill_at:
                 _killpg(proc.pid, signal.SIGKILL)
                 kill_at = None
@@ -1229,15 +1252,16 @@ class Runner:
         """End the build: as a stop or timeout asked, else `status`."""
         ending = job.finish()
         if ending:
+            label = build_label(job.build)
             if not job.stopping:  # asked after the supervisor last looked
-                self._persist(job, lambda: self.store.transition(
+                self._persist(label, lambda: self.store.transition(
                     job.id, "stopping", ending[1], sources=("running",)))
             status, message = ending
-        self._persist(job, lambda: self.store.transition(job.id, status, message,
-                                                         exit_code=exit_code))
+        self._persist(build_label(job.build), lambda: self.store.transition(
+            job.id, status, message, exit_code=exit_code))
         log.info("%s %s: %s", build_label(job.build), status, message)
 
-    def _persist(self, job, write):
+    def _persist(self, label, write):
         """Do `write` until the database takes it: a full disk, say, must not
         leave a build showing a status it has left. Gives up when the server
         shuts down (the next start's recovery ends the build)."""
@@ -1245,11 +1269,10 @@ class Runner:
         while True:
             try:
                 return write()
-            except sqlite3.OperationalError as e:
-                if self._closing:
+            except sqlite3.Error as e:
+                if self._closing or not unavailable(e):
                     raise
-                log.error("%s: cannot record its status (%s); trying again",
-                          build_label(job.build), e)
+                log.error("%s: cannot record its status (%s); trying again", label, e)
                 self._pause(pause)
                 pause = min(2 * pause, 5.0)
 
@@ -2221,17 +2244,19 @@ def _answering(app, handler):
             for name, value in e.headers.items():
                 response.set_header(name, value)
             result = e.body()
-        except sqlite3.OperationalError as e:  # a full disk, say
-            log.error("%s %s: the database failed: %s", bottle.request.method,
-                      repr(bottle.request.path)[1:-1], e)
-            response.status = 503
-            response.set_header("Retry-After", "30")
-            result = {"detail": f"The server cannot use its database right now ({e}). "
-                                "Try again later."}
-        except Exception:
-            log.exception("internal error in %s %s", bottle.request.method, bottle.request.path)
-            response.status = 500
-            result = {"detail": "internal error"}
+        except Exception as e:
+            if unavailable(e):  # the machine's fault (a full disk, say), not a bug
+                log.error("%s %s: the database failed: %s", bottle.request.method,
+                          repr(bottle.request.path)[1:-1], e)
+                response.status = 503
+                response.set_header("Retry-After", "30")
+                result = {"detail": f"The server cannot use its database right now ({e}). "
+                                    "Try again later."}
+            else:
+                log.exception("internal error in %s %s", bottle.request.method,
+                              bottle.request.path)
+                response.status = 500
+                result = {"detail": "internal error"}
         if isinstance(result, dict):
             response.content_type = "application/json"
             return json_bytes(result)
@@ -2519,9 +2544,11 @@ class Client:
         self._scheme, self._netloc, self._base = parts.scheme, parts.netloc, parts.path.rstrip("/")
         self.token, self.timeout = token, timeout
         import http.client  # here, not at the top: the server never needs it
+        if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ValueError("the token holds characters no token has (spaces, line breaks, ...)")
         # What a connection that drops mid-answer raises (IncompleteRead,
         # RemoteDisconnected and BadStatusLine are HTTPExceptions).
-        self._dropped = (OSError, EOFError, ValueError, http.client.HTTPException)
+        self._dropped = (OSError, EOFError, http.client.HTTPException)
 
     def _connect(self, timeout):
         import http.client
@@ -2561,7 +2588,7 @@ class Client:
         conn, response = self._open(method, path, body)
         try:
             return json.loads(response.read())
-        except self._dropped as e:
+        except self._dropped + (ValueError,) as e:  # ValueError: not JSON, an answer cut short
             raise Unreachable(f"the connection to {self.url} broke: {e}") from None
         finally:
             conn.close()
@@ -2678,7 +2705,10 @@ def _describe(build, statuses):
 
 def run_client(args):
     """The client commands; returns the exit code."""
-    client = Client(args.url, args.token or _env("token", ""))
+    try:
+        client = Client(args.url, args.token or _env("token", ""))
+    except ValueError as e:
+        return _fail(str(e), 2)
     project = f"/api/v1/{args.project}"
     try:
         if args.command == "run":

@@ -1623,6 +1623,21 @@ def test_lone_surrogate_in_a_field_is_400_and_changes_nothing(web, alice, popula
     assert snapshot(web, alice, populated) == before
 
 
+@pytest.mark.parametrize("message, status", [
+    ("database or disk is full", 503), ("disk I/O error", 503), ("database is locked", 503),
+    ("no such column: nope", 500),  # a bug: a 500, and its traceback in the log
+])
+def test_a_database_that_cannot_be_written_is_503_but_a_bug_stays_a_500(
+        web, alice, populated, app, monkeypatch, caplog, message, status):
+    def failing(*args):
+        raise sqlite3.OperationalError(message)
+    monkeypatch.setattr(app.store, "build_by_number", failing)
+    res = call(web, "GET", populated + "/builds/1", alice)
+    assert_error(res, status)
+    assert ("Retry-After" in res.headers) is (status == 503)
+    assert ("Traceback" in caplog.text) is (status == 500)
+
+
 def test_lone_surrogate_in_a_json_log_body_is_400_and_stores_nothing(web, alice, project):
     unmanaged(web, alice, project)
     url = project + "/builds/1"
@@ -2904,6 +2919,24 @@ def test_builds_wait_out_a_database_that_cannot_be_written_and_keep_their_order(
         a, b = (server_final_build(server, p) for p in paths)
         assert (a["last_status"], b["last_status"]) == ("succeeded", "succeeded")
         assert a["finished_at"] <= b["started_at"]
+        # A stop whose `stopping` cannot be written: the build still ends `stopped`.
+        status, build = server.json("POST", project_path + "/builds",
+                                    {"command": "echo c; sleep 60"})
+        path = f"{project_path}/builds/{build['id']}"
+        server_wait_for_log(server, path, b"c")
+        failures = sum("cannot record its status" in line for line in server.stderr_lines)
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE,
+                         (os.path.getsize(wal), resource.RLIM_INFINITY))
+        assert server.json("POST", path + "/stop")[0] == 200
+        wait_until(lambda: sum("cannot record its status" in line
+                               for line in server.stderr_lines) > failures,
+                   message="the stopping to fail")
+        assert server.json("GET", path)[1]["last_status"] == "running"
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        assert server_final_build(server, path)["last_status"] == "stopped"
+        history = server.json("GET", path + "/statuses")[1]["results"]
+        assert [s["status"] for s in history][-3:] == ["running", "stopping", "stopped"]
+        wait_gone(f"BUILD_UUID={build['uuid']}")
     finally:
         server.stop()
 
@@ -3130,6 +3163,12 @@ def test_run_uses_the_projects_command_env_name_tags_and_timeout(served):
                                            ("kill -9 $$", 1)])
 def test_run_exits_with_the_builds_own_exit_code_or_1(served, command, code):
     assert client(served, "run", "admin/app", "--command", command).returncode == code
+
+
+def test_a_token_with_a_line_break_is_refused_at_once_and_not_echoed(served):
+    result = client(served, "builds", "admin/app", token="abc\ndef-secret", timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert b"def-secret" not in result.stderr + result.stdout
 
 
 def test_logs_takes_no_json_flag_since_its_output_is_the_log(served):
