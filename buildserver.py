@@ -1117,10 +1117,11 @@ class Runner:
                     return None
             except sqlite3.Error:  # shutting down (the next start runs it), or a bug
                 return None
-            with self._cond:  # still scheduled: it stays first in line, and is tried again
-                self._queue.appendleft(build_id)
-            self._pause(1.0)
-            return None
+            if unavailable(e):  # still scheduled: it stays first in line, tried again
+                with self._cond:
+                    self._queue.appendleft(build_id)
+                self._pause(1.0)
+            return None  # a bug leaves it scheduled until the next start
 
     def _attend(self, job):
         """Run a claimed build to its end, whatever happens."""
@@ -1250,16 +1251,15 @@ class Runner:
 
     def _finish(self, job, status, message, exit_code=None):
         """End the build: as a stop or timeout asked, else `status`."""
-        ending = job.finish()
+        ending, label = job.finish(), build_label(job.build)
         if ending:
-            label = build_label(job.build)
             if not job.stopping:  # asked after the supervisor last looked
                 self._persist(label, lambda: self.store.transition(
                     job.id, "stopping", ending[1], sources=("running",)))
             status, message = ending
-        self._persist(build_label(job.build), lambda: self.store.transition(
+        self._persist(label, lambda: self.store.transition(
             job.id, status, message, exit_code=exit_code))
-        log.info("%s %s: %s", build_label(job.build), status, message)
+        log.info("%s %s: %s", label, status, message)
 
     def _persist(self, label, write):
         """Do `write` until the database takes it: a full disk, say, must not
