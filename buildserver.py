@@ -1111,11 +1111,13 @@ class Runner:
                 log.error("%s could not start (%s)", label, e)
             else:
                 log.exception("%s could not start", label)
-            try:
+            try:  # (a stop may have come while no Job was registered: `stopping`)
                 if self._persist(label, lambda: self.store.transition(
-                        build_id, "failed", f"could not start: {e}", sources=("running",))):
+                        build_id, "failed", f"could not start: {e}",
+                        sources=("running", "stopping"))):
                     return None
-            except sqlite3.Error:  # shutting down (the next start runs it), or a bug
+            except Exception:  # shutting down (the next start ends it), or a bug
+                log.exception("%s: could not record that it could not start", label)
                 return None
             if unavailable(e):  # still scheduled: it stays first in line, tried again
                 with self._cond:
@@ -2546,6 +2548,10 @@ class Client:
         import http.client  # here, not at the top: the server never needs it
         if token and not re.fullmatch(r"[\x21-\x7e]+", token):
             raise ValueError("the token holds characters no token has (spaces, line breaks, ...)")
+        try:  # what http.client would refuse only when it sends the first request
+            parts.port, (parts.hostname or "").encode("idna"), self._base.encode("ascii")
+        except (UnicodeError, ValueError) as e:
+            raise ValueError(f"{url!r} is not a server URL: {e}") from None
         # What a connection that drops mid-answer raises (IncompleteRead,
         # RemoteDisconnected and BadStatusLine are HTTPExceptions).
         self._dropped = (OSError, EOFError, http.client.HTTPException)

@@ -7,6 +7,7 @@ Every wait is a loop with a deadline.
 """
 
 import collections
+import errno
 import http.client
 import importlib.util
 import io
@@ -2344,6 +2345,27 @@ def test_a_build_that_cannot_start_fails_with_the_reason_and_the_worker_runs_on(
         "succeeded"
 
 
+def test_a_build_whose_job_cannot_be_made_fails_even_if_stopped_meanwhile(
+        web, alice, project, app, monkeypatch):
+    # Out of file descriptors once the build is `running` (its Job's wake-up pipe),
+    # and a stop in that moment, which finds no Job and records `stopping`.
+    def no_job(build):
+        raise OSError(errno.EMFILE, "Too many open files")
+    label = app.store.label
+
+    def stopped_meanwhile(build_id):
+        app.runner.stop(build_id, "stopped by alice")
+        return label(build_id)
+    monkeypatch.setattr(buildserver, "Job", no_job)
+    monkeypatch.setattr(app.store, "label", stopped_meanwhile)
+    build = post_build(web, alice, project, {"command": "echo never"})
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    entries = ok(web.get(f"{project}/builds/{build['id']}/statuses", headers=auth(alice)))
+    assert [e["status"] for e in entries["results"]][-3:] == ["running", "stopping", "failed"]
+    assert done["last_status"] == "failed"
+    assert entries["results"][-1]["message"] == "could not start: [Errno 24] Too many open files"
+
+
 def test_build_stdin_is_dev_null(web, alice, project):
     build = post_build(web, alice, project,
                        {"command": "cat; echo cat ended; readlink /proc/$$/fd/0"})
@@ -3163,6 +3185,14 @@ def test_run_uses_the_projects_command_env_name_tags_and_timeout(served):
                                            ("kill -9 $$", 1)])
 def test_run_exits_with_the_builds_own_exit_code_or_1(served, command, code):
     assert client(served, "run", "admin/app", "--command", command).returncode == code
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/\u00fc", "http://a..b:1", "http://x:99999",
+                                 "ftp://x"])
+def test_a_server_url_that_cannot_work_is_a_one_line_usage_error(url):
+    result = cli("builds", "admin/app", "--url", url, env={"BUILDSERVER_TOKEN": "abc"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_token_with_a_line_break_is_refused_at_once_and_not_echoed(served):
