@@ -314,6 +314,10 @@ def unavailable(error):
         words in str(error) for words in ("disk", "locked", "readonly", "unable to open"))
 
 
+class LogClosed(Exception):
+    """The build is final: its log takes no more output."""
+
+
 class SchemaError(Exception):
     """The database file is not one this version of buildserver can use."""
 
@@ -423,12 +427,16 @@ class Database:
                 self._checkpoint_due.clear()
                 if self._closed:
                     return
-                # PASSIVE runs beside the writers; but with writers never pausing
-                # the WAL is never reset, so past WAL_LIMIT they wait for a TRUNCATE.
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                if _file_size(self.path + "-wal") > self.WAL_LIMIT:
-                    with self._write_lock:
-                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                try:
+                    # PASSIVE runs beside the writers; but with writers never pausing
+                    # the WAL is never reset, so past WAL_LIMIT they wait for a TRUNCATE.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    if _file_size(self.path + "-wal") > self.WAL_LIMIT:
+                        with self._write_lock:
+                            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as e:  # a full disk, say: the next commits try again
+                    log.error("checkpoint failed (%s); trying again later", e)
+                    self._wal_bytes = self.CHECKPOINT_BYTES
         finally:
             conn.close()
 
@@ -463,6 +471,8 @@ class Database:
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         for number in sorted(n for n in migrations if n > version):
             with self.write() as c:
+                if c.execute("PRAGMA user_version").fetchone()[0] >= number:
+                    continue  # another process (adduser beside serve) got here first
                 for statement in _statements(migrations[number]):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number:d}")
@@ -505,6 +515,11 @@ def _statements(script):
 BUILD_SELECT = """
     SELECT b.*, p.name AS project_name, u.name AS owner
     FROM builds b JOIN projects p ON p.id = b.project_id JOIN users u ON u.id = p.owner_id
+"""
+# The last chunk that starts at or before a byte, of the build with this id and uuid.
+LOG_CHUNK_SELECT = """
+    SELECT {} FROM log_chunks c JOIN builds b ON b.id = c.build_id
+    WHERE c.build_id = ? AND b.uuid = ? AND c.offset <= ? ORDER BY c.offset DESC LIMIT 1
 """
 PROJECT_SELECT = """
     SELECT p.*, u.name AS owner,
@@ -732,18 +747,25 @@ class Store:
 
     # Logs --------------------------------------------------------------------
 
-    def log_state(self, build_id):
-        return self.db.one("SELECT log_size, last_status FROM builds WHERE id = ?", (build_id,))
+    # A deleted build's id is given to the next build: a reader that outlives
+    # a request (a download, a follower) names its build by id and uuid.
+
+    def log_state(self, build_id, uuid):
+        return self.db.one("SELECT log_size, last_status FROM builds WHERE id = ? AND uuid = ?",
+                           (build_id, uuid))
 
     def append_log(self, build_id, data, max_bytes):
         """Store output as it arrived; past `max_bytes` it is dropped and one
-        line says so. Returns (log size, truncated), or None if the build is gone."""
+        line says so. Returns (log size, truncated), or None if the build is gone.
+        Raises LogClosed once the build is final (its followers have ended)."""
         with self.db.write() as c:
-            row = c.execute("SELECT log_size, truncated FROM builds WHERE id = ?",
+            row = c.execute("SELECT log_size, truncated, last_status FROM builds WHERE id = ?",
                             (build_id,)).fetchone()
             if row is None:
                 return None
-            size, truncated = row
+            size, truncated, status = row
+            if status in FINAL:
+                raise LogClosed(status)
             if truncated or not data:
                 return size, bool(truncated)
             if size + len(data) > max_bytes:
@@ -773,25 +795,23 @@ class Store:
         self.on_change(build_id)
         return size, bool(truncated)
 
-    def log_piece(self, build_id, start, end):
+    def log_piece(self, build_id, uuid, start, end):
         """Bytes from `start` up to `end`, at most to the end of one chunk."""
         if start >= end:
             return b""
-        row = self.db.one("SELECT substr(data, ? - offset + 1, ?) FROM log_chunks"
-                          " WHERE build_id = ? AND offset <= ? ORDER BY offset DESC LIMIT 1",
-                          (start, end - start, build_id, start))
+        row = self.db.one(LOG_CHUNK_SELECT.format("substr(c.data, ? - c.offset + 1, ?)"),
+                          (start, end - start, build_id, uuid, start))
         return b"" if row is None else row[0]
 
-    def log_chunk(self, build_id, pos):
+    def log_chunk(self, build_id, uuid, pos):
         """(offset, data) of the chunk that holds byte `pos`, or (pos, b"")."""
-        row = self.db.one("SELECT offset, data FROM log_chunks WHERE build_id = ? AND offset <= ?"
-                          " ORDER BY offset DESC LIMIT 1", (build_id, pos))
+        row = self.db.one(LOG_CHUNK_SELECT.format("c.offset, c.data"), (build_id, uuid, pos))
         return (pos, b"") if row is None else (row[0], row[1])
 
-    def log_bytes(self, build_id, start, end):
+    def log_bytes(self, build_id, uuid, start, end):
         pieces, pos = [], start
         while pos < end:
-            piece = self.log_piece(build_id, pos, end)
+            piece = self.log_piece(build_id, uuid, pos, end)
             if not piece:
                 break
             pieces.append(piece)
@@ -862,7 +882,8 @@ class LogFile:
     """
 
     def __init__(self, store, build, start, end):
-        self.store, self.build_id, self.label = store, build["id"], build_label(build)
+        self.store, self.build_id, self.uuid = store, build["id"], build["uuid"]
+        self.label = build_label(build)
         self.pos, self.end = start, end
         self._base, self._chunk = start, b""  # the chunk last read, from byte _base
 
@@ -882,8 +903,8 @@ class LogFile:
         pieces = []
         while self.pos < stop:
             if not self._base <= self.pos < self._base + len(self._chunk):
-                self._base, self._chunk = self.store.log_chunk(self.build_id, self.pos)
-                if not self._chunk:
+                self._base, self._chunk = self.store.log_chunk(self.build_id, self.uuid, self.pos)
+                if not self._base <= self.pos < self._base + len(self._chunk):
                     # Short of Content-Length, the server would wait for bytes
                     # that never come: abort the connection instead.
                     log.info("%s was deleted while its log was sent: connection closed",
@@ -908,8 +929,8 @@ class LogStream:
     holds, waiting for more when there is none yet.
     """
 
-    def __init__(self, store, bus, build_id, start, end, environ, on_close):
-        self.store, self.bus, self.build_id = store, bus, build_id
+    def __init__(self, store, bus, build, start, end, environ, on_close):
+        self.store, self.bus, self.build_id, self.uuid = store, bus, build["id"], build["uuid"]
         self.pos, self.end = start, end
         self._environ, self._on_close = environ, on_close
         self._headers_sent = False
@@ -917,10 +938,11 @@ class LogStream:
     def read(self, size=-1):
         while self.pos < self.end:
             seen = self.bus.version(self.build_id)
-            state = self.store.log_state(self.build_id)
-            if state is None:
+            state = self.store.log_state(self.build_id, self.uuid)
+            if state is None:  # deleted
                 return b""
-            piece = self.store.log_piece(self.build_id, self.pos, min(self.end, state["log_size"]))
+            piece = self.store.log_piece(self.build_id, self.uuid, self.pos,
+                                         min(self.end, state["log_size"]))
             if piece:
                 self.pos += len(piece)
                 return piece
@@ -1344,7 +1366,8 @@ def _kill_leftovers(pgid, started, build_uuid):
 
     A pid (and so a group id) may have been reused since. On Linux the group is
     the build's if its leader is the build's shell (same start time: `exec`
-    keeps it), or, with the leader gone, if a member carries its BUILD_UUID.
+    keeps it), or, with the leader gone or its start time never recorded (a
+    database from before migration 2), if a member carries its BUILD_UUID.
     Elsewhere there is no way to tell, and the group is killed. A build whose
     group was never recorded (the server died just after starting it) is found
     by its BUILD_UUID alone (Linux).
@@ -1357,7 +1380,7 @@ def _kill_leftovers(pgid, started, build_uuid):
         return
     if os.path.isdir("/proc/self"):
         leader = _start_time(pgid)
-        if leader is not None:
+        if leader is not None and started:
             ours = leader == started
         else:
             ours = any(_carries(pid, build_uuid) for pid in _group_members(pgid))
@@ -2137,17 +2160,17 @@ def make_routes(app):
             raise ApiError(503, "Too many log followers at once; try again shortly.",
                            headers={"Retry-After": "5"})
         end = float("inf") if limit is None else offset + limit
-        return LogStream(store, app.bus, build["id"], offset, end, request.environ,
+        return LogStream(store, app.bus, build, offset, end, request.environ,
                          on_close=app.followers.release)
 
     def log_page(build, offset, limit, size, final):
         end = min(size, offset + limit)
-        data = store.log_bytes(build["id"], offset, end)
+        data = store.log_bytes(build["id"], build["uuid"], offset, end)
         if data and _utf8_boundary(data) == 0:
             # The limit ends inside the first character: send it whole, or the
             # page would be empty and its next_offset would never move on.
             end = min(size, offset + _utf8_length(data[0]))
-            data = store.log_bytes(build["id"], offset, end)
+            data = store.log_bytes(build["id"], build["uuid"], offset, end)
         if not (final and end == size):  # the rest of a character may still come
             data = data[:_utf8_boundary(data)]
         if not final and b"\n" in data:
@@ -2170,7 +2193,10 @@ def make_routes(app):
             raise ApiError(400, f"The build is {build['last_status']}: its log is closed.")
         if bottle.request.content_type.split(";")[0].strip() == "application/json":
             body = _json_log_text(body)
-        size, _ = still_there(store.append_log(build["id"], body, config.max_log_bytes))
+        try:  # checked again as it is written: a status report may have come meanwhile
+            size, _ = still_there(store.append_log(build["id"], body, config.max_log_bytes))
+        except LogClosed as e:
+            raise ApiError(400, f"The build is {e}: its log is closed.") from None
         return {"size": size}
 
     B = "/api/v1/<username>/<project_name>/builds/<build_id>"

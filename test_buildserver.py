@@ -2877,21 +2877,24 @@ def test_after_kill_9_a_build_left_stopping_ends_failed_interrupted(server_facto
     assert restarted.request("GET", path + "/logs")[2] == b"ready\n"
 
 
+@pytest.mark.parametrize("recorded", ["nothing", "group only"])
 def test_a_restart_kills_a_build_whose_process_group_was_never_recorded(
-        server_factory, tmp_path):
-    # The server died between starting the build and recording its group:
-    # the next start finds the leftovers by their BUILD_UUID.
+        server_factory, tmp_path, recorded):
+    # The server died between starting the build and recording its group, or
+    # (a database from before migration 2) recorded the group but not when its
+    # leader started: the next start finds the leftovers by their BUILD_UUID.
     data_dir = tmp_path / "crashed"
     server = server_factory("--workers", "0", data_dir=data_dir)
     project_path = admin_project(server)
     status, build = server.json("POST", project_path + "/builds", {"command": "sleep 60"})
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
-        db.execute("UPDATE builds SET last_status = 'running', pgid = NULL WHERE uuid = ?",
-                   (build["uuid"],))
     leftover = subprocess.Popen(["sleep", "60"], start_new_session=True,
                                 env={**os.environ, "BUILD_UUID": build["uuid"]})
+    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+        db.execute("UPDATE builds SET last_status = 'running', pgid = ?, pg_started = NULL"
+                   " WHERE uuid = ?", (None if recorded == "nothing" else leftover.pid,
+                                       build["uuid"]))
     try:
         restarted = server_factory("--workers", "0", data_dir=data_dir)
         restarted.token = server.token
@@ -3036,6 +3039,96 @@ def proc_cpu_ticks(pid):
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+def test_a_download_whose_build_is_deleted_and_its_id_reused_ends_at_once(server_factory):
+    # The next build created gets a deleted newest build's internal id: the
+    # download must neither send the new build's log nor spin on it.
+    server = server_factory()
+    project_path = admin_project(server)
+    status, old = server.json("POST", project_path + "/builds", {"is_managed": False})
+    old_path = f"{project_path}/builds/{old['id']}"
+    for _ in range(4):
+        assert server.request("POST", old_path + "/logs", body=b"o" * (8 * 1024 * 1024 - 1),
+                              headers={"Content-Type": "text/plain"})[0] == 200
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+    sock.sendall(f"GET {old_path}/logs HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Token {server.token}\r\n\r\n".encode())
+    assert sock.recv(4096)
+    assert server.json("DELETE", old_path)[0] == 200
+    status, new = server.json("POST", project_path + "/builds", {"is_managed": False})
+    new_path = f"{project_path}/builds/{new['id']}"
+    assert server.request("POST", new_path + "/logs", body=b"NEW BUILD'S LOG\n" * 3000,
+                          headers={"Content-Type": "text/plain"})[0] == 200
+    received = b""
+    while data := sock.recv(1 << 20):
+        received += data
+    sock.close()
+    assert b"NEW" not in received and len(received) < 4 * 8 * 1024 * 1024
+    assert server.json("GET", "/api/v1/health", timeout=5)[0] == 200
+
+
+def test_a_follower_of_a_deleted_build_never_gets_the_log_of_the_next_build(server_factory):
+    server = server_factory()
+    project_path = admin_project(server)
+    status, old = server.json("POST", project_path + "/builds", {"is_managed": False})
+    old_path = f"{project_path}/builds/{old['id']}"
+    assert server.json("POST", old_path + "/statuses", {"status": "running"})[0] == 201
+    assert server.request("POST", old_path + "/logs", body=b"old\n",
+                          headers={"Content-Type": "text/plain"})[0] == 200
+    conn, response = open_follow(server, old_path)
+    assert response.read1(4096) == b"old\n"
+    assert server.json("DELETE", old_path)[0] == 200
+    status, new = server.json("POST", project_path + "/builds", {"is_managed": False})
+    assert server.request("POST", f"{project_path}/builds/{new['id']}/logs",
+                          body=b"SECRET\n", headers={"Content-Type": "text/plain"})[0] == 200
+    assert response.read() == b""  # ends, with nothing more
+    conn.close()
+
+
+def test_a_log_append_after_the_build_ended_is_refused_as_it_is_written(web, alice, project,
+                                                                         app):
+    # The endpoint's own check can pass just before a status report ends the
+    # build; the write itself checks again.
+    build = unmanaged(web, alice, project)
+    url = f"{project}/builds/{build['id']}"
+    append_log(web, alice, url, b"before\n")
+    report(web, alice, url, "running", "succeeded")
+    build_id = app.db.one("SELECT id FROM builds WHERE uuid = ?", (build["uuid"],))[0]
+    with pytest.raises(buildserver.LogClosed):
+        app.store.append_log(build_id, b"late\n", 1 << 20)
+    assert call(web, "GET", url + "/logs", alice).body == b"before\n"
+
+
+def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
+    db = buildserver.Database(str(tmp_path / "c.db"), background_checkpoints=True)
+    db.migrate()
+    connect, calls = db.connect, []
+
+    class FailingOnce:  # the checkpointer's connection: its first checkpoint fails
+        def __init__(self):
+            self.conn = connect()
+
+        def execute(self, sql, *args):
+            calls.append(sql)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.conn.execute(sql, *args)
+
+        def close(self):
+            self.conn.close()
+    db.connect = FailingOnce
+    try:
+        for _ in range(2):  # two checkpoints' worth of writes
+            db.wrote(db.CHECKPOINT_BYTES)
+            wait_until(lambda: len(calls) >= 1, message="a checkpoint")
+            time.sleep(0.1)
+        db.wrote(db.CHECKPOINT_BYTES)
+        wait_until(lambda: len(calls) >= 2, message="a checkpoint after the failed one")
+    finally:
+        db.connect = connect
+        db.close()
 
 
 def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle(
