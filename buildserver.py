@@ -975,6 +975,7 @@ class Job:
     def __init__(self, build):
         self.build = build
         self.id = build["id"]
+        self.label = build_label(build)  # for the server's log
         self.ending = None          # (final status, message) once a stop or timeout is asked
         self.stopping = False       # the build has been moved to `stopping`
         self.finishing = False      # its end is decided: stops come too late
@@ -1152,7 +1153,7 @@ class Runner:
         try:
             self._run(job)
         except Exception as e:
-            log.exception("%s: the runner failed", build_label(job.build))
+            log.exception("%s: the runner failed", job.label)
             message = f"the database failed: {e}" if unavailable(e) else \
                 "internal error in the runner"
             with contextlib.suppress(Exception):  # a restart's recovery ends it otherwise
@@ -1245,7 +1246,7 @@ class Runner:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 stopping = True
                 kill_at = now + self.config.stop_grace
-                self._persist(build_label(job.build), lambda: self.store.transition(
+                self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
                 job.stopping = True  # written: _finish need not write it
             if kill_at is not None and now >= kill_at:
@@ -1275,15 +1276,15 @@ class Runner:
 
     def _finish(self, job, status, message, exit_code=None):
         """End the build: as a stop or timeout asked, else `status`."""
-        ending, label = job.finish(), build_label(job.build)
+        ending = job.finish()
         if ending:
             if not job.stopping:  # asked after the supervisor last looked
-                self._persist(label, lambda: self.store.transition(
+                self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", ending[1], sources=("running",)))
             status, message = ending
-        self._persist(label, lambda: self.store.transition(
+        self._persist(job.label, lambda: self.store.transition(
             job.id, status, message, exit_code=exit_code))
-        log.info("%s %s: %s", label, status, message)
+        log.info("%s %s: %s", job.label, status, message)
 
     def _persist(self, label, write):
         """Do `write` until the database takes it: a full disk, say, must not
@@ -1400,8 +1401,7 @@ def _groups_carrying(build_uuid):
     BUILD_UUID (Linux; elsewhere none)."""
     if not os.path.isdir("/proc/self"):
         return set()
-    return {int(fields[2]) for pid in filter(str.isdigit, os.listdir("/proc"))
-            if len(fields := _stat(pid)) > 2 and _carries(pid, build_uuid)} - {os.getpgrp()}
+    return {group for pid, group in _processes() if _carries(pid, build_uuid)} - {os.getpgrp()}
 
 
 def _stat(pid):
@@ -1417,10 +1417,15 @@ def _start_time(pid):
 
 
 def _group_members(pgid):
+    return (pid for pid, group in _processes() if group == pgid)
+
+
+def _processes():
+    """(pid, process group) of every live process (Linux /proc)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         fields = _stat(pid)
-        if len(fields) > 2 and int(fields[2]) == pgid:
-            yield pid
+        if len(fields) > 2:
+            yield pid, int(fields[2])
 
 
 def _read(path):
