@@ -89,3 +89,25 @@ CREATE TABLE log_chunks (
 -- When the build's shell (its process group's leader) started, in clock ticks
 -- since boot: after a crash it tells the build's group from a reused pid.
 ALTER TABLE builds ADD COLUMN pg_started TEXT;
+
+-- migration 3
+-- A status change writes a build's row, its entry in builds_project_status and
+-- a status row; every other index it touches is one more page in the WAL. So
+-- statuses are kept in their (build_id, number) key alone, with no rowid and
+-- no index on uuid (a build's few entries are searched for one), and the index
+-- on last_status alone goes: only a server's start looks for unfinished builds
+-- across projects, once.
+CREATE TABLE statuses_by_build (
+    build_id    INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+    number      INTEGER NOT NULL,               -- the API's "id": counts from 1 per build
+    uuid        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    message     TEXT,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (build_id, number)
+) WITHOUT ROWID;
+INSERT INTO statuses_by_build (build_id, number, uuid, status, message, created_at)
+    SELECT build_id, number, uuid, status, message, created_at FROM statuses;
+DROP TABLE statuses;
+ALTER TABLE statuses_by_build RENAME TO statuses;
+DROP INDEX builds_status;

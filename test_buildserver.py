@@ -1632,7 +1632,7 @@ def test_a_database_that_cannot_be_written_is_503_but_a_bug_stays_a_500(
         web, alice, populated, app, monkeypatch, caplog, message, status):
     def failing(*args):
         raise sqlite3.OperationalError(message)
-    monkeypatch.setattr(app.store, "build_by_number", failing)
+    monkeypatch.setattr(app.store, "build_at", failing)
     res = call(web, "GET", populated + "/builds/1", alice)
     assert_error(res, status)
     assert ("Retry-After" in res.headers) is (status == 503)
@@ -3202,7 +3202,8 @@ def test_a_failed_start_leaves_queued_builds_scheduled(server_factory, tmp_path)
         busy.close()
     assert done.returncode == 1 and "cannot listen on" in done.stderr
     with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
-        statuses = [row[0] for row in db.execute("SELECT status FROM statuses ORDER BY id")]
+        statuses = [row[0] for row in db.execute(
+            "SELECT status FROM statuses ORDER BY build_id, number")]
     assert statuses == ["created", "scheduled"] * 2  # nothing ran, nothing was stopped
 
 
@@ -4511,18 +4512,32 @@ def test_a_database_at_the_latest_version_is_used_as_it_is(server_factory, tmp_p
     assert db_dump(db) == before
 
 
-@pytest.mark.skipif(max(schema_migrations()) < 2, reason="schema.sql has one migration: "
-                    "no older version exists yet")
-def test_a_database_at_an_older_version_is_migrated_and_keeps_its_data(server_factory, tmp_path):
+@pytest.mark.parametrize("version", range(1, max(schema_migrations())))
+def test_a_database_at_an_older_version_is_migrated_and_keeps_its_data(
+        server_factory, tmp_path, version):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     db = str(data_dir / "buildserver.db")
-    token = write_database_at(db, max(schema_migrations()) - 1)
+    token = write_database_at(db, version)
     server = server_factory(data_dir=data_dir)
     server.token = token
     assert user_version(db) == max(schema_migrations())
     assert server.request("GET", "/api/v1/old/app/builds/1/logs")[2] == b"hello\n"
+    statuses = api(server, "GET", "/api/v1/old/app/builds/1/statuses")[1]["results"]
+    assert [(s["id"], s["uuid"], s["status"]) for s in statuses] == [
+        (n, f"{n:032x}", status)
+        for n, status in enumerate(("created", "scheduled", "running", "succeeded"), 1)]
+    assert api(server, "GET", f"/api/v1/old/app/builds/1/statuses/{3:032x}")[1] == statuses[2]
+    # The migrated tables take new rows: a build runs and records its statuses.
+    api(server, "POST", "/api/v1/old/app/builds", {})
+    wait_until(lambda: api(server, "GET", "/api/v1/old/app/builds/2")[1]["last_status"]
+               == "succeeded", message="a build on the migrated database to succeed")
+    assert [s["status"] for s in api(server, "GET", "/api/v1/old/app/builds/2/statuses")[1][
+        "results"]] == ["created", "scheduled", "running", "succeeded"]
+    server.stop()
     assert integrity(db) == [("ok",)]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
 
 
 # Backup ---------------------------------------------------------------------
