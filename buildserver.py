@@ -534,7 +534,7 @@ PROJECT_SELECT = """
 class Store:
     """The named queries: users and tokens, projects, builds, statuses, logs.
 
-    :param on_change: called with a build's id after its status or log changed.
+    :param on_change: called with a build's id after its log grew or it ended.
     """
 
     def __init__(self, db, on_change=lambda build_id: None):
@@ -627,9 +627,10 @@ class Store:
                 return build_label(build)
         return f"build {build_id} (internal id)"
 
-    def build_by_number(self, project_id, number):
-        return self.db.one(BUILD_SELECT + " WHERE b.project_id = ? AND b.number = ?",
-                           (project_id, number))
+    def build_at(self, owner, project_name, number):
+        """A build by its path, in one query: build routes need no project row."""
+        return self.db.one(BUILD_SELECT + " WHERE u.name = ? AND p.name = ? AND b.number = ?",
+                           (owner, project_name, number))
 
     def builds(self, project, statuses, limit, offset):
         """A page of the project's builds, newest first, and how many there are."""
@@ -698,7 +699,8 @@ class Store:
                     or (sources is not None and row[0] not in sources)):
                 return None
             entry = self._set_status(c, build_id, status, message, now, exit_code)
-        self.on_change(build_id)
+        if status in FINAL:  # followers wait for output or the end, nothing between
+            self.on_change(build_id)
         return entry
 
     def _set_status(self, c, build_id, status, message, now, exit_code=None):
@@ -1922,11 +1924,12 @@ def _project(app, username, project_name):
 
 
 def _build(app, username, project_name, build_id):
-    """The build, and its project; 404 for ids that are not whole numbers."""
-    project = _project(app, username, project_name)
+    """The build; 404 for ids that are not whole numbers."""
     number = whole_number(build_id)
-    build = None if number is None else app.store.build_by_number(project["id"], number)
+    build = None if number is None or not valid_name(project_name) else \
+        app.store.build_at(username, project_name, number)
     if build is None:
+        _project(app, username, project_name)  # whose 404 says what is missing
         raise ApiError(404, f"There is no build {build_id} in {username}/{project_name}.")
     return build
 
