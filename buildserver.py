@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -534,10 +535,11 @@ PROJECT_SELECT = """
 class Store:
     """The named queries: users and tokens, projects, builds, statuses, logs.
 
-    :param on_change: called with a build's id after its log grew or it ended.
+    :param on_change: called with a build's id and its new log size after its
+        log grew, and with None for the size after the build ended.
     """
 
-    def __init__(self, db, on_change=lambda build_id: None):
+    def __init__(self, db, on_change=lambda build_id, log_size: None):
         self.db = db
         self.on_change = on_change
 
@@ -700,7 +702,7 @@ class Store:
                 return None
             entry = self._set_status(c, build_id, status, message, now, exit_code)
         if status in FINAL:  # followers wait for output or the end, nothing between
-            self.on_change(build_id)
+            self.on_change(build_id, None)
         return entry
 
     def _set_status(self, c, build_id, status, message, now, exit_code=None):
@@ -794,7 +796,7 @@ class Store:
             c.execute("UPDATE builds SET log_size = ?, truncated = ? WHERE id = ?",
                       (size, int(truncated), build_id))
             self.db.wrote(written)
-        self.on_change(build_id)
+        self.on_change(build_id, size)
         return size, bool(truncated)
 
     def log_piece(self, build_id, uuid, start, end):
@@ -849,30 +851,57 @@ class Store:
 ###############################################################################
 
 class LogBus:
-    """Wakes log followers when a build's log or status changes."""
+    """Wakes a build's log followers when there is something for them: output
+    past the position they wait at, or the build's end. Other builds' output
+    never wakes them, nor does output that stays short of their position."""
+
+    ENDED = (-1, math.inf)  # the news of a build that has ended: past every position
 
     def __init__(self):
-        self._cond = threading.Condition()
-        self._versions = collections.Counter()
+        self._lock = threading.Lock()
+        self._news = {}  # build id -> (changes so far, log size), or ENDED
+        self._waiting = collections.defaultdict(dict)  # build id -> {waiter: position}
         self.closed = False
 
-    def version(self, build_id):
-        return self._versions[build_id]
+    def news(self, build_id):
+        """What the bus last heard of the build; wait() compares against it."""
+        return self._news.get(build_id, (0, 0))
 
-    def notify(self, build_id):
-        with self._cond:
-            self._versions[build_id] += 1
-            self._cond.notify_all()
+    def notify(self, build_id, log_size=None):
+        """The build's log has grown to `log_size`; None: the build has ended."""
+        with self._lock:
+            changes = self.news(build_id)[0]
+            news = self._news[build_id] = \
+                self.ENDED if log_size is None else (changes + 1, log_size)
+            waiting = self._waiting.get(build_id, {})
+            for waiter, position in list(waiting.items()):
+                if news[1] > position:
+                    del waiting[waiter]
+                    waiter.release()
 
-    def wait(self, build_id, seen, timeout):
-        """Until the build changes after version `seen`, the bus closes, or `timeout`."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.closed or self._versions[build_id] != seen, timeout)
+    def wait(self, build_id, seen, position, timeout):
+        """Until news after `seen` passes `position`, the bus closes, or `timeout`."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        with self._lock:
+            news = self.news(build_id)
+            if self.closed or (news != seen and news[1] > position):
+                return
+            self._waiting[build_id][waiter] = position
+        if not waiter.acquire(timeout=timeout):
+            with self._lock:
+                waiting = self._waiting.get(build_id, {})
+                waiting.pop(waiter, None)
+                if not waiting:
+                    self._waiting.pop(build_id, None)
 
     def close(self):
-        with self._cond:
+        with self._lock:
             self.closed = True
-            self._cond.notify_all()
+            for waiting in self._waiting.values():
+                for waiter in waiting:
+                    waiter.release()
+            self._waiting.clear()
 
 
 class LogFile:
@@ -939,7 +968,7 @@ class LogStream:
 
     def read(self, size=-1):
         while self.pos < self.end:
-            seen = self.bus.version(self.build_id)
+            seen = self.bus.news(self.build_id)
             state = self.store.log_state(self.build_id, self.uuid)
             if state is None:  # deleted
                 return b""
@@ -958,7 +987,7 @@ class LogStream:
                 write = self._environ.get("buildserver.write")
                 if write is not None:  # set once the response has started
                     write(b"")
-            self.bus.wait(self.build_id, seen, FOLLOW_WAIT_SECONDS)
+            self.bus.wait(self.build_id, seen, self.pos, FOLLOW_WAIT_SECONDS)
         return b""
 
     def close(self):

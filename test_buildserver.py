@@ -2684,6 +2684,50 @@ def server_wait_for_log(server, path, text, timeout=15.0):
                       message=f"{text!r} in the log of {path}")
 
 
+def bus_waiter(bus, build_id, seen, position):
+    """A thread waiting on `bus` (for up to 30 s), started."""
+    thread = threading.Thread(target=bus.wait, args=(build_id, seen, position, 30), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_log_bus_wakes_a_follower_only_for_output_past_its_position_or_the_end():
+    bus = buildserver.LogBus()
+    waiter = bus_waiter(bus, 1, bus.news(1), 10)
+    bus.notify(2, 100)  # another build
+    bus.notify(1, 10)   # short of the position
+    waiter.join(0.3)
+    assert waiter.is_alive(), "woken by output that was not for it"
+    bus.notify(1, 11)
+    waiter.join(10)
+    assert not waiter.is_alive()
+    ended = bus_waiter(bus, 1, bus.news(1), 11)
+    bus.notify(1, None)  # the build ended
+    ended.join(10)
+    assert not ended.is_alive()
+
+
+def test_log_bus_news_between_a_look_and_the_wait_is_not_missed():
+    bus = buildserver.LogBus()
+    seen = bus.news(1)  # the follower looks, finds nothing past 10 ...
+    bus.notify(1, 20)   # ... output arrives before it waits
+    waiter = bus_waiter(bus, 1, seen, 10)
+    waiter.join(10)
+    assert not waiter.is_alive()
+
+
+def test_log_bus_close_wakes_every_follower():
+    bus = buildserver.LogBus()
+    waiters = [bus_waiter(bus, build_id, bus.news(build_id), 0) for build_id in (1, 1, 2)]
+    bus.close()
+    for waiter in waiters:
+        waiter.join(10)
+        assert not waiter.is_alive()
+    late = bus_waiter(bus, 3, bus.news(3), 0)
+    late.join(10)
+    assert not late.is_alive()
+
+
 def test_follow_streams_new_output_and_closes_when_the_build_ends(server_factory, gate):
     server = server_factory("--stop-grace", "1")
     project_path = admin_project(server)
