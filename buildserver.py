@@ -315,6 +315,14 @@ def unavailable(error):
         words in str(error) for words in ("disk", "locked", "readonly", "unable to open"))
 
 
+def _busy(error):
+    """Whether SQLite refused a lock (another connection holds it)."""
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(error)
+
+
 class LogClosed(Exception):
     """The build is final: its log takes no more output."""
 
@@ -451,12 +459,28 @@ class Database:
                               "schema.sql must sit beside buildserver.py") from None
         parts = re.split(r"^-- migration (\d+)\s*$", script, flags=re.M)
         migrations = {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
-        try:  # only reads until the file is known to be ours
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._migrate(migrations)
+            except sqlite3.OperationalError as e:
+                # Processes opening a new file at once (adduser beside serve):
+                # SQLite answers some lock waits of the switch to WAL with
+                # "locked" at once, whatever the busy timeout. Every step is
+                # checked again on the next try.
+                if not _busy(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _migrate(self, migrations):
+        try:  # only reads until the file is known to be ours; one read, one snapshot
             conn = self.conn
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            version, tables = conn.execute(
+                "SELECT user_version, (SELECT count(*) FROM sqlite_master WHERE type = 'table')"
+                " FROM pragma_user_version").fetchone()
         except sqlite3.DatabaseError as e:
+            if _busy(e):
+                raise
             raise SchemaError(f"{self.path} is not a SQLite database ({e})") from None
         if version == 0 and tables:
             raise SchemaError(f"{self.path} holds tables that buildserver did not make; "
@@ -488,6 +512,10 @@ class Database:
         with self._connections_lock:
             if self._connections:
                 with contextlib.suppress(sqlite3.Error):
+                    # Not waiting: it would hold the write lock while it waits
+                    # for readers, stalling other processes' writers for the
+                    # busy timeout. If they are busy, the last to close empties the WAL.
+                    self._connections[0].execute("PRAGMA busy_timeout = 0")
                     self._connections[0].execute("PRAGMA wal_checkpoint(TRUNCATE)")
             for conn in self._connections:
                 conn.close()

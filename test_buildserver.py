@@ -4537,6 +4537,35 @@ def write_database_at(path, version):
     return token
 
 
+OPEN_AT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import buildserver
+while time.time() < float(sys.argv[3]):  # all start together
+    pass
+db = buildserver.Database(sys.argv[2])
+db.migrate()
+db.close()
+"""
+
+
+def test_processes_making_a_new_database_at_once_all_succeed(tmp_path):
+    # adduser beside a first serve, say. SQLite answered some of their lock
+    # waits with "locked" (switching to WAL); a read between two statements saw
+    # another's tables without its version ("tables that buildserver did not
+    # make"); and a closing process held the write lock while it waited for
+    # readers, so another's migration gave up after the busy timeout.
+    for attempt in range(6):
+        path = str(tmp_path / f"{attempt}.db")
+        start = str(time.time() + 0.5)
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, HERE, path, start],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+        assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+        assert user_version(path) == max(schema_migrations())
+        assert integrity(path) == [("ok",)]
+
+
 def test_a_database_at_the_latest_version_is_used_as_it_is(server_factory, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
