@@ -362,6 +362,7 @@ class Database:
         self._checkpoint_due = threading.Event()
         self._checkpointer = None
         self._closed = False
+        self._after_commit = []  # touched only under _write_lock
 
     def connect(self):
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
@@ -412,10 +413,19 @@ class Database:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
+                self._after_commit.clear()
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
             self.wrote(self.COMMIT_PAGES * self._page_size)
+            callbacks, self._after_commit = self._after_commit, []
+            for callback in callbacks:
+                callback()
+
+    def after_commit(self, callback):
+        """Call `callback` once the transaction being written has committed,
+        still holding the write lock: callbacks run in commit order."""
+        self._after_commit.append(callback)
 
     def wrote(self, size):
         """Count what went into the WAL; past CHECKPOINT_BYTES wake the checkpointer."""
@@ -729,8 +739,8 @@ class Store:
                     or (sources is not None and row[0] not in sources)):
                 return None
             entry = self._set_status(c, build_id, status, message, now, exit_code)
-        if status in FINAL:  # followers wait for output or the end, nothing between
-            self.on_change(build_id, None)
+            if status in FINAL:  # followers wait for output or the end, nothing between
+                self.db.after_commit(functools.partial(self.on_change, build_id, None))
         return entry
 
     def _set_status(self, c, build_id, status, message, now, exit_code=None):
@@ -824,7 +834,8 @@ class Store:
             c.execute("UPDATE builds SET log_size = ?, truncated = ? WHERE id = ?",
                       (size, int(truncated), build_id))
             self.db.wrote(written)
-        self.on_change(build_id, size)
+            # In commit order: a build's end is the last news its followers get.
+            self.db.after_commit(functools.partial(self.on_change, build_id, size))
         return size, bool(truncated)
 
     def log_piece(self, build_id, uuid, start, end):
@@ -896,7 +907,9 @@ class LogBus:
         return self._news.get(build_id, (0, 0))
 
     def notify(self, build_id, log_size=None):
-        """The build's log has grown to `log_size`; None: the build has ended."""
+        """The build's log has grown to `log_size`; None: the build has ended.
+        Notices come in commit order (the store sends them after each commit,
+        under the write lock), so an end is never followed by older news."""
         with self._lock:
             changes = self.news(build_id)[0]
             news = self._news[build_id] = \
@@ -906,6 +919,8 @@ class LogBus:
                 if news[1] > position:
                     del waiting[waiter]
                     waiter.release()
+            if not waiting:
+                self._waiting.pop(build_id, None)
 
     def wait(self, build_id, seen, position, timeout):
         """Until news after `seen` passes `position`, the bus closes, or `timeout`."""
