@@ -899,7 +899,7 @@ class LogBus:
     def __init__(self):
         self._lock = threading.Lock()
         self._news = {}  # build id -> (changes so far, log size), or ENDED
-        self._waiting = collections.defaultdict(dict)  # build id -> {waiter: position}
+        self._waiting = {}  # build id -> {waiter: position}
         self.closed = False
 
     def news(self, build_id):
@@ -914,13 +914,10 @@ class LogBus:
             changes = self.news(build_id)[0]
             news = self._news[build_id] = \
                 self.ENDED if log_size is None else (changes + 1, log_size)
-            waiting = self._waiting.get(build_id, {})
-            for waiter, position in list(waiting.items()):
+            for waiter, position in list(self._waiting.get(build_id, {}).items()):
                 if news[1] > position:
-                    del waiting[waiter]
+                    self._forget(build_id, waiter)
                     waiter.release()
-            if not waiting:
-                self._waiting.pop(build_id, None)
 
     def wait(self, build_id, seen, position, timeout):
         """Until news after `seen` passes `position`, the bus closes, or `timeout`."""
@@ -930,13 +927,16 @@ class LogBus:
             news = self.news(build_id)
             if self.closed or (news != seen and news[1] > position):
                 return
-            self._waiting[build_id][waiter] = position
+            self._waiting.setdefault(build_id, {})[waiter] = position
         if not waiter.acquire(timeout=timeout):
             with self._lock:
-                waiting = self._waiting.get(build_id, {})
-                waiting.pop(waiter, None)
-                if not waiting:
-                    self._waiting.pop(build_id, None)
+                self._forget(build_id, waiter)
+
+    def _forget(self, build_id, waiter):
+        waiting = self._waiting.get(build_id, {})
+        waiting.pop(waiter, None)
+        if not waiting:
+            self._waiting.pop(build_id, None)
 
     def close(self):
         with self._lock:
