@@ -302,25 +302,29 @@ def whole_number(text, digits=18):
 # Database ####################################################################
 ###############################################################################
 
+def _sqlite_failed(error, codes, words):
+    """Whether `error` is SQLite's, with one of the result `codes` (before
+    Python 3.11, which does not tell the code: its message has one of `words`)."""
+    if not isinstance(error, sqlite3.Error):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in codes
+    return isinstance(error, sqlite3.OperationalError) and any(w in str(error) for w in words)
+
+
 def unavailable(error):
     """Whether an error is SQLite's, from the machine (a full disk, an I/O
     error, a lock held past the busy timeout), not from a bug."""
-    if not isinstance(error, sqlite3.Error):
-        return False
-    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
-                               sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN)
-    return isinstance(error, sqlite3.OperationalError) and any(
-        words in str(error) for words in ("disk", "locked", "readonly", "unable to open"))
+    return _sqlite_failed(error, (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                                  sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
+                                  sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN),
+                          ("disk", "locked", "readonly", "unable to open"))
 
 
 def _busy(error):
     """Whether SQLite refused a lock (another connection holds it)."""
-    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return "locked" in str(error)
+    return _sqlite_failed(error, (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED), ("locked",))
 
 
 class LogClosed(Exception):
