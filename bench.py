@@ -156,6 +156,8 @@ class Server:
         self.args = args
         self.proc = None
         self.token = None
+        self.command = [sys.executable, SCRIPT, "serve", "--port", "0",
+                        "--data-dir", self.data_dir, *args]
 
     def start(self):
         Server.started.append(self)
@@ -165,9 +167,8 @@ class Server:
         # thread for this process's interpreter.
         self.log_path = os.path.join(self.data_dir, "server.log")
         with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir", self.data_dir,
-                 *self.args], stdout=subprocess.PIPE, stderr=log_file, text=True)
+            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log_file,
+                                         text=True)
         while True:
             line = self.proc.stdout.readline()
             if not line:
@@ -212,6 +213,63 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class FloorServer(Server):
+    """The floor of a dispatch on this machine: `bench.py --floor-server`, a
+    bare waitress app that answers the same three requests and runs `sh -c
+    true` on a worker thread, with no database, authentication or routing.
+    What a dispatch costs above it is buildserver's own work."""
+
+    def __init__(self, data_dir):
+        super().__init__(data_dir)
+        self.command = [sys.executable, os.path.abspath(__file__), "--floor-server"]
+
+
+def serve_floor():
+    """Serve the floor app (see FloorServer) until SIGTERM."""
+    import collections
+    import waitress
+
+    builds, queue, ready = {}, collections.deque(), threading.Condition()
+
+    def work():
+        while True:
+            with ready:
+                ready.wait_for(lambda: queue)
+                build = queue.popleft()
+            spawn("true")
+            build["last_status"] = "succeeded"
+            build["done"].set()
+
+    def app(environ, start_response):
+        path = environ["PATH_INFO"].rstrip("/")
+        if environ["REQUEST_METHOD"] == "POST":  # .../builds: create and queue one
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            build = {"id": len(builds) + 1, "last_status": "scheduled",
+                     "done": threading.Event()}
+            builds[build["id"]] = build
+            with ready:
+                queue.append(build)
+                ready.notify()
+            status, body = "201 Created", {"id": build["id"], "last_status": "scheduled"}
+        elif path.endswith("/logs"):  # followed: answered once the build is done
+            builds[int(path.split("/")[-2])]["done"].wait(30)
+            status, body = "200 OK", None
+        else:
+            build = builds[int(path.split("/")[-1])]
+            status, body = "200 OK", {"id": build["id"], "last_status": build["last_status"]}
+        data = b"" if body is None else json.dumps(body).encode()
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(data)))])
+        return [data]
+
+    for _ in range(6):
+        threading.Thread(target=work, daemon=True).start()
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=32)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    print(f"listening on http://127.0.0.1:{server.effective_port}/", flush=True)
+    server.run()
 
 
 class Client:
@@ -421,22 +479,28 @@ def bench_idle_rss(report, server, p):
                ratio_key="idle_rss_ratio", ratio=rss / baseline)
 
 
-def bench_dispatch(report, server, p):
-    """POST a `true` build until the client knows it succeeded, against `sh -c true`."""
+def bench_dispatch(report, server, p, folder):
+    """POST a `true` build until the client knows it succeeded, against `sh -c true`;
+    also the same three requests against the floor (see FloorServer)."""
     client = server.client()
     project = create_project(client, "dispatch")
-    wait_final(client, create_build(client, project))  # warm up
-    spawns, builds = [], []
-    for _ in range(p.dispatch_n):
-        spawns.append(timed(spawn, "true")[0])
-        start = time.perf_counter()
-        wait_final(client, create_build(client, project))
-        builds.append(time.perf_counter() - start)
+    with FloorServer(os.path.join(folder, "floor")) as floor:
+        bare = floor.client()
+        for c in (client, bare):
+            wait_final(c, create_build(c, project))  # warm up
+        spawns, builds, floors = [], [], []
+        for _ in range(p.dispatch_n):
+            spawns.append(timed(spawn, "true")[0])
+            floors.append(timed(lambda: wait_final(bare, create_build(bare, project)))[0])
+            builds.append(timed(lambda: wait_final(client, create_build(client, project)))[0])
+        bare.close()
     client.close()
-    ms, base = median(builds) * 1000, median(spawns) * 1000
+    ms, base, least = median(builds) * 1000, median(spawns) * 1000, median(floors) * 1000
     report.add("dispatch", "dispatch_ms_median", ms, "ms", "< 3 ms, ratio < 5",
                ms < 3 and ms / base < 5, baseline=base, baseline_key="dispatch_spawn_ms_median",
                ratio_key="dispatch_ratio", ratio=ms / base)
+    report.add("dispatch_floor", "dispatch_floor_ms_median", least, "ms", "-", None,
+               baseline=base, ratio_key="dispatch_floor_ratio", ratio=least / base)
     report.extra["dispatch_ms_p90"] = percentile(builds, 90) * 1000
 
 
@@ -730,7 +794,9 @@ def run(p, only, folder):
     if only & {"idle_rss", "dispatch", "burst", "stop", "api"}:
         with Server(os.path.join(folder, "main"), "--workers", "6") as server:
             for name in ("idle_rss", "dispatch", "burst", "stop", "api"):
-                if name in only:
+                if name == "dispatch" and name in only:
+                    bench_dispatch(report, server, p, folder)
+                elif name in only:
                     globals()["bench_" + name](report, server, p)
     if only & {"log_capture", "log_read"}:
         # A fresh server, so that its peak RSS starts from idle.
@@ -753,7 +819,10 @@ def main(argv=None):
     ap.add_argument("--only", metavar="NAMES", default=",".join(SCENARIOS),
                     help="comma-separated scenarios to run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders")
+    ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.floor_server:
+        return serve_floor()
     only = set(filter(None, args.only.split(",")))
     if only - set(SCENARIOS):
         ap.error(f"unknown scenarios: {', '.join(sorted(only - set(SCENARIOS)))}")
