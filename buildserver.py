@@ -691,9 +691,10 @@ class Store:
                            " LIMIT ? OFFSET ?", (project["id"], wanted, limit, offset))
         return count, rows
 
-    def create_build(self, project_id, user, fields, restarted_from=None):
-        """Record a build `created` (and `scheduled` if managed); returns its row
-        id, or None if the project was deleted meanwhile."""
+    def create_build(self, project_id, user, fields, restarted_from=None, running=False):
+        """Record a build `created` (and `scheduled` if managed, and `running`
+        too if `running`); returns its row id, or None if the project was
+        deleted meanwhile."""
         now = now_iso()
         managed = fields.get("is_managed", True)
         with self.db.write() as c:
@@ -715,6 +716,8 @@ class Store:
             self._add_status(c, build_id, "created", None, now)
             if managed:
                 self._set_status(c, build_id, "scheduled", "waiting for a free worker", now)
+            if managed and running:
+                self._set_status(c, build_id, "running", "started", now)
         return build_id
 
     def update_build(self, build_id, fields):
@@ -1089,6 +1092,16 @@ class Job:
             self._wake_w = None
 
 
+class _Handoff:
+    """A worker kept for a build while it is created (see Runner.create)."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+        self.build_id = None  # set if it was created running,
+        self.job = None       # with its Job,
+        self.error = None     # or why none could be made
+
+
 class Runner:
     """Runs managed builds: `workers` at a time, first come first served.
 
@@ -1101,10 +1114,12 @@ class Runner:
         self.config = config
         self.store = store
         self._cond = threading.Condition()  # guards _queue and _closing
-        # Guards _jobs; held while a build is claimed or stopped, so that a stop
-        # sees either `scheduled` in the database or a Job, never neither.
+        # Guards _jobs; held while a build is claimed (or created running) or
+        # stopped, so that a stop sees either `scheduled` in the database or a
+        # Job, never neither.
         self._lock = threading.Lock()
-        self._queue = collections.deque()
+        self._queue = collections.deque()  # build ids, and _Handoffs
+        self._idle = 0  # workers waiting for the queue
         self._jobs = {}
         self._closing = False
         self._threads = []
@@ -1132,6 +1147,40 @@ class Runner:
         with self._cond:
             self._queue.append(build_id)
             self._cond.notify()
+
+    def create(self, create):
+        """Create a managed build with `create(running)`, which returns its id
+        (or None), and run it; returns the id.
+
+        With a worker idle and no build waiting, the build is created already
+        `running` and goes straight to that worker: one commit less before its
+        command starts. Else it is created `scheduled` and waits its turn.
+        """
+        with self._cond:
+            handoff = None
+            if not self._closing and self._idle > len(self._queue):
+                handoff = _Handoff()  # that worker waits for this build, not the queue
+                self._queue.append(handoff)
+                self._cond.notify()
+        if handoff is None:
+            build_id = create(False)
+            if build_id is not None:
+                self.submit(build_id)
+            return build_id
+        try:
+            with self._lock:  # as in _claim: a stop finds a running build's Job
+                if self._closing:  # no start after shutdown's stops: the next start runs it
+                    return create(False)
+                handoff.build_id = create(True)
+                try:
+                    if handoff.build_id is not None:
+                        handoff.job = self._jobs[handoff.build_id] = \
+                            Job(self.store.build(handoff.build_id))
+                except Exception as e:  # e.g. no file descriptors: the worker ends it
+                    handoff.error = e
+            return handoff.build_id
+        finally:
+            handoff.ready.set()
 
     def stop(self, build_id, message, wait=0.0):
         """Stop a build: at once if it has not started, else through SIGTERM.
@@ -1184,12 +1233,20 @@ class Runner:
     def _work(self):
         while True:
             with self._cond:
+                self._idle += 1
                 while not self._closing and not self._queue:
                     self._cond.wait()
+                self._idle -= 1
                 if self._closing:
                     return
-                build_id = self._queue.popleft()
-            job = self._claim(build_id)
+                item = self._queue.popleft()
+            if isinstance(item, _Handoff):  # a build being created for this worker
+                item.ready.wait()
+                if item.error is not None:
+                    self._could_not_start(item.build_id, item.error)
+                job = item.job
+            else:
+                job = self._claim(item)
             if job is not None:
                 self._attend(job)
 
@@ -1207,24 +1264,30 @@ class Runner:
                 job = self._jobs[build_id] = Job(build)
                 return job
         except Exception as e:  # e.g. a full disk, no file descriptors: the worker lives on
-            label = self.store.label(build_id)
-            if unavailable(e):
-                log.error("%s could not start (%s)", label, e)
-            else:
-                log.exception("%s could not start", label)
-            try:  # (a stop may have come while no Job was registered: `stopping`)
-                if self._persist(label, lambda: self.store.transition(
-                        build_id, "failed", f"could not start: {e}",
-                        sources=("running", "stopping"))):
-                    return None
-            except Exception:  # shutting down (the next start ends it), or a bug
-                log.exception("%s: could not record that it could not start", label)
-                return None
-            if unavailable(e):  # still scheduled: it stays first in line, tried again
-                with self._cond:
-                    self._queue.appendleft(build_id)
-                self._pause(1.0)
-            return None  # a bug leaves it scheduled until the next start
+            self._could_not_start(build_id, e)
+            return None
+
+    def _could_not_start(self, build_id, error):
+        """End a build that is `running` with no Job, failed; one still
+        scheduled after a failure of the machine goes back first in line."""
+        label = self.store.label(build_id)
+        if unavailable(error):
+            log.error("%s could not start (%s)", label, error)
+        else:
+            log.exception("%s could not start", label, exc_info=error)
+        try:  # (a stop may have come while no Job was registered: `stopping`)
+            if self._persist(label, lambda: self.store.transition(
+                    build_id, "failed", f"could not start: {error}",
+                    sources=("running", "stopping"))):
+                return
+        except Exception:  # shutting down (the next start ends it), or a bug
+            log.exception("%s: could not record that it could not start", label)
+            return
+        if unavailable(error):  # still scheduled: it stays first in line, tried again
+            with self._cond:
+                self._queue.appendleft(build_id)
+            self._pause(1.0)
+        # a bug leaves it scheduled until the next start
 
     def _attend(self, job):
         """Run a claimed build to its end, whatever happens."""
@@ -2123,12 +2186,11 @@ def make_routes(app):
         return start_build(project, user, fields)
 
     def start_build(project, user, fields, restarted_from=None):
-        build_id = store.create_build(project["id"], user["name"], fields, restarted_from)
-        answer = build_json(still_there(build_id and store.build(build_id)))
-        # (read before the worker wakes and competes for the interpreter)
-        if fields.get("is_managed", True):
-            runner.submit(build_id)
-        return created(answer)
+        def create(running=False):
+            return store.create_build(project["id"], user["name"], fields, restarted_from,
+                                      running)
+        build_id = runner.create(create) if fields.get("is_managed", True) else create()
+        return created(build_json(still_there(build_id and store.build(build_id))))
 
     @authorized
     def get_build(user, username, project_name, build_id):

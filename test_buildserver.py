@@ -2367,6 +2367,61 @@ def test_a_build_whose_job_cannot_be_made_fails_even_if_stopped_meanwhile(
     assert entries["results"][-1]["message"] == "could not start: [Errno 24] Too many open files"
 
 
+def idle_workers(app, count):
+    wait_until(lambda: app.runner._idle == count, message=f"{count} idle workers")
+
+
+def test_a_build_created_while_a_worker_is_idle_starts_in_the_same_commit(
+        web, alice, project, app):
+    # No claim of the worker's own: the create answer already says `running`.
+    idle_workers(app, 2)
+    build = post_build(web, alice, project, {"command": "echo quick"})
+    assert build["last_status"] == "running"
+    assert build["started_at"] == build["created_at"]
+    history = status_history(web, alice, project, build["id"])
+    assert [s["status"] for s in history][:3] == ["created", "scheduled", "running"]
+    assert {s["created_at"] for s in history[:3]} == {build["created_at"]}
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "succeeded"
+    assert build_log(web, alice, project, build["id"]) == b"quick\n"
+
+
+def test_a_build_created_while_every_worker_is_busy_waits_scheduled(web, alice, project, app):
+    idle_workers(app, 2)
+    busy = [post_build(web, alice, project, {"command": "sleep 0.5"}) for _ in range(2)]
+    assert [b["last_status"] for b in busy] == ["running", "running"]
+    waiting = post_build(web, alice, project, {"command": "echo later"})
+    assert (waiting["last_status"], waiting["started_at"]) == ("scheduled", None)
+    for build in busy + [waiting]:
+        assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+            "succeeded"
+    assert build_log(web, alice, project, waiting["id"]) == b"later\n"
+
+
+def test_a_queued_build_whose_job_cannot_be_made_fails_and_the_worker_runs_on(
+        web, alice, project, app, monkeypatch):
+    idle_workers(app, 2)
+    busy = [post_build(web, alice, project, {"command": "sleep 0.5"}) for _ in range(2)]
+
+    def no_job(build):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(buildserver, "Job", no_job)
+    queued = post_build(web, alice, project, {"command": "echo never"})
+    assert queued["last_status"] == "scheduled"
+    done = final_build(web, alice, f"{project}/builds/{queued['id']}")
+    assert done["last_status"] == "failed"
+    history = status_history(web, alice, project, queued["id"])
+    assert [s["status"] for s in history] == ["created", "scheduled", "running", "failed"]
+    assert history[-1]["message"] == "could not start: [Errno 24] Too many open files"
+    monkeypatch.undo()
+    for build in busy:
+        assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+            "succeeded"
+    again = post_build(web, alice, project, {"command": "echo ran"})
+    assert final_build(web, alice, f"{project}/builds/{again['id']}")["last_status"] == \
+        "succeeded"
+
+
 def test_build_stdin_is_dev_null(web, alice, project):
     build = post_build(web, alice, project,
                        {"command": "cat; echo cat ended; readlink /proc/$$/fd/0"})
