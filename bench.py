@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """bench.py: measure buildserver against the goals of SPEC.md "Performance".
 
-    python bench.py                      # the full run: a few minutes
-    python bench.py --quick              # smaller sizes, fewer repeats: under a minute
+    python bench.py                      # the full run: a minute or two
+    python bench.py --quick              # smaller sizes, fewer repeats: seconds
     python bench.py --json figures.json  # also write every figure as JSON
     python bench.py --only dispatch,stop # some scenarios only (for profiling)
 
