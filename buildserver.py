@@ -395,11 +395,16 @@ class Database:
             self._connections.append(conn)
         return conn
 
+    def _reader(self):
+        """Inside this thread's write transaction, the writer: a read sees the
+        transaction, and nothing can be written between the two."""
+        return self._writer if getattr(self._local, "writing", False) else self.conn
+
     def all(self, sql, params=()):
-        return self.conn.execute(sql, params).fetchall()
+        return self._reader().execute(sql, params).fetchall()
 
     def one(self, sql, params=()):
-        return self.conn.execute(sql, params).fetchone()
+        return self._reader().execute(sql, params).fetchone()
 
     @contextlib.contextmanager
     def write(self):
@@ -413,6 +418,7 @@ class Database:
                 yield conn
                 return
             conn.execute("BEGIN IMMEDIATE")
+            self._local.writing = True
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -421,6 +427,8 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._local.writing = False
             self.wrote(self.COMMIT_PAGES * self._page_size)
             callbacks, self._after_commit = self._after_commit, []
             for callback in callbacks:
@@ -1106,14 +1114,15 @@ class Runner:
     """Runs managed builds: `workers` at a time, first come first served.
 
     Lifecycle: start() recovers what a dead server left and starts the workers;
-    submit() hands over a scheduled build; stop() ends one; shutdown() stops
-    the running builds and waits for the workers, leaving the rest scheduled.
+    create() makes a build and runs it (at once if a worker is free); submit()
+    hands over a scheduled build; stop() ends one; shutdown() stops the
+    running builds and waits for the workers, leaving the rest scheduled.
     """
 
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self._cond = threading.Condition()  # guards _queue and _closing
+        self._cond = threading.Condition()  # guards _queue, _idle and _closing
         # Guards _jobs; held while a build is claimed (or created running) or
         # stopped, so that a stop sees either `scheduled` in the database or a
         # Job, never neither.
@@ -1122,6 +1131,7 @@ class Runner:
         self._idle = 0  # workers waiting for the queue
         self._jobs = {}
         self._closing = False
+        self._closed = threading.Event()  # set with _closing: ends pauses
         self._threads = []
         self._local = threading.local()  # each worker's output buffer
 
@@ -1148,35 +1158,37 @@ class Runner:
             self._queue.append(build_id)
             self._cond.notify()
 
-    def create(self, create):
-        """Create a managed build with `create(running)`, which returns its id
-        (or None), and run it; returns the id.
+    def create(self, make):
+        """Make a managed build and run it: `make(running)` records it
+        (`running` too, if asked) and returns its id, or None if its project
+        is gone. Returns that id.
 
-        With a worker idle and no build waiting, the build is created already
-        `running` and goes straight to that worker: one commit less before its
-        command starts. Else it is created `scheduled` and waits its turn.
+        When a worker is idle and no build waits, the build is made already
+        `running` and handed straight to that worker: one commit less before
+        its command starts. Otherwise it is made `scheduled` and queued.
         """
         with self._cond:
             handoff = None
-            if not self._closing and self._idle > len(self._queue):
-                handoff = _Handoff()  # that worker waits for this build, not the queue
+            if not self._closing and self._idle and not self._queue:
+                handoff = _Handoff()  # the idle worker woken takes it, and waits for it
                 self._queue.append(handoff)
                 self._cond.notify()
         if handoff is None:
-            build_id = create(False)
+            build_id = make(False)
             if build_id is not None:
                 self.submit(build_id)
             return build_id
         try:
             with self._lock:  # as in _claim: a stop finds a running build's Job
-                if self._closing:  # no start after shutdown's stops: the next start runs it
-                    return create(False)
-                handoff.build_id = create(True)
+                if self._closing:  # stops are under way: it waits for the next start
+                    return make(False)
+                with self.store.db.write():  # the row read is the one made
+                    build_id = handoff.build_id = make(True)
+                    build = None if build_id is None else self.store.build(build_id)
                 try:
-                    if handoff.build_id is not None:
-                        handoff.job = self._jobs[handoff.build_id] = \
-                            Job(self.store.build(handoff.build_id))
-                except Exception as e:  # e.g. no file descriptors: the worker ends it
+                    if build is not None:
+                        handoff.job = self._jobs[build_id] = Job(build)
+                except Exception as e:  # e.g. no file descriptors: its worker ends it
                     handoff.error = e
             return handoff.build_id
         finally:
@@ -1203,6 +1215,7 @@ class Runner:
         """Stop running builds (they end `stopped`), then wait for the workers."""
         with self._cond:
             self._closing = True
+            self._closed.set()
             self._cond.notify_all()
         with self._lock:  # no claim after this: _claim checks _closing under the lock
             jobs = list(self._jobs.values())
@@ -1237,9 +1250,9 @@ class Runner:
                 while not self._closing and not self._queue:
                     self._cond.wait()
                 self._idle -= 1
-                if self._closing:
-                    return
-                item = self._queue.popleft()
+                item = self._next()
+            if item is None:
+                return
             if isinstance(item, _Handoff):  # a build being created for this worker
                 item.ready.wait()
                 if item.error is not None:
@@ -1250,17 +1263,31 @@ class Runner:
             if job is not None:
                 self._attend(job)
 
+    def _next(self):
+        """The queue's next item (under _cond), or None once shutting down:
+        queued builds then stay scheduled, but a build being made for an idle
+        worker is still taken, for it may be running already."""
+        if not self._closing:
+            return self._queue.popleft()
+        handoff = next((item for item in self._queue if isinstance(item, _Handoff)), None)
+        if handoff is not None:
+            self._queue.remove(handoff)
+        return handoff
+
     def _claim(self, build_id):
         """Move a scheduled build to `running` and register its Job; None when
         it is not to run, or cannot start now."""
         try:
             with self._lock:
-                if self._closing or self.store.transition(
-                        build_id, "running", "started", sources=("scheduled",)) is None:
-                    return None  # stopped or deleted while it waited; or shutting down
-                # Read after the move, under the lock: a deleted build's id is
-                # reused, and the row must be the one just moved.
-                build = self.store.build(build_id)
+                if self._closing:
+                    return None
+                # Read with the move, in its transaction: a deleted build's id
+                # is reused, and the row must be the one just moved.
+                with self.store.db.write():
+                    if self.store.transition(build_id, "running", "started",
+                                             sources=("scheduled",)) is None:
+                        return None  # stopped or deleted while it waited
+                    build = self.store.build(build_id)
                 job = self._jobs[build_id] = Job(build)
                 return job
         except Exception as e:  # e.g. a full disk, no file descriptors: the worker lives on
@@ -1268,8 +1295,9 @@ class Runner:
             return None
 
     def _could_not_start(self, build_id, error):
-        """End a build that is `running` with no Job, failed; one still
-        scheduled after a failure of the machine goes back first in line."""
+        """End a build that could not start: `failed`, if it was marked
+        `running`; if its claim itself failed on the machine's fault (a full
+        disk, say), it is still scheduled and goes back first in line."""
         label = self.store.label(build_id)
         if unavailable(error):
             log.error("%s could not start (%s)", label, error)
@@ -1286,6 +1314,7 @@ class Runner:
         if unavailable(error):  # still scheduled: it stays first in line, tried again
             with self._cond:
                 self._queue.appendleft(build_id)
+                self._cond.notify()  # (an idle worker may try it; this one pauses)
             self._pause(1.0)
         # a bug leaves it scheduled until the next start
 
@@ -1306,6 +1335,9 @@ class Runner:
             job.done.set()
 
     def _run(self, job):
+        if job.ending:  # stopped (a shutdown, say) before its command started: it never does
+            self._finish(job, *job.ending)
+            return
         build = job.build
         workspace = os.path.join(self.config.workspaces, build["owner"],
                                  build["project_name"], str(build["number"]))
@@ -1443,9 +1475,9 @@ class Runner:
                 pause = min(2 * pause, 5.0)
 
     def _pause(self, seconds):
-        """Sleep, but no longer than until shutdown."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._closing, seconds)
+        """Sleep, but no longer than until shutdown (not on _cond: a notify
+        there is for an idle worker)."""
+        self._closed.wait(seconds)
 
 
 def _build_env(build, workspace):
@@ -2190,6 +2222,7 @@ def make_routes(app):
             return store.create_build(project["id"], user["name"], fields, restarted_from,
                                       running)
         build_id = runner.create(create) if fields.get("is_managed", True) else create()
+        # (read once the worker has its build: it need not wait for the answer)
         return created(build_json(still_there(build_id and store.build(build_id))))
 
     @authorized

@@ -2422,6 +2422,83 @@ def test_a_queued_build_whose_job_cannot_be_made_fails_and_the_worker_runs_on(
         "succeeded"
 
 
+def test_a_shutdown_while_a_build_is_made_for_an_idle_worker_stops_it(
+        web, alice, project, app):
+    # The idle worker has not woken for its build when the shutdown begins:
+    # it must still take that build, which may be running already, not leave.
+    idle_workers(app, 2)
+    runner, notify = app.runner, app.runner._cond.notify
+    held = []
+
+    def not_yet(n=1):  # the make's wake-up reaches the worker only with the shutdown's
+        if not held:
+            held.append(n)
+        else:
+            notify(n)
+    runner._cond.notify = not_yet
+    make, entered = app.store.create_build, threading.Event()
+
+    def slow_make(*args, **kwargs):
+        if kwargs.get("running") or args[4:5] == (True,):
+            entered.set()
+            wait_until(lambda: runner._closing, message="the shutdown to begin")
+            wait_until(lambda: runner._idle == 0, message="the workers to see it")
+        return make(*args, **kwargs)
+    app.store.create_build = slow_make
+    answers = []
+    poster = threading.Thread(target=lambda: answers.append(
+        post_build(web, alice, project, {"command": "echo never; sleep 30"})))
+    poster.start()
+    assert entered.wait(10)
+    stopper = threading.Thread(target=app.shutdown, kwargs={"timeout": 10})
+    stopper.start()
+    poster.join(20)
+    stopper.join(20)
+    runner._cond.notify = notify
+    assert not any(thread.is_alive() for thread in runner._threads)
+    build = answers[0]
+    assert build["last_status"] == "running"  # made running: it was stopped, not left so
+    row = app.store.build_at("alice", "app", build["id"])
+    history = [s["status"] for s in app.store.statuses(row["id"], 100, 0)[1]]
+    assert history == ["created", "scheduled", "running", "stopping", "stopped"]
+    assert row["log_size"] == 0  # its command never started
+
+
+def test_a_claim_that_fails_on_the_machine_is_retried_by_an_idle_worker(
+        web, alice, project, app, monkeypatch):
+    # The worker whose claim met a full disk pauses (here until the test ends);
+    # the build goes back first in line, and a worker that sat idle must wake for it.
+    idle_workers(app, 2)
+    paused = threading.Event()
+    monkeypatch.setattr(app.runner, "_pause", lambda seconds: paused.wait(30))
+    claim, transition, failed = app.runner._claim, app.store.transition, []
+
+    def claim_once_the_other_is_idle(build_id):
+        if not failed:
+            wait_until(lambda: app.runner._idle == 1, message="the other worker idle")
+        return claim(build_id)
+
+    def full_disk_once(build_id, status, *args, **kwargs):
+        if status == "running" and not failed:
+            failed.append(build_id)
+            raise sqlite3.OperationalError("database or disk is full")
+        return transition(build_id, status, *args, **kwargs)
+    monkeypatch.setattr(app.runner, "_claim", claim_once_the_other_is_idle)
+    monkeypatch.setattr(app.store, "transition", full_disk_once)
+    busy = [post_build(web, alice, project, {"command": "sleep 0.2"}) for _ in range(2)]
+    queued = post_build(web, alice, project, {"command": "echo claimed"})
+    assert queued["last_status"] == "scheduled"
+    try:
+        done = final_build(web, alice, f"{project}/builds/{queued['id']}")
+    finally:
+        paused.set()
+    assert failed and done["last_status"] == "succeeded"
+    assert build_log(web, alice, project, queued["id"]) == b"claimed\n"
+    for build in busy:
+        assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+            "succeeded"
+
+
 def test_build_stdin_is_dev_null(web, alice, project):
     build = post_build(web, alice, project,
                        {"command": "cat; echo cat ended; readlink /proc/$$/fd/0"})
@@ -4529,6 +4606,23 @@ def test_a_data_folder_that_is_a_file_gets_a_one_line_message(tmp_path):
     assert_clear_failure(run_cli("serve", "--port", "0", "--data-dir", str(blocker)),
                          re.escape(str(blocker)))
     assert blocker.read_bytes() == b"not a folder\n"
+
+
+def test_a_read_inside_a_write_transaction_sees_it_and_no_other_write_comes_between(app):
+    # What makes a claim's read of its build the row it just moved: a deleted
+    # build's id goes to the next build made.
+    db, other = app.db, threading.Thread(
+        target=lambda: app.store.create_user("intruder"), daemon=True)
+    with db.write() as c:
+        c.execute("INSERT INTO users (name, created_at) VALUES ('ghost', ?)",
+                  (buildserver.now_iso(),))
+        assert db.one("SELECT name FROM users WHERE name = 'ghost'")["name"] == "ghost"
+        other.start()
+        other.join(0.2)
+        assert other.is_alive()  # it waits for this transaction
+        assert db.one("SELECT count(*) FROM users WHERE name = 'intruder'")[0] == 0
+    other.join(10)
+    assert db.one("SELECT count(*) FROM users WHERE name IN ('ghost', 'intruder')")[0] == 2
 
 
 def test_a_second_server_on_the_same_data_folder_is_refused(server_factory, tmp_path):
