@@ -1122,13 +1122,14 @@ class Runner:
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self._cond = threading.Condition()  # guards _queue, _idle and _closing
+        self._cond = threading.Condition()  # guards _queue, _handoffs, _idle and _closing
         # Guards _jobs; held while a build is claimed (or created running) or
         # stopped, so that a stop sees either `scheduled` in the database or a
         # Job, never neither.
         self._lock = threading.Lock()
-        self._queue = collections.deque()  # build ids, and _Handoffs
-        self._idle = 0  # workers waiting for the queue
+        self._queue = collections.deque()  # ids of the builds waiting their turn
+        self._handoffs = collections.deque()  # builds made running for idle workers: first
+        self._idle = 0  # workers waiting for either
         self._jobs = {}
         self._closing = False
         self._closed = threading.Event()  # set with _closing: ends pauses
@@ -1169,9 +1170,9 @@ class Runner:
         """
         with self._cond:
             handoff = None
-            if not self._closing and self._idle and not self._queue:
-                handoff = _Handoff()  # the idle worker woken takes it, and waits for it
-                self._queue.append(handoff)
+            if not self._closing and not self._queue and self._idle > len(self._handoffs):
+                handoff = _Handoff()  # an idle worker takes it, and waits for it
+                self._handoffs.append(handoff)
                 self._cond.notify()
         if handoff is None:
             build_id = make(False)
@@ -1183,8 +1184,9 @@ class Runner:
                 if self._closing:  # stops are under way: it waits for the next start
                     return make(False)
                 with self.store.db.write():  # the row read is the one made
-                    build_id = handoff.build_id = make(True)
+                    build_id = make(True)
                     build = None if build_id is None else self.store.build(build_id)
+                handoff.build_id = build_id
                 try:
                     if build is not None:
                         handoff.job = self._jobs[build_id] = Job(build)
@@ -1247,13 +1249,13 @@ class Runner:
         while True:
             with self._cond:
                 self._idle += 1
-                while not self._closing and not self._queue:
+                while not (self._closing or self._queue or self._handoffs):
                     self._cond.wait()
                 self._idle -= 1
                 item = self._next()
             if item is None:
                 return
-            if isinstance(item, _Handoff):  # a build being created for this worker
+            if isinstance(item, _Handoff):  # a build being made running for an idle worker
                 item.ready.wait()
                 if item.error is not None:
                     self._could_not_start(item.build_id, item.error)
@@ -1264,15 +1266,13 @@ class Runner:
                 self._attend(job)
 
     def _next(self):
-        """The queue's next item (under _cond), or None once shutting down:
-        queued builds then stay scheduled, but a build being made for an idle
-        worker is still taken, for it may be running already."""
-        if not self._closing:
-            return self._queue.popleft()
-        handoff = next((item for item in self._queue if isinstance(item, _Handoff)), None)
-        if handoff is not None:
-            self._queue.remove(handoff)
-        return handoff
+        """What a worker takes next (under _cond): first a build made running
+        for an idle worker, which must wait neither behind a claim put back in
+        line nor for the next start; then, unless shutting down (queued builds
+        stay scheduled), the queue's first."""
+        if self._handoffs:
+            return self._handoffs.popleft()
+        return None if self._closing else self._queue.popleft()
 
     def _claim(self, build_id):
         """Move a scheduled build to `running` and register its Job; None when

@@ -2372,10 +2372,13 @@ def idle_workers(app, count):
 
 
 def test_a_build_created_while_a_worker_is_idle_starts_in_the_same_commit(
-        web, alice, project, app):
+        web, alice, project, app, tmp_path):
     # No claim of the worker's own: the create answer already says `running`.
+    go = tmp_path / "go"
     idle_workers(app, 2)
-    build = post_build(web, alice, project, {"command": "echo quick"})
+    build = post_build(web, alice, project, {
+        "command": f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.01; done; echo quick"})
+    go.touch()
     assert build["last_status"] == "running"
     assert build["started_at"] == build["created_at"]
     history = status_history(web, alice, project, build["id"])
@@ -2497,6 +2500,56 @@ def test_a_claim_that_fails_on_the_machine_is_retried_by_an_idle_worker(
     for build in busy:
         assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
             "succeeded"
+
+
+def test_a_build_made_for_an_idle_worker_goes_before_a_claim_put_back(
+        web, alice, project, app, monkeypatch):
+    # A worker's claim meets a full disk just as a build is made running for
+    # the other, idle, worker; the claim goes back first in line, and the
+    # idle worker wakes to it: it must take the build made for it first.
+    runner = app.runner
+    idle_workers(app, 2)
+    paused = threading.Event()
+    monkeypatch.setattr(runner, "_pause", lambda seconds: paused.wait(30))
+    claim, transition, failed = runner._claim, app.store.transition, []
+
+    def claim_once_the_other_is_idle(build_id):
+        if not failed:
+            wait_until(lambda: runner._idle == 1, message="the other worker idle")
+        return claim(build_id)
+
+    def full_disk_once(build_id, status, *args, **kwargs):
+        if status == "running" and not failed:
+            failed.append(build_id)
+            wait_until(lambda: runner._handoffs, message="a build made for the idle worker")
+            raise sqlite3.OperationalError("database or disk is full")
+        return transition(build_id, status, *args, **kwargs)
+    monkeypatch.setattr(runner, "_claim", claim_once_the_other_is_idle)
+    monkeypatch.setattr(app.store, "transition", full_disk_once)
+    busy = [post_build(web, alice, project, {"command": "sleep 0.2"}) for _ in range(2)]
+    queued = post_build(web, alice, project, {"command": "echo queued"})
+    assert queued["last_status"] == "scheduled"
+    wait_until(lambda: failed, message="a worker to claim the queued build")
+    notify, held = runner._cond.notify, []
+
+    def after_the_put_back(n=1):  # the idle worker wakes only with the claim put back
+        if not held:
+            held.append(n)
+        else:
+            notify(n)
+    runner._cond.notify = after_the_put_back
+    try:
+        made = post_build(web, alice, project, {"command": "echo made"})
+        assert made["last_status"] == "running"
+        done = final_build(web, alice, f"{project}/builds/{made['id']}")  # the other pauses
+        assert done["last_status"] == "succeeded"
+    finally:
+        runner._cond.notify = notify
+        paused.set()
+    for build in busy + [queued]:
+        assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+            "succeeded"
+    assert build_log(web, alice, project, queued["id"]) == b"queued\n"
 
 
 def test_build_stdin_is_dev_null(web, alice, project):
