@@ -1122,7 +1122,7 @@ class Runner:
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self._cond = threading.Condition()  # guards _queue, _handoffs, _idle and _closing
+        self._cond = threading.Condition()  # guards _queue, _handoffs and _idle
         # Guards _jobs; held while a build is claimed (or created running) or
         # stopped, so that a stop sees either `scheduled` in the database or a
         # Job, never neither.
@@ -1131,8 +1131,7 @@ class Runner:
         self._handoffs = collections.deque()  # builds made running for idle workers: first
         self._idle = 0  # workers waiting for either
         self._jobs = {}
-        self._closing = False
-        self._closed = threading.Event()  # set with _closing: ends pauses
+        self._closing = threading.Event()  # set (under _cond) when shutdown begins
         self._threads = []
         self._local = threading.local()  # each worker's output buffer
 
@@ -1170,7 +1169,8 @@ class Runner:
         """
         with self._cond:
             handoff = None
-            if not self._closing and not self._queue and self._idle > len(self._handoffs):
+            if not self._closing.is_set() and not self._queue and \
+                    self._idle > len(self._handoffs):
                 handoff = _Handoff()  # an idle worker takes it, and waits for it
                 self._handoffs.append(handoff)
                 self._cond.notify()
@@ -1181,7 +1181,7 @@ class Runner:
             return build_id
         try:
             with self._lock:  # as in _claim: a stop finds a running build's Job
-                if self._closing:  # stops are under way: it waits for the next start
+                if self._closing.is_set():  # stops are under way: it waits for the next start
                     return make(False)
                 with self.store.db.write():  # the row read is the one made
                     build_id = make(True)
@@ -1216,8 +1216,7 @@ class Runner:
     def shutdown(self):
         """Stop running builds (they end `stopped`), then wait for the workers."""
         with self._cond:
-            self._closing = True
-            self._closed.set()
+            self._closing.set()
             self._cond.notify_all()
         with self._lock:  # no claim after this: _claim checks _closing under the lock
             jobs = list(self._jobs.values())
@@ -1249,7 +1248,7 @@ class Runner:
         while True:
             with self._cond:
                 self._idle += 1
-                while not (self._closing or self._queue or self._handoffs):
+                while not (self._closing.is_set() or self._queue or self._handoffs):
                     self._cond.wait()
                 self._idle -= 1
                 item = self._next()
@@ -1272,14 +1271,14 @@ class Runner:
         stay scheduled), the queue's first."""
         if self._handoffs:
             return self._handoffs.popleft()
-        return None if self._closing else self._queue.popleft()
+        return None if self._closing.is_set() else self._queue.popleft()
 
     def _claim(self, build_id):
         """Move a scheduled build to `running` and register its Job; None when
         it is not to run, or cannot start now."""
         try:
             with self._lock:
-                if self._closing:
+                if self._closing.is_set():
                     return None
                 # Read with the move, in its transaction: a deleted build's id
                 # is reused, and the row must be the one just moved.
@@ -1468,7 +1467,7 @@ class Runner:
             try:
                 return write()
             except sqlite3.Error as e:
-                if self._closing or not unavailable(e):
+                if self._closing.is_set() or not unavailable(e):
                     raise
                 log.error("%s: cannot record its status (%s); trying again", label, e)
                 self._pause(pause)
@@ -1477,7 +1476,7 @@ class Runner:
     def _pause(self, seconds):
         """Sleep, but no longer than until shutdown (not on _cond: a notify
         there is for an idle worker)."""
-        self._closed.wait(seconds)
+        self._closing.wait(seconds)
 
 
 def _build_env(build, workspace):
@@ -2218,10 +2217,10 @@ def make_routes(app):
         return start_build(project, user, fields)
 
     def start_build(project, user, fields, restarted_from=None):
-        def create(running=False):
+        def make(running=False):
             return store.create_build(project["id"], user["name"], fields, restarted_from,
                                       running)
-        build_id = runner.create(create) if fields.get("is_managed", True) else create()
+        build_id = runner.create(make) if fields.get("is_managed", True) else make()
         # (read once the worker has its build: it need not wait for the answer)
         return created(build_json(still_there(build_id and store.build(build_id))))
 
