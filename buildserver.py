@@ -1192,7 +1192,7 @@ class Runner:
                         handoff.job = self._jobs[build_id] = Job(build)
                 except Exception as e:  # e.g. no file descriptors: its worker ends it
                     handoff.error = e
-            return handoff.build_id
+            return build_id
         finally:
             handoff.ready.set()
 

@@ -2371,6 +2371,48 @@ def idle_workers(app, count):
     wait_until(lambda: app.runner._idle == count, message=f"{count} idle workers")
 
 
+@contextlib.contextmanager
+def first_wake_up_held(runner):
+    """The runner's next notice to an idle worker is lost, as when that
+    worker is slow to be scheduled: it wakes only with the notice after."""
+    notify, held = runner._cond.notify, []
+
+    def hold_first(n=1):
+        if not held:
+            held.append(n)
+        else:
+            notify(n)
+    runner._cond.notify = hold_first
+    try:
+        yield
+    finally:
+        runner._cond.notify = notify
+
+
+def claim_fails_once_on_a_full_disk(app, monkeypatch, before_failing=lambda: None):
+    """The next claim, once the other of two workers is idle, meets a full
+    disk; the worker that made it then pauses until the returned Event is set.
+    Returns (that Event, a list that gets the build's id when it fails)."""
+    paused, failed = threading.Event(), []
+    claim, transition = app.runner._claim, app.store.transition
+
+    def claim_once_the_other_is_idle(build_id):
+        if not failed:
+            wait_until(lambda: app.runner._idle == 1, message="the other worker idle")
+        return claim(build_id)
+
+    def full_disk_once(build_id, status, *args, **kwargs):
+        if status == "running" and not failed:
+            failed.append(build_id)
+            before_failing()
+            raise sqlite3.OperationalError("database or disk is full")
+        return transition(build_id, status, *args, **kwargs)
+    monkeypatch.setattr(app.runner, "_pause", lambda seconds: paused.wait(30))
+    monkeypatch.setattr(app.runner, "_claim", claim_once_the_other_is_idle)
+    monkeypatch.setattr(app.store, "transition", full_disk_once)
+    return paused, failed
+
+
 def test_a_build_created_while_a_worker_is_idle_starts_in_the_same_commit(
         web, alice, project, app, tmp_path):
     # No claim of the worker's own: the create answer already says `running`.
@@ -2430,15 +2472,7 @@ def test_a_shutdown_while_a_build_is_made_for_an_idle_worker_stops_it(
     # The idle worker has not woken for its build when the shutdown begins:
     # it must still take that build, which may be running already, not leave.
     idle_workers(app, 2)
-    runner, notify = app.runner, app.runner._cond.notify
-    held = []
-
-    def not_yet(n=1):  # the make's wake-up reaches the worker only with the shutdown's
-        if not held:
-            held.append(n)
-        else:
-            notify(n)
-    runner._cond.notify = not_yet
+    runner = app.runner
     make, entered = app.store.create_build, threading.Event()
 
     def slow_make(*args, **kwargs):
@@ -2451,13 +2485,13 @@ def test_a_shutdown_while_a_build_is_made_for_an_idle_worker_stops_it(
     answers = []
     poster = threading.Thread(target=lambda: answers.append(
         post_build(web, alice, project, {"command": "echo never; sleep 30"})))
-    poster.start()
-    assert entered.wait(10)
-    stopper = threading.Thread(target=app.shutdown, kwargs={"timeout": 10})
-    stopper.start()
-    poster.join(20)
-    stopper.join(20)
-    runner._cond.notify = notify
+    with first_wake_up_held(runner):  # the make's: the worker wakes with the shutdown's
+        poster.start()
+        assert entered.wait(10)
+        stopper = threading.Thread(target=app.shutdown, kwargs={"timeout": 10})
+        stopper.start()
+        poster.join(20)
+        stopper.join(20)
     assert not any(thread.is_alive() for thread in runner._threads)
     build = answers[0]  # made running, then stopped: not left running
     row = app.store.build_at("alice", "app", build["id"])
@@ -2471,22 +2505,7 @@ def test_a_claim_that_fails_on_the_machine_is_retried_by_an_idle_worker(
     # The worker whose claim met a full disk pauses (here until the test ends);
     # the build goes back first in line, and a worker that sat idle must wake for it.
     idle_workers(app, 2)
-    paused = threading.Event()
-    monkeypatch.setattr(app.runner, "_pause", lambda seconds: paused.wait(30))
-    claim, transition, failed = app.runner._claim, app.store.transition, []
-
-    def claim_once_the_other_is_idle(build_id):
-        if not failed:
-            wait_until(lambda: app.runner._idle == 1, message="the other worker idle")
-        return claim(build_id)
-
-    def full_disk_once(build_id, status, *args, **kwargs):
-        if status == "running" and not failed:
-            failed.append(build_id)
-            raise sqlite3.OperationalError("database or disk is full")
-        return transition(build_id, status, *args, **kwargs)
-    monkeypatch.setattr(app.runner, "_claim", claim_once_the_other_is_idle)
-    monkeypatch.setattr(app.store, "transition", full_disk_once)
+    paused, failed = claim_fails_once_on_a_full_disk(app, monkeypatch)
     busy = [post_build(web, alice, project, {"command": "sleep 0.2"}) for _ in range(2)]
     queued = post_build(web, alice, project, {"command": "echo claimed"})
     assert queued["last_status"] == "scheduled"
@@ -2508,42 +2527,19 @@ def test_a_build_made_for_an_idle_worker_goes_before_a_claim_put_back(
     # idle worker wakes to it: it must take the build made for it first.
     runner = app.runner
     idle_workers(app, 2)
-    paused = threading.Event()
-    monkeypatch.setattr(runner, "_pause", lambda seconds: paused.wait(30))
-    claim, transition, failed = runner._claim, app.store.transition, []
-
-    def claim_once_the_other_is_idle(build_id):
-        if not failed:
-            wait_until(lambda: runner._idle == 1, message="the other worker idle")
-        return claim(build_id)
-
-    def full_disk_once(build_id, status, *args, **kwargs):
-        if status == "running" and not failed:
-            failed.append(build_id)
-            wait_until(lambda: runner._handoffs, message="a build made for the idle worker")
-            raise sqlite3.OperationalError("database or disk is full")
-        return transition(build_id, status, *args, **kwargs)
-    monkeypatch.setattr(runner, "_claim", claim_once_the_other_is_idle)
-    monkeypatch.setattr(app.store, "transition", full_disk_once)
+    paused, failed = claim_fails_once_on_a_full_disk(app, monkeypatch, lambda: wait_until(
+        lambda: runner._handoffs, message="a build made for the idle worker"))
     busy = [post_build(web, alice, project, {"command": "sleep 0.2"}) for _ in range(2)]
     queued = post_build(web, alice, project, {"command": "echo queued"})
     assert queued["last_status"] == "scheduled"
     wait_until(lambda: failed, message="a worker to claim the queued build")
-    notify, held = runner._cond.notify, []
-
-    def after_the_put_back(n=1):  # the idle worker wakes only with the claim put back
-        if not held:
-            held.append(n)
-        else:
-            notify(n)
-    runner._cond.notify = after_the_put_back
     try:
-        made = post_build(web, alice, project, {"command": "echo made"})
+        with first_wake_up_held(runner):  # the idle worker wakes with the claim put back
+            made = post_build(web, alice, project, {"command": "echo made"})
         assert made["last_status"] == "running"
         done = final_build(web, alice, f"{project}/builds/{made['id']}")  # the other pauses
         assert done["last_status"] == "succeeded"
     finally:
-        runner._cond.notify = notify
         paused.set()
     for build in busy + [queued]:
         assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
