@@ -2622,6 +2622,7 @@ def _channel_class():
             self.body_refused = self.content_length > body_limit(self.path)
             if self.body_refused:
                 self.body_rcv = None  # so the request is complete without its body
+                self.expect_continue = False  # and the body is not invited
 
     class Task(WSGITask):
         _keeping_open = False

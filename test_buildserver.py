@@ -4081,6 +4081,31 @@ def test_a_content_length_just_over_the_limits_gets_413_before_the_body_is_sent(
             sock.close()
 
 
+def test_a_body_over_the_limit_sent_after_100_continue_is_413_not_a_bad_request(server_factory):
+    # curl asks "Expect: 100-continue" above 1 MiB: the server must refuse at
+    # once, not invite the body and then parse it as the next request's head.
+    server = server_factory()
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    db_path = os.path.join(server.data_dir, "buildserver.db")
+    before = db_dump(db_path)
+    sock = raw_request_head(server.host, server.port, "POST", "/api/v1/admin", {
+        "Authorization": f"Token {server.token}", "Content-Type": "application/json",
+        "Expect": "100-continue", "Content-Length": str(buildserver.JSON_BODY_LIMIT + 1)}, b"")
+    try:
+        head = read_status_line(sock, time.monotonic() + 10)
+        assert " 413 " in head, head
+        sock.sendall(b"X-Body: " + b"a" * 1000 + b"\r\n\r\n")  # what a client that got 100 sends
+        sock.settimeout(10)
+        rest = b""
+        with contextlib.suppress(ConnectionError):
+            while data := sock.recv(65536):
+                rest += data
+        assert b"HTTP/1.1" not in rest  # no second answer: the body is never parsed
+    finally:
+        sock.close()
+    assert db_dump(db_path) == before
+
+
 def test_the_unread_body_of_a_413_is_never_taken_for_requests(server_factory):
     server = server_factory()
     smuggled = b"DELETE /api/v1/admin/app HTTP/1.1\r\nHost: x\r\nAuthorization: Token " + \
