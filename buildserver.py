@@ -2040,13 +2040,14 @@ class AuthThrottle:
 
 def authenticate(store, throttle):
     """The user whose token the request carries, or ApiError(401) (429 when
-    the address has failed too often)."""
+    the address has failed too often; a request with no token at all tried
+    nothing, and is told its token is missing)."""
     environ = bottle.request.environ
     header = environ.get("HTTP_AUTHORIZATION", "")
     match = AUTH_RE.match(header)
     user = store.user_by_token(match.group(1)) if match else None
     if user is None:
-        retry = throttle.failed(environ.get("REMOTE_ADDR", ""))
+        retry = throttle.failed(environ.get("REMOTE_ADDR", "")) if header else 0
         if retry:
             raise ApiError(429, "Too many failed authentications from your address; "
                                 f"try again in {retry} s.", headers={"Retry-After": str(retry)})

@@ -4142,12 +4142,15 @@ def test_failed_authentications_past_the_burst_get_429_while_a_valid_token_still
         assert api(server, "GET", "/api/v1/admin/app")[0] == 200
     answers = [server.request("POST", "/api/v1/admin/app/builds", {}, token=token,
                               headers=headers)
-               for token, headers in ((unknown, None), ("", None),
-                                      ("", {"Authorization": "Basic eDp5"}))]
+               for token, headers in ((unknown, None), ("", {"Authorization": "Basic eDp5"}))]
     for status, headers, data in answers:
         assert status == 429, data
         assert 1 <= int(headers["Retry-After"]) <= 61
         assert isinstance(json.loads(data)["detail"], str)
+    # A request with no token tried none: it is still told what is missing.
+    status, headers, data = server.request("POST", "/api/v1/admin/app/builds", {}, token="")
+    assert status == 401 and "missing" in json.loads(data)["detail"], data
+    assert {k.lower(): v for k, v in headers.items()}["www-authenticate"] == "Token"
     assert db_dump(db_path) == before
     # The valid token is never throttled, reads and writes alike.
     assert api(server, "GET", "/api/v1/admin/app")[0] == 200
