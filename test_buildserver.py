@@ -3401,6 +3401,42 @@ def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
         db.close()
 
 
+def appending_until(web, token, project, enough, pause=0.01, limit=200):
+    """Append 1 MiB to an unmanaged build's log every `pause` seconds until
+    `enough()`; returns how many MiB that took (at most `limit`)."""
+    build = web.post_json(project + "/builds", {"is_managed": False}, headers=auth(token)).json
+    url = f"{project}/builds/{build['id']}/logs"
+    for count in range(1, limit + 1):
+        web.post(url, b"x" * (MiB - 1) + b"\n", headers=auth(token))
+        if enough(count):
+            return count
+        time.sleep(pause)
+    return limit
+
+
+def test_a_checkpoint_waits_until_the_log_writes_pause(web, alice, project, app):
+    # Copying the WAL into the database while a build pours out output would
+    # make the build share the cores and the disk with copies of its own log.
+    app.db.CHECKPOINT_PAUSE = 1.0  # far longer than the gaps between the writes below
+    database = app.config.db_path
+    size_before = os.path.getsize(database)
+    assert appending_until(web, alice, project, lambda count: count == 40) == 40
+    assert os.path.getsize(database) == size_before  # 40 MiB: due, but not yet copied
+    wait_until(lambda: os.path.getsize(database) > 40 * MiB, message="the checkpoint after the pause")
+
+
+def test_writes_that_never_pause_are_checkpointed_at_the_wal_limit(web, alice, project, app):
+    app.db.CHECKPOINT_PAUSE = 600.0
+    app.db.WAL_LIMIT = 32 * MiB
+    database = app.config.db_path
+    size_before = os.path.getsize(database)
+    written = appending_until(web, alice, project,
+                              lambda count: os.path.getsize(database) > size_before)
+    # Not at the first CHECKPOINT_BYTES, nor never (a commit counts its pages too).
+    assert 24 <= written < 64
+    assert os.path.getsize(database + "-wal") < 64 * MiB
+
+
 def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle(
         server_factory):
     server = server_factory("--stop-grace", "1")
