@@ -199,6 +199,19 @@ PROJECT_PATCH = {f: FIELDS[f] for f in ("description", "command", "env", "timeou
 BUILD_CREATE = {f: FIELDS[f] for f in (
     "command", "env", "timeout", "name", "description", "tags", "is_managed")}
 BUILD_PATCH = {f: FIELDS[f] for f in ("name", "description", "tags")}
+_COMMIT = {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{4,64}$",
+           "description": "a git commit id (4 to 64 hex digits), or null"}
+CODE_REFERENCE = {
+    "commit": _COMMIT, "head": _COMMIT,
+    "branch": {"type": ["string", "null"], "minLength": 1, "maxLength": 255,
+               "pattern": "^[^\\u0000-\\u001f]*$",
+               "description": "a branch name of 1 to 255 characters, or null"},
+    "git_url": {"type": ["string", "null"], "minLength": 1, "maxLength": 2048,
+                "pattern": "^[^\\u0000-\\u0020]*$",
+                "description": "the repository's URL (no spaces), at most 2048 characters, or null"},
+    "is_dirty": {"type": ["boolean", "null"],
+                 "description": "true if the working tree had changes, false, or null"},
+}
 STATUS_REPORT = {f: FIELDS[f] for f in ("status", "message", "traceback")}
 
 # polyaxon-client's create_build sends every field of its job schema, unset
@@ -748,7 +761,12 @@ class Store:
         return build_id
 
     def update_build(self, build_id, fields):
-        self._update("builds", build_id, fields, {"tags": []})
+        self._update("builds", build_id, fields, {"tags": [], "code_reference": {}})
+
+    def bookmark(self, build_id, bookmarked):
+        """Mark or unmark a build (not a change to the build: updated_at stays)."""
+        with self.db.write() as c:
+            c.execute("UPDATE builds SET bookmarked = ? WHERE id = ?", (int(bookmarked), build_id))
 
     def delete_build(self, build_id):
         with self.db.write() as c:
@@ -1753,7 +1771,7 @@ def build_json(b):
         "finished_at": b["finished_at"], "command": b["command"], "env": json.loads(b["env"]),
         "timeout": b["timeout"], "exit_code": b["exit_code"], "duration": duration,
         "log_size": b["log_size"], "truncated": bool(b["truncated"]),
-        "restarted_from": b["restarted_from"]}
+        "restarted_from": b["restarted_from"], "bookmarked": bool(b["bookmarked"])}
 
 
 def status_json(entry, build_number):
@@ -1828,7 +1846,7 @@ SCHEMAS = {
         "started_at": _NULL_TIME, "finished_at": _NULL_TIME, "command": _NULL_STRING,
         "env": _ENV, "timeout": _NULL_INT, "exit_code": _NULL_INT,
         "duration": {"type": ["number", "null"]}, "log_size": _INT, "truncated": _BOOL,
-        "restarted_from": _NULL_INT}),
+        "restarted_from": _NULL_INT, "bookmarked": _BOOL}),
     "Status": _object({
         "id": _INT, "uuid": {"type": "string", "pattern": "^[0-9a-f]{32}$"}, "job": _INT,
         "status": _STATUS, "message": _NULL_STRING, "created_at": _TIME}),
@@ -1836,6 +1854,8 @@ SCHEMAS = {
         "job": _INT, "offset": _INT, "next_offset": _INT, "size": _INT, "complete": _BOOL,
         "truncated": _BOOL, "text": _STRING}),
     "LogSize": _object({"size": _INT}),
+    "CodeReference": _object({name: {"type": field["type"]}
+                              for name, field in CODE_REFERENCE.items()}),
 }
 for _name in ("Project", "Build", "Status"):
     SCHEMAS[_name + "Page"] = _object({
@@ -2258,6 +2278,50 @@ def make_routes(app):
             store.update_build(build["id"], fields)
         return build_json(still_there(store.build(build["id"])))
 
+    def bookmark(username, project_name, build_id, bookmarked):
+        build = _build(app, username, project_name, build_id)
+        store.bookmark(build["id"], bookmarked)
+        return build_json(still_there(store.build(build["id"])))
+
+    @authorized
+    def bookmark_build(user, username, project_name, build_id):
+        """Bookmark a build: its `bookmarked` turns true."""
+        return bookmark(username, project_name, build_id, True)
+
+    @authorized
+    def unbookmark_build(user, username, project_name, build_id):
+        """Remove a build's bookmark."""
+        return bookmark(username, project_name, build_id, False)
+
+    @authorized
+    def get_code_reference(user, username, project_name, build_id):
+        """The code the build was made from, as recorded by POST (all null until then)."""
+        build = _build(app, username, project_name, build_id)
+        reference = json.loads(build["code_reference"] or "{}")
+        return {name: reference.get(name) for name in CODE_REFERENCE}
+
+    @authorized
+    def set_code_reference(user, username, project_name, build_id):
+        """Record the code the build was made from (replacing any before)."""
+        build = _build(app, username, project_name, build_id)
+        fields = validate(read_json(empty_ok=True), CODE_REFERENCE)
+        reference = {name: fields.get(name) for name in CODE_REFERENCE}
+        store.update_build(build["id"], {"code_reference": reference})
+        return created(reference)
+
+    @authorized
+    def invalidate_build(user, username, project_name, build_id):
+        """Polyaxon's invalidate, answered with the build unchanged: builds are
+        never reused here, so there is nothing to invalidate."""
+        return build_json(_build(app, username, project_name, build_id))
+
+    @authorized
+    def heartbeat(user, username, project_name, build_id):
+        """The heartbeat Polyaxon's tracking client sends while it runs a build:
+        answered, not recorded (a build's status says whether it runs)."""
+        _build(app, username, project_name, build_id)
+        return {"status": "ok"}
+
     @authorized
     def delete_build(user, username, project_name, build_id):
         """Delete a build with its statuses, log and workspace (stopped first)."""
@@ -2430,6 +2494,13 @@ def make_routes(app):
         Route("GET", B + "/statuses/<status_id>", get_status, answer=(200, "Status")),
         Route("GET", B + "/logs", get_logs, query=LOG_QUERY, answer=(200, "LogText")),
         Route("POST", B + "/logs", append_logs, body="log", answer=(200, "LogSize")),
+        Route("POST", B + "/bookmark", bookmark_build, answer=(200, "Build")),
+        Route("DELETE", B + "/unbookmark", unbookmark_build, answer=(200, "Build")),
+        Route("GET", B + "/coderef", get_code_reference, answer=(200, "CodeReference")),
+        Route("POST", B + "/coderef", set_code_reference, body=(CODE_REFERENCE, []),
+              answer=(201, "CodeReference")),
+        Route("POST", B + "/invalidate", invalidate_build, answer=(200, "Build")),
+        Route("POST", B + "/_heartbeat", heartbeat, answer=(200, "Health")),
     ]
     document = openapi_document(routes)
     web = bottle.Bottle()

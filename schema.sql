@@ -111,3 +111,9 @@ INSERT INTO statuses_by_build (build_id, number, uuid, status, message, created_
 DROP TABLE statuses;
 ALTER TABLE statuses_by_build RENAME TO statuses;
 DROP INDEX builds_status;
+
+-- migration 4
+-- What Polyaxon's client records of a build beside its run: a bookmark, and
+-- the code it was made from (JSON {commit, head, branch, git_url, is_dirty}).
+ALTER TABLE builds ADD COLUMN bookmarked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE builds ADD COLUMN code_reference TEXT;

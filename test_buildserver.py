@@ -354,7 +354,7 @@ PROJECT_KEYS = {"name", "owner", "description", "command", "env", "timeout", "cr
 BUILD_KEYS = {"id", "uuid", "name", "unique_name", "user", "project", "description", "tags",
               "last_status", "is_managed", "created_at", "updated_at", "started_at",
               "finished_at", "command", "env", "timeout", "exit_code", "duration", "log_size",
-              "truncated", "restarted_from"}
+              "truncated", "restarted_from", "bookmarked"}
 STATUS_KEYS = {"id", "uuid", "job", "status", "message", "created_at"}
 LOG_JSON_KEYS = {"job", "offset", "next_offset", "size", "complete", "truncated", "text"}
 
@@ -704,6 +704,7 @@ def test_build_create_takes_command_env_and_timeout_from_the_project(idle):
     assert (build["user"], build["project"]) == ("alice", "alice/app")
     assert build["is_managed"] is True and build["last_status"] == "scheduled"
     assert build["tags"] == [] and build["log_size"] == 0 and build["truncated"] is False
+    assert build["bookmarked"] is False
     for key in ("name", "description", "started_at", "finished_at", "exit_code", "duration",
                 "restarted_from"):
         assert build[key] is None, key
@@ -871,6 +872,83 @@ def test_restart_makes_a_new_build_with_the_same_command_env_timeout_name_and_ta
 
     third = ok(call(idle.web, "POST", idle.project + "/builds/2/restart/", idle.alice), 201)
     assert (third["id"], third["restarted_from"], third["command"]) == (3, 2, "make test")
+
+
+# What Polyaxon's client records beside a run ------------------------------------
+
+def test_a_bookmark_is_set_and_removed_and_shows_in_the_build_and_the_list(
+        web, alice, bob, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    before = ok(call(web, "GET", url, alice))
+    for _ in range(2):  # twice: the same answer
+        marked = ok(call(web, "POST", url + "/bookmark", alice))
+        assert marked == {**before, "bookmarked": True}
+    assert ok(call(web, "GET", project + "/builds", alice))["results"][0]["bookmarked"] is True
+    assert_error(call(web, "POST", url + "/bookmark", bob), 403)
+    assert_error(call(web, "DELETE", url + "/unbookmark", bob), 403)
+    assert ok(call(web, "GET", url, alice))["bookmarked"] is True
+    unmarked = ok(call(web, "DELETE", url + "/unbookmark/", alice))
+    assert unmarked["bookmarked"] is False and unmarked["updated_at"] == before["updated_at"]
+    assert_error(call(web, "POST", project + "/builds/2/bookmark", alice), 404)
+    assert_error(call(web, "GET", url + "/bookmark", alice), 405)
+
+
+def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1/coderef"
+    nothing = {"commit": None, "head": None, "branch": None, "git_url": None, "is_dirty": None}
+    assert ok(call(web, "GET", url, alice)) == nothing  # until one is recorded
+    first = {"commit": "3f2a9c0d" * 5, "branch": "main", "git_url": "git@host:team/app.git",
+             "is_dirty": False}
+    assert ok(call(web, "POST", url, alice, first), 201) == {**first, "head": None}
+    assert ok(call(web, "GET", url + "/", alice)) == {**first, "head": None}
+    second = {"commit": "ab12", "head": "ab12"}  # replaces the whole reference
+    assert ok(call(web, "POST", url, alice, second), 201) == \
+        {"commit": "ab12", "head": "ab12", "branch": None, "git_url": None, "is_dirty": None}
+    assert_error(call(web, "POST", url, bob, first), 403)
+    assert_error(call(web, "GET", url, bob), 403)
+    assert_error(call(web, "GET", project + "/builds/2/coderef", alice), 404)
+    # The build's own fields do not change, and a restart does not claim the same code.
+    assert ok(call(web, "GET", project + "/builds/1", alice))["last_status"] == "created"
+    ok(call(web, "POST", project + "/builds/1/restart", alice, {}), 201)
+    assert ok(call(web, "GET", project + "/builds/2/coderef", alice)) == nothing
+
+
+@pytest.mark.parametrize("field, value", [
+    ("commit", "not-hex"), ("commit", "abc"), ("commit", "a" * 65), ("commit", 1234),
+    ("head", ""), ("branch", ""), ("branch", "a\nb"), ("branch", "b" * 256),
+    ("git_url", "https://x/a b"), ("git_url", "u" * 2049), ("git_url", ["x"]),
+    ("is_dirty", "no"), ("is_dirty", 0), ("colour", "red")])
+def test_an_invalid_code_reference_is_400_naming_its_field_and_changes_nothing(
+        web, alice, project, field, value):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1/coderef"
+    stored = ok(call(web, "POST", url, alice, {"commit": "abcdef12"}), 201)
+    assert_error(call(web, "POST", url, alice, {"branch": "main", field: value}), 400, field)
+    assert ok(call(web, "GET", url, alice)) == stored
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"main"', b"{", b"null"])
+def test_a_code_reference_that_is_not_an_object_is_400(web, alice, project, body):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1/coderef"
+    assert_error(call(web, "POST", url, alice, body=body, content_type="application/json"), 400)
+    assert ok(call(web, "GET", url, alice))["commit"] is None
+
+
+def test_invalidate_and_heartbeat_are_answered_and_change_nothing(web, alice, bob, project):
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    report(web, alice, url, "running")
+    before = snapshot(web, alice, project)
+    assert _stable(ok(call(web, "POST", url + "/invalidate", alice))) == before[url][0]
+    for suffix in ("/_heartbeat", "/_heartbeat/"):
+        assert ok(call(web, "POST", url + suffix, alice)) == {"status": "ok"}
+    for suffix in ("/invalidate", "/_heartbeat"):
+        assert_error(call(web, "POST", url + suffix, bob), 403)
+        assert_error(call(web, "POST", project + "/builds/2" + suffix, alice), 404)
+    assert snapshot(web, alice, project) == before
 
 
 # Statuses --------------------------------------------------------------------
@@ -2102,6 +2180,16 @@ print("status", s.status, s.job, s.id)
 print("send_logs", c.build_job.send_logs(u, p, made.id, ["line one", "line two"]).status_code)
 print("logs", repr(c.build_job.logs(u, p, made.id, stream=False).text))
 print("statuses", [x.status for x in c.build_job.get_statuses(u, p, made.id)["results"]])
+ref = c.build_job.create_code_reference(u, p, made.id, {"commit": "ab12cd34", "branch": "main",
+                                                         "git_url": "https://git/app.git",
+                                                         "is_dirty": True})
+print("coderef", ref.commit, ref.branch, ref.is_dirty)
+ref = c.build_job.get_code_reference(u, p, made.id)
+print("get_coderef", ref.commit, ref.head, ref.git_url)
+print("bookmark", c.build_job.bookmark(u, p, made.id).json()["bookmarked"])
+print("unbookmark", c.build_job.unbookmark(u, p, made.id).json()["bookmarked"])
+print("invalidate", c.build_job.invalidate(u, p, made.id).status_code)
+print("heartbeat", c.transport.post(c.build_job.get_heartbeat_url(u, p, made.id)).json())
 print("final", c.build_job.create_status(u, p, made.id, status="succeeded").status)
 print("list", [x.id for x in c.project.list_builds(u, p)["results"]])
 managed = c.project.create_build(u, p, {"name": "managed"})
@@ -2141,6 +2229,12 @@ def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp
         "send_logs 200",
         "logs 'line one\\nline two'",
         "statuses ['created', 'running']",
+        "coderef ab12cd34 main True",
+        "get_coderef ab12cd34 None https://git/app.git",
+        "bookmark True",
+        "unbookmark False",
+        "invalidate 200",
+        "heartbeat {'status': 'ok'}",
         "final succeeded",
         "list [1]",
         "managed 2 True",
