@@ -123,7 +123,9 @@ class Config:
 
     @property
     def workspaces(self):
-        return os.path.join(self.data_dir, "workspaces")
+        # Absolute: a build runs inside its workspace, where a relative
+        # BUILD_WORKSPACE (from the default ./buildserver-data) would point nowhere.
+        return os.path.join(os.path.abspath(self.data_dir), "workspaces")
 
     @property
     def max_followers(self):
@@ -3151,6 +3153,8 @@ def _env(name, default):
 def _positive(kind, most=None):
     def parse(text):
         value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
         if most is not None and value > most:
@@ -3177,7 +3181,7 @@ def parser():
                    help="builds run at once (0: none run, they wait scheduled)")
     s.add_argument("--threads", type=_positive(int), default=_env("threads", "32"),
                    help="HTTP threads (at least 4); log followers may use all but a reserve")
-    s.add_argument("--stop-grace", type=_positive(float), default=_env("stop_grace", "10"),
+    s.add_argument("--stop-grace", type=_positive(float, 86400), default=_env("stop_grace", "10"),
                    help="seconds between SIGTERM and SIGKILL when a build is stopped")
     s.add_argument("--max-log-bytes", type=_positive(int),
                    default=_env("max_log_bytes", str(100 * MiB)),

@@ -1974,6 +1974,9 @@ def cli(*args, env=None):
     (["--port", "80800"], {}, "--port"), (["--port", "-1"], {}, "--port"),
     ([], {"BUILDSERVER_PORT": "99999"}, "--port"), (["--port", "http"], {}, "--port"),
     (["--workers", "-1"], {}, "--workers"), (["--stop-grace", "soon"], {}, "--stop-grace"),
+    # past a day: a timer that overflows, or a stop that never ends, not a grace
+    (["--stop-grace", "inf"], {}, "--stop-grace"), (["--stop-grace", "nan"], {}, "--stop-grace"),
+    ([], {"BUILDSERVER_STOP_GRACE": "3000000"}, "--stop-grace"),
 ])
 def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_path, args, env,
                                                                           flag):
@@ -2398,6 +2401,24 @@ def test_build_environment_merges_server_project_and_build_env(web, alice, admin
     assert env["BUILD_PROJECT"] == "alice/app"
     assert env["BUILD_USER"] == "root"  # who created it, not the project's owner
     assert env["BUILD_WORKSPACE"] == workspace
+
+
+def test_build_workspace_is_absolute_with_a_relative_data_dir(tmp_path, monkeypatch):
+    # The default --data-dir is ./buildserver-data; the build runs inside its
+    # workspace, where a relative BUILD_WORKSPACE would lead nowhere.
+    monkeypatch.chdir(tmp_path)
+    application = buildserver.make_app(buildserver.Config(data_dir="relative-data", workers=1))
+    try:
+        web, alice = webtest.TestApp(application), application.store.create_user("alice")
+        ok(call(web, "POST", "/api/v1/alice", alice, {"name": "app", "command": "true"}), 201)
+        build = ok(call(web, "POST", "/api/v1/alice/app/builds", alice,
+                        {"command": 'cd "$BUILD_WORKSPACE" && pwd -P'}), 201)
+        done = final_build(web, alice, f"/api/v1/alice/app/builds/{build['id']}")
+        assert done["last_status"] == "succeeded", build_log(web, alice, "/api/v1/alice/app", 1)
+        expected = tmp_path.resolve() / "relative-data" / "workspaces" / "alice" / "app" / "1"
+        assert build_log(web, alice, "/api/v1/alice/app", 1) == f"{expected}\n".encode()
+    finally:
+        application.close()
 
 
 def test_build_runs_in_a_fresh_workspace_kept_after_and_removed_with_the_build(
