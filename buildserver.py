@@ -173,8 +173,9 @@ FIELDS = {
     "description": {"type": ["string", "null"], "maxLength": 4096,
                     "description": "a string of at most 4096 characters, or null"},
     "command": {"type": ["string", "null"], "minLength": 1, "maxLength": 64 * KiB,
-                "pattern": "^[^\\u0000]*$",
-                "description": "a non-empty shell command of at most 65536 characters, without NUL bytes"},
+                "x-maxBytes": 64 * KiB, "pattern": "^[^\\u0000]*$",
+                "description": "a non-empty shell command of at most 65536 bytes (UTF-8), "
+                               "without NUL bytes"},
     "env": {"type": ["object", "null"], "maxProperties": 100,
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
             "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"},
@@ -263,6 +264,8 @@ def conforms(value, schema):
         return False
     if isinstance(value, str):
         return (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+                and ("x-maxBytes" not in schema  # the limit the shell's argument meets
+                     or len(value.encode("utf-8")) <= schema["x-maxBytes"])
                 and ("pattern" not in schema or bool(_pattern(schema["pattern"]).search(value))))
     if isinstance(value, bool):
         return True
@@ -506,6 +509,7 @@ class Database:
 
     def migrate(self, schema_path=SCHEMA_PATH):
         """Bring the file up to the newest `-- migration N` of schema.sql."""
+        _create_private(self.path)
         try:
             with open(schema_path, encoding="utf-8") as f:
                 script = f.read()
@@ -578,6 +582,19 @@ class Database:
             self._connections.clear()
         self._local = threading.local()
         self._writer = None
+
+
+def _create_private(path):
+    """Create the file `path` readable by its owner alone, unless it exists:
+    builds' env and logs may hold secrets (SQLite gives a database's -wal and
+    -shm files the database's own permissions)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+def make_private_dir(path):
+    """The data folder, made readable by its owner alone if it is new."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 def _file_size(path):
@@ -1943,6 +1960,7 @@ class App:
 
     def __init__(self, config):
         self.config = config
+        make_private_dir(config.data_dir)
         os.makedirs(config.workspaces, exist_ok=True)
         self.db = Database(config.db_path, background_checkpoints=True)
         self.db.migrate()
@@ -2617,7 +2635,7 @@ def serve(config):
     import waitress
     from waitress import wasyncore
 
-    os.makedirs(config.data_dir, exist_ok=True)
+    make_private_dir(config.data_dir)
     lock = open(os.path.join(config.data_dir, "serve.lock"), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3286,7 +3304,15 @@ def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
     if not os.path.exists(db_path):
         return _fail(f"there is no database at {db_path}", 2)
+    if os.path.isdir(dest) or dest.endswith(os.sep):
+        return _fail(f"{dest} is a folder: name the file to write, e.g. "
+                     f"{os.path.join(dest, 'buildserver.db')}", 2)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
+        return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
     partial = dest + ".partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # left by a copy that was interrupted
+    _create_private(partial)
     source = sqlite3.connect(db_path, timeout=30)
     try:
         target = sqlite3.connect(partial)
@@ -3315,7 +3341,7 @@ def manage_users(args):
     db_path = os.path.join(args.data_dir, "buildserver.db")
     if args.command == "token" and not os.path.exists(db_path):  # a mistyped --data-dir
         return _fail(f"there is no database at {db_path}", 2)
-    os.makedirs(args.data_dir, exist_ok=True)
+    make_private_dir(args.data_dir)
     db = Database(db_path)
     try:
         db.migrate()

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -1530,7 +1531,8 @@ BAD_VALUES = {
     "timeout": ["600", True, False, 1.5, 0, -1, 604801, [], {}],
     "env": [{"A": 1}, {"A": None}, {"A": True}, {"1BAD": "x"}, {"": "x"}, {"A-B": "x"},
             {"A B": "x"}, LONG_ENV, ["A=1"], "A=1", {"A": {"B": "c"}}],
-    "command": ["", "make\u0000all", "x" * (64 * 1024 + 1), 5, ["make"], True],
+    "command": ["", "make\u0000all", "x" * (64 * 1024 + 1), 5, ["make"], True,
+                "\u00e9" * (32 * 1024 + 1)],  # 64 KiB of UTF-8 plus 2 bytes, in fewer characters
     "description": ["d" * 4097, 5, ["d"], {"d": "d"}],
     "name": ["a.b", "a b", "n" * 129, "", 5, "é", "a/b", ["n"]],
     "tags": ["tag", ["t"] * 21, [""], [5], ["t" * 65], [None], {"a": "b"}, [["t"]]],
@@ -1599,6 +1601,7 @@ GOOD_CASES = [
     ("create project", "env", {"_X": "", "lower_9": "ünïcode"}),
     ("create project", "description", "d" * 4096), ("create project", "description", ""),
     ("create project", "command", "c" * (64 * 1024)),
+    ("create project", "command", "\u00e9" * (32 * 1024)),  # 64 KiB of UTF-8 exactly
     ("create project", "command", "printf 'é\\n' && exit 3"),
     ("patch project", "env", None), ("patch project", "command", None),
     ("create build", "name", "n" * 128), ("create build", "name", "-_"),
@@ -5038,6 +5041,42 @@ def test_a_database_at_an_older_version_is_migrated_and_keeps_its_data(
 
 
 # Backup ---------------------------------------------------------------------
+
+def test_the_data_folder_database_and_backups_are_readable_by_their_owner_alone(tmp_path):
+    # A build's env (a deploy key, say) and its log are in the database.
+    data_dir = tmp_path / "private"
+    server = Server(data_dir, preexec_fn=lambda: os.umask(0o022)).start()
+    try:
+        api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true",
+                                              "env": {"DEPLOY_KEY": "secret"}})
+        paths = [data_dir / name for name in ("buildserver.db", "buildserver.db-wal",
+                                              "buildserver.db-shm")]
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in paths}
+        assert modes == dict.fromkeys(modes, 0o600), modes
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        copy = tmp_path / "copy.db"
+        old = os.umask(0o022)
+        try:
+            assert run_cli("backup", str(copy), "--data-dir", str(data_dir)).returncode == 0
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    finally:
+        server.stop()
+
+
+def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
+        server_factory, tmp_path):
+    server = server_factory()
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    for dest, says in ((str(folder), "is a folder"), (str(folder) + os.sep, "is a folder"),
+                      (str(tmp_path / "nowhere" / "copy.db"), "there is no folder")):
+        done = run_cli("backup", dest, "--data-dir", server.data_dir)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert list(folder.iterdir()) == [] and not (tmp_path / "nowhere").exists()
+
 
 def test_a_backup_taken_while_the_server_writes_is_whole_and_holds_earlier_builds(
         server_factory, tmp_path):
