@@ -3031,13 +3031,13 @@ def run_client(args):
         client = Client(args.url, args.token or _env("token", ""))
     except ValueError as e:
         return _fail(str(e), 2)
-    project = f"/api/v1/{args.project}"
+    project = "/api/v1/" + urllib.parse.quote(args.project)
     try:
         if args.command == "run":
             return _run_build(client, project, args)
         if args.command == "builds":
-            query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
-            page_ = client.call("GET", f"{project}/builds{query}")
+            query = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+            page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
             if args.json:
                 print(json.dumps(page_, indent=2))
             else:
@@ -3085,7 +3085,9 @@ def _run_build(client, project, args):
     """`run`: create a build, follow its log, exit with its result."""
     body = {"command": args.command_, "name": args.name, "timeout": args.timeout,
             "env": dict(args.env) if args.env else None, "tags": args.tag}
-    build = client.call("POST", f"{project}/builds", {k: v for k, v in body.items() if v})
+    # Only what was given: an empty command or a zero timeout is the server's to refuse.
+    build = client.call("POST", f"{project}/builds",
+                        {k: v for k, v in body.items() if v is not None})
     path = f"{project}/builds/{build['id']}"
     print(f"build {build['id']}: {client.url}{path}", file=sys.stderr, flush=True)
     if args.no_follow:

@@ -3740,6 +3740,19 @@ def test_unreachable_server_and_refused_token_have_their_own_exit_codes(served):
     assert b"cannot reach" in unreachable.stderr
 
 
+def test_client_sends_what_it_is_given_and_the_server_refuses_it_in_a_sentence(served):
+    # Not dropped as "unset" (running the project's command instead), and not
+    # taken for an unreachable server (exit 75) because of a space in a query.
+    for args, field in ((["--command", ""], "command"), (["--timeout", "0"], "timeout")):
+        result = client(served, "run", "admin/app", *args)
+        assert result.returncode == 1 and field.encode() in result.stderr, result.stderr
+    listed = client(served, "builds", "admin/app", "--status", "failed, succeeded")
+    assert listed.returncode == 1 and b"status" in listed.stderr, listed.stderr
+    assert client(served, "builds", "admin/app", "--status", "failed&limit=5",
+                  "--json").returncode == 1  # refused, not a second parameter
+    assert served.json("GET", "/api/v1/admin/app")[1]["builds_count"] == 0
+
+
 def test_status_logs_stop_and_builds_human_and_json(served):
     assert client(served, "run", "admin/app", "--command", "echo hi; exit 2",
                   "--name", "first").returncode == 2
