@@ -1597,25 +1597,25 @@ def _kill_leftovers(pgid, started, build_uuid):
     the build's if its leader is the build's shell (same start time: `exec`
     keeps it), or, with the leader gone or its start time never recorded (a
     database from before migration 2), if a member carries its BUILD_UUID.
-    Elsewhere there is no way to tell, and the group is killed. A build whose
-    group was never recorded (the server died just after starting it) is found
-    by its BUILD_UUID alone (Linux).
+    Elsewhere there is no way to tell, and the group is killed. Whatever else
+    carries its BUILD_UUID goes too, with its group (Linux): what left the
+    group (`setsid`, a daemon), or all of it if the group was never recorded
+    (the server died just after starting it).
     """
-    if not pgid:
-        for group in _groups_carrying(build_uuid):
-            _killpg(group, signal.SIGKILL)
-        return
-    if pgid == os.getpgrp():
-        return
-    if os.path.isdir("/proc/self"):
-        leader = _start_time(pgid)
-        if leader is not None and started:
-            ours = leader == started
-        else:
-            ours = any(_carries(pid, build_uuid) for pid in _group_members(pgid))
-        if not ours:
-            return
-    _killpg(pgid, signal.SIGKILL)
+    if pgid and pgid != os.getpgrp() and _is_the_builds(pgid, started, build_uuid):
+        _killpg(pgid, signal.SIGKILL)
+    for group in _groups_carrying(build_uuid):
+        _killpg(group, signal.SIGKILL)
+
+
+def _is_the_builds(pgid, started, build_uuid):
+    """Whether process group `pgid` is still the build's (see _kill_leftovers)."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    leader = _start_time(pgid)
+    if leader is not None and started:
+        return leader == started
+    return any(_carries(pid, build_uuid) for pid in _group_members(pgid))
 
 
 def _carries(pid, build_uuid):

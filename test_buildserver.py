@@ -3199,6 +3199,28 @@ def test_after_kill_9_a_restart_fails_the_interrupted_build_and_runs_the_waiting
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
+def test_after_kill_9_a_restart_kills_what_left_the_builds_process_group(server_factory,
+                                                                         tmp_path):
+    data_dir = tmp_path / "crashed"
+    server = server_factory(data_dir=data_dir)
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds",
+                                {"command": "setsid sleep 60 & echo before; sleep 60"})
+    marker = f"BUILD_UUID={build['uuid']}"
+    server_wait_for_log(server, f"{project_path}/builds/{build['id']}", b"before")
+    wait_until(lambda: len(pids_with_marker(marker)) >= 2, message="both sleeps")
+    server.proc.kill()
+    server.wait()
+    try:
+        restarted = server_factory(data_dir=data_dir)
+        restarted.token = server.token
+        assert server_final_build(restarted, f"{project_path}/builds/{build['id']}")[
+            "last_status"] == "failed"
+        wait_gone(marker)  # the daemon that left the group, too
+    finally:
+        kill_marked(marker)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_shutdown_signal_stops_running_builds_keeps_waiting_ones_and_flushes_followers(
         server_factory, tmp_path, signum):
