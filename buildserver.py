@@ -116,6 +116,7 @@ class Config:
     stop_grace: float = 10.0
     max_log_bytes: int = 100 * MiB
     auth_burst: int = 30     # failed authentications per address and minute before 429s
+    trusted_proxy: str = ""  # the reverse proxy whose X-Forwarded-* headers are believed
 
     @property
     def db_path(self):
@@ -2629,6 +2630,18 @@ def _json_log_text(body):
 # Serving #####################################################################
 ###############################################################################
 
+def _proxy_settings(proxy):
+    """waitress's settings to believe `proxy`'s X-Forwarded-* headers: the
+    client's address (for --auth-burst), and the scheme and host of the links
+    in pages. Nobody else's are believed: waitress drops them."""
+    if not proxy:
+        return {}
+    return {"trusted_proxy": proxy, "trusted_proxy_count": 1,
+            "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-host",
+                                      "x-forwarded-proto", "x-forwarded-port"},
+            "clear_untrusted_proxy_headers": True, "log_untrusted_proxy_headers": False}
+
+
 def serve(config):
     """Run the server until SIGINT or SIGTERM; returns the exit code."""
     import fcntl
@@ -2651,7 +2664,7 @@ def serve(config):
             channel_request_lookahead=1,  # lets a follower see that its client left
             # A connection ended early (a client gone; a log deleted while it was
             # sent, which LogFile logs in a line) is no fault worth a traceback.
-            log_socket_errors=False)
+            log_socket_errors=False, **_proxy_settings(config.trusted_proxy))
     except OSError as e:
         app.close()
         return _fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
@@ -3209,6 +3222,9 @@ def parser():
     s.add_argument("--auth-burst", type=_positive(int), default=_env("auth_burst", "30"),
                    help="failed authentications per client address and minute before "
                         "the address gets 429 (0: no limit)")
+    s.add_argument("--trusted-proxy", metavar="ADDRESS", default=_env("trusted_proxy", ""),
+                   help="the reverse proxy's address (e.g. 127.0.0.1): its X-Forwarded-For, "
+                        "-Proto, -Host and -Port headers are believed")
     for name, text in (("adduser", "create a user and print its token"),
                        ("token", "give a user a new token (the old ones stop working)")):
         c = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
@@ -3254,7 +3270,7 @@ def main(argv=None):
             config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
                             workers=args.workers, threads=max(4, args.threads),
                             stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes,
-                            auth_burst=args.auth_burst)
+                            auth_burst=args.auth_burst, trusted_proxy=args.trusted_proxy)
             return serve(config)
         if args.command in CLIENT_COMMANDS:
             return run_client(args)

@@ -4347,6 +4347,31 @@ def test_failed_authentications_past_the_burst_get_429_while_a_valid_token_still
     assert api(server, "GET", "/api/v1/health", token="")[0] == 200
 
 
+@pytest.mark.parametrize("trusted", [True, False], ids=["behind-its-proxy", "no-proxy"])
+def test_a_trusted_proxys_forwarded_headers_give_the_links_and_the_client_address(
+        server_factory, trusted):
+    flags = ("--trusted-proxy", "127.0.0.1") if trusted else ()
+    server = server_factory("--auth-burst", "2", *flags)
+    for name in ("one", "two"):
+        api(server, "POST", "/api/v1/admin", {"name": name, "command": "true"})
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "build.example.org",
+                 "X-Forwarded-For": "203.0.113.7"}
+    status, _, body = server.request("GET", "/api/v1/admin?limit=1", headers=forwarded)
+    link = json.loads(body)["next"]
+    if trusted:
+        assert link.startswith("https://build.example.org/api/v1/admin?"), link
+    else:  # anyone can send these headers: believed only from the proxy named
+        assert link.startswith(f"http://{server.host}:{server.port}/api/v1/admin?"), link
+    unknown = secrets.token_urlsafe(32)
+
+    def fail_from(client):
+        headers = {**forwarded, "X-Forwarded-For": client}
+        return server.request("GET", "/api/v1/admin", token=unknown, headers=headers)[0]
+    assert [fail_from("203.0.113.7") for _ in range(3)] == [401, 401, 429]
+    # Another client behind the proxy has its own count; without one, the same address.
+    assert fail_from("198.51.100.9") == (401 if trusted else 429)
+
+
 # Many clients at once -------------------------------------------------------
 
 FAST = "echo start $BUILD_ID; sleep 0.05; echo end"
