@@ -212,7 +212,8 @@ CODE_REFERENCE = {
                "description": "a branch name of 1 to 255 characters, or null"},
     "git_url": {"type": ["string", "null"], "minLength": 1, "maxLength": 2048,
                 "pattern": "^[^\\u0000-\\u0020]*$",
-                "description": "the repository's URL (no spaces), at most 2048 characters, or null"},
+                "description": "the repository's URL (no spaces) of at most 2048 characters, "
+                               "or null"},
     "is_dirty": {"type": ["boolean", "null"],
                  "description": "true if the working tree had changes, false, or null"},
 }
@@ -367,7 +368,7 @@ class Database:
 
     CHECKPOINT_BYTES = 8 * MiB   # written to the WAL before a checkpoint is due,
     CHECKPOINT_PAUSE = 0.1       # which waits for the writes to pause this long (s)
-    WAL_LIMIT = 64 * MiB         # or for this much; past it the WAL file is emptied, writers waiting
+    WAL_LIMIT = 64 * MiB         # or for this much (past it, writers wait while the WAL empties)
     COMMIT_PAGES = 8             # pages a commit writes (rows and their index entries)
 
     def __init__(self, path, background_checkpoints=False):
@@ -501,7 +502,7 @@ class Database:
     def _wait_for_a_pause(self):
         """Until the writes pause, or WAL_LIMIT bytes have gone into the WAL: a
         build pouring out output does not share the cores and the disk with
-        copies of what it just wrote (a 100 MB log is stored 40% sooner)."""
+        copies of what it just wrote."""
         while not self._closed and self._wal_bytes < self.WAL_LIMIT:
             paused = time.monotonic() - self._last_write
             if paused >= self.CHECKPOINT_PAUSE:
@@ -593,7 +594,7 @@ def _create_private(path):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
-def make_private_dir(path):
+def _make_private_dir(path):
     """The data folder, made readable by its owner alone if it is new."""
     os.makedirs(path, mode=0o700, exist_ok=True)
 
@@ -1961,7 +1962,7 @@ class App:
 
     def __init__(self, config):
         self.config = config
-        make_private_dir(config.data_dir)
+        _make_private_dir(config.data_dir)
         os.makedirs(config.workspaces, exist_ok=True)
         self.db = Database(config.db_path, background_checkpoints=True)
         self.db.migrate()
@@ -2648,7 +2649,7 @@ def serve(config):
     import waitress
     from waitress import wasyncore
 
-    make_private_dir(config.data_dir)
+    _make_private_dir(config.data_dir)
     lock = open(os.path.join(config.data_dir, "serve.lock"), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3359,7 +3360,7 @@ def manage_users(args):
     db_path = os.path.join(args.data_dir, "buildserver.db")
     if args.command == "token" and not os.path.exists(db_path):  # a mistyped --data-dir
         return _fail(f"there is no database at {db_path}", 2)
-    make_private_dir(args.data_dir)
+    _make_private_dir(args.data_dir)
     db = Database(db_path)
     try:
         db.migrate()
