@@ -368,7 +368,9 @@ class Database:
 
     CHECKPOINT_BYTES = 8 * MiB   # written to the WAL before a checkpoint is due,
     CHECKPOINT_PAUSE = 0.1       # which waits for the writes to pause this long (s)
-    WAL_LIMIT = 64 * MiB         # or for this much (past it, writers wait while the WAL empties)
+    # or for this much (past it, writers wait while the WAL empties): a build
+    # writing the default --max-log-bytes at full speed never meets a checkpoint.
+    WAL_LIMIT = 128 * MiB
     COMMIT_PAGES = 8             # pages a commit writes (rows and their index entries)
 
     def __init__(self, path, background_checkpoints=False):
