@@ -3987,7 +3987,8 @@ function buildTable(path, data, offset, statuses) {
     h('thead', {}, h('tr', {}, ['Status', 'Build', 'Name', 'Tags', 'By', 'Created', 'Duration'].map(t => h('th', {scope: 'col'}, t)))),
     h('tbody', {}, data.results.map(b => h('tr', {},
       h('td', {'data-label': 'Status'}, badge(b.last_status)),
-      h('td', {'data-label': 'Build'}, h('a', {id: `build-${b.id}`, href: `#${path}/builds/${b.id}`}, `#${b.id}`)),
+      h('td', {'data-label': 'Build'}, h('a', {id: `build-${b.id}`, href: `#${path}/builds/${b.id}`}, `#${b.id}`),
+        b.bookmarked ? h('span', {class: 'mark', title: 'bookmarked'}, ' ★', h('span', {class: 'vh'}, ' (bookmarked)')) : null),
       h('td', {'data-label': 'Name'}, b.name || h('span', {class: 'muted'}, '—')),
       h('td', {'data-label': 'Tags'}, tags(b.tags)),
       h('td', {'data-label': 'By'}, b.user),
@@ -4052,15 +4053,17 @@ function triggerForm(path, project) {
 async function buildPage(v, user, name, id) {
   const path = `/${user}/${name}/builds/${id}`;
   setCrumbs([[user, `#/${user}`], [name, `#/${user}/${name}`], [`#${id}`, `#${path}`]], `#${id} · ${name}`);
-  let build, statuses;
+  let build, statuses, code;
   try {
-    [build, statuses] = await Promise.all([api(path), api(`${path}/statuses?limit=1000`).then(r => r.results)]);
+    [build, statuses, code] = await Promise.all([api(path), api(`${path}/statuses?limit=1000`).then(r => r.results),
+                                                 api(`${path}/coderef`)]);
   } catch (e) { return fail(e, v); }
   if (v.signal.aborted) return;
 
   const status = h('span', {id: 'status', 'aria-live': 'polite'});
   const stop = h('button', {type: 'button', id: 'stop', class: 'danger', onclick: stopBuild}, sym('stopped'), ' Stop');
   const restart = h('button', {type: 'button', id: 'restart', onclick: restartBuild}, h('span', {'aria-hidden': 'true'}, '↻'), ' Restart');
+  const mark = h('button', {type: 'button', id: 'bookmark', onclick: toggleBookmark});
   const fields = h('dl', {class: 'fields'});
   const history = h('div');
   const log = new LogView(v, path);
@@ -4073,6 +4076,9 @@ async function buildPage(v, user, name, id) {
     status.replaceChildren(badge(s));
     stop.disabled = !STOPPABLE.has(s);
     restart.disabled = !FINAL.has(s);
+    mark.setAttribute('aria-pressed', String(build.bookmarked));
+    mark.replaceChildren(h('span', {'aria-hidden': 'true'}, build.bookmarked ? '★' : '☆'),
+                         build.bookmarked ? ' Bookmarked' : ' Bookmark');
     clock = {at: performance.now(), duration: build.duration};
     if (statuses.length !== shownStatuses) {
       shownStatuses = statuses.length;
@@ -4096,6 +4102,7 @@ async function buildPage(v, user, name, id) {
       build.restarted_from ? ['Restarted from', h('a', {id: 'restarted-from', href: `#/${user}/${name}/builds/${build.restarted_from}`}, `#${build.restarted_from}`)] : null,
       build.is_managed ? null : ['Runs', 'elsewhere (unmanaged)'],
       build.description ? ['Description', build.description] : null,
+      codeRow(code),
       ['Command', build.command ? h('pre', {class: 'cmd'}, build.command) : '—'],
       Object.keys(build.env).length ? ['Environment', envBlock(build.env)] : null,
       ['Log', [h('span', {id: 'log-size'}, bytes(build.log_size)), build.truncated ? ' (truncated: the server\'s limit was reached)' : '']],
@@ -4131,6 +4138,20 @@ async function buildPage(v, user, name, id) {
     if (stop.disabled && document.activeElement === document.body) restart.disabled ? log.pre.focus() : restart.focus();
   }
 
+  async function toggleBookmark() {
+    mark.disabled = true;
+    try {
+      build = await (build.bookmarked ? api(`${path}/unbookmark`, {method: 'DELETE'})
+                                      : api(`${path}/bookmark`, {method: 'POST'}));
+      render();
+    } catch (e) {
+      if (e.status === 401) return signOut(EXPIRED);
+      if (e.name !== 'AbortError') notify(`Could not change the bookmark: ${e.message}`);
+    } finally {
+      mark.disabled = false;
+    }
+  }
+
   async function restartBuild() {
     restart.disabled = true;
     try {
@@ -4146,7 +4167,7 @@ async function buildPage(v, user, name, id) {
     h('div', {class: 'head'}, h('h1', {tabindex: -1}, `Build #${build.id}`), status),
     h('p', {class: 'muted'}, 'of ', h('a', {href: `#/${user}/${name}`}, `${user}/${name}`),
       build.name ? ` · ${build.name}` : ''),
-    h('div', {class: 'actions'}, stop, restart),
+    h('div', {class: 'actions'}, stop, restart, mark),
     h('div', {class: 'cols'},
       h('section', {class: 'card', 'aria-labelledby': 'fields-h'}, h('h2', {id: 'fields-h', class: 'vh'}, 'Details'), fields),
       h('section', {class: 'card', 'aria-labelledby': 'history-h'}, h('h2', {id: 'history-h'}, 'History'), history)),
@@ -4166,6 +4187,16 @@ async function buildPage(v, user, name, id) {
     if (e.status === 401) return signOut(EXPIRED);
     if (e.name !== 'AbortError') log.say(`The log could not be loaded: ${e.message}`);
   }
+}
+
+// The code a build was made from, as a script recorded it (POST .../coderef), or no row.
+function codeRow(code) {
+  if (!code.commit && !code.head && !code.branch && !code.git_url) return null;
+  const commit = code.commit || code.head;
+  return ['Code', [
+    code.branch || '', code.branch && commit ? ' @ ' : '', commit ? h('code', {}, commit.slice(0, 12)) : '',
+    code.is_dirty ? ' (with uncommitted changes)' : '',
+    code.git_url ? [h('br'), h('span', {class: 'muted'}, code.git_url)] : ''].filter(Boolean)];
 }
 
 function timeline(statuses) {

@@ -5858,6 +5858,34 @@ def test_stop_ends_a_running_build_stopped_and_restart_starts_another(page, dash
     expect(status_of(page)).to_have_text("■stopped")
 
 
+def test_a_build_is_bookmarked_from_its_page_and_shows_the_code_a_script_recorded(page, dash):
+    dash.project("marked", command="true")
+    build = dash.api("POST", "/alice/marked/builds")
+    path = f"/alice/marked/builds/{build['id']}"
+    dash.api("POST", path + "/coderef", {"commit": "0123456789abcdef" * 2 + "01234567",
+                                         "branch": "release<b>", "git_url": "https://git/x.git",
+                                         "is_dirty": True})
+    dash.final_build(path)
+    sign_in(page, dash)
+    page.goto(dash.url + "/#" + path)
+    fields = page.locator(".fields")
+    expect(fields).to_contain_text("release<b> @ 0123456789ab (with uncommitted changes)")
+    expect(fields).to_contain_text("https://git/x.git")
+    mark = page.get_by_role("button", name="Bookmark")
+    expect(mark).to_have_attribute("aria-pressed", "false")
+    mark.click()
+    expect(page.locator("#bookmark")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#bookmark")).to_have_text("★ Bookmarked")
+    assert dash.api("GET", path)["bookmarked"] is True
+    page.goto(dash.url + "/#/alice/marked")
+    expect(page.locator("tr", has=page.locator(f"#build-{build['id']}"))).to_contain_text(
+        "★ (bookmarked)")
+    page.goto(dash.url + "/#" + path)
+    page.locator("#bookmark").click()
+    expect(page.locator("#bookmark")).to_have_attribute("aria-pressed", "false")
+    assert dash.api("GET", path)["bookmarked"] is False
+
+
 def test_ansi_colours_are_rendered_and_api_text_never_becomes_html(page, dash):
     dash.project("colours", description="<img src=x onerror=\"window.owned = 1\">",
                  command="printf '\\033[31mred\\033[0m plain \\033[1;38;5;82mgreen\\033[0m\\n<b>bold?</b>\\n'")
