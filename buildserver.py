@@ -3101,10 +3101,19 @@ def _run_build(client, project, args):
     """`run`: create a build, follow its log, exit with its result."""
     body = {"command": args.command_, "name": args.name, "timeout": args.timeout,
             "env": dict(args.env) if args.env else None, "tags": args.tag}
+    code = {"commit": args.commit, "branch": args.branch, "git_url": args.git_url}
+    code = {k: v for k, v in code.items() if v is not None}
+    try:  # checked before the build exists: it is recorded just after its creation
+        validate(code, CODE_REFERENCE)
+    except ApiError as e:
+        return _fail("; ".join(f"--{name.replace('_', '-')} {reason.removesuffix(', or null')}"
+                               for name, reason in e.errors.items()), 2)
     # Only what was given: an empty command or a zero timeout is the server's to refuse.
     build = client.call("POST", f"{project}/builds",
                         {k: v for k, v in body.items() if v is not None})
     path = f"{project}/builds/{build['id']}"
+    if code:
+        client.call("POST", f"{path}/coderef", code)
     print(f"build {build['id']}: {client.url}{path}", file=sys.stderr, flush=True)
     if args.no_follow:
         print(json.dumps(build, indent=2) if args.json else build["id"])
@@ -3155,6 +3164,10 @@ def _client_parsers(commands):
     r.add_argument("--name", help="the build's name")
     r.add_argument("--tag", action="append", help="a tag (repeatable)")
     r.add_argument("--timeout", type=int, help="seconds before the build is stopped and fails")
+    r.add_argument("--commit", metavar="SHA", help="the git commit the build is made from "
+                                                   "(recorded as its code reference)")
+    r.add_argument("--branch", help="the git branch, recorded with --commit")
+    r.add_argument("--git-url", metavar="URL", help="the repository, recorded with --commit")
     r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
     r.add_argument("--stop-on-interrupt", action="store_true",
                    help="on Ctrl-C stop the build without asking")

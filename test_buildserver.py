@@ -3775,6 +3775,18 @@ def test_client_sends_what_it_is_given_and_the_server_refuses_it_in_a_sentence(s
     assert served.json("GET", "/api/v1/admin/app")[1]["builds_count"] == 0
 
 
+def test_run_records_the_git_commit_branch_and_url_it_is_given(served):
+    result = client(served, "run", "admin/app", "--command", "true", "--commit", "ab12cd34",
+                    "--branch", "main", "--git-url", "https://git/app.git")
+    assert result.returncode == 0, result.stderr
+    code = served.json("GET", "/api/v1/admin/app/builds/1/coderef")[1]
+    assert code == {"commit": "ab12cd34", "head": None, "branch": "main",
+                    "git_url": "https://git/app.git", "is_dirty": None}
+    refused = client(served, "run", "admin/app", "--commit", "HEAD~1")
+    assert refused.returncode == 2 and b"--commit must be a git commit id" in refused.stderr
+    assert served.json("GET", "/api/v1/admin/app")[1]["builds_count"] == 1  # none made
+
+
 def test_status_logs_stop_and_builds_human_and_json(served):
     assert client(served, "run", "admin/app", "--command", "echo hi; exit 2",
                   "--name", "first").returncode == 2
