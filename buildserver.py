@@ -627,6 +627,10 @@ LOG_CHUNK_SELECT = """
     SELECT {} FROM log_chunks c JOIN builds b ON b.id = c.build_id
     WHERE c.build_id = ? AND b.uuid = ? AND c.offset <= ? ORDER BY c.offset DESC LIMIT 1
 """
+# The next build's id: never one a deleted build had (nor one inserted by hand).
+NEXT_BUILD_ID = """
+    SELECT max((SELECT next FROM build_ids), (SELECT coalesce(max(id), 0) + 1 FROM builds))
+"""
 PROJECT_SELECT = """
     SELECT p.*, u.name AS owner,
            (SELECT number FROM builds WHERE project_id = p.id ORDER BY number DESC LIMIT 1)
@@ -768,14 +772,16 @@ class Store:
             number = row[0]
             c.execute("UPDATE projects SET next_number = next_number + 1,"
                       " builds_count = builds_count + 1 WHERE id = ?", (project_id,))
-            build_id = c.execute(
-                "INSERT INTO builds (project_id, number, uuid, user, name, description, tags,"
+            build_id = c.execute(NEXT_BUILD_ID).fetchone()[0]
+            c.execute("UPDATE build_ids SET next = ?", (build_id + 1,))
+            c.execute(
+                "INSERT INTO builds (id, project_id, number, uuid, user, name, description, tags,"
                 " last_status, is_managed, command, env, timeout, created_at, updated_at,"
-                " restarted_from) VALUES (?, ?, ?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?, ?)",
-                (project_id, number, uuidlib.uuid4().hex, user, fields.get("name"),
+                " restarted_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'created', ?, ?, ?, ?, ?, ?, ?)",
+                (build_id, project_id, number, uuidlib.uuid4().hex, user, fields.get("name"),
                  fields.get("description"), json.dumps(fields.get("tags") or []), int(managed),
                  fields.get("command"), json.dumps(fields.get("env") or {}),
-                 fields.get("timeout"), now, now, restarted_from)).lastrowid
+                 fields.get("timeout"), now, now, restarted_from))
             self._add_status(c, build_id, "created", None, now)
             if managed:
                 self._set_status(c, build_id, "scheduled", "waiting for a free worker", now)
@@ -1340,8 +1346,8 @@ class Runner:
             with self._lock:
                 if self._closing.is_set():
                     return None
-                # Read with the move, in its transaction: a deleted build's id
-                # is reused, and the row must be the one just moved.
+                # Read with the move, in its transaction: nothing can change
+                # the row between the two.
                 with self.store.db.write():
                     if self.store.transition(build_id, "running", "started",
                                              sources=("scheduled",)) is None:

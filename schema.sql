@@ -117,3 +117,10 @@ DROP INDEX builds_status;
 -- the code it was made from (JSON {commit, head, branch, git_url, is_dirty}).
 ALTER TABLE builds ADD COLUMN bookmarked INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE builds ADD COLUMN code_reference TEXT;
+
+-- migration 5
+-- A build's id is never used again once its build is deleted (SQLite would
+-- give the next build the id of a deleted newest one): a request that looked
+-- a build up must never write to, or show, another build that took its id.
+CREATE TABLE build_ids (next INTEGER NOT NULL);
+INSERT INTO build_ids SELECT coalesce(max(id), 0) + 1 FROM builds;

@@ -875,6 +875,25 @@ def test_restart_makes_a_new_build_with_the_same_command_env_timeout_name_and_ta
     assert (third["id"], third["restarted_from"], third["command"]) == (3, 2, "make test")
 
 
+def test_a_deleted_builds_id_is_never_given_to_another_build(web, alice, bob, project, app):
+    # A request looks a build up, then writes and reads it by its id: SQLite
+    # would give a deleted newest build's id to the next build, whoever makes
+    # it, and the request would reach (and show) that other user's build.
+    unmanaged(web, alice, project)
+    first = app.db.one("SELECT id FROM builds")[0]
+    ok(call(web, "DELETE", project + "/builds/1", alice))
+    ok(call(web, "POST", "/api/v1/bob", bob, {"name": "b", "command": "true"}), 201)
+    unmanaged(web, bob, "/api/v1/bob/b")
+    assert app.db.one("SELECT id FROM builds")[0] == first + 1
+    with app.db.write() as c:  # a row written by hand (a restore, say) is stepped over too
+        c.execute("INSERT INTO builds (id, project_id, number, uuid, user, last_status,"
+                  " is_managed, created_at, updated_at) SELECT 1000, project_id, 99, ?,"
+                  " 'bob', 'created', 0, created_at, updated_at FROM builds",
+                  (secrets.token_hex(16),))
+    unmanaged(web, bob, "/api/v1/bob/b")
+    assert app.db.one("SELECT max(id) FROM builds")[0] == 1001
+
+
 # What Polyaxon's client records beside a run ------------------------------------
 
 def test_a_bookmark_is_set_and_removed_and_shows_in_the_build_and_the_list(
