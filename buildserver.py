@@ -372,6 +372,7 @@ class Database:
     # writing the default --max-log-bytes at full speed never meets a checkpoint.
     WAL_LIMIT = 128 * MiB
     COMMIT_PAGES = 8             # pages a commit writes (rows and their index entries)
+    RETRY_SECONDS = 5.0          # after a checkpoint failed, whether or not more is written
 
     def __init__(self, path, background_checkpoints=False):
         """:param background_checkpoints: copy the WAL back into the database in
@@ -391,6 +392,7 @@ class Database:
         self._checkpoint_now = threading.Event()  # WAL_LIMIT written, or closing
         self._checkpointer = None
         self._closed = False
+        self._closing = threading.Event()  # set with _closed: ends the checkpointer's retries
         self._after_commit = []  # touched only under _write_lock
 
     def connect(self):
@@ -465,7 +467,8 @@ class Database:
         self._after_commit.append(callback)
 
     def wrote(self, size):
-        """Count what went into the WAL; past CHECKPOINT_BYTES wake the checkpointer."""
+        """Count what went into the WAL (always under the write lock); past
+        CHECKPOINT_BYTES wake the checkpointer."""
         self._wal_bytes += size
         self._last_write = time.monotonic()
         if self._background and self._wal_bytes >= self.CHECKPOINT_BYTES and not self._closed:
@@ -478,12 +481,19 @@ class Database:
                 self._checkpoint_now.set()
 
     def _checkpoint_loop(self):
-        conn = self.connect()
+        try:
+            conn = self.connect()
+        except sqlite3.Error as e:  # no file descriptors, say: a later commit starts another
+            log.error("cannot start checkpoints (%s); trying again later", e)
+            self._closing.wait(self.RETRY_SECONDS)
+            self._checkpointer = None
+            return
         try:
             while True:
                 self._checkpoint_due.wait()
                 self._wait_for_a_pause()
-                self._wal_bytes = 0
+                with self._write_lock:  # where writers count: no count or reset is lost
+                    self._wal_bytes = 0
                 self._checkpoint_due.clear()
                 self._checkpoint_now.clear()
                 if self._closed:
@@ -495,9 +505,11 @@ class Database:
                     if _file_size(self.path + "-wal") > self.WAL_LIMIT:
                         with self._write_lock:
                             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error as e:  # a full disk, say: the next commits try again
-                    log.error("checkpoint failed (%s); trying again later", e)
-                    self._wal_bytes = self.CHECKPOINT_BYTES
+                except sqlite3.Error as e:  # a full disk, say: tried again, writes or not
+                    log.error("checkpoint failed (%s); trying again in %d s", e,
+                              self.RETRY_SECONDS)
+                    self._closing.wait(self.RETRY_SECONDS)
+                    self._checkpoint_due.set()
         finally:
             conn.close()
 
@@ -568,6 +580,7 @@ class Database:
     def close(self):
         """Close every connection, leaving the database whole in its file."""
         self._closed = True
+        self._closing.set()
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             self._checkpoint_due.set()
@@ -723,7 +736,10 @@ class Store:
 
     def delete_project(self, project_id):
         with self.db.write() as c:
+            freed = c.execute("SELECT coalesce(sum(log_size), 0) FROM builds WHERE project_id = ?",
+                              (project_id,)).fetchone()[0]
             c.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+            self.db.wrote(freed)  # secure_delete zeroes the freed pages through the WAL
 
     # Builds ------------------------------------------------------------------
 
@@ -799,9 +815,14 @@ class Store:
 
     def delete_build(self, build_id):
         with self.db.write() as c:
-            c.execute("UPDATE projects SET builds_count = builds_count - 1"
-                      " WHERE id = (SELECT project_id FROM builds WHERE id = ?)", (build_id,))
+            row = c.execute("SELECT project_id, log_size FROM builds WHERE id = ?",
+                            (build_id,)).fetchone()
+            if row is None:
+                return
+            c.execute("UPDATE projects SET builds_count = builds_count - 1 WHERE id = ?",
+                      (row[0],))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+            self.db.wrote(row[1])  # secure_delete zeroes the freed pages through the WAL
 
     def set_pgid(self, build_id, pgid, started):
         with self.db.write() as c:

@@ -3530,12 +3530,12 @@ def test_a_log_append_after_the_build_ended_is_refused_as_it_is_written(web, ali
     assert call(web, "GET", url + "/logs", alice).body == b"before\n"
 
 
-def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
-    db = buildserver.Database(str(tmp_path / "c.db"), background_checkpoints=True)
-    db.migrate()
+def checkpoints_failing_once(db):
+    """Give the checkpointer a connection whose first checkpoint fails (a full
+    disk); returns (the SQL it was asked to run, the real connect)."""
     connect, calls = db.connect, []
 
-    class FailingOnce:  # the checkpointer's connection: its first checkpoint fails
+    class FailingOnce:
         def __init__(self):
             self.conn = connect()
 
@@ -3548,6 +3548,14 @@ def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
         def close(self):
             self.conn.close()
     db.connect = FailingOnce
+    return calls, connect
+
+
+def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
+    db = buildserver.Database(str(tmp_path / "c.db"), background_checkpoints=True)
+    db.migrate()
+    db.RETRY_SECONDS = 0.2
+    calls, connect = checkpoints_failing_once(db)
     try:
         for _ in range(2):  # two checkpoints' worth of writes
             db.wrote(db.CHECKPOINT_BYTES)
@@ -3555,6 +3563,20 @@ def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
             time.sleep(0.1)
         db.wrote(db.CHECKPOINT_BYTES)
         wait_until(lambda: len(calls) >= 2, message="a checkpoint after the failed one")
+    finally:
+        db.connect = connect
+        db.close()
+
+
+def test_a_failed_checkpoint_is_tried_again_on_an_idle_server(tmp_path):
+    db = buildserver.Database(str(tmp_path / "c.db"), background_checkpoints=True)
+    db.migrate()
+    db.RETRY_SECONDS, db.CHECKPOINT_PAUSE = 0.2, 0.05
+    calls, connect = checkpoints_failing_once(db)
+    try:
+        with db.write():
+            db.wrote(db.CHECKPOINT_BYTES)  # then nothing more is ever written
+        wait_until(lambda: len(calls) >= 2, message="a second try with no write to start it")
     finally:
         db.connect = connect
         db.close()
@@ -3576,7 +3598,9 @@ def appending_until(web, token, project, enough, pause=0.01, limit=200):
 def test_a_checkpoint_waits_until_the_log_writes_pause(web, alice, project, app):
     # Copying the WAL into the database while a build pours out output would
     # make the build share the cores and the disk with copies of its own log.
-    app.db.CHECKPOINT_PAUSE = 1.0  # far longer than the gaps between the writes below
+    # Far longer than the 10 ms gaps between the writes below: only a stall of
+    # seconds in this process could let a checkpoint in between.
+    app.db.CHECKPOINT_PAUSE = 3.0
     database = app.config.db_path
     size_before = os.path.getsize(database)
     assert appending_until(web, alice, project, lambda count: count == 40) == 40
@@ -3594,6 +3618,20 @@ def test_writes_that_never_pause_are_checkpointed_at_the_wal_limit(web, alice, p
     # Not at the first CHECKPOINT_BYTES, nor never (a commit counts its pages too).
     assert 24 <= written < 64
     assert os.path.getsize(database + "-wal") < 64 * MiB
+
+
+def test_deleting_a_big_log_counts_towards_the_wal_limit(web, alice, project, app):
+    # SQLite zeroes a deleted log's pages (secure_delete) through the WAL:
+    # uncounted, deletes could grow it without bound, with no checkpoint.
+    app.db.CHECKPOINT_PAUSE = 600.0  # only the limit may start a checkpoint
+    app.db.WAL_LIMIT = 40 * MiB
+    database = app.config.db_path
+    size_before = os.path.getsize(database)
+    assert appending_until(web, alice, project, lambda count: count == 24) == 24
+    time.sleep(0.2)  # (had 24 MiB started a checkpoint, it would show by now)
+    assert os.path.getsize(database) == size_before
+    ok(call(web, "DELETE", project + "/builds/1", alice))
+    wait_until(lambda: os.path.getsize(database) > 24 * MiB, message="a checkpoint")
 
 
 def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle(
@@ -3626,17 +3664,25 @@ def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle
     assert proc_cpu_ticks(server.proc.pid) - before < 50  # not a core spinning (100/s)
 
 
+def written_by_this_process():
+    """Bytes this process has handed to write() so far (Linux /proc)."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
+
+
 def test_a_trickling_log_keeps_the_wal_and_the_chunk_rows_small(web, alice, project, app):
     web.post_json(project + "/builds", {"is_managed": False}, headers=auth(alice))
     url = project + "/builds/1/logs"
+    before = written_by_this_process()
     for number in range(3000):
         web.post(url, b"x" * 99 + b"\n", headers=auth(alice))
+    # Each 100-byte append rewrites a chunk of at most 16 KiB and a few pages
+    # (≈100 MB in all); rewriting the whole growing chunk, as before, ≈650 MB.
+    assert written_by_this_process() - before < 300 * MiB
     log = web.get(url, headers=auth(alice)).body
     assert log == (b"x" * 99 + b"\n") * 3000
     rows = app.db.one("SELECT count(*), max(length(data)) FROM log_chunks")
     assert rows[0] <= 3000 * 100 // (16 * 1024) + 2 and rows[1] <= 16 * 1024
-    wal = app.config.db_path + "-wal"
-    assert os.path.getsize(wal) < app.db.WAL_LIMIT  # each write rewrote 512 KiB before
 
 
 def test_a_path_cannot_forge_a_line_of_the_request_log(server_factory):
