@@ -179,8 +179,10 @@ FIELDS = {
                                "without NUL bytes"},
     "env": {"type": ["object", "null"], "maxProperties": 100,
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-            "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$"},
-            "description": "an object of at most 100 NAME: \"value\" strings, names like PATH or MY_VAR"},
+            "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$",
+                                     "x-maxBytes": 64 * KiB},  # (a process's limit is 128 KiB)
+            "description": "an object of at most 100 NAME: \"value\" strings of at most "
+                           "65536 bytes, names like PATH or MY_VAR"},
     "timeout": {"type": ["integer", "null"], "minimum": 1, "maximum": 604800,
                 "description": "whole seconds from 1 to 604800, or null for no limit"},
     "name": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,128}$",
@@ -203,14 +205,16 @@ PROJECT_PATCH = {f: FIELDS[f] for f in ("description", "command", "env", "timeou
 BUILD_CREATE = {f: FIELDS[f] for f in (
     "command", "env", "timeout", "name", "description", "tags", "is_managed")}
 BUILD_PATCH = {f: FIELDS[f] for f in ("name", "description", "tags")}
-_COMMIT = {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{4,64}$",
+# Polyaxon's tracking client sends "" for what it could not find (a repository
+# without a remote, say): "" is null here, as everywhere.
+_COMMIT = {"type": ["string", "null"], "pattern": "^([0-9a-fA-F]{4,64})?$",
            "description": "a git commit id (4 to 64 hex digits), or null"}
 CODE_REFERENCE = {
     "commit": _COMMIT, "head": _COMMIT,
-    "branch": {"type": ["string", "null"], "minLength": 1, "maxLength": 255,
+    "branch": {"type": ["string", "null"], "maxLength": 255,
                "pattern": "^[^\\u0000-\\u001f]*$",
-               "description": "a branch name of 1 to 255 characters, or null"},
-    "git_url": {"type": ["string", "null"], "minLength": 1, "maxLength": 2048,
+               "description": "a branch name of at most 255 characters, or null"},
+    "git_url": {"type": ["string", "null"], "maxLength": 2048,
                 "pattern": "^[^\\u0000-\\u0020]*$",
                 "description": "the repository's URL (no spaces) of at most 2048 characters, "
                                "or null"},
@@ -612,6 +616,17 @@ def _create_private(path):
 def _make_private_dir(path):
     """The data folder, made readable by its owner alone if it is new."""
     os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _warn_if_open(*paths):
+    """Say so when other users may read the data (a folder made before
+    buildserver made it private, say): builds' env and logs may hold secrets."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode & 0o777
+            if mode & 0o077:
+                log.warning("%s is open to other users (mode %03o): builds' env and logs "
+                            "may hold secrets; chmod go-rwx it", path, mode)
 
 
 def _file_size(path):
@@ -2686,6 +2701,7 @@ def serve(config):
         print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
         return 1
     app = make_app(config, start=False)  # no build starts before the port is ours
+    _warn_if_open(config.data_dir, config.db_path)
     try:
         server = waitress.create_server(
             app, host=config.host, port=config.port, threads=config.threads,
@@ -3229,7 +3245,7 @@ def _env(name, default):
 def _positive(kind, most=None):
     def parse(text):
         value = kind(text)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
@@ -3237,6 +3253,19 @@ def _positive(kind, most=None):
             raise argparse.ArgumentTypeError(f"must be at most {most}: {text}")
         return value
     return parse
+
+
+def _ip_address(text):
+    """An IP address (waitress compares it with the connection's; "*" would
+    trust everyone, and a host name would never match)."""
+    import ipaddress
+    if not text:
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an IP address, like 127.0.0.1: {text}") \
+            from None
 
 
 def parser():
@@ -3265,7 +3294,8 @@ def parser():
     s.add_argument("--auth-burst", type=_positive(int), default=_env("auth_burst", "30"),
                    help="failed authentications per client address and minute before "
                         "the address gets 429 (0: no limit)")
-    s.add_argument("--trusted-proxy", metavar="ADDRESS", default=_env("trusted_proxy", ""),
+    s.add_argument("--trusted-proxy", metavar="ADDRESS", type=_ip_address,
+                   default=_env("trusted_proxy", ""),
                    help="the reverse proxy's address (e.g. 127.0.0.1): its X-Forwarded-For, "
                         "-Proto, -Host and -Port headers are believed")
     for name, text in (("adduser", "create a user and print its token"),
@@ -3363,6 +3393,7 @@ def serve_as_module():
 
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
+    import tempfile
     if not os.path.exists(db_path):
         return _fail(f"there is no database at {db_path}", 2)
     if os.path.isdir(dest) or dest.endswith(os.sep):
@@ -3370,24 +3401,28 @@ def backup(db_path, dest):
                      f"{os.path.join(dest, 'buildserver.db')}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
-    partial = dest + ".partial"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(partial)  # left by a copy that was interrupted
-    _create_private(partial)
-    source = sqlite3.connect(db_path, timeout=30)
+    # A file of this copy's own (0600, like the database), beside the
+    # destination: a backup running at the same time has another.
+    fd, partial = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".partial",
+                                   dir=os.path.dirname(os.path.abspath(dest)))
+    os.close(fd)
     try:
-        target = sqlite3.connect(partial)
+        source = sqlite3.connect(db_path, timeout=30)
         try:
-            source.backup(target)
-            check = target.execute("PRAGMA integrity_check").fetchone()[0]
+            target = sqlite3.connect(partial)
+            try:
+                source.backup(target)
+                check = target.execute("PRAGMA integrity_check").fetchone()[0]
+            finally:
+                target.close()
         finally:
-            target.close()
+            source.close()
+        if check != "ok":
+            return _fail(f"the copy failed its integrity check: {check}", 1)
+        os.replace(partial, dest)
     finally:
-        source.close()
-    if check != "ok":
-        os.unlink(partial)
-        return _fail(f"the copy failed its integrity check: {check}", 1)
-    os.replace(partial, dest)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
     print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
     return 0
 

@@ -923,7 +923,9 @@ def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, pr
              "is_dirty": False}
     assert ok(call(web, "POST", url, alice, first), 201) == {**first, "head": None}
     assert ok(call(web, "GET", url + "/", alice)) == {**first, "head": None}
-    second = {"commit": "ab12", "head": "ab12"}  # replaces the whole reference
+    # Each POST replaces the whole reference; "" (what Polyaxon's tracker sends
+    # for a repository without a remote) is null.
+    second = {"commit": "ab12", "head": "ab12", "git_url": "", "branch": ""}
     assert ok(call(web, "POST", url, alice, second), 201) == \
         {"commit": "ab12", "head": "ab12", "branch": None, "git_url": None, "is_dirty": None}
     assert_error(call(web, "POST", url, bob, first), 403)
@@ -937,7 +939,7 @@ def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, pr
 
 @pytest.mark.parametrize("field, value", [
     ("commit", "not-hex"), ("commit", "abc"), ("commit", "a" * 65), ("commit", 1234),
-    ("head", ""), ("branch", ""), ("branch", "a\nb"), ("branch", "b" * 256),
+    ("head", "xyz1"), ("branch", "a\nb"), ("branch", "b" * 256),
     ("git_url", "https://x/a b"), ("git_url", "u" * 2049), ("git_url", ["x"]),
     ("is_dirty", "no"), ("is_dirty", 0), ("colour", "red")])
 def test_an_invalid_code_reference_is_400_naming_its_field_and_changes_nothing(
@@ -1549,7 +1551,8 @@ LONG_ENV = {f"K{i}": "v" for i in range(101)}
 BAD_VALUES = {
     "timeout": ["600", True, False, 1.5, 0, -1, 604801, [], {}],
     "env": [{"A": 1}, {"A": None}, {"A": True}, {"1BAD": "x"}, {"": "x"}, {"A-B": "x"},
-            {"A B": "x"}, LONG_ENV, ["A=1"], "A=1", {"A": {"B": "c"}}],
+            {"A B": "x"}, LONG_ENV, ["A=1"], "A=1", {"A": {"B": "c"}},
+            {"A": "\u00e9" * (32 * 1024 + 1)}],  # past 64 KiB of UTF-8: exec would refuse it
     "command": ["", "make\u0000all", "x" * (64 * 1024 + 1), 5, ["make"], True,
                 "\u00e9" * (32 * 1024 + 1)],  # 64 KiB of UTF-8 plus 2 bytes, in fewer characters
     "description": ["d" * 4097, 5, ["d"], {"d": "d"}],
@@ -1999,6 +2002,10 @@ def cli(*args, env=None):
     # past a day: a timer that overflows, or a stop that never ends, not a grace
     (["--stop-grace", "inf"], {}, "--stop-grace"), (["--stop-grace", "nan"], {}, "--stop-grace"),
     ([], {"BUILDSERVER_STOP_GRACE": "3000000"}, "--stop-grace"),
+    (["--port", "1" + "0" * 400], {}, "--port"),  # too big for a float: no traceback
+    # waitress compares an address: "*" would trust anyone, a name nobody
+    (["--trusted-proxy", "*"], {}, "--trusted-proxy"),
+    ([], {"BUILDSERVER_TRUSTED_PROXY": "localhost"}, "--trusted-proxy"),
 ])
 def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_path, args, env,
                                                                           flag):
@@ -5198,6 +5205,41 @@ def test_the_data_folder_database_and_backups_are_readable_by_their_owner_alone(
         finally:
             os.umask(old)
         assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    finally:
+        server.stop()
+
+
+def test_two_backups_to_one_file_at_once_each_copy_whole_and_leave_nothing_else(
+        server_factory, tmp_path):
+    server = server_factory()
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    status, build = api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    for _ in range(3):  # a database big enough for the copies to overlap
+        api(server, "POST", f"/api/v1/admin/app/builds/{build['id']}/logs",
+            os.urandom(8 * MiB - 1), headers={"Content-Type": "text/plain"})
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    dest = folder / "copy.db"
+    copies = [subprocess.Popen([sys.executable, SCRIPT, "backup", str(dest), "--data-dir",
+                                server.data_dir], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [copy.communicate(timeout=120) for copy in copies]
+    assert [copy.returncode for copy in copies] == [0, 0], results
+    assert integrity(str(dest)) == [("ok",)]
+    assert [p.name for p in folder.iterdir()] == ["copy.db"]
+
+
+def test_a_data_folder_open_to_other_users_is_warned_about(tmp_path):
+    # One made before buildserver made its folders private keeps its mode.
+    data_dir = tmp_path / "old"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    server = Server(data_dir).start()
+    try:
+        wait_until(lambda: any("is open to other users (mode 755)" in line
+                               for line in server.stderr_lines), message="the warning")
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o755  # told, not changed
+        assert not any("buildserver.db is open" in line for line in server.stderr_lines)
     finally:
         server.stop()
 
