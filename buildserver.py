@@ -177,12 +177,13 @@ FIELDS = {
                 "x-maxBytes": 64 * KiB, "pattern": "^[^\\u0000]*$",
                 "description": "a non-empty shell command of at most 65536 bytes (UTF-8), "
                                "without NUL bytes"},
+    # exec takes a NAME=value of up to 128 KiB with its NUL: 256 + 1 + 130814 + 1.
     "env": {"type": ["object", "null"], "maxProperties": 100,
-            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "maxLength": 256},
             "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$",
-                                     "x-maxBytes": 64 * KiB},  # (a process's limit is 128 KiB)
-            "description": "an object of at most 100 NAME: \"value\" strings of at most "
-                           "65536 bytes, names like PATH or MY_VAR"},
+                                     "x-maxBytes": 128 * KiB - 258},
+            "description": "an object of at most 100 NAME: \"value\" strings, names like PATH "
+                           "or MY_VAR of at most 256 characters, values under 128 KiB (UTF-8)"},
     "timeout": {"type": ["integer", "null"], "minimum": 1, "maximum": 604800,
                 "description": "whole seconds from 1 to 604800, or null for no limit"},
     "name": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,128}$",
@@ -213,11 +214,12 @@ CODE_REFERENCE = {
     "commit": _COMMIT, "head": _COMMIT,
     "branch": {"type": ["string", "null"], "maxLength": 255,
                "pattern": "^[^\\u0000-\\u001f]*$",
-               "description": "a branch name of at most 255 characters, or null"},
+               "description": "a branch name of at most 255 characters, without control "
+                              "characters, or null"},
     "git_url": {"type": ["string", "null"], "maxLength": 2048,
                 "pattern": "^[^\\u0000-\\u0020]*$",
-                "description": "the repository's URL (no spaces) of at most 2048 characters, "
-                               "or null"},
+                "description": "the repository's URL of at most 2048 characters, without "
+                               "spaces or control characters, or null"},
     "is_dirty": {"type": ["boolean", "null"],
                  "description": "true if the working tree had changes, false, or null"},
 }
@@ -496,10 +498,10 @@ class Database:
             while True:
                 self._checkpoint_due.wait()
                 self._wait_for_a_pause()
-                with self._write_lock:  # where writers count: no count or reset is lost
+                with self._write_lock:  # where writers count and wake: nothing is lost
                     self._wal_bytes = 0
-                self._checkpoint_due.clear()
-                self._checkpoint_now.clear()
+                    self._checkpoint_due.clear()
+                    self._checkpoint_now.clear()
                 if self._closed:
                     return
                 try:
@@ -3282,16 +3284,16 @@ def parser():
                    help="port to listen on (0: any free port)")
     s.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
                    help="folder of the database and the build workspaces")
-    s.add_argument("--workers", type=_positive(int), default=_env("workers", "2"),
+    s.add_argument("--workers", type=_positive(int, 256), default=_env("workers", "2"),
                    help="builds run at once (0: none run, they wait scheduled)")
-    s.add_argument("--threads", type=_positive(int), default=_env("threads", "32"),
+    s.add_argument("--threads", type=_positive(int, 1024), default=_env("threads", "32"),
                    help="HTTP threads (at least 4); log followers may use all but a reserve")
     s.add_argument("--stop-grace", type=_positive(float, 86400), default=_env("stop_grace", "10"),
                    help="seconds between SIGTERM and SIGKILL when a build is stopped")
-    s.add_argument("--max-log-bytes", type=_positive(int),
+    s.add_argument("--max-log-bytes", type=_positive(int, 2 ** 40),
                    default=_env("max_log_bytes", str(100 * MiB)),
                    help="bytes of log kept per build; later output is dropped")
-    s.add_argument("--auth-burst", type=_positive(int), default=_env("auth_burst", "30"),
+    s.add_argument("--auth-burst", type=_positive(int, 10 ** 6), default=_env("auth_burst", "30"),
                    help="failed authentications per client address and minute before "
                         "the address gets 429 (0: no limit)")
     s.add_argument("--trusted-proxy", metavar="ADDRESS", type=_ip_address,
@@ -3393,7 +3395,6 @@ def serve_as_module():
 
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
-    import tempfile
     if not os.path.exists(db_path):
         return _fail(f"there is no database at {db_path}", 2)
     if os.path.isdir(dest) or dest.endswith(os.sep):
@@ -3401,11 +3402,14 @@ def backup(db_path, dest):
                      f"{os.path.join(dest, 'buildserver.db')}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
-    # A file of this copy's own (0600, like the database), beside the
-    # destination: a backup running at the same time has another.
-    fd, partial = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".partial",
-                                   dir=os.path.dirname(os.path.abspath(dest)))
-    os.close(fd)
+    # A copy of its own beside the destination (0600, like the database),
+    # named after this process: a backup running at the same time has another,
+    # and the next backup removes what a killed one left.
+    partial = f"{dest}.{os.getpid()}.partial"
+    _remove_dead_copies(dest)
+    _remove_copy(partial)
+    _create_private(partial)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
     try:
         source = sqlite3.connect(db_path, timeout=30)
         try:
@@ -3420,11 +3424,38 @@ def backup(db_path, dest):
         if check != "ok":
             return _fail(f"the copy failed its integrity check: {check}", 1)
         os.replace(partial, dest)
+    except sqlite3.Error as e:  # a full disk at the destination, say
+        return _fail(f"the copy to {dest} failed: {e}", 1)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
+        _remove_copy(partial)
     print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
     return 0
+
+
+def _remove_copy(partial):
+    """A partial backup, with the files SQLite keeps beside it."""
+    for path in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _remove_dead_copies(dest):
+    """The partial copies to `dest` whose backup process is gone (killed)."""
+    import glob
+    for path in glob.glob(glob.escape(dest) + ".*.partial"):
+        pid = path[len(dest) + 1:-len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove_copy(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        pass
+    return True
 
 
 def manage_users(args):

@@ -1552,7 +1552,7 @@ BAD_VALUES = {
     "timeout": ["600", True, False, 1.5, 0, -1, 604801, [], {}],
     "env": [{"A": 1}, {"A": None}, {"A": True}, {"1BAD": "x"}, {"": "x"}, {"A-B": "x"},
             {"A B": "x"}, LONG_ENV, ["A=1"], "A=1", {"A": {"B": "c"}},
-            {"A": "\u00e9" * (32 * 1024 + 1)}],  # past 64 KiB of UTF-8: exec would refuse it
+            {"A": "\u00e9" * (64 * 1024 - 128)}, {"N" * 257: "v"}],  # exec would refuse them
     "command": ["", "make\u0000all", "x" * (64 * 1024 + 1), 5, ["make"], True,
                 "\u00e9" * (32 * 1024 + 1)],  # 64 KiB of UTF-8 plus 2 bytes, in fewer characters
     "description": ["d" * 4097, 5, ["d"], {"d": "d"}],
@@ -2003,6 +2003,10 @@ def cli(*args, env=None):
     (["--stop-grace", "inf"], {}, "--stop-grace"), (["--stop-grace", "nan"], {}, "--stop-grace"),
     ([], {"BUILDSERVER_STOP_GRACE": "3000000"}, "--stop-grace"),
     (["--port", "1" + "0" * 400], {}, "--port"),  # too big for a float: no traceback
+    (["--workers", "1" + "0" * 30], {}, "--workers"),  # would start threads until memory ends
+    (["--threads", "100000"], {}, "--threads"),
+    ([], {"BUILDSERVER_MAX_LOG_BYTES": "9" * 30}, "--max-log-bytes"),  # too big for SQLite
+    (["--auth-burst", "9" * 30], {}, "--auth-burst"),
     # waitress compares an address: "*" would trust anyone, a name nobody
     (["--trusted-proxy", "*"], {}, "--trusted-proxy"),
     ([], {"BUILDSERVER_TRUSTED_PROXY": "localhost"}, "--trusted-proxy"),
@@ -2430,6 +2434,16 @@ def test_build_environment_merges_server_project_and_build_env(web, alice, admin
     assert env["BUILD_PROJECT"] == "alice/app"
     assert env["BUILD_USER"] == "root"  # who created it, not the project's owner
     assert env["BUILD_WORKSPACE"] == workspace
+
+
+def test_an_env_value_at_the_limit_reaches_the_build(web, alice, project):
+    # The limits are exec's own: a NAME=value of 128 KiB with its NUL.
+    name, value = "N" * 256, "\u00e9" * ((128 * 1024 - 258) // 2)  # 130814 bytes of UTF-8
+    build = ok(call(web, "POST", project + "/builds", alice, {
+        "env": {name: value}, "command": f'printf %s "${name}" | wc -c'}), 201)
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "succeeded", build_log(web, alice, project, build["id"])
+    assert build_log(web, alice, project, build["id"]).strip() == b"130814"
 
 
 def test_build_workspace_is_absolute_with_a_relative_data_dir(tmp_path, monkeypatch):
@@ -5226,6 +5240,31 @@ def test_two_backups_to_one_file_at_once_each_copy_whole_and_leave_nothing_else(
     results = [copy.communicate(timeout=120) for copy in copies]
     assert [copy.returncode for copy in copies] == [0, 0], results
     assert integrity(str(dest)) == [("ok",)]
+    assert [p.name for p in folder.iterdir()] == ["copy.db"]
+
+
+def test_a_backup_that_fails_or_was_killed_leaves_no_copy_behind(server_factory, tmp_path):
+    import resource
+    server = server_factory()
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    status, build = api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    api(server, "POST", f"/api/v1/admin/app/builds/{build['id']}/logs", os.urandom(4 * MiB),
+        headers={"Content-Type": "text/plain"})
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    dest = folder / "copy.db"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for suffix in ("", "-journal"):  # what a backup killed with SIGKILL leaves
+        (folder / f"copy.db.{dead.pid}.partial{suffix}").write_bytes(b"secrets")
+    full = subprocess.run(  # the destination's disk fills up (a file size limit here)
+        [sys.executable, SCRIPT, "backup", str(dest), "--data-dir", server.data_dir],
+        capture_output=True, text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_FSIZE, (MiB, resource.RLIM_INFINITY)))
+    assert full.returncode == 1 and f"the copy to {dest} failed" in full.stderr, full.stderr
+    assert list(folder.iterdir()) == []
+    done = run_cli("backup", str(dest), "--data-dir", server.data_dir)
+    assert done.returncode == 0, done.stderr
     assert [p.name for p in folder.iterdir()] == ["copy.db"]
 
 
