@@ -272,7 +272,7 @@ def conforms(value, schema):
         return False
     if isinstance(value, str):
         return (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
-                and ("x-maxBytes" not in schema  # the limit the shell's argument meets
+                and ("x-maxBytes" not in schema  # exec's limits are in bytes
                      or len(value.encode("utf-8")) <= schema["x-maxBytes"])
                 and ("pattern" not in schema or bool(_pattern(schema["pattern"]).search(value))))
     if isinstance(value, bool):
@@ -397,8 +397,7 @@ class Database:
         self._checkpoint_due = threading.Event()  # CHECKPOINT_BYTES written
         self._checkpoint_now = threading.Event()  # WAL_LIMIT written, or closing
         self._checkpointer = None
-        self._closed = False
-        self._closing = threading.Event()  # set with _closed: ends the checkpointer's retries
+        self._closed = threading.Event()  # also ends the checkpointer's waits for a retry
         self._after_commit = []  # touched only under _write_lock
 
     def connect(self):
@@ -477,7 +476,8 @@ class Database:
         CHECKPOINT_BYTES wake the checkpointer."""
         self._wal_bytes += size
         self._last_write = time.monotonic()
-        if self._background and self._wal_bytes >= self.CHECKPOINT_BYTES and not self._closed:
+        if self._background and self._wal_bytes >= self.CHECKPOINT_BYTES and \
+                not self._closed.is_set():
             if self._checkpointer is None:
                 self._checkpointer = threading.Thread(target=self._checkpoint_loop,
                                                       name="checkpointer", daemon=True)
@@ -491,7 +491,7 @@ class Database:
             conn = self.connect()
         except sqlite3.Error as e:  # no file descriptors, say: a later commit starts another
             log.error("cannot start checkpoints (%s); trying again later", e)
-            self._closing.wait(self.RETRY_SECONDS)
+            self._closed.wait(self.RETRY_SECONDS)
             self._checkpointer = None
             return
         try:
@@ -502,7 +502,7 @@ class Database:
                     self._wal_bytes = 0
                     self._checkpoint_due.clear()
                     self._checkpoint_now.clear()
-                if self._closed:
+                if self._closed.is_set():
                     return
                 try:
                     # PASSIVE runs beside the writers; but with writers never pausing
@@ -514,7 +514,7 @@ class Database:
                 except sqlite3.Error as e:  # a full disk, say: tried again, writes or not
                     log.error("checkpoint failed (%s); trying again in %d s", e,
                               self.RETRY_SECONDS)
-                    self._closing.wait(self.RETRY_SECONDS)
+                    self._closed.wait(self.RETRY_SECONDS)
                     self._checkpoint_due.set()
         finally:
             conn.close()
@@ -523,7 +523,7 @@ class Database:
         """Until the writes pause, or WAL_LIMIT bytes have gone into the WAL: a
         build pouring out output does not share the cores and the disk with
         copies of what it just wrote."""
-        while not self._closed and self._wal_bytes < self.WAL_LIMIT:
+        while not self._closed.is_set() and self._wal_bytes < self.WAL_LIMIT:
             paused = time.monotonic() - self._last_write
             if paused >= self.CHECKPOINT_PAUSE:
                 return
@@ -585,8 +585,7 @@ class Database:
 
     def close(self):
         """Close every connection, leaving the database whole in its file."""
-        self._closed = True
-        self._closing.set()
+        self._closed.set()
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             self._checkpoint_due.set()
@@ -2346,7 +2345,7 @@ def make_routes(app):
             store.update_build(build["id"], fields)
         return build_json(still_there(store.build(build["id"])))
 
-    def bookmark(username, project_name, build_id, bookmarked):
+    def set_bookmark(username, project_name, build_id, bookmarked):
         build = _build(app, username, project_name, build_id)
         store.bookmark(build["id"], bookmarked)
         return build_json(still_there(store.build(build["id"])))
@@ -2354,12 +2353,12 @@ def make_routes(app):
     @authorized
     def bookmark_build(user, username, project_name, build_id):
         """Bookmark a build: its `bookmarked` turns true."""
-        return bookmark(username, project_name, build_id, True)
+        return set_bookmark(username, project_name, build_id, True)
 
     @authorized
     def unbookmark_build(user, username, project_name, build_id):
         """Remove a build's bookmark."""
-        return bookmark(username, project_name, build_id, False)
+        return set_bookmark(username, project_name, build_id, False)
 
     @authorized
     def get_code_reference(user, username, project_name, build_id):
