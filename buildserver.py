@@ -379,6 +379,9 @@ class Database:
     WAL_LIMIT = 128 * MiB
     COMMIT_PAGES = 8             # pages a commit writes (rows and their index entries)
     RETRY_SECONDS = 5.0          # after a checkpoint failed, whether or not more is written
+    RECENT_SECONDS = 1.0         # how long a remembered row may miss another process's write
+    RECENT_ROWS = 64             # remembered at most, then all forgotten: few are
+    # asked for again before the next commit, and a build's row may hold a megabyte of env
 
     def __init__(self, path, background_checkpoints=False):
         """:param background_checkpoints: copy the WAL back into the database in
@@ -399,6 +402,8 @@ class Database:
         self._checkpointer = None
         self._closed = threading.Event()  # also ends the checkpointer's waits for a retry
         self._after_commit = []  # touched only under _write_lock
+        self._commits = 0  # made here; a remembered row is good until the next one
+        self._recent = {}  # (sql, params) -> (commits before the read, good until, row)
 
     def connect(self):
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
@@ -438,6 +443,27 @@ class Database:
     def one(self, sql, params=()):
         return self._reader().execute(sql, params).fetchone()
 
+    def recent(self, sql, params=()):
+        """one(sql, params), or the row it gave when nothing was committed here
+        since, less than RECENT_SECONDS ago (for another process's writes: a
+        token replaced with the CLI). For the rows that requests read over and
+        over (a token, a build a script polls): under concurrent requests a
+        SQLite read hands the GIL to another thread at each of its three calls,
+        which costs more than the rest of such a request."""
+        if getattr(self._local, "writing", False):  # it must see its own writes
+            return self.one(sql, params)
+        key, now = (sql, params), time.monotonic()
+        kept = self._recent.get(key)
+        if kept is not None and kept[0] == self._commits and now < kept[1]:
+            return kept[2]
+        commits = self._commits  # before the read: a commit during it outdates the row
+        row = self.one(sql, params)
+        if row is not None:
+            if len(self._recent) >= self.RECENT_ROWS:
+                self._recent.clear()
+            self._recent[key] = (commits, now + self.RECENT_SECONDS, row)
+        return row
+
     @contextlib.contextmanager
     def write(self):
         """A write transaction; BEGIN IMMEDIATE takes the lock up front, so
@@ -454,6 +480,7 @@ class Database:
             try:
                 yield conn
                 conn.execute("COMMIT")
+                self._commits += 1  # before the callbacks: a woken follower reads anew
             except BaseException:
                 self._after_commit.clear()
                 if conn.in_transaction:
@@ -690,7 +717,7 @@ class Store:
         return self.db.one("SELECT * FROM users WHERE name = ?", (name,))
 
     def user_by_token(self, token):
-        return self.db.one(
+        return self.db.recent(
             "SELECT u.* FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
             (hash_token(token),))
 
@@ -772,8 +799,8 @@ class Store:
 
     def build_at(self, owner, project_name, number):
         """A build by its path, in one query: build routes need no project row."""
-        return self.db.one(BUILD_SELECT + " WHERE u.name = ? AND p.name = ? AND b.number = ?",
-                           (owner, project_name, number))
+        return self.db.recent(BUILD_SELECT + " WHERE u.name = ? AND p.name = ? AND b.number = ?",
+                              (owner, project_name, number))
 
     def builds(self, project, statuses, limit, offset):
         """A page of the project's builds, newest first, and how many there are."""
@@ -792,7 +819,7 @@ class Store:
 
     def create_build(self, project_id, user, fields, restarted_from=None, running=False):
         """Record a build `created` (and `scheduled` if managed, and `running`
-        too if `running`); returns its row id, or None if the project was
+        too if `running`); returns its row as made, or None if the project was
         deleted meanwhile."""
         now = now_iso()
         managed = fields.get("is_managed", True)
@@ -819,7 +846,7 @@ class Store:
                 self._set_status(c, build_id, "scheduled", "waiting for a free worker", now)
             if managed and running:
                 self._set_status(c, build_id, "running", "started", now)
-        return build_id
+            return self.build(build_id)
 
     def update_build(self, build_id, fields):
         self._update("builds", build_id, fields, {"tags": [], "code_reference": {}})
@@ -1263,8 +1290,8 @@ class Runner:
 
     def create(self, make):
         """Make a managed build and run it: `make(running)` records it
-        (`running` too, if asked) and returns its id, or None if its project
-        is gone. Returns that id.
+        (`running` too, if asked) and returns its row, or None if its project
+        is gone. Returns that row.
 
         When a worker is idle and no build waits, the build is made already
         `running` and handed straight to that worker: one commit less before
@@ -1278,24 +1305,22 @@ class Runner:
                 self._handoffs.append(handoff)
                 self._cond.notify()
         if handoff is None:
-            build_id = make(False)
-            if build_id is not None:
-                self.submit(build_id)
-            return build_id
+            build = make(False)
+            if build is not None:
+                self.submit(build["id"])
+            return build
         try:
             with self._lock:  # as in _claim: a stop finds a running build's Job
                 if self._closing.is_set():  # stops are under way: it waits for the next start
                     return make(False)
-                with self.store.db.write():  # the row read is the one made
-                    build_id = make(True)
-                    build = None if build_id is None else self.store.build(build_id)
-                handoff.build_id = build_id
+                build = make(True)
+                handoff.build_id = build and build["id"]
                 try:
                     if build is not None:
-                        handoff.job = self._jobs[build_id] = Job(build)
+                        handoff.job = self._jobs[build["id"]] = Job(build)
                 except Exception as e:  # e.g. no file descriptors: its worker ends it
                     handoff.error = e
-            return build_id
+            return build
         finally:
             handoff.ready.set()
 
@@ -2327,9 +2352,8 @@ def make_routes(app):
         def make(running=False):
             return store.create_build(project["id"], user["name"], fields, restarted_from,
                                       running)
-        build_id = runner.create(make) if fields.get("is_managed", True) else make()
-        # (read once the worker has its build: it need not wait for the answer)
-        return created(build_json(still_there(build_id and store.build(build_id))))
+        build = runner.create(make) if fields.get("is_managed", True) else make()
+        return created(build_json(still_there(build)))
 
     @authorized
     def get_build(user, username, project_name, build_id):

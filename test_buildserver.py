@@ -2079,6 +2079,20 @@ def test_cli_token_gives_a_new_token_and_the_old_one_stops_working(tmp_path, ope
     assert ok(call(client, "GET", "/api/v1/carol", new))["count"] == 0
 
 
+def test_a_token_replaced_with_the_cli_stops_working_on_a_running_server(server_factory):
+    # The server remembers a token's user for a moment (Database.recent): a
+    # token replaced by another process must still stop working within it.
+    server = server_factory()
+    old = server.token
+    assert server.json("GET", "/api/v1/admin", token=old)[0] == 200  # now remembered
+    renewed = cli("token", "admin", "--data-dir", str(server.data_dir))
+    assert renewed.returncode == 0, renewed.stderr
+    new = renewed.stdout.strip().splitlines()[-1]
+    wait_until(lambda: server.json("GET", "/api/v1/admin", token=old)[0] == 401, timeout=10,
+               message="the replaced token to be refused")
+    assert server.json("GET", "/api/v1/admin", token=new)[0] == 200
+
+
 def test_cli_token_for_an_unknown_user_fails_with_one_line(tmp_path):
     data = tmp_path / "d"
     cli("adduser", "carol", "--data-dir", str(data))
@@ -3095,7 +3109,7 @@ def test_a_builds_end_is_the_last_news_its_followers_get(app, monkeypatch):
     store.create_project(store.user_by_name("alice")["id"], {"name": "app"})
     project = store.project("alice", "app")
     for _ in range(5):
-        build_id = store.create_build(project["id"], "alice", {"is_managed": False})
+        build_id = store.create_build(project["id"], "alice", {"is_managed": False})["id"]
         store.transition(build_id, "running")
 
         def append():
@@ -3570,6 +3584,50 @@ def checkpoints_failing_once(db):
             self.conn.close()
     db.connect = FailingOnce
     return calls, connect
+
+
+def remembering_store(tmp_path):
+    db = buildserver.Database(str(tmp_path / "r.db"))
+    db.migrate()
+    store = buildserver.Store(db)
+    return store, store.create_user("alice")
+
+
+def test_a_remembered_row_is_read_anew_after_any_commit_here(tmp_path):
+    store, token = remembering_store(tmp_path)
+    user = store.user_by_token(token)
+    assert user["name"] == "alice" and store.user_by_token(token) is user  # remembered
+    store.create_project(user["id"], {"name": "app"})  # a commit, of anything
+    assert store.user_by_token(token) is not user
+    store.new_token(user["id"])  # the old token is deleted here: refused at once
+    assert store.user_by_token(token) is None
+    store.db.close()
+
+
+def test_a_row_read_inside_a_write_that_rolled_back_is_not_remembered(tmp_path):
+    store, token = remembering_store(tmp_path)
+    user_id = store.user_by_token(token)["id"]
+    with pytest.raises(RuntimeError):
+        with store.db.write() as c:
+            c.execute("INSERT INTO tokens (hash, user_id, created_at) VALUES (?, ?, ?)",
+                      (buildserver.hash_token("ghost"), user_id, buildserver.now_iso()))
+            assert store.user_by_token("ghost")["name"] == "alice"  # the write sees itself
+            raise RuntimeError("rolled back")
+    assert store.user_by_token("ghost") is None
+    store.db.close()
+
+
+def test_another_processs_write_is_seen_within_the_remembering_time(tmp_path):
+    store, token = remembering_store(tmp_path)
+    store.db.RECENT_SECONDS = 0.3
+    assert store.user_by_token(token) is not None
+    other = sqlite3.connect(store.db.path)  # as the CLI's `token` would
+    with other:
+        other.execute("DELETE FROM tokens")
+    other.close()
+    wait_until(lambda: store.user_by_token(token) is None, timeout=10,
+               message="the other process's delete to be seen")
+    store.db.close()
 
 
 def test_the_checkpointer_survives_a_failed_checkpoint(tmp_path):
