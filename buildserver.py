@@ -1230,6 +1230,9 @@ class Job:
             self._wake_w = None
 
 
+SHUT_DOWN = ("stopped", "stopped: the server shut down")  # how a shutdown ends a running build
+
+
 class _Handoff:
     """A worker kept for a build while it is created (see Runner.create)."""
 
@@ -1318,6 +1321,8 @@ class Runner:
                 try:
                     if build is not None:
                         handoff.job = self._jobs[build["id"]] = Job(build)
+                        if self._closing.is_set():  # begun while it was made: never started
+                            handoff.job.stop(*SHUT_DOWN)
                 except Exception as e:  # e.g. no file descriptors: its worker ends it
                     handoff.error = e
             return build
@@ -1349,7 +1354,7 @@ class Runner:
         with self._lock:  # no claim after this: _claim checks _closing under the lock
             jobs = list(self._jobs.values())
         for job in jobs:
-            job.stop("stopped", "stopped: the server shut down")
+            job.stop(*SHUT_DOWN)
         deadline = time.monotonic() + self.config.stop_grace + 5
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
