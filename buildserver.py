@@ -1870,6 +1870,24 @@ def build_json(b):
         "restarted_from": b["restarted_from"], "bookmarked": bool(b["bookmarked"])}
 
 
+class JSONBytes(bytes):
+    """An answer already encoded as JSON."""
+
+
+def build_body(b):
+    """build_json(b), encoded. A build that is not running answers the same
+    until its row changes: that answer is kept, so a script polling it is
+    answered without building the answer again."""
+    if b["started_at"] and not b["finished_at"]:  # its duration grows
+        return JSONBytes(json_bytes(build_json(b)))
+    return _settled_build_body(b)
+
+
+@functools.lru_cache(maxsize=32)  # keyed by the row's values: a changed row is another key
+def _settled_build_body(b):
+    return JSONBytes(json_bytes(build_json(b)))
+
+
 def status_json(entry, build_number):
     return {"id": entry["number"], "uuid": entry["uuid"], "job": build_number,
             "status": entry["status"], "message": entry["message"],
@@ -2363,7 +2381,7 @@ def make_routes(app):
     @authorized
     def get_build(user, username, project_name, build_id):
         """One build."""
-        return build_json(_build(app, username, project_name, build_id))
+        return build_body(_build(app, username, project_name, build_id))
 
     @authorized
     def patch_build(user, username, project_name, build_id):
@@ -2650,9 +2668,9 @@ def _answering(app, handler):
                               bottle.request.path)
                 response.status = 500
                 result = {"detail": "internal error"}
-        if isinstance(result, dict):
+        if isinstance(result, (dict, JSONBytes)):
             response.content_type = "application/json"
-            return json_bytes(result)
+            return result if isinstance(result, JSONBytes) else json_bytes(result)
         return result
     return wrapper
 

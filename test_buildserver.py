@@ -975,6 +975,22 @@ def test_invalidate_and_heartbeat_are_answered_and_change_nothing(web, alice, bo
 
 # Statuses --------------------------------------------------------------------
 
+def test_a_running_builds_duration_grows_between_reads_of_an_unchanged_row(web, alice, project):
+    # Nothing is committed between the reads: the row is remembered, and the
+    # answer of a build that is not running is too, but a running one's is not.
+    unmanaged(web, alice, project)
+    url = project + "/builds/1"
+    ok(call(web, "POST", url + "/statuses", alice, {"status": "running"}), 201)
+    first = ok(call(web, "GET", url, alice))["duration"]
+    wait_until(lambda: ok(call(web, "GET", url, alice))["duration"] > first,
+               message="the duration to grow")
+    ok(call(web, "POST", url + "/statuses", alice, {"status": "succeeded"}), 201)
+    done = ok(call(web, "GET", url, alice))
+    assert ok(call(web, "GET", url, alice)) == done  # settled: the same answer
+    renamed = ok(call(web, "PATCH", url, alice, {"name": "renamed"}))
+    assert ok(call(web, "GET", url, alice)) == renamed != done
+
+
 def test_reported_statuses_walk_created_running_succeeded(web, alice, project):
     unmanaged(web, alice, project)
     url = project + "/builds/1"
