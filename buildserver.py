@@ -381,7 +381,8 @@ class Database:
     RETRY_SECONDS = 5.0          # after a checkpoint failed, whether or not more is written
     RECENT_SECONDS = 1.0         # how long a remembered row may miss another process's write
     RECENT_ROWS = 64             # remembered at most, then all forgotten: few are
-    # asked for again before the next commit, and a build's row may hold a megabyte of env
+    # asked for again before the next commit;
+    RECENT_ROW_BYTES = 16 * KiB  # and only rows this small (a build's env may be megabytes)
 
     def __init__(self, path, background_checkpoints=False):
         """:param background_checkpoints: copy the WAL back into the database in
@@ -458,7 +459,7 @@ class Database:
             return kept[2]
         commits = self._commits  # before the read: a commit during it outdates the row
         row = self.one(sql, params)
-        if row is not None:
+        if row is not None and row_bytes(row) <= self.RECENT_ROW_BYTES:
             if len(self._recent) >= self.RECENT_ROWS:
                 self._recent.clear()
             self._recent[key] = (commits, now + self.RECENT_SECONDS, row)
@@ -631,6 +632,12 @@ class Database:
             self._connections.clear()
         self._local = threading.local()
         self._writer = None
+        self._recent.clear()
+
+
+def row_bytes(row):
+    """Roughly the memory a row's text and blobs take."""
+    return sum(len(value) for value in row if isinstance(value, (str, bytes)))
 
 
 def _create_private(path):
@@ -1321,8 +1328,6 @@ class Runner:
                 try:
                     if build is not None:
                         handoff.job = self._jobs[build["id"]] = Job(build)
-                        if self._closing.is_set():  # begun while it was made: never started
-                            handoff.job.stop(*SHUT_DOWN)
                 except Exception as e:  # e.g. no file descriptors: its worker ends it
                     handoff.error = e
             return build
@@ -1467,6 +1472,8 @@ class Runner:
             job.done.set()
 
     def _run(self, job):
+        if self._closing.is_set():  # begun while it was claimed or made: it would race the stop
+            job.stop(*SHUT_DOWN)
         if job.ending:  # stopped (a shutdown, say) before its command started: it never does
             self._finish(job, *job.ending)
             return
@@ -1878,8 +1885,8 @@ def build_body(b):
     """build_json(b), encoded. A build that is not running answers the same
     until its row changes: that answer is kept, so a script polling it is
     answered without building the answer again."""
-    if b["started_at"] and not b["finished_at"]:  # its duration grows
-        return JSONBytes(json_bytes(build_json(b)))
+    if (b["started_at"] and not b["finished_at"]) or row_bytes(b) > Database.RECENT_ROW_BYTES:
+        return JSONBytes(json_bytes(build_json(b)))  # its duration grows, or it is big
     return _settled_build_body(b)
 
 

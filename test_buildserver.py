@@ -2685,7 +2685,40 @@ def test_a_shutdown_while_a_build_is_made_for_an_idle_worker_stops_it(
     row = app.store.build_at("alice", "app", build["id"])
     history = [s["status"] for s in app.store.statuses(row["id"], 100, 0)[1]]
     assert history == ["created", "scheduled", "running", "stopping", "stopped"]
-    assert row["log_size"] == 0  # its command never started
+    assert row["pgid"] is None and row["log_size"] == 0  # its command never started
+
+
+def test_a_shutdown_while_a_queued_build_is_claimed_stops_it_before_its_command(
+        web, alice, project, app, tmp_path):
+    # The shutdown begins while the claim writes `running`; it then waits for
+    # the runner's lock, and the worker must not start the command meanwhile.
+    runner = app.runner
+    idle_workers(app, 2)
+    go = tmp_path / "go"
+    for _ in range(2):
+        post_build(web, alice, project, {
+            "command": f"while [ ! -e {shlex.quote(str(go))} ]; do sleep 0.01; done"})
+    queued = post_build(web, alice, project, {"command": "echo started; sleep 30"})
+    assert queued["last_status"] == "scheduled"
+    transition, entered = app.store.transition, threading.Event()
+
+    def slow_claim(build_id, status, *args, **kwargs):
+        if status == "running" and kwargs.get("sources") == ("scheduled",):
+            entered.set()
+            wait_until(runner._closing.is_set, message="the shutdown to begin")
+            time.sleep(0.3)  # (the shutdown reaches the runner's lock: the race is likely)
+        return transition(build_id, status, *args, **kwargs)
+    app.store.transition = slow_claim
+    go.touch()
+    assert entered.wait(10)
+    stopper = threading.Thread(target=app.shutdown, kwargs={"timeout": 10})
+    stopper.start()
+    stopper.join(30)
+    assert not any(thread.is_alive() for thread in runner._threads)
+    row = app.store.build_at("alice", "app", queued["id"])
+    history = [s["status"] for s in app.store.statuses(row["id"], 100, 0)[1]]
+    assert history == ["created", "scheduled", "running", "stopping", "stopped"]
+    assert row["pgid"] is None and row["log_size"] == 0  # its command never started
 
 
 def test_a_claim_that_fails_on_the_machine_is_retried_by_an_idle_worker(
@@ -3630,6 +3663,22 @@ def test_a_row_read_inside_a_write_that_rolled_back_is_not_remembered(tmp_path):
             assert store.user_by_token("ghost")["name"] == "alice"  # the write sees itself
             raise RuntimeError("rolled back")
     assert store.user_by_token("ghost") is None
+    store.db.close()
+
+
+def test_only_small_rows_and_their_answers_are_remembered(tmp_path):
+    # A build's row may hold megabytes of env: remembering such rows would
+    # keep their memory for good.
+    store, token = remembering_store(tmp_path)
+    store.create_project(store.user_by_token(token)["id"], {"name": "app"})
+    project_id = store.project("alice", "app")["id"]
+    small, big = (store.create_build(project_id, "alice", {"is_managed": False, "command": c})
+                  for c in ("true", "x" * (store.db.RECENT_ROW_BYTES + 1)))
+    read = [store.build_at("alice", "app", b["number"]) for b in (small, big, small, big)]
+    assert read[2] is read[0] and read[3] is not read[1]
+    assert buildserver.build_body(read[0]) is buildserver.build_body(read[2])
+    assert buildserver.build_body(read[1]) is not buildserver.build_body(read[3])
+    assert json.loads(buildserver.build_body(read[1]))["command"] == big["command"]
     store.db.close()
 
 
