@@ -380,9 +380,8 @@ class Database:
     COMMIT_PAGES = 8             # pages a commit writes (rows and their index entries)
     RETRY_SECONDS = 5.0          # after a checkpoint failed, whether or not more is written
     RECENT_SECONDS = 1.0         # how long a remembered row may miss another process's write
-    RECENT_ROWS = 64             # remembered at most, then all forgotten: few are
-    # asked for again before the next commit;
-    RECENT_ROW_BYTES = 16 * KiB  # and only rows this small (a build's env may be megabytes)
+    RECENT_ROWS = 64             # remembered at most, then all forgotten (few outlive a commit)
+    RECENT_ROW_BYTES = 16 * KiB  # the largest remembered (a build's env may be megabytes)
 
     def __init__(self, path, background_checkpoints=False):
         """:param background_checkpoints: copy the WAL back into the database in
