@@ -1885,13 +1885,16 @@ def build_body(b):
     until its row changes: that answer is kept, so a script polling it is
     answered without building the answer again."""
     if (b["started_at"] and not b["finished_at"]) or row_bytes(b) > Database.RECENT_ROW_BYTES:
-        return JSONBytes(json_bytes(build_json(b)))  # its duration grows, or it is big
+        return _encoded_build(b)  # its duration grows, or it is big
     return _settled_build_body(b)
 
 
-@functools.lru_cache(maxsize=32)  # keyed by the row's values: a changed row is another key
-def _settled_build_body(b):
+def _encoded_build(b):
     return JSONBytes(json_bytes(build_json(b)))
+
+
+# Keyed by the row's values: a changed row is another key.
+_settled_build_body = functools.lru_cache(maxsize=32)(_encoded_build)
 
 
 def status_json(entry, build_number):
