@@ -402,7 +402,9 @@ class Database:
         self._checkpointer = None
         self._closed = threading.Event()  # also ends the checkpointer's waits for a retry
         self._after_commit = []  # touched only under _write_lock
-        self._commits = 0  # made here; a remembered row is good until the next one
+        # Commits made here, counted twice: odd during a COMMIT. A remembered
+        # row is good until the count moves.
+        self._commits = 0
         self._recent = {}  # (sql, params) -> (commits before the read, good until, row)
 
     def connect(self):
@@ -453,12 +455,12 @@ class Database:
         if getattr(self._local, "writing", False):  # it must see its own writes
             return self.one(sql, params)
         key, now = (sql, params), time.monotonic()
-        kept = self._recent.get(key)
-        if kept is not None and kept[0] == self._commits and now < kept[1]:
-            return kept[2]
         commits = self._commits  # before the read: a commit during it outdates the row
+        kept = self._recent.get(key)
+        if kept is not None and kept[0] == commits and now < kept[1]:
+            return kept[2]
         row = self.one(sql, params)
-        if row is not None and row_bytes(row) <= self.RECENT_ROW_BYTES:
+        if row is not None and not commits % 2 and row_bytes(row) <= self.RECENT_ROW_BYTES:
             if len(self._recent) >= self.RECENT_ROWS:
                 self._recent.clear()
             self._recent[key] = (commits, now + self.RECENT_SECONDS, row)
@@ -479,8 +481,10 @@ class Database:
             self._local.writing = True
             try:
                 yield conn
+                # Odd while COMMIT may be visible but not yet counted: a read
+                # then would see the commit, and a remembered row would not.
+                self._commits += 1
                 conn.execute("COMMIT")
-                self._commits += 1  # before the callbacks: a woken follower reads anew
             except BaseException:
                 self._after_commit.clear()
                 if conn.in_transaction:
@@ -488,6 +492,7 @@ class Database:
                 raise
             finally:
                 self._local.writing = False
+                self._commits += self._commits % 2  # before the callbacks wake followers
             self.wrote(self.COMMIT_PAGES * self._page_size)
             callbacks, self._after_commit = self._after_commit, []
             for callback in callbacks:

@@ -3653,6 +3653,44 @@ def test_a_remembered_row_is_read_anew_after_any_commit_here(tmp_path):
     store.db.close()
 
 
+def test_a_read_just_after_a_commit_never_gets_the_row_from_before_it(tmp_path):
+    # The commit is visible the moment COMMIT returns, while the writer has yet
+    # to count it (it may wait for the GIL meanwhile): a follower can see a
+    # build end there, and its client's GET must not then read `running`.
+    store, token = remembering_store(tmp_path)
+    store.create_project(store.user_by_token(token)["id"], {"name": "app"})
+    build = store.create_build(store.project("alice", "app")["id"], "alice",
+                               {"is_managed": False, "name": "before"})
+    assert store.build_at("alice", "app", 1) is store.build_at("alice", "app", 1)  # remembered
+    seen = []
+
+    class ReadRightAfterCommit:
+        """The writer connection, with a read from another thread in between
+        COMMIT and the rest of Database.write."""
+
+        def __init__(self, conn):
+            self.conn = conn
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+        def execute(self, sql, *args):
+            result = self.conn.execute(sql, *args)
+            if sql == "COMMIT":
+                reader = threading.Thread(
+                    target=lambda: seen.append(store.build_at("alice", "app", 1)["name"]))
+                reader.start()
+                reader.join(10)
+            return result
+
+    store.db._writer = ReadRightAfterCommit(store.db._writer)
+    store.update_build(build["id"], {"name": "after"})
+    assert seen == ["after"]
+    assert store.build_at("alice", "app", 1)["name"] == "after"
+    store.db._writer = store.db._writer.conn
+    store.db.close()
+
+
 def test_a_row_read_inside_a_write_that_rolled_back_is_not_remembered(tmp_path):
     store, token = remembering_store(tmp_path)
     user_id = store.user_by_token(token)["id"]
