@@ -3653,10 +3653,11 @@ def test_a_remembered_row_is_read_anew_after_any_commit_here(tmp_path):
     store.db.close()
 
 
-def test_a_read_just_after_a_commit_never_gets_the_row_from_before_it(tmp_path):
+def test_a_read_around_a_commit_never_gets_the_row_from_before_it_after_it(tmp_path):
     # The commit is visible the moment COMMIT returns, while the writer has yet
     # to count it (it may wait for the GIL meanwhile): a follower can see a
-    # build end there, and its client's GET must not then read `running`.
+    # build end there, and its client's GET must not then read `running`. Nor
+    # may a read just before COMMIT be kept for after it.
     store, token = remembering_store(tmp_path)
     store.create_project(store.user_by_token(token)["id"], {"name": "app"})
     build = store.create_build(store.project("alice", "app")["id"], "alice",
@@ -3664,9 +3665,15 @@ def test_a_read_just_after_a_commit_never_gets_the_row_from_before_it(tmp_path):
     assert store.build_at("alice", "app", 1) is store.build_at("alice", "app", 1)  # remembered
     seen = []
 
-    class ReadRightAfterCommit:
-        """The writer connection, with a read from another thread in between
-        COMMIT and the rest of Database.write."""
+    def read_from_another_thread():
+        reader = threading.Thread(
+            target=lambda: seen.append(store.build_at("alice", "app", 1)["name"]))
+        reader.start()
+        reader.join(10)
+
+    class ReadAroundCommit:
+        """The writer connection, with a read from another thread just before
+        and just after COMMIT, inside Database.write."""
 
         def __init__(self, conn):
             self.conn = conn
@@ -3675,19 +3682,18 @@ def test_a_read_just_after_a_commit_never_gets_the_row_from_before_it(tmp_path):
             return getattr(self.conn, name)
 
         def execute(self, sql, *args):
+            if sql == "COMMIT":
+                read_from_another_thread()
             result = self.conn.execute(sql, *args)
             if sql == "COMMIT":
-                reader = threading.Thread(
-                    target=lambda: seen.append(store.build_at("alice", "app", 1)["name"]))
-                reader.start()
-                reader.join(10)
+                read_from_another_thread()
             return result
 
-    store.db._writer = ReadRightAfterCommit(store.db._writer)
+    store.db._writer = ReadAroundCommit(store.db._writer)
     store.update_build(build["id"], {"name": "after"})
-    assert seen == ["after"]
-    assert store.build_at("alice", "app", 1)["name"] == "after"
     store.db._writer = store.db._writer.conn
+    assert seen == ["before", "after"]
+    assert store.build_at("alice", "app", 1)["name"] == "after"
     store.db.close()
 
 
