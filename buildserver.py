@@ -1623,6 +1623,38 @@ class Runner:
         self._closing.wait(seconds)
 
 
+SET_ASIDE = ".deleted-"  # a deleted workspace's folder until it is removed (no name starts with a dot)
+
+
+def _set_aside(workspaces, *names):
+    """Move the workspace folder at `names` (a project's, or a build's) out of
+    the way of the namesake that may be made once its rows are deleted: the
+    deleting request must never remove the namesake's. Returns where it went,
+    or None if there was none (or it cannot move: a namesake's build wipes it)."""
+    path = os.path.join(workspaces, *names)
+    aside = os.path.join(workspaces, SET_ASIDE + uuidlib.uuid4().hex)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot set aside the deleted workspace %s (%s)", path, e.strerror or e)
+        return None
+    return aside
+
+
+def _remove(folder):
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_set_aside(workspaces):
+    """Remove the workspaces that deletes set aside before a server stopped."""
+    for name in os.listdir(workspaces):
+        if name.startswith(SET_ASIDE):
+            _remove(os.path.join(workspaces, name))
+
+
 def _build_env(build, workspace):
     env = dict(os.environ)
     env.update(json.loads(build["env"]))
@@ -2071,6 +2103,7 @@ class App:
         self.config = config
         _make_private_dir(config.data_dir)
         os.makedirs(config.workspaces, exist_ok=True)
+        _remove_set_aside(config.workspaces)
         self.db = Database(config.db_path, background_checkpoints=True)
         self.db.migrate()
         self.bus = LogBus()
@@ -2340,9 +2373,11 @@ def make_routes(app):
         project = _project(app, username, project_name)
         message = f"stopped by {user['name']}: project deleted"
         stop_all(store.active_builds(project["id"]), message)
-        store.delete_project(project["id"])
+        with store.db.write():  # no namesake can be made before its workspaces are set aside
+            store.delete_project(project["id"])
+            aside = _set_aside(config.workspaces, username, project_name)
         runner.stop_project(project["id"], message, wait=config.stop_grace + 5)
-        shutil.rmtree(os.path.join(config.workspaces, username, project_name), ignore_errors=True)
+        _remove(aside)
         return {"detail": f"Deleted the project {username}/{project_name}."}
 
     def still_there(row):
@@ -2455,9 +2490,10 @@ def make_routes(app):
         """Delete a build with its statuses, log and workspace (stopped first)."""
         build = _build(app, username, project_name, build_id)
         stop_all([build["id"]], f"stopped by {user['name']}: build deleted")
-        store.delete_build(build["id"])
-        shutil.rmtree(os.path.join(config.workspaces, username, project_name, str(build["number"])),
-                      ignore_errors=True)
+        with store.db.write():  # as for a project: a namesake's build never loses its workspace
+            store.delete_build(build["id"])
+            aside = _set_aside(config.workspaces, username, project_name, str(build["number"]))
+        _remove(aside)
         return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}
 
     @authorized

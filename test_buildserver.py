@@ -2514,6 +2514,43 @@ def test_build_runs_in_a_fresh_workspace_kept_after_and_removed_with_the_build(
     assert not os.path.exists(workspace)
 
 
+def test_deleting_a_project_never_removes_the_workspace_of_a_namesake_made_meanwhile(
+        web, alice, project, app, config, monkeypatch):
+    # Removing a big workspace takes a while, and the name is free once the
+    # rows are gone: a project made again under it, and its first build, must
+    # keep their workspace. The namesake is made just as the removal begins.
+    post_build(web, alice, project, {"command": "echo old > old.txt"})
+    assert final_build(web, alice, f"{project}/builds/1")["last_status"] == "succeeded"
+    namesakes = os.path.join(config.workspaces, "alice", "app", "1")
+    rmtree = shutil.rmtree
+
+    def namesake_made_first(path, *args, **kwargs):
+        app.store.create_project(app.store.user_by_name("alice")["id"], {"name": "app"})
+        os.makedirs(namesakes, exist_ok=True)
+        with open(os.path.join(namesakes, "mine.txt"), "w") as f:
+            f.write("the namesake's")
+        rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(buildserver.shutil, "rmtree", namesake_made_first)
+    assert web.delete(project, headers=auth(alice)).status_int == 200
+    monkeypatch.undo()
+    assert os.listdir(namesakes) == ["mine.txt"]  # and the old build's file is gone
+    assert os.listdir(config.workspaces) == ["alice"]  # nothing left set aside
+
+
+def test_workspaces_set_aside_by_deletes_before_a_stop_are_removed_at_start(config):
+    # A server stopped between a delete and the removal of its workspaces.
+    aside = os.path.join(config.workspaces, buildserver.SET_ASIDE + "0123abcd")
+    os.makedirs(os.path.join(aside, "1"))
+    open(os.path.join(aside, "1", "product.txt"), "w").close()
+    os.makedirs(os.path.join(config.workspaces, "alice", "app", "1"))  # a live one stays
+    application = buildserver.make_app(config)
+    try:
+        assert sorted(os.listdir(config.workspaces)) == ["alice"]
+        assert os.listdir(os.path.join(config.workspaces, "alice", "app")) == ["1"]
+    finally:
+        application.close()
+
+
 def test_a_build_that_cannot_start_fails_with_the_reason_and_the_worker_runs_on(
         web, alice, project, config):
     # A file where the project's workspace folder should be: no workspace can be made.
