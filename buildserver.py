@@ -94,6 +94,7 @@ LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
 FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client this often
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
+STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -2501,8 +2502,9 @@ def make_routes(app):
         """Stop a build: at once if it has not started, else SIGTERM then SIGKILL.
         A finished build is answered unchanged."""
         build = _build(app, username, project_name, build_id)
-        # Most builds obey SIGTERM at once: wait a moment, so the answer says `stopped`.
-        runner.stop(build["id"], f"stopped by {user['name']}", wait=min(2.0, config.stop_grace))
+        # Most builds obey SIGTERM at once, and the others get SIGKILL after the
+        # grace: wait a moment, so the answer says `stopped` (or `stopping`).
+        runner.stop(build["id"], f"stopped by {user['name']}", wait=STOP_ANSWER_SECONDS)
         return build_json(still_there(store.build(build["id"])))
 
     @authorized

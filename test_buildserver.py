@@ -2960,6 +2960,16 @@ def test_stop_of_a_scheduled_build_stops_it_at_once_and_it_never_runs(configured
                                            str(waiting["id"])))
 
 
+def test_a_stop_with_no_grace_answers_the_build_stopped(configured):
+    # SIGKILL follows SIGTERM at once: the answer waits for the end all the same.
+    web, alice, project = configured(stop_grace=0.0)
+    build = post_build(web, alice, project, {"command": "trap '' TERM; echo ready; sleep 60"})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    answer = ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    assert answer["last_status"] == "stopped" and answer["exit_code"] == -9
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
 def test_a_build_ignoring_sigterm_is_killed_after_the_grace_period(configured):
     web, alice, project = configured(stop_grace=1.0)
     build = post_build(web, alice, project,
