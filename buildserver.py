@@ -1485,8 +1485,9 @@ class Runner:
         build = job.build
         workspace = os.path.join(self.config.workspaces, build["owner"],
                                  build["project_name"], str(build["number"]))
-        read_fd, write_fd = os.pipe()
+        read_fd = write_fd = None
         try:
+            read_fd, write_fd = os.pipe()
             try:
                 os.makedirs(workspace)
             except FileExistsError:  # left by a build of a deleted namesake: start fresh
@@ -1497,12 +1498,14 @@ class Runner:
                 ["/bin/sh", "-c", build["command"]], cwd=workspace, env=_build_env(build, workspace),
                 stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
                 start_new_session=True, close_fds=True)
-        except OSError as e:
-            os.close(read_fd)
+        except OSError as e:  # no such folder, no file descriptors left, ...
+            if read_fd is not None:
+                os.close(read_fd)
             self._finish(job, "failed", f"could not start: {e.strerror or e}")
             return
         finally:
-            os.close(write_fd)
+            if write_fd is not None:
+                os.close(write_fd)
         exit_fd = None
         try:
             self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))

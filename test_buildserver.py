@@ -2551,6 +2551,26 @@ def test_workspaces_set_aside_by_deletes_before_a_stop_are_removed_at_start(conf
         application.close()
 
 
+def test_a_build_that_gets_no_output_pipe_fails_saying_why_and_the_worker_runs_on(
+        web, alice, project, monkeypatch):
+    pipe = os.pipe
+
+    def no_pipe_for_output():  # the descriptors run out just as the build starts
+        if sys._getframe(1).f_code.co_name == "_run":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return pipe()
+    monkeypatch.setattr(buildserver.os, "pipe", no_pipe_for_output)
+    build = post_build(web, alice, project, {"command": "echo never"})
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    monkeypatch.undo()
+    assert done["last_status"] == "failed"
+    assert status_history(web, alice, project, build["id"])[-1]["message"] == \
+        "could not start: Too many open files"
+    build = post_build(web, alice, project, {"command": "echo ran"})
+    assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+        "succeeded"
+
+
 def test_a_build_that_cannot_start_fails_with_the_reason_and_the_worker_runs_on(
         web, alice, project, config):
     # A file where the project's workspace folder should be: no workspace can be made.
