@@ -833,9 +833,9 @@ class Store:
         """Record a build `created` (and `scheduled` if managed, and `running`
         too if `running`); returns its row as made, or None if the project was
         deleted meanwhile."""
-        now = now_iso()
         managed = fields.get("is_managed", True)
         with self.db.write() as c:
+            now = now_iso()  # under the write lock: in the order of the numbers
             row = c.execute("SELECT next_number FROM projects WHERE id = ?",
                             (project_id,)).fetchone()
             if row is None:

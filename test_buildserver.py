@@ -3764,6 +3764,24 @@ def test_a_read_around_a_commit_never_gets_the_row_from_before_it_after_it(tmp_p
     store.db.close()
 
 
+def test_a_builds_created_at_is_taken_when_its_number_is(tmp_path):
+    # A create that waited for the write lock behind another must not carry
+    # a time from before that wait: numbers and times go in the same order.
+    store, token = remembering_store(tmp_path)
+    store.create_project(store.user_by_token(token)["id"], {"name": "app"})
+    project_id = store.project("alice", "app")["id"]
+    made = []
+    with store.db.write():
+        creating = threading.Thread(target=lambda: made.append(store.create_build(
+            project_id, "alice", {"is_managed": False})))
+        creating.start()
+        time.sleep(0.05)  # it waits for the lock (or has yet to ask: then any time passes)
+        released = buildserver.now_iso()
+    creating.join(10)
+    assert made[0]["created_at"] >= released
+    store.db.close()
+
+
 def test_a_row_read_inside_a_write_that_rolled_back_is_not_remembered(tmp_path):
     store, token = remembering_store(tmp_path)
     user_id = store.user_by_token(token)["id"]
