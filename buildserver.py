@@ -1627,7 +1627,8 @@ class Runner:
         self._closing.wait(seconds)
 
 
-SET_ASIDE = ".deleted-"  # a deleted workspace's folder until it is removed (no name starts with a dot)
+# Where a deleted workspace waits for its removal (no user or project name starts with a dot).
+SET_ASIDE = ".deleted-"
 
 
 def _set_aside(workspaces, *names):
