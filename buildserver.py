@@ -1805,11 +1805,15 @@ def read_body(limit):
     if length and whole_number(length) is None:
         raise ApiError(400, "The Content-Length header is not a number.")
     if length and int(length) > limit:
-        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
+        raise ApiError(413, too_large(limit))
     body = environ["wsgi.input"].read(int(length) if length else limit + 1)
     if len(body) > limit:
-        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
+        raise ApiError(413, too_large(limit))
     return body
+
+
+def too_large(limit):
+    return f"The request body is larger than the limit of {limit} bytes."
 
 
 def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
@@ -2140,7 +2144,8 @@ class App:
                      environ.get("buildserver.user", "-"))
 
         try:
-            body = self.bottle(environ, start) if _is_utf8(path) else _path_not_utf8(start)
+            refused = _refused_before_routing(environ, path)
+            body = self.bottle(environ, start) if refused is None else _answer(start, *refused)
         except BaseException:
             log_request()
             raise
@@ -2179,10 +2184,23 @@ def _is_utf8(path):
         return False
 
 
-def _path_not_utf8(start_response):
-    body = json_bytes({"detail": "The path is not valid UTF-8 once its %-escapes are decoded."})
-    start_response("400 Bad Request", [("Content-Type", "application/json"),
-                                       ("Content-Length", str(len(body)))])
+def _refused_before_routing(environ, path):
+    """(status, sentence) for a request no route may see, or None: a path that
+    is not UTF-8, or a body over its path's limit. The parser left that body
+    unread (see _channel_class), and a route that takes no body, a delete or a
+    stop, must not act on the request either."""
+    if not _is_utf8(path):
+        return 400, "The path is not valid UTF-8 once its %-escapes are decoded."
+    length, limit = whole_number(environ.get("CONTENT_LENGTH") or ""), body_limit(path)
+    if length is not None and length > limit:
+        return 413, too_large(limit)
+    return None
+
+
+def _answer(start_response, status, detail):
+    body = json_bytes({"detail": detail})
+    start_response(f"{status} {bottle.HTTP_CODES[status]}", [
+        ("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 
 

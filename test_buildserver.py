@@ -1852,6 +1852,30 @@ def test_body_over_the_limit_is_413_from_content_length_without_reading_it(
     assert snapshot(web, alice, populated) == before
 
 
+BODILESS_TARGETS = [
+    ("DELETE", "/api/v1/alice/app"),
+    ("DELETE", "/api/v1/alice/app/builds/1"),
+    ("POST", "/api/v1/alice/app/builds/1/stop"),
+    ("POST", "/api/v1/alice/app/builds/1/restart"),
+    ("POST", "/api/v1/alice/app/builds/1/bookmark"),
+    ("GET", "/api/v1/alice/app/builds/1"),
+]
+
+
+@pytest.mark.parametrize("method, path", BODILESS_TARGETS,
+                         ids=[f"{m} {p}" for m, p in BODILESS_TARGETS])
+def test_a_route_that_takes_no_body_refuses_one_over_the_limit_and_does_nothing(
+        app, web, alice, populated, method, path):
+    # The server leaves such a body unread: acting on its request anyway would
+    # answer a request the server has refused to read.
+    before = snapshot(web, alice, populated)
+    status, _, body, stream = wsgi_call(app, method, path, alice, MiB + 1)
+    assert status == 413
+    assert body["detail"] == f"The request body is larger than the limit of {MiB} bytes."
+    assert stream.reads == 0
+    assert snapshot(web, alice, populated) == before
+
+
 @pytest.mark.parametrize("method, path", JSON_TARGETS, ids=[f"{m} {p}" for m, p in JSON_TARGETS])
 def test_json_body_over_1_mib_without_content_length_is_413(app, web, alice, populated, method,
                                                             path):
