@@ -1842,7 +1842,13 @@ def query_param(name):
     if len(values) > 1:
         raise ApiError(400, f"The query parameter {name} is given more than once.",
                        errors={name: "given more than once"})
-    return values[0] if values else None
+    if not values:
+        return None
+    try:  # Bottle gives the %-decoded bytes as Latin-1 (as WSGI does)
+        return values[0].encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"The query parameter {name} is not valid UTF-8.",
+                       errors={name: "is not valid UTF-8"}) from None
 
 
 def int_param(name, default, low, high):
@@ -1873,8 +1879,9 @@ def page(count, results, limit, offset):
     """A page of a list, with links to its neighbours."""
     def link(new_offset):
         request = bottle.request
-        query = dict(request.query.allitems())
-        query.update(limit=str(limit), offset=str(new_offset))
+        # The parameters' own bytes (Bottle gives them as Latin-1), whatever they are.
+        query = {k.encode("latin-1"): v.encode("latin-1") for k, v in request.query.allitems()}
+        query.update({b"limit": str(limit).encode(), b"offset": str(new_offset).encode()})
         path = request.environ.get("buildserver.path", request.path)
         return f"{request.urlparts.scheme}://{request.urlparts.netloc}{path}?" + \
             urllib.parse.urlencode(query)

@@ -652,6 +652,26 @@ def test_projects_list_pages_with_limit_offset_and_links(web, alice, bob):
     assert len(ok(call(web, "GET", "/api/v1/alice?limit=1000", alice))["results"]) == 25
 
 
+def test_page_links_carry_other_query_parameters_byte_for_byte(web, alice, project):
+    # Bottle hands query values over as Latin-1: re-encoded as UTF-8, a
+    # non-ASCII value grew at every page.
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "second"}), 201)
+    first = ok(call(web, "GET", "/api/v1/alice?limit=1&q=%C3%BC&raw=%FF", alice))
+    assert first["next"].endswith("?limit=1&q=%C3%BC&raw=%FF&offset=1")
+    path = first["next"].split("//", 1)[1].split("/", 1)[1]
+    second = ok(call(web, "GET", "/" + path, alice))
+    assert second["previous"].endswith("?limit=1&q=%C3%BC&raw=%FF&offset=0")
+
+
+def test_a_query_value_is_read_as_utf8_and_refused_when_it_is_not(web, alice, project):
+    res = call(web, "GET", project + "/builds?status=r%C3%BCnning", alice)
+    assert_error(res, 400)
+    assert "'rünning'" in res.json["detail"]
+    res = call(web, "GET", project + "/builds?status=%FF", alice)
+    assert_error(res, 400)
+    assert res.json["detail"] == "The query parameter status is not valid UTF-8."
+
+
 # Builds ----------------------------------------------------------------------
 
 def test_builds_list_is_newest_first_and_pages(web, alice, project):
