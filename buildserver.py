@@ -1822,7 +1822,9 @@ def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
     if not body.strip() and empty_ok:
         return {}
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_object_once)
+    except _KeyGivenTwice as e:
+        raise ApiError(400, f"The request body gives the key {e.key!r} more than once.") from None
     except (ValueError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -1833,6 +1835,24 @@ def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
         raise ApiError(400, LONE_SURROGATE) from None
     except RecursionError:  # the decoder nests deeper than the encoder can
         raise ApiError(400, "The request body nests objects and arrays too deeply.") from None
+    return data
+
+
+class _KeyGivenTwice(Exception):
+    def __init__(self, key):
+        self.key = key
+
+
+def _object_once(pairs):
+    """A JSON object whose keys are all different: like a query parameter
+    given twice, a key given twice is ambiguous (json would keep the last)."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _KeyGivenTwice(key)
+            seen.add(key)
     return data
 
 

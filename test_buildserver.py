@@ -1583,6 +1583,19 @@ def test_bad_json_body_is_400_and_changes_nothing(web, alice, populated, method,
     assert snapshot(web, alice, populated) == before
 
 
+@pytest.mark.parametrize("method, path", JSON_TARGETS, ids=[f"{m} {p}" for m, p in JSON_TARGETS])
+def test_a_json_body_giving_a_key_twice_is_400_and_changes_nothing(web, alice, populated,
+                                                                    method, path):
+    # Which one counts would be a guess (json keeps the last): as with a query
+    # parameter given twice, the request is refused. Nested objects too.
+    before = snapshot(web, alice, populated)
+    for body in (b'{"name": "x", "name": "y"}', b'{"env": {"A": "1", "A": "2"}}'):
+        res = call(web, method, path, alice, body=body, content_type="application/json")
+        assert_error(res, 400)
+        assert "more than once" in res.json["detail"]
+    assert snapshot(web, alice, populated) == before
+
+
 LONG_ENV = {f"K{i}": "v" for i in range(101)}
 BAD_VALUES = {
     "timeout": ["600", True, False, 1.5, 0, -1, 604801, [], {}],
