@@ -3040,6 +3040,8 @@ def _url_host(host):
 EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
 EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
+EXIT_OUTPUT_FAILED = 74   # the log cannot be written where it goes, a full disk say (EX_IOERR)
 RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
 
 
@@ -3053,6 +3055,15 @@ class ClientError(Exception):
 
 class Unreachable(Exception):
     """The server could not be reached, or the connection dropped."""
+
+
+class OutputFailed(Exception):
+    """The log could not be written where it goes: a closed pipe, a full disk.
+    Not the connection's fault: nothing to reconnect for."""
+
+    def __init__(self, error):
+        super().__init__(error.strerror or str(error))
+        self.error = error
 
 
 class Client:
@@ -3138,8 +3149,11 @@ class Client:
                 data = response.read1(65536)
                 if not data:
                     return offset
-                out.write(data)
-                out.flush()
+                try:
+                    out.write(data)
+                    out.flush()
+                except OSError as e:
+                    raise OutputFailed(e) from None
                 offset += len(data)
         except self._dropped as e:
             error = Unreachable(f"the connection to {self.url} dropped: {e}")
@@ -3150,7 +3164,9 @@ class Client:
 
     def follow(self, build_path, out, offset=0):
         """Follow a build's log to `out` until the build is final, reconnecting
-        (from the last byte received) for up to RECONNECT_SECONDS; returns the build."""
+        (from the last byte received) for up to RECONNECT_SECONDS, also while
+        the server answers 503 (shutting down for a restart, too many
+        followers); returns the build."""
         give_up_at, pause = None, 0.2
         while True:
             try:
@@ -3159,7 +3175,9 @@ class Client:
                 if build["last_status"] in FINAL and offset >= build["log_size"]:
                     return build
                 give_up_at = None
-            except Unreachable as e:
+            except (Unreachable, ClientError) as e:
+                if isinstance(e, ClientError) and e.status != 503:
+                    raise
                 offset = getattr(e, "offset", offset)
                 now = time.monotonic()
                 give_up_at = give_up_at or now + RECONNECT_SECONDS
@@ -3284,9 +3302,22 @@ def run_client(args):
                      EXIT_REFUSED if e.status in (401, 403) else 1)
     except Unreachable as e:
         return _fail(str(e), EXIT_UNREACHABLE)
+    except (OutputFailed, BrokenPipeError) as e:
+        return _output_failed(getattr(e, "error", e))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     raise AssertionError(args.command)
+
+
+def _output_failed(error):
+    """The exit for output that cannot be written: quietly, as a tool ended by
+    SIGPIPE, when the reader went away (`| head`); else saying why."""
+    if isinstance(error, BrokenPipeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)  # so exiting does not flush into the pipe
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OUTPUT_CLOSED
+    return _fail(f"cannot write the log: {error.strerror or error}", EXIT_OUTPUT_FAILED)
 
 
 def _run_build(client, project, args):
@@ -3326,8 +3357,10 @@ def _run_build(client, project, args):
 def _ask(question):
     if not sys.stdin.isatty():
         return False
-    try:
-        return input(question).strip().lower() in ("y", "yes")
+    try:  # asked on standard error: standard output holds the log (or JSON) alone
+        sys.stderr.write(question)
+        sys.stderr.flush()
+        return input().strip().lower() in ("y", "yes")
     except (EOFError, KeyboardInterrupt):
         return False
 

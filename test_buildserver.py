@@ -3344,7 +3344,7 @@ def test_follow_sends_headers_before_the_first_output(server_factory, gate):
 
 
 def test_followers_beyond_the_cap_get_503_with_retry_after(server_factory, gate):
-    server = server_factory("--threads", "4", "--stop-grace", "1")
+    server = server_factory("--threads", "4", "--workers", "3", "--stop-grace", "1")
     cap = buildserver.Config(threads=4).max_followers
     assert cap == 2
     project_path = admin_project(server)
@@ -4081,11 +4081,11 @@ def client(server, *args, token=None, env=None, **kw):
                           timeout=kw.pop("timeout", 60), **kw)
 
 
-def start_client(server, *args):
+def start_client(server, *args, stdout=subprocess.PIPE):
     environ = {**os.environ, "BUILDSERVER_URL": f"http://{server.host}:{server.port}",
                "BUILDSERVER_TOKEN": server.token}
     return subprocess.Popen([sys.executable, SCRIPT, *args], env=environ, bufsize=0,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=stdout, stderr=subprocess.PIPE)
 
 
 @pytest.fixture
@@ -4211,6 +4211,57 @@ def test_logs_follow_prints_until_the_build_ends(served):
     client(served, "run", "admin/app", "--command", "echo a; sleep 1; echo b", "--no-follow")
     result = client(served, "logs", "admin/app", "1", "--follow")
     assert (result.returncode, result.stdout) == (0, b"a\nb\n")
+
+
+def test_logs_into_a_pipe_closed_early_exit_at_once_quietly(served):
+    # `... | head -1`: the reader is gone, there is nothing to reconnect for.
+    client(served, "run", "admin/app", "--command", "seq 200000")
+    proc = start_client(served, "logs", "admin/app", "1", "--follow")
+    assert proc.stdout.readline() == b"1\n"
+    proc.stdout.close()
+    assert proc.wait(30) == buildserver.EXIT_OUTPUT_CLOSED
+    assert proc.stderr.read() == b""
+
+
+def test_logs_into_a_full_disk_exit_74_saying_why(served):
+    client(served, "run", "admin/app", "--command", "seq 200000")
+    with open("/dev/full", "wb") as full:
+        proc = start_client(served, "logs", "admin/app", "1", stdout=full)
+        assert proc.wait(30) == buildserver.EXIT_OUTPUT_FAILED
+    assert b"cannot write the log: No space left on device" in proc.stderr.read()
+
+
+def test_follow_waits_out_a_503_for_too_many_followers(server_factory):
+    # --threads 4 leaves 2 followers: a third is told 503, and keeps trying.
+    server = server_factory("--threads", "4", "--workers", "3", "--stop-grace", "1")
+    assert server.json("POST", "/api/v1/admin", {"name": "app", "command": "sleep 60"})[0] == 201
+    for _ in range(2):
+        assert server.json("POST", "/api/v1/admin/app/builds", {})[0] == 201
+    holders = [raw_request_head(server.host, server.port, "GET",
+                                f"/api/v1/admin/app/builds/{n}/logs?follow=1",
+                                {"Authorization": f"Token {server.token}"}) for n in (1, 2)]
+    try:
+        for sock in holders:
+            assert " 200 " in read_status_line(sock, time.monotonic() + 10)
+        assert server.json("POST", "/api/v1/admin/app/builds",
+                           {"command": "sleep 2; echo done"})[0] == 201
+        proc = start_client(server, "logs", "admin/app", "3", "--follow")
+        time.sleep(1.5)  # time for its first try (refused at once): it must not give up
+        assert proc.poll() is None
+    finally:
+        for sock in holders:
+            sock.close()
+    assert proc.wait(60) == 0
+    assert proc.stdout.read() == b"done\n"
+
+
+def test_the_question_on_ctrl_c_goes_to_standard_error(monkeypatch, capsys):
+    # Standard output holds the log alone (it may be a file).
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    assert buildserver._ask("Stop build 1? [y/N] ") is True
+    out, err = capsys.readouterr()
+    assert out == "" and err == "Stop build 1? [y/N] "
 
 
 def test_ctrl_c_with_stop_on_interrupt_stops_the_build_and_exits_130(served):
