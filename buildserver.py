@@ -2860,9 +2860,10 @@ def serve(config):
             # A connection ended early (a client gone; a log deleted while it was
             # sent, which LogFile logs in a line) is no fault worth a traceback.
             log_socket_errors=False, **_proxy_settings(config.trusted_proxy))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a host name that does not resolve
         app.close()
-        return _fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
+        reason = getattr(e, "strerror", None) or e
+        return _fail(f"cannot listen on {config.host}:{config.port}: {reason}", 1)
     # Big sends for log downloads (set on each accepted connection).
     server.adj.socket_options = server.adj.socket_options + [
         (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]

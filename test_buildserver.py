@@ -2092,6 +2092,15 @@ def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_p
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("host", ["nosuch.invalid", "bad..host", ""])
+def test_serve_on_a_host_that_is_no_address_says_so_without_a_traceback(tmp_path, host):
+    # An empty BUILDSERVER_HOST is what an env file with `BUILDSERVER_HOST=` gives.
+    result = cli("serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                 env={"BUILDSERVER_HOST": host})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on {host}:0" in result.stderr
+
+
 @pytest.fixture
 def open_api():
     """open_api(data_dir) -> a webtest client of make_app on that folder."""
