@@ -728,6 +728,11 @@ class Store:
     def user_by_name(self, name):
         return self.db.one("SELECT * FROM users WHERE name = ?", (name,))
 
+    def user_named_any_case(self, name):
+        """The user whose name is `name` regardless of case (a name that would
+        share its workspace folder on a case-insensitive file system)."""
+        return self.db.one("SELECT * FROM users WHERE name = ? COLLATE NOCASE", (name,))
+
     def user_by_token(self, token):
         return self.db.recent(
             "SELECT u.* FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
@@ -762,17 +767,25 @@ class Store:
         return count, rows
 
     def create_project(self, owner_id, fields):
+        """Make a project; returns None, or the name of the owner's project
+        that has its name regardless of case: on a case-insensitive file
+        system (macOS's default) the two would share their workspaces."""
         now = now_iso()
         try:
             with self.db.write() as c:
+                taken = c.execute("SELECT name FROM projects WHERE owner_id = ?"
+                                  " AND name = ? COLLATE NOCASE", (owner_id, fields["name"]))
+                taken = taken.fetchone()
+                if taken is not None:
+                    return taken[0]
                 c.execute(
                     "INSERT INTO projects (owner_id, name, description, command, env, timeout,"
                     " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (owner_id, fields["name"], fields.get("description"), fields.get("command"),
                      json.dumps(fields.get("env") or {}), fields.get("timeout"), now, now))
         except sqlite3.IntegrityError:
-            return False
-        return True
+            return fields["name"]
+        return None
 
     def update_project(self, project_id, fields):
         self._update("projects", project_id, fields, {"env": {}})
@@ -2397,8 +2410,11 @@ def make_routes(app):
         """Create a project; its command, env and timeout are its builds' defaults."""
         owner = _owner(app, username)
         fields = validate(read_json(), PROJECT_CREATE, required=("name",))
-        if not store.create_project(owner["id"], fields):
-            raise ApiError(400, f"The project name {fields['name']!r} is taken.",
+        taken = store.create_project(owner["id"], fields)
+        if taken is not None:
+            differs = "" if taken == fields["name"] else \
+                f" by {taken!r} (names differing only in case would share a workspace folder)"
+            raise ApiError(400, f"The project name {fields['name']!r} is taken{differs}.",
                            errors={"name": "is taken"})
         return created(project_json(store.project(username, fields["name"])))
 
@@ -3656,8 +3672,9 @@ def manage_users(args):
         store = Store(db)
         user = store.user_by_name(args.name)
         if args.command == "adduser":
-            if user is not None:
-                return _fail(f"the user {args.name!r} exists already", 2)
+            same = store.user_named_any_case(args.name)
+            if same is not None:  # (a name differing only in case would share a folder)
+                return _fail(f"the user {same['name']!r} exists already", 2)
             token = store.create_user(args.name, is_admin=args.admin)
             print(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
                   "Its token, shown only now:")

@@ -559,6 +559,18 @@ def test_create_project_with_a_taken_name_is_400_and_keeps_the_first(web, alice,
     assert ok(call(web, "POST", "/api/v1/bob", bob, {"name": "app"}), 201)["owner"] == "bob"
 
 
+def test_a_project_name_differing_only_in_case_is_taken_too(web, alice, bob, populated):
+    # On a case-insensitive file system (macOS's default) alice/App and
+    # alice/app would share their workspace folder.
+    before = snapshot(web, alice, populated)
+    res = call(web, "POST", "/api/v1/alice", alice, {"name": "APP"})
+    assert_error(res, 400, "name")
+    assert res.json["detail"] == ("The project name 'APP' is taken by 'app' (names differing "
+                                  "only in case would share a workspace folder).")
+    assert snapshot(web, alice, populated) == before
+    assert ok(call(web, "POST", "/api/v1/bob", bob, {"name": "APP"}), 201)["name"] == "APP"
+
+
 def test_create_project_without_a_name_is_400_naming_it(web, alice, populated):
     before = snapshot(web, alice, populated)
     assert_error(call(web, "POST", "/api/v1/alice", alice, {"command": "make"}), 400, "name")
@@ -2147,6 +2159,14 @@ def test_cli_adduser_of_an_existing_name_exits_2_with_one_line(tmp_path, open_ap
     client = open_api(data)  # the first token still works, and carol is no admin
     assert ok(call(client, "GET", "/api/v1/carol", token))["count"] == 0
     assert_error(call(client, "GET", "/api/v1/root", token), 403)
+
+
+def test_cli_adduser_of_a_name_differing_only_in_case_exits_2(tmp_path):
+    # The two users' workspace folders would be one on a case-insensitive file system.
+    data = tmp_path / "d"
+    assert cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
+    again = cli("adduser", "Carol", "--data-dir", str(data))
+    assert again.returncode == 2 and "'carol' exists already" in again.stderr
 
 
 def test_cli_token_gives_a_new_token_and_the_old_one_stops_working(tmp_path, open_api):
