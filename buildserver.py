@@ -3443,7 +3443,11 @@ def _env(name, default):
 
 def _positive(kind, most=None):
     def parse(text):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:  # (argparse would say "invalid parse value")
+            raise argparse.ArgumentTypeError(
+                f"must be a {'whole ' if kind is int else ''}number: {text}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
         if value < 0:

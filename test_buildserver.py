@@ -2104,6 +2104,15 @@ def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_p
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("args, env, says", [
+    (["--workers", "abc"], {}, "--workers: must be a whole number: abc"),
+    ([], {"BUILDSERVER_STOP_GRACE": "soon"}, "--stop-grace: must be a number: soon"),
+])
+def test_serve_says_what_a_flag_that_is_no_number_should_be(tmp_path, args, env, says):
+    result = cli("serve", "--data-dir", str(tmp_path / "data"), *args, env=env)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("host", ["nosuch.invalid", "bad..host", ""])
 def test_serve_on_a_host_that_is_no_address_says_so_without_a_traceback(tmp_path, host):
     # An empty BUILDSERVER_HOST is what an env file with `BUILDSERVER_HOST=` gives.
