@@ -3603,6 +3603,11 @@ def backup(db_path, dest):
                      f"{os.path.join(dest, 'buildserver.db')}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
+    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]):
+        # The copy would replace the file a running server writes: what it
+        # answered for afterwards would be lost.
+        return _fail(f"{dest} is the database itself (or one of its files): "
+                     "name a file outside the data folder", 2)
     # A copy of its own beside the destination (0600, like the database),
     # named after this process: a backup running at the same time has another,
     # and the next backup removes what a killed one left.
@@ -3631,6 +3636,18 @@ def backup(db_path, dest):
         _remove_copy(partial)
     print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
     return 0
+
+
+def _names_one_of(path, others):
+    """Whether `path` names one of `others`, through any link or relative path."""
+    real = os.path.realpath(path)
+    for other in others:
+        if real == os.path.realpath(other):
+            return True
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, other):  # a hard link
+                return True
+    return False
 
 
 def _remove_copy(partial):

@@ -5418,6 +5418,24 @@ def test_a_second_server_on_the_same_data_folder_is_refused(server_factory, tmp_
     assert api(server, "GET", "/api/v1/health", token="")[0] == 200
 
 
+def test_a_backup_onto_the_database_itself_is_refused_and_changes_nothing(server_factory,
+                                                                            tmp_path):
+    # Replacing the file the server writes would lose whatever it answered for
+    # afterwards: by its path, a relative one, or a link to it.
+    server = server_factory(data_dir=tmp_path / "live")
+    assert api(server, "POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    db = os.path.join(server.data_dir, "buildserver.db")
+    os.symlink(db, tmp_path / "link.db")
+    for dest in (db, db + "-wal", str(tmp_path / "link.db"), os.path.relpath(db, str(tmp_path)),
+                 str(tmp_path / "live" / "." / "buildserver.db")):
+        done = subprocess.run([sys.executable, SCRIPT, "backup", dest, "--data-dir",
+                               server.data_dir], capture_output=True, text=True, timeout=60,
+                              cwd=str(tmp_path))
+        assert done.returncode == 2 and "is the database itself" in done.stderr, (dest, done)
+    assert api(server, "POST", "/api/v1/admin", {"name": "after"})[0] == 201
+    assert api(server, "GET", "/api/v1/admin/after")[0] == 200
+
+
 def make_bad_database(path, kind):
     """A buildserver.db that this buildserver must refuse; returns words the message needs."""
     if kind == "random bytes":
@@ -5453,11 +5471,7 @@ def test_a_database_file_buildserver_cannot_use_is_refused_with_a_one_line_messa
     assert done.stdout == ""  # no admin token, no "listening"
 
 
-@pytest.mark.parametrize("kind", [
-    "random bytes",
-    "foreign",
-    "newer",
-])
+@pytest.mark.parametrize("kind", BAD_DATABASES)
 def test_a_database_file_buildserver_refuses_is_left_byte_for_byte_unchanged(tmp_path, kind):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
