@@ -602,6 +602,12 @@ class Database:
         if version > max(migrations):
             raise SchemaError(f"{self.path} was written by a newer buildserver "
                               f"(schema version {version}, this one knows {max(migrations)})")
+        if version and conn.execute(  # another program's file that has a version of its own
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                " AND name IN ('users', 'projects', 'builds')").fetchone()[0] < 3:
+            raise SchemaError(f"{self.path} is not a buildserver database (its schema version "
+                              f"is {version}, but it lacks buildserver's tables); refusing to "
+                              "touch it")
         if not tables:
             # Logs are most of the bytes: 16 KiB pages store them with a quarter
             # of the per-page work (settable only before the first table and WAL).

@@ -5447,6 +5447,10 @@ def make_bad_database(path, kind):
             conn.executescript("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);"
                                "INSERT INTO customers (name) VALUES ('Ada'), ('Grace');")
             return "did not make"
+        if kind == "foreign with a version":  # another program numbers its schema too
+            conn.executescript("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);"
+                               "PRAGMA user_version = 3;")
+            return "not a buildserver database"
         for number, sql in sorted(schema_migrations().items()):
             conn.executescript(sql)
         conn.execute("PRAGMA user_version = 99")
@@ -5456,7 +5460,7 @@ def make_bad_database(path, kind):
         conn.close()
 
 
-BAD_DATABASES = ["random bytes", "foreign", "newer"]
+BAD_DATABASES = ["random bytes", "foreign", "foreign with a version", "newer"]
 
 
 @pytest.mark.parametrize("kind", BAD_DATABASES)
