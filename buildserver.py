@@ -780,8 +780,8 @@ class Store:
         try:
             with self.db.write() as c:
                 taken = c.execute("SELECT name FROM projects WHERE owner_id = ?"
-                                  " AND name = ? COLLATE NOCASE", (owner_id, fields["name"]))
-                taken = taken.fetchone()
+                                  " AND name = ? COLLATE NOCASE",
+                                  (owner_id, fields["name"])).fetchone()
                 if taken is not None:
                     return taken[0]
                 c.execute(
@@ -1817,14 +1817,13 @@ def json_bytes(obj):
 
 
 def read_body(limit):
-    """The request body, refused with 413 from Content-Length before it is read
-    (under waitress, before it is even received: see _channel_class)."""
+    """The request body. One whose Content-Length passes its path's limit never
+    gets here (see _refused_before_routing; under waitress it is not even
+    received); one sent without a length is refused once read past `limit`."""
     environ = bottle.request.environ
     length = environ.get("CONTENT_LENGTH") or ""
     if length and whole_number(length) is None:
         raise ApiError(400, "The Content-Length header is not a number.")
-    if length and int(length) > limit:
-        raise ApiError(413, too_large(limit))
     body = environ["wsgi.input"].read(int(length) if length else limit + 1)
     if len(body) > limit:
         raise ApiError(413, too_large(limit))
@@ -3697,7 +3696,6 @@ def manage_users(args):
     try:
         db.migrate()
         store = Store(db)
-        user = store.user_by_name(args.name)
         if args.command == "adduser":
             same = store.user_named_any_case(args.name)
             if same is not None:  # (a name differing only in case would share a folder)
@@ -3706,6 +3704,7 @@ def manage_users(args):
             print(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
                   "Its token, shown only now:")
         else:
+            user = store.user_by_name(args.name)
             if user is None:
                 return _fail(f"there is no user {args.name!r}", 2)
             token = store.new_token(user["id"])
