@@ -98,8 +98,8 @@ STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end befor
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-# GET-only routes that share the /api/v1/{username} level: never user names
-RESERVED_USERNAMES = {"health", "users", "openapi.json"}
+# Routes that share the /api/v1/{username} level: never user names
+RESERVED_USERNAMES = {"health", "users", "openapi.json", "bookmarks"}
 
 
 ###############################################################################
@@ -846,6 +846,15 @@ class Store:
         rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ? AND b.last_status IN"
                            " (SELECT value FROM json_each(?)) ORDER BY b.number DESC"
                            " LIMIT ? OFFSET ?", (project["id"], wanted, limit, offset))
+        return count, rows
+
+    def bookmarked_builds(self, owner_id, limit, offset):
+        """A page of the bookmarked builds of the user's projects, newest first,
+        and how many there are."""
+        count = self.db.one("SELECT count(*) FROM builds b JOIN projects p ON p.id = b.project_id"
+                            " WHERE p.owner_id = ? AND b.bookmarked = 1", (owner_id,))[0]
+        rows = self.db.all(BUILD_SELECT + " WHERE p.owner_id = ? AND b.bookmarked = 1"
+                           " ORDER BY b.id DESC LIMIT ? OFFSET ?", (owner_id, limit, offset))
         return count, rows
 
     def create_build(self, project_id, user, fields, restarted_from=None, running=False):
@@ -1856,6 +1865,21 @@ def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
     return data
 
 
+def refuse_body():
+    """For a route that takes no body: one sent there (a restart's `command`,
+    say) would be silently ignored, so anything but nothing, `{}` or `null`
+    gets 400."""
+    body = read_body(JSON_BODY_LIMIT)
+    if body.strip():
+        try:
+            empty = json.loads(body) in ({}, None)
+        except (ValueError, RecursionError):
+            empty = False
+        if not empty:
+            raise ApiError(400, f"{bottle.request.method} {bottle.request.path} takes no "
+                                "request body; send none.")
+
+
 class _KeyGivenTwice(Exception):
     def __init__(self, key):
         self.key = key
@@ -1907,6 +1931,26 @@ def flag_param(name):
     if raw in ("1", "true", "yes"):
         return True
     raise ApiError(400, f"The query parameter {name} must be 1 or 0.", errors={name: "must be 1 or 0"})
+
+
+def prefers_json(accept):
+    """Whether an Accept header asks for application/json (named, in any case)
+    at least as much as for text/plain: `*/*` alone keeps the default, text."""
+    quality = {}
+    for item in accept.split(","):
+        media, *params = [part.strip() for part in item.split(";")]
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
+    json_q = quality.get("application/json", 0.0)
+    text_q = next((quality[m] for m in ("text/plain", "text/*", "*/*") if m in quality), 0.0)
+    return json_q > 0 and json_q >= text_q
 
 
 def page_params():
@@ -2070,8 +2114,9 @@ SCHEMAS = {
     "LogSize": _object({"size": _INT}),
     "CodeReference": _object({name: {"type": field["type"]}
                               for name, field in CODE_REFERENCE.items()}),
+    "Bookmark": _object({"content_object": {"$ref": "#/components/schemas/Build"}}),
 }
-for _name in ("Project", "Build", "Status"):
+for _name in ("Project", "Build", "Status", "Bookmark"):
     SCHEMAS[_name + "Page"] = _object({
         "count": _INT, "next": _NULL_STRING, "previous": _NULL_STRING,
         "results": {"type": "array", "items": {"$ref": f"#/components/schemas/{_name}"}}})
@@ -2111,8 +2156,9 @@ def openapi_document(routes):
             operation["requestBody"] = {"content": {
                 "text/plain": {"schema": {"type": "string"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"oneOf": [
-                    {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}}
+                "application/json": {"schema": {
+                    "description": "a string appends its text, a list of strings its lines; "
+                                   "anything else is appended as it is"}}}}
         elif route.body is not None:
             fields, required = route.body
             operation["requestBody"] = {"required": bool(required), "content": {
@@ -2341,6 +2387,8 @@ def token_required(app):
             username = params.get("username")
             if username is not None and not user["is_admin"] and username != user["name"]:
                 raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
+            if bottle.request.route.config.get("bodiless"):
+                refuse_body()
             return handler(user, **params)
         return wrapper
     return decorate
@@ -2499,6 +2547,23 @@ def make_routes(app):
         return created(build_json(still_there(build)))
 
     @authorized
+    def invalidate_builds(user, username, project_name):
+        """Polyaxon's invalidate of a project's builds: nothing to do (see
+        invalidate_build)."""
+        project = _project(app, username, project_name)
+        return {"detail": f"Nothing to invalidate in {project['owner']}/{project['name']}: "
+                          "builds are never reused."}
+
+    @authorized
+    def bookmarked_builds(user, username):
+        """The bookmarked builds of the user's projects, newest first, as
+        Polyaxon lists bookmarks: each result is {"content_object": build}."""
+        owner = _owner(app, username)
+        limit, offset = page_params()
+        count, rows = store.bookmarked_builds(owner["id"], limit, offset)
+        return page(count, [{"content_object": build_json(r)} for r in rows], limit, offset)
+
+    @authorized
     def get_build(user, username, project_name, build_id):
         """One build."""
         return build_body(_build(app, username, project_name, build_id))
@@ -2629,7 +2694,7 @@ def make_routes(app):
         build = _build(app, username, project_name, build_id)
         request = bottle.request
         fmt = query_param("format") or (
-            "json" if "application/json" in request.get_header("Accept", "") else "text")
+            "json" if prefers_json(request.get_header("Accept", "")) else "text")
         if fmt not in ("text", "json"):
             raise ApiError(400, "The query parameter format must be text or json.",
                            errors={"format": "must be text or json"})
@@ -2703,6 +2768,8 @@ def make_routes(app):
         Route("GET", "/api/v1/health", health, answer=(200, "Health")),
         Route("GET", "/api/v1/openapi.json", openapi, answer=(200, "OpenAPI")),
         Route("GET", "/api/v1/users", whoami, answer=(200, "User")),
+        Route("GET", "/api/v1/bookmarks/<username>/builds", bookmarked_builds, query=PAGE_QUERY,
+              answer=(200, "BookmarkPage")),
         Route("GET", "/api/v1/<username>", list_projects, query=PAGE_QUERY,
               answer=(200, "ProjectPage")),
         Route("POST", "/api/v1/<username>", create_project, body=(PROJECT_CREATE, ["name"]),
@@ -2717,6 +2784,7 @@ def make_routes(app):
               body=({**BUILD_CREATE, **{name: {"type": "null", "description": "ignored"}
                                         for name in sorted(POLYAXON_NULLABLE)}}, []),
               answer=(201, "Build")),
+        Route("POST", "/api/v1/<username>/<project_name>/builds/invalidate", invalidate_builds),
         Route("GET", B, get_build, answer=(200, "Build")),
         Route("PATCH", B, patch_build, body=(BUILD_PATCH, []), answer=(200, "Build")),
         Route("DELETE", B, delete_build),
@@ -2740,20 +2808,22 @@ def make_routes(app):
     ]
     document = openapi_document(routes)
     web = bottle.Bottle()
-    for route in routes:
-        web.route(route.path, route.method, _answering(app, route.handler))
     # The fixed paths share their level with /<username>: without these, POST
-    # /api/v1/health would be create_project for a user called "health".
-    for path in sorted({r.path for r in routes if "<" not in r.path}):
+    # /api/v1/health would be create_project for a user called "health". (First:
+    # Bottle tries the routes with parameters in the order they were added.)
+    for path in sorted({r.path for r in routes if not r.path.startswith("/api/v1/<")}):
         allowed = ",".join(sorted({r.method for r in routes if r.path == path}))
         others = [m for m in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS") if m not in allowed]
         web.route(path, others, _answering(app, functools.partial(_not_allowed, allowed)))
+    for route in routes:
+        web.route(route.path, route.method, _answering(app, route.handler),
+                  bodiless=route.method != "GET" and route.body is None)
     web.default_error_handler = _error_page
     web.routes_table = routes
     return web
 
 
-def _not_allowed(allowed):
+def _not_allowed(allowed, **params):
     raise ApiError(405, f"{bottle.request.method} is not allowed here; use {allowed}.",
                    headers={"Allow": allowed})
 
@@ -2826,15 +2896,16 @@ def _utf8_boundary(data):
 
 
 def _json_log_text(body):
-    """A JSON string (or, as Polyaxon's tracker sends, a list of lines) as log bytes."""
+    """A JSON string's text (or, as Polyaxon's tracker sends, a list of lines)
+    as log bytes; any other body, JSON or not, as it is."""
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
-        raise ApiError(400, "The body is declared JSON but is not valid JSON.") from None
+        return body
     if isinstance(value, list) and all(isinstance(line, str) for line in value):
         value = "".join(line + "\n" for line in value)
     if not isinstance(value, str):
-        raise ApiError(400, "A JSON log body must be a string (or a list of strings).")
+        return body
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError:
@@ -2860,7 +2931,6 @@ def _proxy_settings(proxy):
 def serve(config):
     """Run the server until SIGINT or SIGTERM; returns the exit code."""
     import fcntl
-    import waitress
     from waitress import wasyncore
 
     _make_private_dir(config.data_dir)
@@ -2873,22 +2943,11 @@ def serve(config):
     app = make_app(config, start=False)  # no build starts before the port is ours
     _warn_if_open(config.data_dir, config.db_path)
     try:
-        server = waitress.create_server(
-            app, host=config.host, port=config.port, threads=config.threads,
-            ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
-            outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4),
-            channel_request_lookahead=1,  # lets a follower see that its client left
-            # A connection ended early (a client gone; a log deleted while it was
-            # sent, which LogFile logs in a line) is no fault worth a traceback.
-            log_socket_errors=False, **_proxy_settings(config.trusted_proxy))
+        server = http_server(app, config)
     except (OSError, ValueError) as e:  # ValueError: a host name that does not resolve
         app.close()
         reason = getattr(e, "strerror", None) or e
         return _fail(f"cannot listen on {config.host}:{config.port}: {reason}", 1)
-    # Big sends for log downloads (set on each accepted connection).
-    server.adj.socket_options = server.adj.socket_options + [
-        (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
-    server.channel_class = _channel_class()
     finished = threading.Event()
 
     def shut_down():
@@ -2930,6 +2989,24 @@ def serve(config):
     app.close()
     log.info("stopped")
     return 0
+
+
+def http_server(app, config):
+    """waitress, listening for `app` as `config` says (not yet serving)."""
+    import waitress
+    server = waitress.create_server(
+        app, host=config.host, port=config.port, threads=config.threads,
+        ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
+        outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4),
+        channel_request_lookahead=1,  # lets a follower see that its client left
+        # A connection ended early (a client gone; a log deleted while it was
+        # sent, which LogFile logs in a line) is no fault worth a traceback.
+        log_socket_errors=False, **_proxy_settings(config.trusted_proxy))
+    # Big sends for log downloads (set on each accepted connection).
+    server.adj.socket_options = server.adj.socket_options + [
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
+    server.channel_class = _channel_class()
+    return server
 
 
 def body_limit(path):

@@ -124,3 +124,8 @@ ALTER TABLE builds ADD COLUMN code_reference TEXT;
 -- a build up must never write to, or show, another build that took its id.
 CREATE TABLE build_ids (next INTEGER NOT NULL);
 INSERT INTO build_ids SELECT coalesce(max(id), 0) + 1 FROM builds;
+
+-- migration 6
+-- Bookmarked builds are listed per user (GET /api/v1/bookmarks/{user}/builds).
+-- A partial index holds them alone: no status change or new build touches it.
+CREATE INDEX builds_bookmarked ON builds(project_id) WHERE bookmarked = 1;

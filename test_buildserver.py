@@ -404,6 +404,7 @@ def assert_error(res, status, field=None):
         assert isinstance(body.get("errors"), dict) and field in body["errors"], body
         assert isinstance(body["errors"][field], str) and body["errors"][field]
     return body
+    return body
 
 
 def _stable(build):
@@ -946,6 +947,75 @@ def test_a_bookmark_is_set_and_removed_and_shows_in_the_build_and_the_list(
     assert_error(call(web, "GET", url + "/bookmark", alice), 405)
 
 
+def test_bookmarked_builds_are_listed_per_user_newest_first_as_polyaxon_lists_them(
+        web, alice, bob, admin, project):
+    other = "/api/v1/alice/other"
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "other"}), 201)
+    for path in (project, project, other, project):
+        unmanaged(web, alice, path)
+    for url in (project + "/builds/1", other + "/builds/1", project + "/builds/3"):
+        ok(call(web, "POST", url + "/bookmark", alice))
+    ok(call(web, "POST", "/api/v1/bob", bob, {"name": "b"}), 201)
+    unmanaged(web, bob, "/api/v1/bob/b")
+    ok(call(web, "POST", "/api/v1/bob/b/builds/1/bookmark", bob))
+    listing = ok(call(web, "GET", "/api/v1/bookmarks/alice/builds", alice))
+    assert listing["count"] == 3 and listing["next"] is None
+    assert [(r["content_object"]["project"], r["content_object"]["id"])
+            for r in listing["results"]] == [("alice/app", 3), ("alice/other", 1), ("alice/app", 1)]
+    assert listing["results"][0]["content_object"] == ok(call(web, "GET", project + "/builds/3",
+                                                                alice))
+    first = ok(call(web, "GET", "/api/v1/bookmarks/alice/builds/?limit=2", alice))
+    assert len(first["results"]) == 2 and first["next"].endswith(
+        "/api/v1/bookmarks/alice/builds/?limit=2&offset=2")
+    ok(call(web, "DELETE", project + "/builds/3/unbookmark", alice))
+    assert ok(call(web, "GET", "/api/v1/bookmarks/alice/builds", alice))["count"] == 2
+    assert ok(call(web, "GET", "/api/v1/bookmarks/alice/builds", admin))["count"] == 2
+    assert_error(call(web, "GET", "/api/v1/bookmarks/alice/builds", bob), 403)
+    assert_error(call(web, "GET", "/api/v1/bookmarks/nobody/builds", admin), 404)
+    assert_error(call(web, "GET", "/api/v1/bookmarks/alice/builds?limit=0", alice), 400, "limit")
+
+
+def test_a_projects_builds_invalidate_is_answered_and_changes_nothing(web, alice, bob, project):
+    unmanaged(web, alice, project)
+    before = snapshot(web, alice, project)
+    answer = ok(call(web, "POST", project + "/builds/invalidate/", alice))
+    assert answer["detail"].startswith("Nothing to invalidate in alice/app")
+    assert_error(call(web, "POST", project + "/builds/invalidate", bob), 403)
+    assert_error(call(web, "POST", "/api/v1/alice/nope/builds/invalidate", alice), 404)
+    assert snapshot(web, alice, project) == before
+
+
+BODILESS = [("POST", "/builds/1/restart"), ("POST", "/builds/1/stop"), ("POST", "/builds/1"),
+            ("POST", "/builds/1/bookmark"), ("DELETE", "/builds/1/unbookmark"),
+            ("POST", "/builds/1/invalidate"), ("POST", "/builds/1/_heartbeat"),
+            ("POST", "/builds/invalidate"), ("DELETE", "/builds/1"), ("DELETE", "")]
+
+
+@pytest.mark.parametrize("method, suffix", BODILESS)
+@pytest.mark.parametrize("body", [b'{"command": "echo other"}', b"garbage", b"[]", b'"x"'])
+def test_a_body_sent_to_a_route_that_takes_none_is_400_and_changes_nothing(
+        web, alice, bob, project, method, suffix, body):
+    # A restart's "command", say, would otherwise be silently ignored.
+    unmanaged(web, alice, project)
+    before = snapshot(web, alice, project)
+    res = call(web, method, project + suffix, alice, body=body, content_type="application/json")
+    assert "takes no request body" in assert_error(res, 400)["detail"]
+    assert snapshot(web, alice, project) == before
+    assert_error(call(web, method, project + suffix, bob, body=body,
+                      content_type="application/json"), 403)  # 403 first, as always
+
+
+@pytest.mark.parametrize("body", [None, b"", b"  \n", b"{}", b" { } ", b"null"])
+def test_an_empty_body_nothing_or_null_is_taken_where_a_route_takes_no_body(
+        web, alice, project, body):
+    unmanaged(web, alice, project)
+    res = call(web, "POST", project + "/builds/1/restart", alice, body=body,
+               content_type="application/json" if body is not None else None)
+    assert ok(res, 201)["restarted_from"] == 1
+    assert ok(call(web, "POST", project + "/builds/1/bookmark", alice, body=body,
+                   content_type="application/json" if body is not None else None))["bookmarked"]
+
+
 def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, project):
     unmanaged(web, alice, project)
     url = project + "/builds/1/coderef"
@@ -1193,14 +1263,15 @@ def test_log_append_of_a_json_string_or_lines_appends_their_text(web, alice, pro
 
 
 @pytest.mark.parametrize("body", [b"{", b"5", b'{"text": "x"}', b'["a", 1]', b"null", b"\xff"])
-def test_log_append_declared_json_but_not_a_string_is_400(web, alice, project, body):
+def test_log_append_declared_json_but_not_a_string_is_appended_as_raw_bytes(web, alice, project,
+                                                                           body):
+    # SPEC: a JSON string appends its text; "any other body is appended as raw bytes".
     unmanaged(web, alice, project)
     url = project + "/builds/1"
     append_log(web, alice, url, b"kept\n")
-    before = snapshot(web, alice, project)
-    assert_error(call(web, "POST", url + "/logs", alice, body=body,
-                      content_type="application/json"), 400)
-    assert snapshot(web, alice, project) == before
+    res = call(web, "POST", url + "/logs", alice, body=body, content_type="application/json")
+    assert ok(res) == {"size": 5 + len(body)}
+    assert ok(call(web, "GET", url + "/logs", alice)) == b"kept\n" + body
 
 
 def test_log_append_is_refused_on_a_managed_build(idle):
@@ -1332,6 +1403,28 @@ def test_log_json_form_has_every_field(web, alice, project, how):
     assert log_json(web, alice, url, "limit=4") == {
         "job": 1, "offset": 0, "next_offset": 4, "size": 8, "complete": False,
         "truncated": False, "text": "one\n"}
+
+
+@pytest.mark.parametrize("accept, json_wanted", [
+    ("application/json", True),
+    ("Application/JSON", True),
+    ("application/json; charset=utf-8", True),
+    ("application/json, text/plain, */*", True),  # axios's default: named, as much as text
+    ("text/plain;q=0.5, application/json", True),
+    ("application/json;q=0", False),               # q=0: not acceptable
+    ("text/plain, application/json;q=0.5", False),
+    ("*/*", False),
+    ("text/html,application/xhtml+xml,*/*;q=0.8", False),  # a browser
+    ("application/json;q=x", False),
+])
+def test_log_format_follows_the_accept_headers_preferences(web, alice, populated, accept,
+                                                           json_wanted):
+    res = call(web, "GET", populated + "/builds/1/logs", alice, headers={"Accept": accept})
+    if json_wanted:
+        assert res.content_type == "application/json" and res.json["text"] == \
+            "first line\nsecond line\n"
+    else:
+        assert res.content_type == "text/plain" and res.body == b"first line\nsecond line\n"
 
 
 def test_log_format_text_wins_over_an_accept_json_header(web, alice, populated):
@@ -1538,6 +1631,7 @@ def test_unknown_route_is_404_json(web, alice, populated, path):
     ("POST", "/api/v1/health", 405), ("PATCH", "/api/v1/users", 405),
     ("POST", "/api/v1/openapi.json", 405), ("GET", "/api/v1/health/app", 404),
     ("GET", "/api/v1/users/app/builds", 404), ("DELETE", "/api/v1/health/app/builds/1", 404),
+    ("GET", "/api/v1/bookmarks/app", 404), ("POST", "/api/v1/bookmarks", 404),
 ])
 def test_the_fixed_routes_beside_user_names_are_never_taken_for_users(web, admin, method, path,
                                                                          status):
@@ -2223,7 +2317,7 @@ def test_cli_says_a_reserved_user_name_is_an_endpoint_not_malformed(tmp_path):
     assert res.returncode == 2 and "/api/v1/health is an endpoint" in res.stderr
 
 
-@pytest.mark.parametrize("name", ["a.b", "health", "a b", "x" * 65, "é"])
+@pytest.mark.parametrize("name", ["a.b", "health", "bookmarks", "a b", "x" * 65, "é"])
 def test_cli_rejects_invalid_user_names(tmp_path, open_api, name):
     data = tmp_path / "d"
     res = cli("adduser", f"--data-dir={data}", "--", name)
@@ -2348,8 +2442,10 @@ print("coderef", ref.commit, ref.branch, ref.is_dirty)
 ref = c.build_job.get_code_reference(u, p, made.id)
 print("get_coderef", ref.commit, ref.head, ref.git_url)
 print("bookmark", c.build_job.bookmark(u, p, made.id).json()["bookmarked"])
+print("bookmarks", [x.id for x in c.bookmark.builds(u)["results"]])
 print("unbookmark", c.build_job.unbookmark(u, p, made.id).json()["bookmarked"])
 print("invalidate", c.build_job.invalidate(u, p, made.id).status_code)
+print("invalidate_builds", c.project.invalidate_builds(u, p).status_code)
 print("heartbeat", c.transport.post(c.build_job.get_heartbeat_url(u, p, made.id)).json())
 print("final", c.build_job.create_status(u, p, made.id, status="succeeded").status)
 print("list", [x.id for x in c.project.list_builds(u, p)["results"]])
@@ -2393,8 +2489,10 @@ def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp
         "coderef ab12cd34 main True",
         "get_coderef ab12cd34 None https://git/app.git",
         "bookmark True",
+        "bookmarks [1]",
         "unbookmark False",
         "invalidate 200",
+        "invalidate_builds 200",
         "heartbeat {'status': 'ok'}",
         "final succeeded",
         "list [1]",
@@ -6152,7 +6250,8 @@ def test_the_document_says_that_it_needs_no_token(web):
     assert document["paths"]["/api/v1/users"]["get"]["security"] == [{"token": []}]
 
 
-@pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/users", "/api/v1/openapi.json"])
+@pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/users", "/api/v1/openapi.json",
+                                  "/api/v1/bookmarks/alice/builds"])
 def test_a_fixed_route_answers_405_to_the_methods_it_has_not(web, alice, path):
     for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         res = web.request(path, method=method, headers=auth(alice), expect_errors=True)
