@@ -89,10 +89,12 @@ LOG_BODY_LIMIT = 8 * MiB
 LOG_CHUNK = 512 * KiB        # the largest row of log_chunks
 LOG_JOIN = 16 * KiB          # a smaller last chunk is joined by the next write
 LOG_JSON_DEFAULT = 1 * MiB   # bytes per JSON log page unless ?limit= says otherwise
-LOG_JSON_MAX = 16 * MiB
+LOG_JSON_MAX = 4 * MiB        # a page's text can take 6 bytes a byte as JSON (control bytes)
 LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses at most this
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
 FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client this often
+FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
+FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
@@ -1080,11 +1082,13 @@ class LogBus:
     never wakes them, nor does output that stays short of their position."""
 
     ENDED = (-1, math.inf)  # the news of a build that has ended: past every position
+    KEPT_ENDED = 10000      # ended builds remembered, then forgotten all at once
 
     def __init__(self):
         self._lock = threading.Lock()
         self._news = {}  # build id -> (changes so far, log size), or ENDED
         self._waiting = {}  # build id -> {waiter: position}
+        self._ended = 0  # builds ended since the last were forgotten
         self.closed = False
 
     def news(self, build_id):
@@ -1096,6 +1100,11 @@ class LogBus:
         Notices come in commit order (the store sends them after each commit,
         under the write lock), so an end is never followed by older news."""
         with self._lock:
+            if log_size is None:
+                self._ended += 1
+                if self._ended > self.KEPT_ENDED:  # else one entry per build, for ever
+                    self._news = {b: n for b, n in self._news.items() if n != self.ENDED}
+                    self._ended = 0
             changes = self.news(build_id)[0]
             news = self._news[build_id] = \
                 self.ENDED if log_size is None else (changes + 1, log_size)
@@ -1196,6 +1205,8 @@ class LogStream:
 
     def read(self, size=-1):
         while self.pos < self.end:
+            if not self._client_keeps_up():
+                return b""
             seen = self.bus.news(self.build_id)
             state = self.store.log_state(self.build_id, self.uuid)
             if state is None:  # deleted
@@ -1218,6 +1229,30 @@ class LogStream:
             self.bus.wait(self.build_id, seen, self.pos, FOLLOW_WAIT_SECONDS)
         return b""
 
+    def _client_keeps_up(self):
+        """Wait while more than FOLLOW_BACKLOG bytes wait for the client: one
+        that stops reading (`logs -f | less`, a suspended curl) holds that much
+        here, not the whole log. False once it has taken nothing for
+        FOLLOW_STALL_SECONDS, or has gone: the answer ends, and frees its thread
+        and follower slot (a client that comes back follows on from its offset)."""
+        backlog = self._environ.get("buildserver.backlog")
+        if backlog is None or backlog() <= FOLLOW_BACKLOG:
+            return True
+        gone = self._environ.get("waitress.client_disconnected")
+        least, stall_ends = backlog(), time.monotonic() + FOLLOW_STALL_SECONDS
+        while not (self.bus.closed or (gone is not None and gone())):
+            time.sleep(0.1)  # a rare case, and no event says a client read
+            waiting = backlog()
+            if waiting <= FOLLOW_BACKLOG:
+                return True
+            if waiting < least:  # it reads, slowly
+                least, stall_ends = waiting, time.monotonic() + FOLLOW_STALL_SECONDS
+            elif time.monotonic() >= stall_ends:
+                log.warning("a follower of build %s took nothing for %d s; its answer ends",
+                            self.build_id, FOLLOW_STALL_SECONDS)
+                return False
+        return False
+
     def close(self):
         if self._on_close is not None:
             self._on_close()
@@ -1239,6 +1274,7 @@ class Job:
         self.stopping = False       # the build has been moved to `stopping`
         self.finishing = False      # its end is decided: stops come too late
         self.exited = False         # the shell has exited (not yet reaped)
+        self.told = threading.Event()  # a stop is recorded (`stopping`), or it has ended
         self.done = threading.Event()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -1367,10 +1403,15 @@ class Runner:
         finally:
             handoff.ready.set()
 
-    def stop(self, build_id, message, wait=0.0):
+    def running(self, build_id):
+        """Whether this server is running the build (a stop then waits for it)."""
+        return build_id in self._jobs
+
+    def stop(self, build_id, message, wait=0.0, told=0.0):
         """Stop a build: at once if it has not started, else through SIGTERM.
 
-        :param wait: seconds to wait for a running build to end.
+        :param wait: seconds to wait for a running build to end,
+        :param told: or, failing that, for its stop to be recorded (`stopping`).
         :returns: False if a running build has not ended within `wait`.
         """
         with self._lock:
@@ -1382,7 +1423,10 @@ class Runner:
                     self.store.transition(build_id, "stopping", message, sources=("running",))
                 return True
         job.stop("stopped", message)
-        return job.done.wait(wait)
+        if job.done.wait(wait):
+            return True
+        job.told.wait(told)
+        return False
 
     def shutdown(self):
         """Stop running builds (they end `stopped`), then wait for the workers."""
@@ -1502,6 +1546,7 @@ class Runner:
             with self._lock:
                 del self._jobs[job.id]
             job.close()
+            job.told.set()
             job.done.set()
 
     def _run(self, job):
@@ -1597,6 +1642,7 @@ class Runner:
                 self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
                 job.stopping = True  # written: _finish need not write it
+                job.told.set()
             if kill_at is not None and now >= kill_at:
                 _killpg(proc.pid, signal.SIGKILL)
                 kill_at = None
@@ -2062,7 +2108,7 @@ LOG_QUERY = (
     ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
                 "description": "the first byte to send"}),
     ("limit", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
-               "description": "at most this many bytes (JSON: default 1 MiB, at most 16 MiB)"}),
+               "description": "at most this many bytes (JSON: default 1 MiB, at most 4 MiB)"}),
     ("tail", {"type": "integer", "minimum": 0, "maximum": 10 ** 7,
               "description": "send the last N lines (but nothing before offset)"}),
     ("follow", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"],
@@ -2209,7 +2255,10 @@ class App:
         self.bus = LogBus()
         self.store = Store(self.db, on_change=self.bus.notify)
         self.runner = Runner(config, self.store)
-        self.followers = threading.BoundedSemaphore(config.max_followers)
+        # Requests that hold an HTTP thread while they wait on builds (log
+        # followers, stops and deletes of running builds): a reserve of the
+        # threads is always left for the rest of the API.
+        self.waiting = threading.BoundedSemaphore(config.max_followers)
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
         self.bottle = make_routes(self)
@@ -2254,7 +2303,7 @@ class App:
         deadline = None if timeout is None else time.monotonic() + timeout
         for _ in range(self.config.max_followers):  # holding every slot: none is left
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.followers.acquire(timeout=remaining):
+            if not self.waiting.acquire(timeout=remaining):
                 return False
         return True
 
@@ -2334,6 +2383,7 @@ class AuthThrottle:
     def __init__(self, burst, window=60.0):
         self.burst, self.window = burst, window
         self._failures = {}
+        self._prune_above = 10000  # addresses, before quiet ones are forgotten
         self._lock = threading.Lock()
 
     def failed(self, address):
@@ -2342,8 +2392,11 @@ class AuthThrottle:
             return 0
         now = time.monotonic()
         with self._lock:
-            if len(self._failures) > 10000:  # forget quiet addresses
+            if len(self._failures) > self._prune_above:  # forget quiet addresses
                 self._failures = {a: t for a, t in self._failures.items() if t[-1] > now - self.window}
+                # Not again at each failure while that many fail at once (an
+                # attacker with many addresses): a rebuild per failure is slow.
+                self._prune_above = max(10000, 2 * len(self._failures))
             times = self._failures.setdefault(address, collections.deque(maxlen=self.burst + 1))
             times.append(now)
             while times and times[0] <= now - self.window:
@@ -2506,10 +2559,22 @@ def make_routes(app):
         return row
 
     def stop_all(build_ids, message):
-        for build_id in build_ids:
-            runner.stop(build_id, message)
-        for build_id in build_ids:  # each already has its SIGTERM: wait for them together
-            runner.stop(build_id, message, wait=config.stop_grace + 5)
+        """Stop the builds and wait for those running to end; 503 when too many
+        requests wait already (see App.waiting), before anything is stopped."""
+        if not any(runner.running(build_id) for build_id in build_ids):
+            for build_id in build_ids:
+                runner.stop(build_id, message)
+            return
+        if not app.waiting.acquire(blocking=False):
+            raise ApiError(503, "Too many requests are waiting for builds to end; "
+                                "try again shortly.", headers={"Retry-After": "5"})
+        try:
+            for build_id in build_ids:
+                runner.stop(build_id, message)
+            for build_id in build_ids:  # each already has its SIGTERM: wait for them together
+                runner.stop(build_id, message, wait=config.stop_grace + 5)
+        finally:
+            app.waiting.release()
 
     @authorized
     def list_builds(user, username, project_name):
@@ -2638,8 +2703,15 @@ def make_routes(app):
         A finished build is answered unchanged."""
         build = _build(app, username, project_name, build_id)
         # Most builds obey SIGTERM at once, and the others get SIGKILL after the
-        # grace: wait a moment, so the answer says `stopped` (or `stopping`).
-        runner.stop(build["id"], f"stopped by {user['name']}", wait=STOP_ANSWER_SECONDS)
+        # grace: wait a moment, so the answer says `stopped` (or `stopping`);
+        # not when too many requests wait already (see App.waiting).
+        waiting = runner.running(build["id"]) and app.waiting.acquire(blocking=False)
+        try:
+            runner.stop(build["id"], f"stopped by {user['name']}",
+                        wait=STOP_ANSWER_SECONDS if waiting else 0.0, told=1.0)
+        finally:
+            if waiting:
+                app.waiting.release()
         return build_json(still_there(store.build(build["id"])))
 
     @authorized
@@ -2719,12 +2791,12 @@ def make_routes(app):
             end = size if limit is None else min(size, start + limit)
             bottle.response.set_header("Content-Length", str(end - start))
             return LogFile(store, build, start, end)
-        if not app.followers.acquire(blocking=False):
+        if not app.waiting.acquire(blocking=False):
             raise ApiError(503, "Too many log followers at once; try again shortly.",
                            headers={"Retry-After": "5"})
         end = float("inf") if limit is None else offset + limit
         return LogStream(store, app.bus, build, offset, end, request.environ,
-                         on_close=app.followers.release)
+                         on_close=app.waiting.release)
 
     def log_page(build, offset, limit, size, final):
         end = min(size, offset + limit)
@@ -2929,7 +3001,7 @@ def _proxy_settings(proxy):
 
 
 def serve(config):
-    """Run the server until SIGINT or SIGTERM; returns the exit code."""
+    """Run the server until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
     import fcntl
     from waitress import wasyncore
 
@@ -2962,8 +3034,10 @@ def serve(config):
             threading.Thread(target=shut_down, name="shutdown").start()
 
     # Before any build starts, so that a signal always stops builds cleanly.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP: the terminal it ran in was closed; its builds, in sessions of
+    # their own, would outlive it unsupervised.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
         token = app.store.create_user("admin", is_admin=True)
         print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
@@ -3044,6 +3118,12 @@ def _channel_class():
 
     class Task(WSGITask):
         _keeping_open = False
+
+        def get_environment(self):
+            environ = super().get_environment()
+            channel = self.channel  # what a follower has waiting for its client
+            environ["buildserver.backlog"] = lambda: channel.total_outbufs_len
+            return environ
 
         def build_response_header(self):
             if getattr(self.request, "body_refused", False):  # its unread body must not

@@ -3388,6 +3388,30 @@ def test_log_bus_news_between_a_look_and_the_wait_is_not_missed():
     assert not waiter.is_alive()
 
 
+def test_log_bus_forgets_ended_builds_now_and_then_but_never_a_running_ones_news(monkeypatch):
+    # One entry per build for ever would grow without end on a long-lived server.
+    monkeypatch.setattr(buildserver.LogBus, "KEPT_ENDED", 100)
+    bus = buildserver.LogBus()
+    bus.notify(0, 5)  # a build still running
+    for build_id in range(1, 1001):
+        bus.notify(build_id, 1)
+        bus.notify(build_id, None)
+    assert len(bus._news) <= 102
+    assert bus.news(0) == (1, 5) and bus.news(1000) == bus.ENDED
+    waiter = bus_waiter(bus, 0, bus.news(0), 5)  # its followers still wake
+    bus.notify(0, None)
+    waiter.join(10)
+    assert not waiter.is_alive()
+
+
+def test_auth_throttle_still_counts_an_address_among_thousands_of_others():
+    throttle = buildserver.AuthThrottle(burst=3)
+    for n in range(25000):  # many addresses failing at once: pruned now and then
+        assert throttle.failed(f"10.0.{n // 256}.{n % 256}") == 0
+    assert [throttle.failed("192.0.2.1") for _ in range(4)][:3] == [0, 0, 0]
+    assert throttle.failed("192.0.2.1") > 0
+
+
 def test_log_bus_close_wakes_every_follower():
     bus = buildserver.LogBus()
     waiters = [bus_waiter(bus, build_id, bus.news(build_id), 0) for build_id in (1, 1, 2)]
@@ -3523,6 +3547,119 @@ def test_followers_beyond_the_cap_get_503_with_retry_after(server_factory, gate)
             conn.close()
 
 
+def test_stops_and_deletes_wait_only_in_the_followers_slots_and_the_api_answers_on(
+        server_factory):
+    # Each waiting request holds an HTTP thread: unbounded, a build that ignores
+    # SIGTERM plus a client retrying its DELETE would take every thread.
+    server = server_factory("--threads", "4", "--stop-grace", "3")
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds",
+                                {"command": "trap '' TERM; echo ready; sleep 60"})
+    path = f"{project_path}/builds/{build['id']}"
+    server_wait_for_log(server, path, b"ready")
+    followers = [open_follow(server, path) for _ in range(2)]  # both slots taken
+    try:
+        assert [response.status for _, response in followers] == [200, 200]
+        status, stopped = server.json("POST", path + "/stop")  # answered at once, not waited
+        assert status == 200 and stopped["last_status"] == "stopping"
+        status, headers, body = server.request("DELETE", path)
+        assert status == 503 and int(headers["Retry-After"]) > 0, body
+        assert "waiting for builds to end" in json.loads(body)["detail"]
+        assert server.json("GET", path)[0] == 200  # not deleted, and the API answers
+        assert server.json("GET", "/api/v1/health")[0] == 200
+    finally:
+        for conn, _ in followers:
+            conn.close()
+    # Once the followers have gone, a delete waits for the build (killed after the grace).
+    wait_until(lambda: server.request("DELETE", path)[0] == 200, timeout=30,
+               message="the delete to go through")
+    assert server.json("GET", path)[0] == 404
+
+
+@contextlib.contextmanager
+def served_here(config):
+    """buildserver's own waitress server (http_server) for `config`, run by a
+    thread of this process, so that a test may change its constants."""
+    app = buildserver.make_app(config)
+    server = buildserver.http_server(app, config)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.1, map=server._map, use_poll=True, count=1)
+    thread = threading.Thread(target=loop, name="served-here", daemon=True)
+    thread.start()
+    try:
+        yield app, server.effective_port
+    finally:
+        app.shutdown(timeout=10)
+        stop.set()
+        thread.join(5)
+        server.task_dispatcher.shutdown(timeout=5)
+        wasyncore.close_all(server._map)
+        app.close()
+
+
+def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path, monkeypatch):
+    # `logs -f | less` stops reading once less has a screenful: its follower
+    # must not hold a thread, a follower slot and the log's bytes for ever.
+    monkeypatch.setattr(buildserver, "FOLLOW_BACKLOG", 64 * 1024)
+    monkeypatch.setattr(buildserver, "FOLLOW_STALL_SECONDS", 1.0)
+    config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
+    assert config.max_followers == 2
+    with served_here(config) as (app, port):
+        token = app.store.create_user("root", is_admin=True)
+        api = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+
+        def ask(method, path, body=b""):
+            api.request(method, path, body=body, headers=headers)
+            response = api.getresponse()
+            return response.status, response.read()
+        assert ask("POST", "/api/v1/root", b'{"name": "app"}')[0] == 201
+        assert ask("POST", "/api/v1/root/app/builds", b'{"is_managed": false}')[0] == 201
+        path = "/api/v1/root/app/builds/1"
+        assert ask("POST", path + "/statuses", b'{"status": "running"}')[0] == 201
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
+        # (Not tiny: a window smaller than a segment reopens only on TCP's slow probes.)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        stalled.sendall(f"GET {path}/logs?follow=1 HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Token {token}\r\n\r\n".encode())
+        log = b"".join(b"%07d %s\n" % (i, b"x" * 90) for i in range(80000))  # 8 MB
+        for start in range(0, len(log), 256 * 1024):
+            assert ask("POST", path + "/logs", log[start:start + 256 * 1024])[0] == 200
+
+        def free_slots():
+            taken = 0
+            while app.waiting.acquire(blocking=False):
+                taken += 1
+            for _ in range(taken):
+                app.waiting.release()
+            return taken
+        # The stalled one held a slot; its answer ends with nothing read.
+        wait_until(lambda: free_slots() == 2, timeout=30, message="the stalled follower to end")
+        stalled.settimeout(30)
+        received = b""
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # its answer ends cleanly
+            data = stalled.recv(1 << 20)
+            assert data, "the connection closed before the answer's end"
+            received += data
+        stalled.close()
+        body, rest = b"", received.partition(b"\r\n\r\n")[2]
+        while True:  # the chunked encoding undone
+            size, _, rest = rest.partition(b"\r\n")
+            if not int(size, 16):
+                break
+            body, rest = body + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+        assert 0 < len(body) < len(log) and log.startswith(body)
+        here = types.SimpleNamespace(host="127.0.0.1", port=port, token=token)
+        followers = [open_follow(here, path) for _ in range(2)]  # both slots serve again
+        assert [response.status for _, response in followers] == [200, 200]
+        assert followers[0][1].read(len(log) // 2) == log[:len(log) // 2]
+        for conn, _ in followers:
+            conn.close()
+
+
 # Crash recovery and shutdown ---------------------------------------------------------
 
 def test_after_kill_9_a_restart_fails_the_interrupted_build_and_runs_the_waiting_one(
@@ -3584,7 +3721,8 @@ def test_after_kill_9_a_restart_kills_what_left_the_builds_process_group(server_
         kill_marked(marker)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_shutdown_signal_stops_running_builds_keeps_waiting_ones_and_flushes_followers(
         server_factory, tmp_path, signum):
     data_dir = tmp_path / "graceful"
