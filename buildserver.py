@@ -1343,6 +1343,7 @@ class Runner:
         self._closing = threading.Event()  # set (under _cond) when shutdown begins
         self._threads = []
         self._local = threading.local()  # each worker's output buffer
+        self.cores = None  # the cores builds run on, when the server's threads keep to one
 
     def _output_buffer(self):
         """This worker's buffer for build output, made at its first output and
@@ -1460,6 +1461,8 @@ class Runner:
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
 
     def _work(self):
+        if self.cores:  # its builds' commands inherit its cores
+            os.sched_setaffinity(0, self.cores)
         while True:
             with self._cond:
                 self._idle += 1
@@ -3012,7 +3015,9 @@ def serve(config):
     except OSError:
         print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
         return 1
+    cores = _keep_to_one_core()  # before any thread starts: they inherit it
     app = make_app(config, start=False)  # no build starts before the port is ours
+    app.runner.cores = cores
     _warn_if_open(config.data_dir, config.db_path)
     try:
         server = http_server(app, config)
@@ -3081,6 +3086,24 @@ def http_server(app, config):
         (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
     server.channel_class = _channel_class()
     return server
+
+
+def _keep_to_one_core():
+    """Keep this process's threads to one core, the one it runs on (Linux):
+    the GIL runs one at a time anyway, and handing work to a thread asleep on
+    another core costs more than the work on a small VM (a dispatch took 3.5
+    ms instead of 4.0 on two vCPUs). Returns the cores it had, for the
+    workers to take back (builds keep them all), or None if nothing changed."""
+    try:
+        cores = os.sched_getaffinity(0)
+        if len(cores) < 2:
+            return None
+        fields = _stat("thread-self")  # field 39, "processor": where it last ran
+        here = int(fields[36]) if len(fields) > 36 else min(cores)
+        os.sched_setaffinity(0, {here if here in cores else min(cores)})
+        return cores
+    except (AttributeError, OSError, ValueError):  # not Linux, or not allowed
+        return None
 
 
 def body_limit(path):

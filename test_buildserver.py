@@ -3660,6 +3660,30 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
             conn.close()
 
 
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda pid: ())(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_the_servers_threads_keep_to_one_core_and_its_builds_get_them_all(server_factory):
+    def allowed(status_text):
+        return re.search(r"Cpus_allowed_list:\s*(\S+)", status_text).group(1)
+
+    def read(path):
+        with open(path) as f:
+            return f.read()
+    server = server_factory("--threads", "8")
+    path = admin_project(server) + "/builds"
+    status, build = server.json("POST", path, {"command": "cat /proc/self/status"})
+    assert server_final_build(server, f"{path}/{build['id']}")["last_status"] == "succeeded"
+    everything = allowed(read("/proc/self/status"))  # what this machine gives
+    assert allowed(server.request("GET", f"{path}/{build['id']}/logs")[2].decode()) == everything
+    one = {str(core) for core in os.sched_getaffinity(0)}
+    pid = server.proc.pid
+    assert allowed(read(f"/proc/{pid}/status")) in one  # its main thread
+    kept = [allowed(read(f"/proc/{pid}/task/{tid}/status"))
+            for tid in os.listdir(f"/proc/{pid}/task")]
+    assert sum(cores in one for cores in kept) >= 8  # the HTTP threads
+    assert all(cores in one or cores == everything for cores in kept)  # workers: all
+
+
 # Crash recovery and shutdown ---------------------------------------------------------
 
 def test_after_kill_9_a_restart_fails_the_interrupted_build_and_runs_the_waiting_one(
