@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bench.py: measure buildserver against the goals of SPEC.md "Performance".
+"""bench.py: measure buildserver against its speed goals (the README's "Speed").
 
     python bench.py                      # the full run: a minute or two
     python bench.py --quick              # smaller sizes, fewer repeats: seconds

@@ -3626,7 +3626,7 @@ def _env(name, default):
     return os.environ.get(f"BUILDSERVER_{name.upper()}", default)
 
 
-def _positive(kind, most=None):
+def _positive(kind, most=None, least=0):
     def parse(text):
         try:
             value = kind(text)
@@ -3635,8 +3635,9 @@ def _positive(kind, most=None):
                 f"must be a {'whole ' if kind is int else ''}number: {text}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}: {text}" if least
+                                             else f"must not be negative: {text}")
         if most is not None and value > most:
             raise argparse.ArgumentTypeError(f"must be at most {most}: {text}")
         return value
@@ -3672,7 +3673,7 @@ def parser():
                    help="folder of the database and the build workspaces")
     s.add_argument("--workers", type=_positive(int, 256), default=_env("workers", "2"),
                    help="builds run at once (0: none run, they wait scheduled)")
-    s.add_argument("--threads", type=_positive(int, 1024), default=_env("threads", "32"),
+    s.add_argument("--threads", type=_positive(int, 1024, least=4), default=_env("threads", "32"),
                    help="HTTP threads (at least 4); log followers may use all but a reserve")
     s.add_argument("--stop-grace", type=_positive(float, 86400), default=_env("stop_grace", "10"),
                    help="seconds between SIGTERM and SIGKILL when a build is stopped")
@@ -3729,7 +3730,7 @@ def main(argv=None):
                 return _fail("the server needs bottle and waitress: "
                              "pip install -r requirements.txt", 1)
             config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
-                            workers=args.workers, threads=max(4, args.threads),
+                            workers=args.workers, threads=args.threads,
                             stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes,
                             auth_burst=args.auth_burst, trusted_proxy=args.trusted_proxy)
             return serve(config)

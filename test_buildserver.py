@@ -2184,6 +2184,7 @@ def cli(*args, env=None):
     (["--port", "1" + "0" * 400], {}, "--port"),  # too big for a float: no traceback
     (["--workers", "1" + "0" * 30], {}, "--workers"),  # would start threads until memory ends
     (["--threads", "100000"], {}, "--threads"),
+    (["--threads", "3"], {}, "--threads"), ([], {"BUILDSERVER_THREADS": "0"}, "--threads"),
     ([], {"BUILDSERVER_MAX_LOG_BYTES": "9" * 30}, "--max-log-bytes"),  # too big for SQLite
     (["--auth-burst", "9" * 30], {}, "--auth-burst"),
     # waitress compares an address: "*" would trust anyone, a name nobody
