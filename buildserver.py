@@ -93,6 +93,7 @@ LOG_JSON_MAX = 4 * MiB        # a page's text can take 6 bytes a byte as JSON (c
 LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses at most this
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
 FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client this often
+HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive within this
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
@@ -3076,7 +3077,7 @@ def http_server(app, config):
     server = waitress.create_server(
         app, host=config.host, port=config.port, threads=config.threads,
         ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
-        outbuf_overflow=16 * MiB, connection_limit=max(100, config.threads * 4),
+        outbuf_overflow=16 * MiB, connection_limit=_connection_limit(config),
         channel_request_lookahead=1,  # lets a follower see that its client left
         # A connection ended early (a client gone; a log deleted while it was
         # sent, which LogFile logs in a line) is no fault worth a traceback.
@@ -3085,7 +3086,33 @@ def http_server(app, config):
     server.adj.socket_options = server.adj.socket_options + [
         (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
     server.channel_class = _channel_class()
+    idle_channels_closed = server.maintenance
+
+    def maintenance(now):  # every cleanup_interval (30 s)
+        idle_channels_closed(now)
+        overdue = time.monotonic() - HEAD_SECONDS
+        for channel in list(server.active_channels.values()):
+            if channel.head_began is not None and channel.head_began < overdue:
+                channel.will_close = True  # a slow-loris: its head trickles in
+    server.maintenance = maintenance
     return server
+
+
+def _connection_limit(config):
+    """Connections open at once: as many as file descriptors allow, so that
+    idle keep-alive connections (a client's big pool, a slow-loris) do not
+    shut others out at a few hundred. Raises the soft limit to the hard one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    except (ImportError, ValueError, OSError):
+        return max(100, config.threads * 4)
+    # Half for connections: the rest for the database, builds' pipes and logs.
+    return max(100, min(10000, soft // 2))
 
 
 def _keep_to_one_core():
@@ -3112,7 +3139,7 @@ def body_limit(path):
 
 
 def _channel_class():
-    """waitress's HTTP channel, changed in four ways:
+    """waitress's HTTP channel, changed in five ways:
 
     - its parser refuses a body over its path's limit from its Content-Length:
       the app sees the request at once, with no body, and answers 413; the
@@ -3125,7 +3152,9 @@ def _channel_class():
       and then asks for it would have to connect again. An answer cut short
       (an error, a client gone) still closes it; a HEAD answer gets no last
       chunk (waitress would send one, a stray body);
-    - its own error answers are JSON, like the app's.
+    - its own error answers are JSON, like the app's;
+    - it knows since when a request's head has been arriving: one still not
+      whole after HEAD_SECONDS closes the connection (see http_server).
     """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
@@ -3198,6 +3227,16 @@ def _channel_class():
         task_class = Task
         error_task_class = JSONErrorTask
         holding, _head = False, None
+        head_began = None  # when a request whose head is not all here began
+
+        def received(self, data):
+            began = self.head_began or time.monotonic()
+            try:
+                return super().received(data)
+            finally:
+                request = self.request
+                self.head_began = began if request is not None and \
+                    not request.headers_finished else None
 
         def write_soon(self, data):
             if self.holding and self._head is None:

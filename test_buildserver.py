@@ -3591,7 +3591,7 @@ def served_here(config):
     thread = threading.Thread(target=loop, name="served-here", daemon=True)
     thread.start()
     try:
-        yield app, server.effective_port
+        yield app, server
     finally:
         app.shutdown(timeout=10)
         stop.set()
@@ -3608,7 +3608,8 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
     monkeypatch.setattr(buildserver, "FOLLOW_STALL_SECONDS", 1.0)
     config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
     assert config.max_followers == 2
-    with served_here(config) as (app, port):
+    with served_here(config) as (app, server):
+        port = server.effective_port
         token = app.store.create_user("root", is_admin=True)
         api = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
@@ -3683,6 +3684,49 @@ def test_the_servers_threads_keep_to_one_core_and_its_builds_get_them_all(server
             for tid in os.listdir(f"/proc/{pid}/task")]
     assert sum(cores in one for cores in kept) >= 8  # the HTTP threads
     assert all(cores in one or cores == everything for cores in kept)  # workers: all
+
+
+def test_a_connection_whose_request_head_trickles_in_is_closed_and_others_are_not(
+        tmp_path, monkeypatch):
+    # A slow-loris: a byte now and then keeps waitress's idle timeout away,
+    # and enough such connections reach the connection limit.
+    monkeypatch.setattr(buildserver, "HEAD_SECONDS", 1.0)
+    config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0)
+    with served_here(config) as (app, server):
+        server.adj.cleanup_interval = 0.2
+        server.next_channel_cleanup = 0
+        address = ("127.0.0.1", server.effective_port)
+        slow = socket.create_connection(address, timeout=30)
+        idle = socket.create_connection(address, timeout=30)  # keep-alive, between requests
+        idle.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        slow.sendall(b"GET /api/v1/health HTTP/1.1\r\n")
+        closed_at = time.monotonic() + 30
+        while True:  # a header byte every 0.1 s: never idle, never whole
+            try:
+                slow.sendall(b"X")
+                if slow.recv(1, socket.MSG_DONTWAIT) == b"":
+                    break
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            assert time.monotonic() < closed_at, "the slow head's connection stays open"
+            time.sleep(0.1)
+        # The connection between requests stays (waitress's idle timeout is 120 s).
+        idle.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        slow.close()
+        idle.close()
+
+
+def test_connections_are_limited_by_file_descriptors_not_a_few_hundred():
+    import resource
+    limit = buildserver._connection_limit(buildserver.Config())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert limit == max(100, min(10000, soft // 2))
+    if hard == resource.RLIM_INFINITY or hard >= 2048:
+        assert limit >= 1024
 
 
 # Crash recovery and shutdown ---------------------------------------------------------
