@@ -2564,12 +2564,10 @@ def make_routes(app):
 
     def stop_all(build_ids, message):
         """Stop the builds and wait for those running to end; 503 when too many
-        requests wait already (see App.waiting), before anything is stopped."""
-        if not any(runner.running(build_id) for build_id in build_ids):
-            for build_id in build_ids:
-                runner.stop(build_id, message)
-            return
-        if not app.waiting.acquire(blocking=False):
+        requests wait already (see App.waiting), before anything is stopped.
+        (One that starts meanwhile is waited for too, outside the slots.)"""
+        waiting = any(runner.running(build_id) for build_id in build_ids)
+        if waiting and not app.waiting.acquire(blocking=False):
             raise ApiError(503, "Too many requests are waiting for builds to end; "
                                 "try again shortly.", headers={"Retry-After": "5"})
         try:
@@ -2578,7 +2576,8 @@ def make_routes(app):
             for build_id in build_ids:  # each already has its SIGTERM: wait for them together
                 runner.stop(build_id, message, wait=config.stop_grace + 5)
         finally:
-            app.waiting.release()
+            if waiting:
+                app.waiting.release()
 
     @authorized
     def list_builds(user, username, project_name):
