@@ -1206,8 +1206,8 @@ class LogStream:
 
     def read(self, size=-1):
         while self.pos < self.end:
-            if not self._client_keeps_up():
-                return b""
+            if not self._client_keeps_up():  # cut off, not ended: the build goes on
+                raise ConnectionAbortedError("the follower's client stopped reading")
             seen = self.bus.news(self.build_id)
             state = self.store.log_state(self.build_id, self.uuid)
             if state is None:  # deleted
@@ -1234,8 +1234,9 @@ class LogStream:
         """Wait while more than FOLLOW_BACKLOG bytes wait for the client: one
         that stops reading (`logs -f | less`, a suspended curl) holds that much
         here, not the whole log. False once it has taken nothing for
-        FOLLOW_STALL_SECONDS, or has gone: the answer ends, and frees its thread
-        and follower slot (a client that comes back follows on from its offset)."""
+        FOLLOW_STALL_SECONDS, or has gone: the answer is cut off, which frees its
+        thread and follower slot (a client that comes back follows on from its
+        offset)."""
         backlog = self._environ.get("buildserver.backlog")
         if backlog is None or backlog() <= FOLLOW_BACKLOG:
             return True
@@ -1249,7 +1250,7 @@ class LogStream:
             if waiting < least:  # it reads, slowly
                 least, stall_ends = waiting, time.monotonic() + FOLLOW_STALL_SECONDS
             elif time.monotonic() >= stall_ends:
-                log.warning("a follower of build %s took nothing for %d s; its answer ends",
+                log.warning("a follower of build %s took nothing for %d s: connection closed",
                             self.build_id, FOLLOW_STALL_SECONDS)
                 return False
         return False
@@ -3039,10 +3040,12 @@ def serve(config):
             threading.Thread(target=shut_down, name="shutdown").start()
 
     # Before any build starts, so that a signal always stops builds cleanly.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     # SIGHUP: the terminal it ran in was closed; its builds, in sessions of
-    # their own, would outlive it unsupervised.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    # their own, would outlive it unsupervised. Unless told to ignore it (nohup).
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, on_signal)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
         token = app.store.create_user("admin", is_admin=True)
         print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
@@ -3091,26 +3094,25 @@ def http_server(app, config):
         idle_channels_closed(now)
         overdue = time.monotonic() - HEAD_SECONDS
         for channel in list(server.active_channels.values()):
-            if channel.head_began is not None and channel.head_began < overdue:
+            if channel.head_began is not None and channel.head_began < overdue and \
+                    not channel.requests:  # (a head read ahead of an answer may wait)
                 channel.will_close = True  # a slow-loris: its head trickles in
     server.maintenance = maintenance
     return server
 
 
 def _connection_limit(config):
-    """Connections open at once: as many as file descriptors allow, so that
-    idle keep-alive connections (a client's big pool, a slow-loris) do not
-    shut others out at a few hundred. Raises the soft limit to the hard one."""
+    """Connections open at once: half the file descriptors the process may
+    open (the rest are for the database and builds' pipes), so that idle
+    keep-alive connections (a client's big pool, a slow-loris) do not shut
+    others out at a hundred. (The limit is not raised: builds inherit it.)"""
     try:
         import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, ValueError, OSError):
         return max(100, config.threads * 4)
-    # Half for connections: the rest for the database, builds' pipes and logs.
+    if soft == resource.RLIM_INFINITY:
+        return 10000
     return max(100, min(10000, soft // 2))
 
 
