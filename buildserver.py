@@ -2796,7 +2796,8 @@ def make_routes(app):
             bottle.response.set_header("Content-Length", str(end - start))
             return LogFile(store, build, start, end)
         if not app.waiting.acquire(blocking=False):
-            raise ApiError(503, "Too many log followers at once; try again shortly.",
+            raise ApiError(503, "Too many log followers (or stops and deletes waiting for "
+                                "builds) at once; try again shortly.",
                            headers={"Retry-After": "5"})
         end = float("inf") if limit is None else offset + limit
         return LogStream(store, app.bus, build, offset, end, request.environ,
@@ -3119,8 +3120,8 @@ def _connection_limit(config):
 def _keep_to_one_core():
     """Keep this process's threads to one core, the one it runs on (Linux):
     the GIL runs one at a time anyway, and handing work to a thread asleep on
-    another core costs more than the work on a small VM (a dispatch took 3.5
-    ms instead of 4.0 on two vCPUs). Returns the cores it had, for the
+    another core costs more than the work on a small VM (a dispatch took 3.6
+    ms instead of 4.1 on two vCPUs). Returns the cores it had, for the
     workers to take back (builds keep them all), or None if nothing changed."""
     try:
         cores = os.sched_getaffinity(0)
@@ -3155,7 +3156,8 @@ def _channel_class():
       chunk (waitress would send one, a stray body);
     - its own error answers are JSON, like the app's;
     - it knows since when a request's head has been arriving: one still not
-      whole after HEAD_SECONDS closes the connection (see http_server).
+      whole after HEAD_SECONDS closes a connection with no request in hand
+      (see http_server).
     """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
