@@ -6583,25 +6583,11 @@ class Dashboard:
 
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory):
-    """A real waitress server on a free loopback port, run in a thread."""
-    app = buildserver.make_app(buildserver.Config(
-        data_dir=str(tmp_path_factory.mktemp("dashboard")), workers=2, stop_grace=1))
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=16,
-                                    channel_request_lookahead=1)
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            wasyncore.loop(timeout=0.1, map=server._map, use_poll=True, count=1)
-    thread = threading.Thread(target=loop, name="dashboard-server", daemon=True)
-    thread.start()
-    yield Dashboard(f"http://127.0.0.1:{server.effective_port}", app)
-    app.shutdown(timeout=10)
-    stop.set()
-    thread.join(5)
-    server.task_dispatcher.shutdown(timeout=5)
-    wasyncore.close_all(server._map)
-    app.close()
+    """A real server on a free loopback port, run in a thread (see served_here)."""
+    config = buildserver.Config(data_dir=str(tmp_path_factory.mktemp("dashboard")), port=0,
+                                workers=2, threads=16, stop_grace=1)
+    with served_here(config) as (app, server):
+        yield Dashboard(f"http://127.0.0.1:{server.effective_port}", app)
 
 
 @pytest.fixture(scope="module")
