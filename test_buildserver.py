@@ -3662,6 +3662,56 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
             conn.close()
 
 
+def test_requests_one_after_another_are_served_by_the_thread_that_went_idle_last(tmp_path):
+    # waitress alone wakes the thread idle longest, so that one client's
+    # requests go round every thread, each with cold caches.
+    config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=8)
+    with served_here(config) as (app, server):
+        served_by = []
+        application = server.application
+
+        def recorded(environ, start_response):
+            served_by.append(threading.current_thread().name)
+            return application(environ, start_response)
+        server.application = recorded
+        conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
+        for _ in range(40):
+            conn.request("GET", "/api/v1/health")
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())
+        conn.close()
+    assert len(served_by) == 40
+    # (Another may take one now and then: a request can come before the
+    # thread that answered the last one is back waiting.)
+    assert len(set(served_by)) <= 3, collections.Counter(served_by)
+
+
+def test_the_idle_threads_condition_wakes_them_last_in_first_out():
+    lock = threading.Lock()
+    idle = buildserver._WarmestFirst(lock)
+    woken = []
+
+    def wait(name):
+        with lock:
+            idle.wait()
+            woken.append(name)
+    threads = []
+    for name in ("a", "b", "c", "d"):
+        threads.append(threading.Thread(target=wait, args=(name,), daemon=True))
+        threads[-1].start()
+        wait_until(lambda: len(idle._waiters) == len(threads), timeout=10,
+                   message=f"{name} to wait")
+    for expected in (["d"], ["d", "c"]):
+        with lock:
+            idle.notify()
+        wait_until(lambda: woken == expected, timeout=10, message=f"{expected[-1]} to wake")
+    with lock:
+        idle.notify_all()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(woken[2:]) == ["a", "b"] and not idle._waiters
+
+
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda pid: ())(0)) < 2,
                     reason="needs Linux and two cores")
 def test_the_servers_threads_keep_to_one_core_and_its_builds_get_them_all(server_factory):
