@@ -3683,7 +3683,7 @@ def test_requests_one_after_another_are_served_by_the_thread_that_went_idle_last
     assert len(served_by) == 40
     # (Another may take one now and then: a request can come before the
     # thread that answered the last one is back waiting.)
-    assert len(set(served_by)) <= 3, collections.Counter(served_by)
+    assert len(set(served_by)) <= 4, collections.Counter(served_by)  # of 8; oldest-first: all 8
 
 
 def test_the_idle_threads_condition_wakes_them_last_in_first_out():
