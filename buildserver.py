@@ -92,7 +92,7 @@ LOG_JSON_DEFAULT = 1 * MiB   # bytes per JSON log page unless ?limit= says other
 LOG_JSON_MAX = 4 * MiB        # a page's text can take 6 bytes a byte as JSON (control bytes)
 LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses at most this
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
-FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build and its client this often
+FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build this often (its client leaving wakes it)
 HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive within this
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
@@ -1114,18 +1114,26 @@ class LogBus:
                     self._forget(build_id, waiter)
                     waiter.release()
 
-    def wait(self, build_id, seen, position, timeout):
-        """Until news after `seen` passes `position`, the bus closes, or `timeout`."""
+    def wait(self, build_id, seen, position, timeout, gone=lambda: False):
+        """Until news after `seen` passes `position`, the bus closes, wake()
+        or `timeout`; not at all if `gone()` (checked where wake() cannot
+        slip in between)."""
         waiter = threading.Lock()
         waiter.acquire()
         with self._lock:
             news = self.news(build_id)
-            if self.closed or (news != seen and news[1] > position):
+            if self.closed or gone() or (news != seen and news[1] > position):
                 return
             self._waiting.setdefault(build_id, {})[waiter] = position
         if not waiter.acquire(timeout=timeout):
             with self._lock:
                 self._forget(build_id, waiter)
+
+    def wake(self, build_id):
+        """Wake the build's followers to look again (one's client has gone)."""
+        with self._lock:
+            for waiter in self._waiting.pop(build_id, {}):
+                waiter.release()
 
     def _forget(self, build_id, waiter):
         waiting = self._waiting.get(build_id, {})
@@ -1205,6 +1213,7 @@ class LogStream:
         self._headers_sent = False
 
     def read(self, size=-1):
+        gone = self._environ.get("waitress.client_disconnected") or (lambda: False)
         while self.pos < self.end:
             if not self._client_keeps_up():  # cut off, not ended: the build goes on
                 raise ConnectionAbortedError("the follower's client stopped reading")
@@ -1217,18 +1226,21 @@ class LogStream:
             if piece:
                 self.pos += len(piece)
                 return piece
-            if state["last_status"] in FINAL or self.bus.closed:
-                return b""
-            gone = self._environ.get("waitress.client_disconnected")
-            if gone is not None and gone():  # free the thread and the follower slot
-                return b""
+            if state["last_status"] in FINAL or self.bus.closed or gone():
+                return b""  # (gone: free the thread and the follower slot)
             if not self._headers_sent:  # before waiting, send the headers
                 self._headers_sent = True
                 write = self._environ.get("buildserver.write")
                 if write is not None:  # set once the response has started
                     write(b"")
-            self.bus.wait(self.build_id, seen, self.pos, FOLLOW_WAIT_SECONDS)
+                self._when_client_goes(functools.partial(self.bus.wake, self.build_id))
+            self.bus.wait(self.build_id, seen, self.pos, FOLLOW_WAIT_SECONDS, gone)
         return b""
+
+    def _when_client_goes(self, callback):
+        when_gone = self._environ.get("buildserver.when_gone")
+        if when_gone is not None:  # (served by waitress through http_server)
+            when_gone(callback)
 
     def _client_keeps_up(self):
         """Wait while more than FOLLOW_BACKLOG bytes wait for the client: one
@@ -1256,6 +1268,7 @@ class LogStream:
         return False
 
     def close(self):
+        self._when_client_goes(None)
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
@@ -3175,7 +3188,7 @@ def body_limit(path):
 
 
 def _channel_class():
-    """waitress's HTTP channel, changed in five ways:
+    """waitress's HTTP channel, changed in six ways:
 
     - its parser refuses a body over its path's limit from its Content-Length:
       the app sees the request at once, with no body, and answers 413; the
@@ -3191,7 +3204,9 @@ def _channel_class():
     - its own error answers are JSON, like the app's;
     - it knows since when a request's head has been arriving: one still not
       whole after HEAD_SECONDS closes a connection with no request in hand
-      (see http_server).
+      (see http_server);
+    - it wakes a waiting follower when its client leaves (waitress only
+      marks the connection, which the follower would see a second later).
     """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
@@ -3212,6 +3227,7 @@ def _channel_class():
             environ = super().get_environment()
             channel = self.channel  # what a follower has waiting for its client
             environ["buildserver.backlog"] = lambda: channel.total_outbufs_len
+            environ["buildserver.when_gone"] = channel.when_gone
             return environ
 
         def build_response_header(self):
@@ -3265,6 +3281,27 @@ def _channel_class():
         error_task_class = JSONErrorTask
         holding, _head = False, None
         head_began = None  # when a request whose head is not all here began
+        _gone_callback = None
+
+        def when_gone(self, callback):
+            """Call `callback` (once, in the event loop) when the client has
+            gone: a waiting follower then frees its thread and slot at once;
+            None forgets it."""
+            self._gone_callback = callback
+
+        def _tell_gone(self):
+            callback, self._gone_callback = self._gone_callback, None
+            if callback is not None:
+                callback()
+
+        def handle_read(self):
+            super().handle_read()
+            if not self.connected:  # the client closed its end
+                self._tell_gone()
+
+        def handle_close(self):  # a reset, or a send that failed
+            super().handle_close()
+            self._tell_gone()
 
         def received(self, data):
             began = self.head_began or time.monotonic()

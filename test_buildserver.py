@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import sqlite3
 import stat
 import subprocess
@@ -3577,6 +3578,16 @@ def test_stops_and_deletes_wait_only_in_the_followers_slots_and_the_api_answers_
     assert server.json("GET", path)[0] == 404
 
 
+def free_slots(app):
+    """How many follower slots (App.waiting) are free now."""
+    taken = 0
+    while app.waiting.acquire(blocking=False):
+        taken += 1
+    for _ in range(taken):
+        app.waiting.release()
+    return taken
+
+
 @contextlib.contextmanager
 def served_here(config):
     """buildserver's own waitress server (http_server) for `config`, run by a
@@ -3631,15 +3642,8 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
         for start in range(0, len(log), 256 * 1024):
             assert ask("POST", path + "/logs", log[start:start + 256 * 1024])[0] == 200
 
-        def free_slots():
-            taken = 0
-            while app.waiting.acquire(blocking=False):
-                taken += 1
-            for _ in range(taken):
-                app.waiting.release()
-            return taken
         # The stalled one held a slot; its answer is cut off with nothing read.
-        wait_until(lambda: free_slots() == 2, timeout=30, message="the stalled follower to end")
+        wait_until(lambda: free_slots(app) == 2, timeout=30, message="the stalled follower to end")
         stalled.settimeout(30)
         received = b""
         while True:  # what was on its way, then the connection closes
@@ -3710,6 +3714,49 @@ def test_the_idle_threads_condition_wakes_them_last_in_first_out():
     for thread in threads:
         thread.join(10)
     assert sorted(woken[2:]) == ["a", "b"] and not idle._waiters
+
+
+def test_a_follower_whose_client_leaves_frees_its_slot_without_waiting_for_its_next_look(
+        tmp_path, monkeypatch):
+    # waitress only marks a connection whose client has gone; a follower saw
+    # it at its next look (once a second), and held its thread and slot till
+    # then: scripts following with a short timeout met 503s.
+    monkeypatch.setattr(buildserver, "FOLLOW_WAIT_SECONDS", 300.0)  # no look in this test
+    config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
+    assert config.max_followers == 2
+    with served_here(config) as (app, server):
+        token = app.store.create_user("root", is_admin=True)
+        here = types.SimpleNamespace(host="127.0.0.1", port=server.effective_port, token=token)
+        assert here_request(here, "POST", "/api/v1/root", b'{"name": "app"}') == 201
+        assert here_request(here, "POST", "/api/v1/root/app/builds", b'{"is_managed": false}') == 201
+        path = "/api/v1/root/app/builds/1"
+        assert here_request(here, "POST", path + "/statuses", b'{"status": "running"}') == 201
+        followers = [open_follow(here, path, timeout=30) for _ in range(3)]
+        assert [response.status for _, response in followers] == [200, 200, 503]
+        followers.pop()[0].close()
+        wait_until(lambda: free_slots(app) == 0, timeout=10, message="the 503 to be answered")
+        followers[0][0].close()  # a client that leaves: FIN
+        wait_until(lambda: free_slots(app) == 1, timeout=30, message="its slot to be free")
+        # The other follower of the build, woken too, follows on.
+        assert here_request(here, "POST", path + "/logs", b"still here\n", "text/plain") == 200
+        assert followers[1][1].read(11) == b"still here\n"
+        conn = followers[1][0]  # a client that leaves with a reset
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        wait_until(lambda: free_slots(app) == 2, timeout=30, message="its slot to be free")
+
+
+def here_request(server, method, path, body=b"", content_type="application/json"):
+    """One request on a connection of its own; returns its status."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Authorization": f"Token {server.token}",
+                                                       "Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
 
 
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda pid: ())(0)) < 2,
