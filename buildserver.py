@@ -3131,15 +3131,22 @@ class _WarmestFirst:
         self._lock = lock
         self._waiters = []  # a locked lock per waiting thread, the last to wait last
 
-    def wait(self):
+    def wait(self, timeout=None):
         waiter = threading.Lock()
         waiter.acquire()
         self._waiters.append(waiter)
         self._lock.release()
-        try:
-            waiter.acquire()  # until notify() releases it
+        woken = False
+        try:  # until notify() releases it
+            woken = waiter.acquire(True, -1 if timeout is None else timeout)
         finally:
             self._lock.acquire()
+            if not woken:  # timed out, or interrupted: a notify must not be spent on it
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:  # notified as it timed out: that notify was its
+                    woken = True
+        return woken
 
     def notify(self, n=1):
         for _ in range(min(n, len(self._waiters))):

@@ -3687,7 +3687,7 @@ def test_requests_one_after_another_are_served_by_the_thread_that_went_idle_last
     assert len(served_by) == 40
     # (Another may take one now and then: a request can come before the
     # thread that answered the last one is back waiting.)
-    assert len(set(served_by)) <= 4, collections.Counter(served_by)  # of 8; oldest-first: all 8
+    assert len(set(served_by)) <= 6, collections.Counter(served_by)  # of 8; oldest-first: all 8
 
 
 def test_the_idle_threads_condition_wakes_them_last_in_first_out():
@@ -3714,6 +3714,8 @@ def test_the_idle_threads_condition_wakes_them_last_in_first_out():
     for thread in threads:
         thread.join(10)
     assert sorted(woken[2:]) == ["a", "b"] and not idle._waiters
+    with lock:  # a wait that times out leaves no waiter for a notify to be spent on
+        assert idle.wait(timeout=0.01) is False and not idle._waiters
 
 
 def test_a_follower_whose_client_leaves_frees_its_slot_without_waiting_for_its_next_look(
@@ -3734,7 +3736,7 @@ def test_a_follower_whose_client_leaves_frees_its_slot_without_waiting_for_its_n
         followers = [open_follow(here, path, timeout=30) for _ in range(3)]
         assert [response.status for _, response in followers] == [200, 200, 503]
         followers.pop()[0].close()
-        wait_until(lambda: free_slots(app) == 0, timeout=10, message="the 503 to be answered")
+        assert free_slots(app) == 0
         followers[0][0].close()  # a client that leaves: FIN
         wait_until(lambda: free_slots(app) == 1, timeout=30, message="its slot to be free")
         # The other follower of the build, woken too, follows on.
@@ -3743,6 +3745,38 @@ def test_a_follower_whose_client_leaves_frees_its_slot_without_waiting_for_its_n
         conn = followers[1][0]  # a client that leaves with a reset
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()
+        wait_until(lambda: free_slots(app) == 2, timeout=30, message="its slot to be free")
+
+
+def test_a_follower_whose_client_resets_with_output_still_unsent_frees_its_slot(
+        tmp_path, monkeypatch):
+    # With output waiting for the client, waitress stops reading from the
+    # connection: a reset then comes as a hang-up (handle_close), not a read.
+    monkeypatch.setattr(buildserver, "FOLLOW_WAIT_SECONDS", 300.0)  # no look in this test
+    monkeypatch.setattr(buildserver, "FOLLOW_BACKLOG", 256 * MiB)  # it waits on the bus
+    config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
+    with served_here(config) as (app, server):
+        token = app.store.create_user("root", is_admin=True)
+        here = types.SimpleNamespace(host="127.0.0.1", port=server.effective_port, token=token)
+        assert here_request(here, "POST", "/api/v1/root", b'{"name": "app"}') == 201
+        assert here_request(here, "POST", "/api/v1/root/app/builds", b'{"is_managed": false}') == 201
+        path = "/api/v1/root/app/builds/1"
+        assert here_request(here, "POST", path + "/statuses", b'{"status": "running"}') == 201
+        client = socket.create_connection(("127.0.0.1", here.port), timeout=30)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sendall(f"GET {path}/logs?follow=1 HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Token {token}\r\n\r\n".encode())
+        assert client.recv(12) == b"HTTP/1.1 200"
+        # More than the sockets hold, less than makes waitress hold the follower back.
+        for _ in range(6):
+            assert here_request(here, "POST", path + "/logs", b"x" * MiB, "text/plain") == 200
+        channel, = [c for c in list(server.active_channels.values())
+                    if c.requests and "follow=1" in c.requests[0].query]
+        wait_until(lambda: channel.total_outbufs_len > 0 and not channel.readable(), timeout=30,
+                   message="output to wait for the client")
+        assert free_slots(app) == 1
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
         wait_until(lambda: free_slots(app) == 2, timeout=30, message="its slot to be free")
 
 
