@@ -1210,10 +1210,10 @@ class LogStream:
         self.store, self.bus, self.build_id, self.uuid = store, bus, build["id"], build["uuid"]
         self.pos, self.end = start, end
         self._environ, self._on_close = environ, on_close
+        self._gone = environ.get("waitress.client_disconnected") or (lambda: False)
         self._headers_sent = False
 
     def read(self, size=-1):
-        gone = self._environ.get("waitress.client_disconnected") or (lambda: False)
         while self.pos < self.end:
             if not self._client_keeps_up():  # cut off, not ended: the build goes on
                 raise ConnectionAbortedError("the follower's client stopped reading")
@@ -1226,7 +1226,7 @@ class LogStream:
             if piece:
                 self.pos += len(piece)
                 return piece
-            if state["last_status"] in FINAL or self.bus.closed or gone():
+            if state["last_status"] in FINAL or self.bus.closed or self._gone():
                 return b""  # (gone: free the thread and the follower slot)
             if not self._headers_sent:  # before waiting, send the headers
                 self._headers_sent = True
@@ -1234,7 +1234,7 @@ class LogStream:
                 if write is not None:  # set once the response has started
                     write(b"")
                 self._when_client_goes(functools.partial(self.bus.wake, self.build_id))
-            self.bus.wait(self.build_id, seen, self.pos, FOLLOW_WAIT_SECONDS, gone)
+            self.bus.wait(self.build_id, seen, self.pos, FOLLOW_WAIT_SECONDS, self._gone)
         return b""
 
     def _when_client_goes(self, callback):
@@ -1252,9 +1252,8 @@ class LogStream:
         backlog = self._environ.get("buildserver.backlog")
         if backlog is None or backlog() <= FOLLOW_BACKLOG:
             return True
-        gone = self._environ.get("waitress.client_disconnected")
         least, stall_ends = backlog(), time.monotonic() + FOLLOW_STALL_SECONDS
-        while not (self.bus.closed or (gone is not None and gone())):
+        while not (self.bus.closed or self._gone()):
             time.sleep(0.1)  # a rare case, and no event says a client read
             waiting = backlog()
             if waiting <= FOLLOW_BACKLOG:

@@ -3727,12 +3727,7 @@ def test_a_follower_whose_client_leaves_frees_its_slot_without_waiting_for_its_n
     config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
     assert config.max_followers == 2
     with served_here(config) as (app, server):
-        token = app.store.create_user("root", is_admin=True)
-        here = types.SimpleNamespace(host="127.0.0.1", port=server.effective_port, token=token)
-        assert here_request(here, "POST", "/api/v1/root", b'{"name": "app"}') == 201
-        assert here_request(here, "POST", "/api/v1/root/app/builds", b'{"is_managed": false}') == 201
-        path = "/api/v1/root/app/builds/1"
-        assert here_request(here, "POST", path + "/statuses", b'{"status": "running"}') == 201
+        here, path = a_running_unmanaged_build(app, server)
         followers = [open_follow(here, path, timeout=30) for _ in range(3)]
         assert [response.status for _, response in followers] == [200, 200, 503]
         followers.pop()[0].close()
@@ -3756,16 +3751,11 @@ def test_a_follower_whose_client_resets_with_output_still_unsent_frees_its_slot(
     monkeypatch.setattr(buildserver, "FOLLOW_BACKLOG", 256 * MiB)  # it waits on the bus
     config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
     with served_here(config) as (app, server):
-        token = app.store.create_user("root", is_admin=True)
-        here = types.SimpleNamespace(host="127.0.0.1", port=server.effective_port, token=token)
-        assert here_request(here, "POST", "/api/v1/root", b'{"name": "app"}') == 201
-        assert here_request(here, "POST", "/api/v1/root/app/builds", b'{"is_managed": false}') == 201
-        path = "/api/v1/root/app/builds/1"
-        assert here_request(here, "POST", path + "/statuses", b'{"status": "running"}') == 201
+        here, path = a_running_unmanaged_build(app, server)
         client = socket.create_connection(("127.0.0.1", here.port), timeout=30)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         client.sendall(f"GET {path}/logs?follow=1 HTTP/1.1\r\nHost: x\r\n"
-                       f"Authorization: Token {token}\r\n\r\n".encode())
+                       f"Authorization: Token {here.token}\r\n\r\n".encode())
         assert client.recv(12) == b"HTTP/1.1 200"
         # More than the sockets hold, less than makes waitress hold the follower back.
         for _ in range(6):
@@ -3778,6 +3768,18 @@ def test_a_follower_whose_client_resets_with_output_still_unsent_frees_its_slot(
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         wait_until(lambda: free_slots(app) == 2, timeout=30, message="its slot to be free")
+
+
+def a_running_unmanaged_build(app, server):
+    """An admin and a running unmanaged build on a served_here server;
+    returns (where to reach it as that admin, the build's path)."""
+    token = app.store.create_user("root", is_admin=True)
+    here = types.SimpleNamespace(host="127.0.0.1", port=server.effective_port, token=token)
+    assert here_request(here, "POST", "/api/v1/root", b'{"name": "app"}') == 201
+    assert here_request(here, "POST", "/api/v1/root/app/builds", b'{"is_managed": false}') == 201
+    path = "/api/v1/root/app/builds/1"
+    assert here_request(here, "POST", path + "/statuses", b'{"status": "running"}') == 201
+    return here, path
 
 
 def here_request(server, method, path, body=b"", content_type="application/json"):
