@@ -99,6 +99,7 @@ FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this lo
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
+REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 # Routes that share the /api/v1/{username} level: never user names
@@ -886,7 +887,8 @@ class Store:
                  fields.get("timeout"), now, now, restarted_from))
             self._add_status(c, build_id, "created", None, now)
             if managed:
-                self._set_status(c, build_id, "scheduled", "waiting for a free worker", now)
+                self._set_status(c, build_id, "scheduled", "a worker is free" if running
+                                 else "waiting for a free worker", now)
             if managed and running:
                 self._set_status(c, build_id, "running", "started", now)
             return self.build(build_id)
@@ -2342,12 +2344,18 @@ def _is_utf8(path):
 
 
 def _refused_before_routing(environ, path):
-    """(status, sentence) for a request no route may see, or None: a path that
-    is not UTF-8, or a body over its path's limit. The parser left that body
-    unread (see _channel_class), and a route that takes no body, a delete or a
-    stop, must not act on the request either."""
+    """(status, sentence) for a request no route may see, or None: a path
+    that is not UTF-8 or has an encoded slash, or a body over its path's
+    limit. The parser left that body unread (see _channel_class), and a route
+    that takes no body, a delete or a stop, must not act on the request
+    either."""
     if not _is_utf8(path):
         return 400, "The path is not valid UTF-8 once its %-escapes are decoded."
+    # The server decodes %2F before routing: /alice/app%2Fbuilds would reach
+    # /alice/app/builds. No name holds a slash, so such a path is a mistake.
+    raw_path = (environ.get("REQUEST_URI") or environ.get("RAW_URI") or "").partition("?")[0]
+    if "%2f" in raw_path.lower():
+        return 400, "The path holds an encoded slash (%2F); no name has one."
     length, limit = whole_number(environ.get("CONTENT_LENGTH") or ""), body_limit(path)
     if length is not None and length > limit:
         return 413, too_large(limit)
@@ -2612,6 +2620,11 @@ def make_routes(app):
         project = _project(app, username, project_name)
         fields = validate(read_json(empty_ok=True), BUILD_CREATE, tolerated=POLYAXON_NULLABLE)
         fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
+        most = FIELDS["env"]["maxProperties"]
+        if len(fields["env"]) > most:
+            raise ApiError(400, f"With the project's, the build's env would hold "
+                                f"{len(fields['env'])} pairs; a build holds at most {most}.",
+                           errors={"env": f"at most {most} pairs with the project's"})
         fields.setdefault("timeout", project["timeout"])
         fields["command"] = fields.get("command") or project["command"]
         fields["is_managed"] = fields.get("is_managed") is not False  # Polyaxon sends null
@@ -2782,7 +2795,7 @@ def make_routes(app):
         build = _build(app, username, project_name, build_id)
         request = bottle.request
         fmt = query_param("format") or (
-            "json" if prefers_json(request.get_header("Accept", "")) else "text")
+            "json" if prefers_json(request.environ.get("HTTP_ACCEPT", "")) else "text")
         if fmt not in ("text", "json"):
             raise ApiError(400, "The query parameter format must be text or json.",
                            errors={"format": "must be text or json"})
@@ -2901,7 +2914,7 @@ def make_routes(app):
     # /api/v1/health would be create_project for a user called "health". (First:
     # Bottle tries the routes with parameters in the order they were added.)
     for path in sorted({r.path for r in routes if not r.path.startswith("/api/v1/<")}):
-        allowed = ",".join(sorted({r.method for r in routes if r.path == path}))
+        allowed = _allowed(r.method for r in routes if r.path == path)
         others = [m for m in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS") if m not in allowed]
         web.route(path, others, _answering(app, functools.partial(_not_allowed, allowed)))
     for route in routes:
@@ -2912,9 +2925,18 @@ def make_routes(app):
     return web
 
 
+def _allowed(methods):
+    """The methods an Allow header names: HEAD goes with GET (Bottle answers
+    it with GET's route)."""
+    methods = set(methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def _not_allowed(allowed, **params):
-    raise ApiError(405, f"{bottle.request.method} is not allowed here; use {allowed}.",
-                   headers={"Allow": allowed})
+    raise ApiError(405, f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}.",
+                   headers={"Allow": ",".join(allowed)})
 
 
 def created(body):
@@ -2962,8 +2984,11 @@ def _error_page(error):
     if error.status_code == 404:
         detail = f"There is no endpoint at {bottle.request.path}."
     elif error.status_code == 405:
+        allowed = _allowed(method for method in error.headers.get("Allow", "").split(",")
+                           if method)
+        bottle.response.set_header("Allow", ",".join(allowed))
         detail = (f"{bottle.request.method} is not allowed here; "
-                  f"use {error.headers.get('Allow', 'another method')}.")
+                  f"use {', '.join(allowed) or 'another method'}.")
     else:
         detail = "internal error" if error.status_code >= 500 else str(error.body)
     return json_bytes({"detail": detail})
@@ -3199,7 +3224,10 @@ def _channel_class():
     - its parser refuses a body over its path's limit from its Content-Length:
       the app sees the request at once, with no body, and answers 413; the
       connection closes after the answer (its unread body is never parsed as
-      requests);
+      requests). Up to REFUSED_DRAIN bytes of that body are read and dropped
+      first, as they come: closing with them unread would reset the
+      connection, and a client that sends its whole body before it reads
+      (Python's http.client and requests do) would get the reset, not the 413;
     - an answer's head goes out with the first bytes of its body, in one send:
       the client wakes once, not twice;
     - the connection stays open after a chunked answer (a followed log), as
@@ -3217,6 +3245,7 @@ def _channel_class():
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
     from waitress.task import ErrorTask, WSGITask
+    from waitress.utilities import RequestEntityTooLarge
 
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus):
@@ -3239,6 +3268,7 @@ def _channel_class():
         def build_response_header(self):
             if getattr(self.request, "body_refused", False):  # its unread body must not
                 super().set_close_on_finish()                 # be taken for requests
+                self.channel.drain_before_closing(self.request.content_length)
             self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
                                   self.request.headers.get("CONNECTION", "").lower() != "close")
             try:
@@ -3278,6 +3308,8 @@ def _channel_class():
             self.status = f"{error.code} {error.reason}"
             self.response_headers.append(("Content-Type", "application/json"))
             self.set_close_on_finish()
+            if isinstance(error, RequestEntityTooLarge):  # (a chunked body: no length)
+                self.channel.drain_before_closing(self.request.content_length or None)
             self.content_length = len(body)
             self.write(body)
 
@@ -3288,6 +3320,32 @@ def _channel_class():
         holding, _head = False, None
         head_began = None  # when a request whose head is not all here began
         _gone_callback = None
+        _to_drain = None  # bytes of a refused body still to drop before closing
+        _draining = False  # the answer is sent, and the connection half-closed
+
+        def drain_before_closing(self, length):
+            """Once the answer is sent, read and drop the refused body (of
+            `length` bytes, None if unknown) before closing; not when it is
+            too long to be worth it."""
+            if length is None or length <= REFUSED_DRAIN:
+                self._to_drain = REFUSED_DRAIN
+
+        def handle_write(self):
+            if self._to_drain is None or self.will_close or not self.close_when_flushed:
+                return super().handle_write()
+            self.close_when_flushed = False  # waitress would close once flushed
+            super().handle_write()
+            if self.will_close:  # the send failed, and closed the connection
+                return
+            if self.total_outbufs_len:  # the rest of the answer first
+                self.close_when_flushed = True
+                return
+            try:  # the client sees the answer end; what it still sends is dropped
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.handle_close()
+                return
+            self._draining = True  # readable() holds: handle_read drops it
 
         def when_gone(self, callback):
             """Call `callback` (once, in the event loop) when the client has
@@ -3301,6 +3359,12 @@ def _channel_class():
                 callback()
 
         def handle_read(self):
+            if self._draining:  # (an idle one is closed by maintenance, as any)
+                data = self.recv(self.adj.recv_bytes)  # b"" once it closed
+                self._to_drain -= len(data)
+                if self.connected and (not data or self._to_drain <= 0):
+                    self.handle_close()
+                return
             super().handle_read()
             if not self.connected:  # the client closed its end
                 self._tell_gone()

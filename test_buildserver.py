@@ -405,7 +405,6 @@ def assert_error(res, status, field=None):
         assert isinstance(body.get("errors"), dict) and field in body["errors"], body
         assert isinstance(body["errors"][field], str) and body["errors"][field]
     return body
-    return body
 
 
 def _stable(build):
@@ -1428,6 +1427,12 @@ def test_log_format_follows_the_accept_headers_preferences(web, alice, populated
         assert res.content_type == "text/plain" and res.body == b"first line\nsecond line\n"
 
 
+def test_an_accept_header_that_is_not_utf8_gets_the_text_log_not_a_500(web, alice, populated):
+    # WSGI hands headers over as Latin-1; Bottle's header lookup decoded them as UTF-8.
+    res = call(web, "GET", populated + "/builds/1/logs", alice, headers={"Accept": "text/\xe9"})
+    assert res.content_type == "text/plain" and res.body == b"first line\nsecond line\n"
+
+
 def test_log_format_text_wins_over_an_accept_json_header(web, alice, populated):
     res = call(web, "GET", populated + "/builds/1/logs?format=text", alice,
                headers={"Accept": "application/json"})
@@ -1805,6 +1810,21 @@ def test_values_at_the_limits_are_accepted_and_stored(web, alice, populated, tar
     assert stored == body
     expected = {} if field == "env" and value is None else value
     assert stored[field] == (None if value == "" else expected)  # unset is null, never ""
+
+
+def test_a_build_env_past_100_pairs_with_the_projects_is_400_and_stores_nothing(
+        web, alice, populated):
+    ok(call(web, "PATCH", populated, alice, {"env": {f"P{i}": "p" for i in range(60)}}))
+    before = snapshot(web, alice, populated)
+    res = call(web, "POST", populated + "/builds", alice,
+               {"env": {f"B{i}": "b" for i in range(41)}, "is_managed": False})
+    assert assert_error(res, 400, "env")["detail"] == \
+        "With the project's, the build's env would hold 101 pairs; a build holds at most 100."
+    assert snapshot(web, alice, populated) == before
+    env = {**{f"B{i}": "b" for i in range(40)}, "P0": "mine"}  # P0 replaces the project's
+    body = ok(call(web, "POST", populated + "/builds", alice, {"env": env, "is_managed": False}),
+              201)
+    assert len(body["env"]) == 100 and body["env"]["P0"] == "mine"
 
 
 BAD_QUERIES = [
@@ -2865,6 +2885,7 @@ def test_a_build_created_while_a_worker_is_idle_starts_in_the_same_commit(
     assert build["started_at"] == build["created_at"]
     history = status_history(web, alice, project, build["id"])
     assert [s["status"] for s in history][:3] == ["created", "scheduled", "running"]
+    assert history[1]["message"] == "a worker is free"  # (not waiting for one)
     assert {s["created_at"] for s in history[:3]} == {build["created_at"]}
     done = final_build(web, alice, f"{project}/builds/{build['id']}")
     assert done["last_status"] == "succeeded"
@@ -2881,6 +2902,8 @@ def test_a_build_created_while_every_worker_is_busy_waits_scheduled(web, alice, 
         assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
             "succeeded"
     assert build_log(web, alice, project, waiting["id"]) == b"later\n"
+    history = status_history(web, alice, project, waiting["id"])
+    assert history[1]["message"] == "waiting for a free worker"
 
 
 def test_a_queued_build_whose_job_cannot_be_made_fails_and_the_worker_runs_on(
@@ -5293,6 +5316,42 @@ def test_the_unread_body_of_a_413_is_never_taken_for_requests(server_factory):
     assert api(server, "GET", "/api/v1/admin/app")[0] == 200  # not deleted
 
 
+def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(server_factory):
+    # Python's http.client (and requests) send the body before reading: a
+    # server that closed with the body unread reset the connection, and the
+    # client saw ConnectionResetError or BrokenPipeError instead of the 413.
+    server = server_factory()
+    db_path = os.path.join(server.data_dir, "buildserver.db")
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    before = db_dump(db_path)
+    for path, body in (("/api/v1/admin/app/builds/1/logs", b"x" * (buildserver.LOG_BODY_LIMIT + 1)),
+                       ("/api/v1/admin", b" " * (5 * MiB))):
+        for _ in range(3):
+            status, _, data = server.request("POST", path, body,
+                                             headers={"Content-Type": "text/plain"})
+            assert status == 413, (path, status, data[:200])
+            assert "larger than the limit" in json.loads(data)["detail"]
+    assert db_dump(db_path) == before
+    assert api(server, "GET", "/api/v1/admin/app")[0] == 200
+
+
+def test_a_path_with_an_encoded_slash_is_400_and_never_reaches_another_resource(server_factory):
+    # The server decodes %2F before routing: app%2Fbuilds%2F1 reached build 1 of app.
+    server = server_factory()
+    db_path = os.path.join(server.data_dir, "buildserver.db")
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    before = db_dump(db_path)
+    for method, path in (("DELETE", "/api/v1/admin/app%2Fbuilds%2F1"),
+                         ("GET", "/api/v1/admin%2fapp"), ("GET", "/api/v1/admin/app%2Fbuilds")):
+        status, body = server.json(method, path)
+        assert (status, body["detail"]) == (
+            400, "The path holds an encoded slash (%2F); no name has one."), (method, path)
+    assert db_dump(db_path) == before
+    assert server.json("GET", "/api/v1/admin/app/builds?name=a%2Fb")[0] == 200  # a query may
+
+
 def test_failed_authentications_past_the_burst_get_429_while_a_valid_token_still_works(
         server_factory):
     server = server_factory("--auth-burst", "5")
@@ -6637,8 +6696,9 @@ def test_a_fixed_route_answers_405_to_the_methods_it_has_not(web, alice, path):
     for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         res = web.request(path, method=method, headers=auth(alice), expect_errors=True)
         assert res.status_int == 405, (method, res.status_int, res.body)
-        assert "POST" not in res.headers["Allow"] and "GET" in res.headers["Allow"], method
-        assert res.json["detail"]
+        allowed = res.headers["Allow"].split(",")
+        assert "POST" not in allowed and {"GET", "HEAD"} <= set(allowed), method
+        assert res.json["detail"] == f"{method} is not allowed here; use {', '.join(allowed)}."
 
 
 ###############################################################################
