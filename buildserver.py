@@ -98,6 +98,7 @@ FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at mo
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
+ESCAPED_SEARCH_DELAY = 0.01  # after a stop ends a build, its escaped processes are sought (s)
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
@@ -1290,6 +1291,8 @@ class Job:
         self.stopping = False       # the build has been moved to `stopping`
         self.finishing = False      # its end is decided: stops come too late
         self.exited = False         # the shell has exited (not yet reaped)
+        self.pgid = None            # its shell's process group, once started
+        self.grace_ends = None      # once SIGTERM is sent (a stop, a timeout): SIGKILL then
         self.told = threading.Event()  # a stop is recorded (`stopping`), or it has ended
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -1567,6 +1570,31 @@ class Runner:
             job.close()
             job.told.set()
             job.done.set()
+        if job.grace_ends is not None:
+            try:
+                self._end_escaped(job)
+            except Exception:  # the worker lives on
+                log.exception("%s: could not end what it started outside its group", job.label)
+
+    def _end_escaped(self, job):
+        """After a stop or timeout, end what the build started outside its
+        process group and still runs (`timeout` makes a group of its own, as
+        does a shell's job control, `setsid` and a daemon), found by its
+        BUILD_UUID (Linux): SIGTERM, then SIGKILL when its grace ends. After
+        the build has ended, and a moment later: the search reads every
+        process's environment, and would hold up the stop's answer."""
+        time.sleep(ESCAPED_SEARCH_DELAY)
+        groups = ended = _groups_carrying(job.build["uuid"]) - {job.pgid}
+        for group in groups:
+            _killpg(group, signal.SIGTERM)
+        while groups and time.monotonic() < job.grace_ends:
+            time.sleep(0.05)
+            groups = _groups_carrying(job.build["uuid"]) - {job.pgid}
+        for group in groups:
+            _killpg(group, signal.SIGKILL)
+        if ended:
+            log.info("%s: ended %d process group(s) it had started outside its own",
+                     job.label, len(ended))
 
     def _run(self, job):
         if self._closing.is_set():  # begun while it was claimed or made: it would race the stop
@@ -1599,6 +1627,7 @@ class Runner:
             if write_fd is not None:
                 os.close(write_fd)
         exit_fd = None
+        job.pgid = proc.pid
         try:
             self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))
             exit_fd = _exit_notifier(proc.pid, job)
@@ -1657,7 +1686,7 @@ class Runner:
             if job.ending and not stopping:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 stopping = True
-                kill_at = now + self.config.stop_grace
+                kill_at = job.grace_ends = now + self.config.stop_grace
                 self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
                 job.stopping = True  # written: _finish need not write it

@@ -3225,6 +3225,54 @@ def test_a_build_ignoring_sigterm_is_killed_after_the_grace_period(configured):
     wait_gone(marker)
 
 
+# GNU timeout puts itself and its command in a process group of their own: a
+# stop or timeout that signalled the shell's group alone left them running
+# after the build had ended (and their worker had taken the next build).
+ESCAPING = "timeout 300 sh -c 'echo ready; exec sleep 301'; echo after"
+
+
+@pytest.mark.parametrize("ending", ["stop", "timeout"])
+def test_a_stop_or_timeout_ends_what_left_the_group_too(configured, ending):
+    web, alice, project = configured(stop_grace=1.0)
+    build = post_build(web, alice, project,
+                       {"command": ESCAPING, "timeout": 1 if ending == "timeout" else None})
+    marker = f"BUILD_UUID={build['uuid']}"
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    groups = {os.getpgid(pid) for pid in pids_with_marker(marker)}
+    assert len(groups) == 2  # the shell's, and timeout's with its sleep
+    if ending == "stop":
+        ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == ("stopped" if ending == "stop" else "failed")
+    wait_gone(marker)
+    assert build_log(web, alice, project, build["id"]) == b"ready\n"
+
+
+def test_what_left_the_group_and_ignores_sigterm_is_killed_when_the_grace_ends(configured):
+    web, alice, project = configured(stop_grace=1.0)
+    build = post_build(web, alice, project, {
+        "command": "timeout 300 sh -c \"trap '' TERM; echo ready; sleep 301; sleep 302\""})
+    marker = f"BUILD_UUID={build['uuid']}"
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == "stopped"
+    wait_gone(marker)
+
+
+def test_a_shutdown_ends_what_left_a_running_builds_group_too(server_factory):
+    server = server_factory()
+    path = admin_project(server)
+    status, build = server.json("POST", path + "/builds", {"command": ESCAPING})
+    assert status == 201
+    marker = f"BUILD_UUID={build['uuid']}"
+    wait_until(lambda: server.request("GET", f"{path}/builds/{build['id']}/logs")[2] ==
+               b"ready\n", message="the build to be ready")
+    assert len({os.getpgid(pid) for pid in pids_with_marker(marker)}) == 2
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    wait_gone(marker)
+
+
 def test_background_children_die_when_the_shell_exits(web, alice, project):
     build = post_build(web, alice, project,
                        {"command": "sleep 60 >/dev/null 2>&1 </dev/null & echo started"})
