@@ -1611,7 +1611,7 @@ class Runner:
             try:
                 os.makedirs(workspace)
             except FileExistsError:  # left by a build of a deleted namesake: start fresh
-                shutil.rmtree(workspace)
+                _remove_tree(workspace)
                 os.makedirs(workspace)
             _grow_pipe(write_fd)
             proc = subprocess.Popen(
@@ -1771,8 +1771,38 @@ def _set_aside(workspaces, *names):
 
 
 def _remove(folder):
+    """Remove a deleted workspace, or say in the log why it stays."""
     if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            _remove_tree(folder)
+        except OSError as e:
+            log.warning("cannot remove the deleted workspace %s (%s)", folder, e.strerror or e)
+
+
+def _remove_tree(folder):
+    """Remove `folder`, read-only folders in it too (Go makes its module
+    cache read-only, and only root may delete in such a folder as it is)."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        _let_owner_change(folder)
+        shutil.rmtree(folder)
+
+
+def _let_owner_change(folder):
+    """Let the owner list and change `folder` and every folder in it."""
+    _owners_alone(folder)
+    for root, names, _ in os.walk(folder):  # top down: a folder changes before it is read
+        for name in names:
+            _owners_alone(os.path.join(root, name))
+
+
+def _owners_alone(path):
+    if not os.path.islink(path):  # (a link may lead out of the workspace)
+        with contextlib.suppress(OSError):  # not ours: rmtree says so
+            os.chmod(path, 0o700)
 
 
 def _remove_set_aside(workspaces):

@@ -27,6 +27,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -2764,6 +2765,49 @@ def test_workspaces_set_aside_by_deletes_before_a_stop_are_removed_at_start(conf
         assert os.listdir(os.path.join(config.workspaces, "alice", "app")) == ["1"]
     finally:
         application.close()
+
+
+def as_an_ordinary_user(code, *args):
+    """Run Python `code` (with buildserver importable) as the user running the
+    tests or, under root (which may delete anywhere), as nobody."""
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.geteuid() == 0 else []
+    start = f"import sys; sys.path.insert(0, {HERE!r}); import buildserver; "
+    if as_user and (not shutil.which("setpriv") or subprocess.run(
+            [*as_user, sys.executable, "-c", start], capture_output=True, timeout=60).returncode):
+        pytest.skip("cannot run this Python as nobody")
+    return subprocess.run([*as_user, sys.executable, "-c", start + code, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_workspace_with_read_only_folders_is_removed_and_no_link_is_followed():
+    # Go makes its module cache read-only: rmtree(ignore_errors=True) left such
+    # a deleted workspace behind for ever, and said nothing.
+    top = tempfile.mkdtemp(prefix="buildserver-ro-")
+    try:
+        workspace, outside = os.path.join(top, "ws"), os.path.join(top, "outside")
+        os.makedirs(os.path.join(workspace, "cache", "mod", "pkg"))
+        os.makedirs(os.path.join(workspace, "locked", "inner"))
+        os.makedirs(outside)
+        open(os.path.join(workspace, "cache", "mod", "pkg", "f"), "w").close()
+        os.symlink(outside, os.path.join(workspace, "cache", "link"))
+        for root, names, files in os.walk(top):
+            for name in [root] + [os.path.join(root, n) for n in names + files]:
+                if os.geteuid() == 0:
+                    os.lchown(name, 65534, 65534)
+        for folder in ("cache/mod/pkg", "cache/mod", "cache", "locked/inner"):
+            os.chmod(os.path.join(workspace, folder), 0o555)
+        os.chmod(os.path.join(workspace, "locked"), 0)
+        os.chmod(outside, 0o555)
+        done = as_an_ordinary_user("buildserver._remove(sys.argv[1])", workspace)
+        assert done.returncode == 0 and "cannot remove" not in done.stderr, done.stderr
+        assert not os.path.exists(workspace)
+        assert stat.S_IMODE(os.stat(outside).st_mode) == 0o555  # the link was not followed
+    finally:
+        for root, names, _ in os.walk(top):
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o700)
+        shutil.rmtree(top)
 
 
 def test_a_build_that_gets_no_output_pipe_fails_saying_why_and_the_worker_runs_on(
