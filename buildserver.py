@@ -3485,7 +3485,7 @@ EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
 EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
-EXIT_OUTPUT_FAILED = 74   # the log cannot be written where it goes, a full disk say (EX_IOERR)
+EXIT_OUTPUT_FAILED = 74   # the output cannot be written where it goes, a full disk say (EX_IOERR)
 RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
 
 
@@ -3502,12 +3502,12 @@ class Unreachable(Exception):
 
 
 class OutputFailed(Exception):
-    """The log could not be written where it goes: a closed pipe, a full disk.
-    Not the connection's fault: nothing to reconnect for."""
+    """The log (or `what` else) could not be written where it goes: a closed
+    pipe, a full disk. Not the connection's fault: nothing to reconnect for."""
 
-    def __init__(self, error):
+    def __init__(self, error, what="the log"):
         super().__init__(error.strerror or str(error))
-        self.error = error
+        self.error, self.what = error, what
 
 
 class Client:
@@ -3709,9 +3709,9 @@ def run_client(args):
             query = {"limit": args.limit, **({"status": args.status} if args.status else {})}
             page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
             if args.json:
-                print(json.dumps(page_, indent=2))
+                _say(json.dumps(page_, indent=2))
             else:
-                print(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
+                _say(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
                                _ago(b["created_at"]), _duration(b["duration"]),
                                ",".join(b["tags"]) or "-"] for b in page_["results"]],
                              ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]))
@@ -3726,14 +3726,14 @@ def run_client(args):
             path = f"{project}/builds/{build_id}"
             build = client.call("GET", path)
             statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
-            print(json.dumps({**build, "statuses": statuses}, indent=2) if args.json
-                  else _describe(build, statuses))
+            _say(json.dumps({**build, "statuses": statuses}, indent=2) if args.json
+                 else _describe(build, statuses))
             return 0
         path = f"{project}/builds/{args.id}"
         if args.command == "stop":
             build = client.call("POST", f"{path}/stop")
-            print(json.dumps(build, indent=2) if args.json else
-                  f"build {build['id']} of {build['project']}: {build['last_status']}")
+            _say(json.dumps(build, indent=2) if args.json else
+                 f"build {build['id']} of {build['project']}: {build['last_status']}")
             return 0
         if args.command == "logs":
             if args.follow:
@@ -3747,13 +3747,24 @@ def run_client(args):
     except Unreachable as e:
         return _fail(str(e), EXIT_UNREACHABLE)
     except (OutputFailed, BrokenPipeError) as e:
-        return _output_failed(getattr(e, "error", e))
+        return _output_failed(getattr(e, "error", e), getattr(e, "what", "the output"))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     raise AssertionError(args.command)
 
 
-def _output_failed(error):
+def _say(text):
+    """Print `text` now: output that cannot be written (a full disk) is then
+    the command's failure to write (EXIT_OUTPUT_FAILED), seen in time."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputFailed(e, "the output") from None
+
+
+def _output_failed(error, what):
     """The exit for output that cannot be written: quietly, as a tool ended by
     SIGPIPE, when the reader went away (`| head`); else saying why."""
     if isinstance(error, BrokenPipeError):
@@ -3761,7 +3772,7 @@ def _output_failed(error):
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_OUTPUT_CLOSED
-    return _fail(f"cannot write the log: {error.strerror or error}", EXIT_OUTPUT_FAILED)
+    return _fail(f"cannot write {what}: {error.strerror or error}", EXIT_OUTPUT_FAILED)
 
 
 def _run_build(client, project, args):
@@ -3783,7 +3794,7 @@ def _run_build(client, project, args):
         client.call("POST", f"{path}/coderef", code)
     print(f"build {build['id']}: {client.url}{path}", file=sys.stderr, flush=True)
     if args.no_follow:
-        print(json.dumps(build, indent=2) if args.json else build["id"])
+        _say(json.dumps(build, indent=2) if args.json else build["id"])
         return 0
     try:  # with --json, standard output holds the build's JSON alone
         build = client.follow(path, (sys.stderr if args.json else sys.stdout).buffer)
@@ -3793,7 +3804,7 @@ def _run_build(client, project, args):
             print(f"build {build['id']}: stop requested", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.json:
-        print(json.dumps(build, indent=2))
+        _say(json.dumps(build, indent=2))
     print(f"build {build['id']}: {build['last_status']}", file=sys.stderr)
     return client_exit_code(build)
 

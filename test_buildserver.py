@@ -4863,6 +4863,19 @@ def test_logs_into_a_full_disk_exit_74_saying_why(served):
     assert b"cannot write the log: No space left on device" in proc.stderr.read()
 
 
+@pytest.mark.parametrize("args", [("builds", "admin/app"), ("builds", "admin/app", "--json"),
+                                  ("status", "admin/app"), ("status", "admin/app", "1"),
+                                  ("stop", "admin/app", "1"),
+                                  ("run", "admin/app", "--command", "true", "--no-follow")])
+def test_other_commands_into_a_full_disk_exit_74_too(served, args):
+    # They exited 1, as if the server had refused: a script could not tell the two apart.
+    assert client(served, "run", "admin/app", "--command", "true").returncode == 0
+    with open("/dev/full", "wb") as full:
+        proc = start_client(served, *args, stdout=full)
+        assert proc.wait(30) == buildserver.EXIT_OUTPUT_FAILED
+    assert b"cannot write the output: No space left on device" in proc.stderr.read()
+
+
 def test_follow_waits_out_a_503_for_too_many_followers(server_factory):
     # --threads 4 leaves 2 followers: a third is told 503, and keeps trying.
     server = server_factory("--threads", "4", "--workers", "3", "--stop-grace", "1")
