@@ -394,6 +394,11 @@ class Database:
         a thread of its own, instead of in whichever commit crosses 1000 pages
         (a log flush, say, which would then wait for the fsyncs)."""
         self.path = path
+        # mode=rw: once the file is gone (deleted while the server runs), a
+        # new connection fails instead of making a new, empty database.
+        self._uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+        self._file = None  # the file's (device, inode) once migrated
+        self._told_replaced = False
         self._local = threading.local()
         self._connections = []
         self._connections_lock = threading.Lock()
@@ -414,7 +419,7 @@ class Database:
         self._recent = {}  # (sql, params) -> (commits before the read, good until, row)
 
     def connect(self):
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+        conn = sqlite3.connect(self._uri, uri=True, timeout=30, isolation_level=None,
                                check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 30000")
@@ -581,7 +586,9 @@ class Database:
         deadline = time.monotonic() + 30
         while True:
             try:
-                return self._migrate(migrations)
+                self._migrate(migrations)
+                self._file = _file_identity(self.path)
+                return
             except sqlite3.OperationalError as e:
                 # Processes opening a new file at once (adduser beside serve):
                 # SQLite answers some lock waits of the switch to WAL with
@@ -626,6 +633,18 @@ class Database:
                 for statement in _statements(migrations[number]):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number:d}")
+
+    def replaced(self):
+        """Whether the file is gone, or another has taken its place, since
+        migrate(): what is written now goes where no start will find it. Logs
+        it, once."""
+        replaced = self._file is not None and _file_identity(self.path) != self._file
+        if replaced and not self._told_replaced:
+            self._told_replaced = True
+            log.error("the database %s was deleted or replaced while the server ran: what "
+                      "the server writes from now on goes to the old file, and is lost when "
+                      "it stops", self.path)
+        return replaced
 
     def close(self):
         """Close every connection, leaving the database whole in its file."""
@@ -678,6 +697,15 @@ def _warn_if_open(*paths):
             if mode & 0o077:
                 log.warning("%s is open to other users (mode %03o): builds' env and logs "
                             "may hold secrets; chmod go-rwx it", path, mode)
+
+
+def _file_identity(path):
+    """(device, inode) of the file at `path`, or None if there is none."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _file_size(path):
@@ -3192,6 +3220,7 @@ def http_server(app, config):
 
     def maintenance(now):  # every cleanup_interval (30 s)
         idle_channels_closed(now)
+        app.db.replaced()
         overdue = time.monotonic() - HEAD_SECONDS
         for channel in list(server.active_channels.values()):
             if channel.head_began is not None and channel.head_began < overdue and \

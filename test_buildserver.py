@@ -4391,6 +4391,39 @@ def checkpoints_failing_once(db):
     return calls, connect
 
 
+def test_a_database_deleted_while_the_server_runs_is_never_made_again_empty(config, caplog):
+    # A thread's first connection made a new, empty file (mode 0644) where the
+    # database had been, and its requests failed with 500: no such table.
+    application = buildserver.make_app(config)
+    try:
+        token = application.store.create_user("alice")
+        web = webtest.TestApp(application)
+        os.remove(config.db_path)
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(
+            web.get("/api/v1/alice", headers=auth(token), expect_errors=True)))
+        thread.start()
+        thread.join(30)
+        assert answers[0].status_int == 503, answers[0].body
+        assert "cannot use its database" in answers[0].json["detail"]
+        assert not os.path.exists(config.db_path)
+        with caplog.at_level(logging.ERROR, logger="buildserver"):
+            assert application.db.replaced() and application.db.replaced()
+        assert [r.getMessage() for r in caplog.records].count(
+            f"the database {config.db_path} was deleted or replaced while the server ran: what "
+            "the server writes from now on goes to the old file, and is lost when it stops") == 1
+    finally:
+        application.close()
+
+
+def test_the_servers_maintenance_says_when_its_database_file_is_gone(config, caplog):
+    with served_here(config) as (application, server):
+        os.remove(config.db_path)
+        with caplog.at_level(logging.ERROR, logger="buildserver"):
+            server.maintenance(time.time())  # (waitress calls it every 30 s)
+        assert any("was deleted or replaced" in r.getMessage() for r in caplog.records)
+
+
 def remembering_store(tmp_path):
     db = buildserver.Database(str(tmp_path / "r.db"))
     db.migrate()
