@@ -98,7 +98,7 @@ FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at mo
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
-ESCAPED_SEARCH_DELAY = 0.01  # after a stop ends a build, its escaped processes are sought (s)
+ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
@@ -396,7 +396,7 @@ class Database:
         self.path = path
         # mode=rw: once the file is gone (deleted while the server runs), a
         # new connection fails instead of making a new, empty database.
-        self._uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+        self._uri = "file:" + urllib.parse.quote(os.fsencode(os.path.abspath(path))) + "?mode=rw"
         self._file = None  # the file's (device, inode) once migrated
         self._told_replaced = False
         self._local = threading.local()
@@ -642,8 +642,8 @@ class Database:
         if replaced and not self._told_replaced:
             self._told_replaced = True
             log.error("the database %s was deleted or replaced while the server ran: what "
-                      "the server writes from now on goes to the old file, and is lost when "
-                      "it stops", self.path)
+                      "it writes from now on is lost. Stop the server before you put a "
+                      "database back", self.path)
         return replaced
 
     def close(self):
@@ -1605,23 +1605,22 @@ class Runner:
                 log.exception("%s: could not end what it started outside its group", job.label)
 
     def _end_escaped(self, job):
-        """After a stop or timeout, end what the build started outside its
-        process group and still runs (`timeout` makes a group of its own, as
-        does a shell's job control, `setsid` and a daemon), found by its
-        BUILD_UUID (Linux): SIGTERM, then SIGKILL when its grace ends. After
-        the build has ended, and a moment later: the search reads every
-        process's environment, and would hold up the stop's answer."""
+        """After a stop or timeout, end the process groups the build made
+        besides its own (see _groups_escaped) that still run: SIGTERM, then
+        SIGKILL when its grace ends. After the build has ended, and a moment
+        later: the search reads every process's status, and would hold up the
+        stop's answer."""
         time.sleep(ESCAPED_SEARCH_DELAY)
-        groups = ended = _groups_carrying(job.build["uuid"]) - {job.pgid}
+        groups = ended = _groups_escaped(job.pgid, job.build["uuid"])
         for group in groups:
             _killpg(group, signal.SIGTERM)
         while groups and time.monotonic() < job.grace_ends:
             time.sleep(0.05)
-            groups = _groups_carrying(job.build["uuid"]) - {job.pgid}
+            groups = _groups_escaped(job.pgid, job.build["uuid"])
         for group in groups:
             _killpg(group, signal.SIGKILL)
         if ended:
-            log.info("%s: ended %d process group(s) it had started outside its own",
+            log.info("%s: ended %d process group(s) it had made besides its own",
                      job.label, len(ended))
 
     def _run(self, job):
@@ -1683,13 +1682,13 @@ class Runner:
         if exit_fd is not None:
             poller.register(exit_fd, select.POLLIN)
         view, filled, dropping, eof = None, 0, False, False
-        flush_at = kill_at = drain_until = None
+        flush_at = kill_at = drain_until = seek_at = None
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
         stopping = False
         while not (eof and job.exited):
             now = time.monotonic()
-            deadlines = [t for t in (flush_at, kill_at, drain_until,
+            deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at,
                                      None if stopping else timeout_at) if t is not None]
             wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
             for fd, _ in poller.poll(wait_ms):
@@ -1729,6 +1728,13 @@ class Runner:
                 job.finish()
                 _killpg(proc.pid, signal.SIGKILL)
                 drain_until = now + DRAIN_SECONDS
+                if stopping:  # what it made besides its group may hold the pipe open
+                    seek_at = now + ESCAPED_SEARCH_DELAY
+            if seek_at is not None and now >= seek_at:
+                seek_at = None
+                if not eof:  # (not at once: the group's last members may still be dying)
+                    for group in _groups_escaped(proc.pid, job.build["uuid"]):
+                        _killpg(group, signal.SIGTERM)
             if drain_until is not None and now >= drain_until:
                 break  # something outside the group holds the pipe open
             if filled and (filled >= LOG_CHUNK or eof or now >= flush_at):
@@ -1820,17 +1826,27 @@ def _remove_tree(folder):
 
 
 def _let_owner_change(folder):
-    """Let the owner list and change `folder` and every folder in it."""
+    """Let the owner list and change `folder` and every folder in it, never
+    through a link (one may lead out of it, or be swapped in meanwhile) nor
+    into another file system mounted inside it."""
+    device = os.lstat(folder).st_dev
     _owners_alone(folder)
-    for root, names, _ in os.walk(folder):  # top down: a folder changes before it is read
-        for name in names:
-            _owners_alone(os.path.join(root, name))
+    for _, names, _, fd in os.fwalk(folder):  # top down: a folder changes before it is read
+        for name in list(names):
+            try:
+                if os.stat(name, dir_fd=fd, follow_symlinks=False).st_dev != device:
+                    names.remove(name)
+                    continue
+            except OSError:
+                continue
+            _owners_alone(name, fd)
 
 
-def _owners_alone(path):
-    if not os.path.islink(path):  # (a link may lead out of the workspace)
-        with contextlib.suppress(OSError):  # not ours: rmtree says so
-            os.chmod(path, 0o700)
+def _owners_alone(path, dir_fd=None):
+    # Not ours (rmtree then says so), or a link: Linux cannot change one, and
+    # Python says so with NotImplementedError, or ValueError with a dir_fd.
+    with contextlib.suppress(OSError, NotImplementedError, ValueError):
+        os.chmod(path, 0o700, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def _remove_set_aside(workspaces):
@@ -1934,7 +1950,18 @@ def _groups_carrying(build_uuid):
     BUILD_UUID (Linux; elsewhere none)."""
     if not os.path.isdir("/proc/self"):
         return set()
-    return {group for pid, group in _processes() if _carries(pid, build_uuid)} - {os.getpgrp()}
+    return {group for pid, group, _ in _processes() if _carries(pid, build_uuid)} - \
+        {os.getpgrp()}
+
+
+def _groups_escaped(session, build_uuid):
+    """The process groups that the build whose shell led `session` made
+    inside it, besides its own (`timeout`, a shell's job control), of
+    processes that carry its BUILD_UUID (Linux; elsewhere none)."""
+    if not os.path.isdir("/proc/self"):
+        return set()
+    return {group for pid, group, in_session in _processes()
+            if in_session == session != group and _carries(pid, build_uuid)}
 
 
 def _stat(pid):
@@ -1950,15 +1977,15 @@ def _start_time(pid):
 
 
 def _group_members(pgid):
-    return (pid for pid, group in _processes() if group == pgid)
+    return (pid for pid, group, _ in _processes() if group == pgid)
 
 
 def _processes():
-    """(pid, process group) of every live process (Linux /proc)."""
+    """(pid, process group, session) of every live process (Linux /proc)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         fields = _stat(pid)
-        if len(fields) > 2:
-            yield pid, int(fields[2])
+        if len(fields) > 3:
+            yield pid, int(fields[2]), int(fields[3])
 
 
 def _read(path):
@@ -2603,7 +2630,11 @@ def make_routes(app):
         return page_html
 
     def health():
-        """Whether the server answers (no token needed)."""
+        """Whether the server answers, and its database is still in its file
+        (no token needed)."""
+        if app.db.replaced():
+            raise ApiError(503, "The database file was deleted or replaced while the server "
+                                "ran: stop the server before you put a database back.")
         return {"status": "ok"}
 
     def openapi():
@@ -3423,7 +3454,7 @@ def _channel_class():
                 return super().handle_write()
             self.close_when_flushed = False  # waitress would close once flushed
             super().handle_write()
-            if self.will_close:  # the send failed, and closed the connection
+            if self.will_close or not self.connected:  # the send failed: it closed
                 return
             if self.total_outbufs_len:  # the rest of the answer first
                 self.close_when_flushed = True
@@ -3448,7 +3479,10 @@ def _channel_class():
 
         def handle_read(self):
             if self._draining:  # (an idle one is closed by maintenance, as any)
-                data = self.recv(self.adj.recv_bytes)  # b"" once it closed
+                try:
+                    data = self.recv(self.adj.recv_bytes)  # b"" once it closed
+                except OSError:
+                    data = b""
                 self._to_drain -= len(data)
                 if self.connected and (not data or self._to_drain <= 0):
                     self.handle_close()

@@ -1676,6 +1676,12 @@ def test_wrong_method_is_405_json_and_changes_nothing(web, alice, populated, met
     assert snapshot(web, alice, populated) == before
 
 
+def test_a_405_names_head_wherever_get_is_allowed(web, alice, populated):
+    res = call(web, "PUT", populated + "/builds", alice, {"name": "x"})
+    assert assert_error(res, 405)["detail"] == "PUT is not allowed here; use GET, HEAD, POST."
+    assert res.headers["Allow"] == "GET,HEAD,POST"
+
+
 JSON_TARGETS = [
     ("POST", "/api/v1/alice"),
     ("PATCH", "/api/v1/alice/app"),
@@ -3279,7 +3285,7 @@ ESCAPING = "timeout 300 sh -c 'echo ready; exec sleep 301'; echo after"
 def test_a_stop_or_timeout_ends_what_left_the_group_too(configured, ending):
     web, alice, project = configured(stop_grace=1.0)
     build = post_build(web, alice, project,
-                       {"command": ESCAPING, "timeout": 1 if ending == "timeout" else None})
+                       {"command": ESCAPING, "timeout": 3 if ending == "timeout" else None})
     marker = f"BUILD_UUID={build['uuid']}"
     wait_for_log(web, alice, project, build["id"], b"ready")
     groups = {os.getpgid(pid) for pid in pids_with_marker(marker)}
@@ -3290,6 +3296,41 @@ def test_a_stop_or_timeout_ends_what_left_the_group_too(configured, ending):
     assert done["last_status"] == ("stopped" if ending == "stop" else "failed")
     wait_gone(marker)
     assert build_log(web, alice, project, build["id"]) == b"ready\n"
+
+
+def test_a_stop_answers_stopped_though_what_left_the_group_held_the_output(configured,
+                                                                          monkeypatch):
+    # The shell died at once, but timeout and its sleep kept the output pipe
+    # open, and the end waited for the pipe to drain: the answer (which waits
+    # 2 s) said `stopping`.
+    monkeypatch.setattr(buildserver, "DRAIN_SECONDS", 30.0)
+    web, alice, project = configured(stop_grace=20.0)
+    build = post_build(web, alice, project, {"command": ESCAPING})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    answer = ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    assert answer["last_status"] == "stopped"
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
+def test_a_daemon_a_build_started_outlives_its_stop(configured):
+    # A process that left the build's session on purpose (an agent, a Gradle
+    # daemon that later builds share) is not the build's to end while the server runs.
+    web, alice, project = configured(stop_grace=1.0)
+    build = post_build(web, alice, project, {
+        "command": "setsid sleep 302 >/dev/null 2>&1 < /dev/null & echo ready; sleep 301"})
+    marker = f"BUILD_UUID={build['uuid']}"
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    wait_until(lambda: len(pids_with_marker(marker)) == 3, message="the daemon to start")
+    try:
+        ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+        assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+            "stopped"
+        wait_until(lambda: len(pids_with_marker(marker)) == 1, message="the build to end")
+        time.sleep(1.5)  # its grace, and then some: the daemon lives on
+        daemon, = pids_with_marker(marker)
+        assert os.getsid(daemon) == daemon
+    finally:
+        kill_marked(marker)
 
 
 def test_what_left_the_group_and_ignores_sigterm_is_killed_when_the_grace_ends(configured):
@@ -4411,9 +4452,25 @@ def test_a_database_deleted_while_the_server_runs_is_never_made_again_empty(conf
             assert application.db.replaced() and application.db.replaced()
         assert [r.getMessage() for r in caplog.records].count(
             f"the database {config.db_path} was deleted or replaced while the server ran: what "
-            "the server writes from now on goes to the old file, and is lost when it stops") == 1
+            "it writes from now on is lost. Stop the server before you put a database "
+            "back") == 1
+        res = web.get("/api/v1/health", expect_errors=True)
+        assert res.status_int == 503 and "stop the server" in res.json["detail"]
     finally:
         application.close()
+
+
+def test_a_database_whose_path_is_not_utf8_opens(tmp_path):
+    # Its file: URI quoted the path as text: 'utf-8' codec can't encode '\\udcff'.
+    folder = os.path.join(tmp_path, os.fsdecode(b"d\xff"))
+    os.makedirs(folder)
+    db = buildserver.Database(os.path.join(folder, "buildserver.db"))
+    try:
+        db.migrate()
+        assert buildserver.Store(db).create_user("alice")
+    finally:
+        db.close()
+    assert os.listdir(folder)[0] == "buildserver.db"
 
 
 def test_the_servers_maintenance_says_when_its_database_file_is_gone(config, caplog):
@@ -5463,13 +5520,15 @@ def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(server_fac
     api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
     api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
     before = db_dump(db_path)
-    for path, body in (("/api/v1/admin/app/builds/1/logs", b"x" * (buildserver.LOG_BODY_LIMIT + 1)),
-                       ("/api/v1/admin", b" " * (5 * MiB))):
+    logs = "/api/v1/admin/app/builds/1/logs"
+    for path, body, detail in ((logs, b"x" * (buildserver.LOG_BODY_LIMIT + 1), "larger than"),
+                               ("/api/v1/admin", b" " * (5 * MiB), "larger than"),
+                               (logs, b"x" * (20 * MiB), "exceeds max_body")):  # waitress's own
         for _ in range(3):
             status, _, data = server.request("POST", path, body,
                                              headers={"Content-Type": "text/plain"})
             assert status == 413, (path, status, data[:200])
-            assert "larger than the limit" in json.loads(data)["detail"]
+            assert detail in json.loads(data)["detail"]
     assert db_dump(db_path) == before
     assert api(server, "GET", "/api/v1/admin/app")[0] == 200
 
