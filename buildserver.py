@@ -44,6 +44,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -1323,6 +1324,7 @@ class Job:
         self.grace_ends = None      # once SIGTERM is sent (a stop, a timeout): SIGKILL then
         self.told = threading.Event()  # a stop is recorded (`stopping`), or it has ended
         self.done = threading.Event()
+        self.gone = threading.Event()  # done, and the groups it made besides its own are gone
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
 
@@ -1455,11 +1457,13 @@ class Runner:
         """Whether this server is running the build (a stop then waits for it)."""
         return build_id in self._jobs
 
-    def stop(self, build_id, message, wait=0.0, told=0.0):
+    def stop(self, build_id, message, wait=0.0, told=0.0, whole=False):
         """Stop a build: at once if it has not started, else through SIGTERM.
 
         :param wait: seconds to wait for a running build to end,
         :param told: or, failing that, for its stop to be recorded (`stopping`).
+        :param whole: wait for the groups it made besides its own to end too
+            (a delete, which removes its workspace next).
         :returns: False if a running build has not ended within `wait`.
         """
         with self._lock:
@@ -1471,7 +1475,7 @@ class Runner:
                     self.store.transition(build_id, "stopping", message, sources=("running",))
                 return True
         job.stop("stopped", message)
-        if job.done.wait(wait):
+        if (job.gone if whole else job.done).wait(wait):
             return True
         job.told.wait(told)
         return False
@@ -1497,7 +1501,7 @@ class Runner:
         for job in jobs:
             job.stop("stopped", message)
         for job in jobs:
-            job.done.wait(wait)
+            job.gone.wait(wait)
 
     def recover(self):
         """End builds that a server which died left running, and kill what is left of them."""
@@ -1598,27 +1602,40 @@ class Runner:
             job.close()
             job.told.set()
             job.done.set()
-        if job.grace_ends is not None:
-            try:
+        try:
+            if job.grace_ends is not None:
                 self._end_escaped(job)
-            except Exception:  # the worker lives on
-                log.exception("%s: could not end what it started outside its group", job.label)
+        except Exception:  # the worker lives on
+            log.exception("%s: could not end what it started outside its group", job.label)
+        finally:
+            job.gone.set()
 
     def _end_escaped(self, job):
         """After a stop or timeout, end the process groups the build made
         besides its own (see _groups_escaped) that still run: SIGTERM, then
-        SIGKILL when its grace ends. After the build has ended, and a moment
-        later: the search reads every process's status, and would hold up the
-        stop's answer."""
+        SIGKILL when its grace ends, to them and to what they made meanwhile.
+        After the build has ended, and a moment later: the search reads every
+        process's status, and would hold up the stop's answer."""
         time.sleep(ESCAPED_SEARCH_DELAY)
-        groups = ended = _groups_escaped(job.pgid, job.build["uuid"])
-        for group in groups:
-            _killpg(group, signal.SIGTERM)
-        while groups and time.monotonic() < job.grace_ends:
+        find = functools.partial(_groups_escaped, job.pgid, job.build["uuid"])
+        ended, search_at = set(), 0.0
+        while time.monotonic() < job.grace_ends:
+            if time.monotonic() >= search_at:  # now and then: a live parent may make more
+                fresh = find() - ended
+                for group in fresh:
+                    _killpg(group, signal.SIGTERM)
+                ended |= fresh
+                search_at = time.monotonic() + 1.0
+            if not any(map(_group_alive, ended)):
+                break
             time.sleep(0.05)
-            groups = _groups_escaped(job.pgid, job.build["uuid"])
-        for group in groups:
-            _killpg(group, signal.SIGKILL)
+        for _ in range(10):  # until a search finds none: a killed parent makes no more
+            groups = find()
+            if not groups:
+                break
+            for group in groups:
+                _killpg(group, signal.SIGKILL)
+            ended |= groups
         if ended:
             log.info("%s: ended %d process group(s) it had made besides its own",
                      job.label, len(ended))
@@ -1714,6 +1731,7 @@ class Runner:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 stopping = True
                 kill_at = job.grace_ends = now + self.config.stop_grace
+                seek_at = now + ESCAPED_SEARCH_DELAY  # unless the shell and its pipe end first
                 self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
                 job.stopping = True  # written: _finish need not write it
@@ -1732,7 +1750,7 @@ class Runner:
                     seek_at = now + ESCAPED_SEARCH_DELAY
             if seek_at is not None and now >= seek_at:
                 seek_at = None
-                if not eof:  # (not at once: the group's last members may still be dying)
+                if not eof:  # (not at once: the group may still be dying)
                     for group in _groups_escaped(proc.pid, job.build["uuid"]):
                         _killpg(group, signal.SIGTERM)
             if drain_until is not None and now >= drain_until:
@@ -1843,10 +1861,16 @@ def _let_owner_change(folder):
 
 
 def _owners_alone(path, dir_fd=None):
-    # Not ours (rmtree then says so), or a link: Linux cannot change one, and
-    # Python says so with NotImplementedError, or ValueError with a dir_fd.
-    with contextlib.suppress(OSError, NotImplementedError, ValueError):
+    try:
         os.chmod(path, 0o700, dir_fd=dir_fd, follow_symlinks=False)
+    except (NotImplementedError, ValueError):
+        # A link, which Linux cannot change; or glibc before 2.32, which
+        # cannot change anything without following links: a folder then.
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.chmod(path, 0o700, dir_fd=dir_fd)
+    except OSError:  # not ours: rmtree then says so
+        pass
 
 
 def _remove_set_aside(workspaces):
@@ -1895,6 +1919,16 @@ def _watch_exit(pid, job):
         pass
     job.exited = True
     job.wake()
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _killpg(pgid, sig):
@@ -1966,8 +2000,8 @@ def _groups_escaped(session, build_uuid):
 
 def _stat(pid):
     """The fields of /proc/<pid>/stat after the command name (state first), or []."""
-    stat = _read(f"/proc/{pid}/stat")
-    return stat[stat.rfind(b")") + 2:].split()
+    line = _read(f"/proc/{pid}/stat")
+    return line[line.rfind(b")") + 2:].split()
 
 
 def _start_time(pid):
@@ -2713,7 +2747,7 @@ def make_routes(app):
             for build_id in build_ids:
                 runner.stop(build_id, message)
             for build_id in build_ids:  # each already has its SIGTERM: wait for them together
-                runner.stop(build_id, message, wait=config.stop_grace + 5)
+                runner.stop(build_id, message, wait=config.stop_grace + 5, whole=True)
         finally:
             if waiting:
                 app.waiting.release()

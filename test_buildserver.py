@@ -2786,7 +2786,18 @@ def as_an_ordinary_user(code, *args):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_a_workspace_with_read_only_folders_is_removed_and_no_link_is_followed():
+OLD_GLIBC = """
+real_chmod = os.chmod
+def chmod(path, mode, *, dir_fd=None, follow_symlinks=True):
+    if not follow_symlinks:  # glibc before 2.32: fchmodat(AT_SYMLINK_NOFOLLOW) is ENOTSUP
+        raise (ValueError if dir_fd is not None else NotImplementedError)("unavailable")
+    return real_chmod(path, mode, dir_fd=dir_fd)
+os.chmod = chmod
+"""
+
+
+@pytest.mark.parametrize("glibc", ["today's", "before 2.32"])
+def test_a_workspace_with_read_only_folders_is_removed_and_no_link_is_followed(glibc):
     # Go makes its module cache read-only: rmtree(ignore_errors=True) left such
     # a deleted workspace behind for ever, and said nothing.
     top = tempfile.mkdtemp(prefix="buildserver-ro-")
@@ -2805,7 +2816,8 @@ def test_a_workspace_with_read_only_folders_is_removed_and_no_link_is_followed()
             os.chmod(os.path.join(workspace, folder), 0o555)
         os.chmod(os.path.join(workspace, "locked"), 0)
         os.chmod(outside, 0o555)
-        done = as_an_ordinary_user("buildserver._remove(sys.argv[1])", workspace)
+        done = as_an_ordinary_user(("import os\n" + OLD_GLIBC if glibc != "today's" else "") +
+                                   "buildserver._remove(sys.argv[1])", workspace)
         assert done.returncode == 0 and "cannot remove" not in done.stderr, done.stderr
         assert not os.path.exists(workspace)
         assert stat.S_IMODE(os.stat(outside).st_mode) == 0o555  # the link was not followed
@@ -3309,6 +3321,54 @@ def test_a_stop_answers_stopped_though_what_left_the_group_held_the_output(confi
     wait_for_log(web, alice, project, build["id"], b"ready")
     answer = ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
     assert answer["last_status"] == "stopped"
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash (dash has no job control here)")
+def test_groups_made_while_the_others_are_being_ended_are_ended_too(configured):
+    # The last search came up to 50 ms before the SIGKILL: what a living
+    # parent made in between ran on. (A grace longer than the output's drain.)
+    web, alice, project = configured(stop_grace=3.0)
+    build = post_build(web, alice, project, {"command": (
+        "timeout 600 bash -c 'set -m; trap \"\" TERM; echo ready;"
+        " while :; do sleep 300 >/dev/null 2>&1 & sleep 0.005; done'; :")})
+    marker = f"BUILD_UUID={build['uuid']}"
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == "stopped"
+    wait_gone(marker)
+
+
+def test_the_other_groups_get_the_stops_sigterm_while_the_shell_holds_out(configured, config):
+    # A shell that traps TERM outlives it; the timeout group inside got nothing
+    # until the grace had ended, and then SIGKILL 10 ms after its SIGTERM.
+    web, alice, project = configured(stop_grace=5.0)
+    build = post_build(web, alice, project, {"command": (
+        "trap 'echo shell got TERM' TERM; timeout 600 sh -c "
+        "'trap \"echo other group got TERM; exit 0\" TERM; echo ready; while :; do sleep 0.05; done'")})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "stopped"
+    log_text = build_log(web, alice, project, build["id"])  # (sh may add "Terminated")
+    assert log_text.index(b"other group got TERM") < log_text.index(b"shell got TERM")
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
+def test_a_delete_waits_for_the_other_groups_before_it_removes_the_workspace(
+        configured, config, caplog):
+    # They were still writing there for their grace: the removal failed
+    # (Directory not empty) and the folder stayed until the next start.
+    web, alice, project = configured(stop_grace=1.0)
+    build = post_build(web, alice, project, {"command": (
+        "timeout 600 sh -c 'trap \"\" TERM; echo ready; i=0;"
+        " while :; do i=$((i+1)); mkdir -p d/$i; : > d/$i/f; done'; :")})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    with caplog.at_level(logging.WARNING, logger="buildserver"):
+        ok(web.delete(project, headers=auth(alice)))
+    assert not [r for r in caplog.records if "cannot remove" in r.getMessage()]
+    assert not os.listdir(config.workspaces) or os.listdir(config.workspaces) == ["alice"]
+    assert not os.path.exists(os.path.join(config.workspaces, "alice", "app"))
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
