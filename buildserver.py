@@ -1606,7 +1606,7 @@ class Runner:
             if job.grace_ends is not None:
                 self._end_escaped(job)
         except Exception:  # the worker lives on
-            log.exception("%s: could not end what it started outside its group", job.label)
+            log.exception("%s: could not end the groups it made besides its own", job.label)
         finally:
             job.gone.set()
 
@@ -1620,7 +1620,7 @@ class Runner:
         find = functools.partial(_groups_escaped, job.pgid, job.build["uuid"])
         ended, search_at = set(), 0.0
         while time.monotonic() < job.grace_ends:
-            if time.monotonic() >= search_at:  # now and then: a live parent may make more
+            if time.monotonic() >= search_at:  # once a second: a live parent may make more
                 fresh = find() - ended
                 for group in fresh:
                     _killpg(group, signal.SIGTERM)
@@ -1750,7 +1750,7 @@ class Runner:
                     seek_at = now + ESCAPED_SEARCH_DELAY
             if seek_at is not None and now >= seek_at:
                 seek_at = None
-                if not eof:  # (not at once: the group may still be dying)
+                if not eof:  # (not at once: most stopped builds end within the delay)
                     for group in _groups_escaped(proc.pid, job.build["uuid"]):
                         _killpg(group, signal.SIGTERM)
             if drain_until is not None and now >= drain_until:
