@@ -1746,13 +1746,13 @@ class Runner:
                 job.finish()
                 _killpg(proc.pid, signal.SIGKILL)
                 drain_until = now + DRAIN_SECONDS
-                if stopping:  # what it made besides its group may hold the pipe open
-                    seek_at = now + ESCAPED_SEARCH_DELAY
+                seek_at = now + ESCAPED_SEARCH_DELAY  # other groups may hold the pipe open
             if seek_at is not None and now >= seek_at:
                 seek_at = None
-                if not eof:  # (not at once: most stopped builds end within the delay)
+                if not eof:  # (not at once: most builds' output ends within the delay)
                     for group in _groups_escaped(proc.pid, job.build["uuid"]):
-                        _killpg(group, signal.SIGTERM)
+                        # as its own group: a stop's grace goes on, an end is an end
+                        _killpg(group, signal.SIGTERM if stopping else signal.SIGKILL)
             if drain_until is not None and now >= drain_until:
                 break  # something outside the group holds the pipe open
             if filled and (filled >= LOG_CHUNK or eof or now >= flush_at):

@@ -3372,6 +3372,16 @@ def test_a_delete_waits_for_the_other_groups_before_it_removes_the_workspace(
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+def test_a_group_the_build_made_that_holds_its_output_ends_with_the_build(web, alice, project):
+    # The build waited out the 1 s drain for it, and then left it running.
+    build = post_build(web, alice, project, {
+        "command": "timeout 600 sh -c 'echo ready; exec sleep 301' & sleep 0.5; echo done"})
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert (done["last_status"], done["exit_code"]) == ("succeeded", 0)
+    assert build_log(web, alice, project, build["id"]) == b"ready\ndone\n"
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
 def test_a_daemon_a_build_started_outlives_its_stop(configured):
     # A process that left the build's session on purpose (an agent, a Gradle
     # daemon that later builds share) is not the build's to end while the server runs.
