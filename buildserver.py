@@ -4309,6 +4309,7 @@ code { white-space: nowrap; background: var(--code-bg); padding: .05rem .3rem; b
 .crumbs li + li::before { content: "/"; color: var(--muted); padding: 0 .4rem; }
 .who { margin-left: auto; display: flex; align-items: center; gap: .6rem; flex-wrap: wrap; }
 main { max-width: 72rem; margin: 0 auto; padding: 1.25rem 1rem 3rem; }
+main p { overflow-wrap: anywhere; }   /* a long name or URL wraps, not the page */
 main:focus { outline: none; }
 #notice { max-width: 72rem; margin: .75rem auto 0; padding: 0 1rem; }
 
@@ -5128,7 +5129,8 @@ class LogView {
       this.start = this.end = page.offset;
       return false;
     }
-    const [skip, text] = page.offset > 0 ? dropPartialLine(page.text) : [0, page.text];
+    const [skip, text] = page.offset > 0 ? await dropPartialLine(page.text, this.path, page.offset)
+                                         : [0, page.text];
     this.start = page.offset + skip;
     this.end = page.next_offset;
     this.addGroup(text, this.end - this.start, this.ansi, null);
@@ -5270,7 +5272,7 @@ class LogView {
         text += page.text;
         pos = page.next_offset;
       }
-      const [skip, rest] = from > 0 ? dropPartialLine(text) : [0, text];
+      const [skip, rest] = from > 0 ? await dropPartialLine(text, this.path, from) : [0, text];
       const fromBottom = this.pre.scrollHeight - this.pre.scrollTop;
       this.addGroup(rest, end - from - skip, ansiState(), this.groups[0] || {el: this.openEl});
       this.start = from + skip;
@@ -5301,15 +5303,31 @@ function charBoundary(raw) {
   return cut - back;
 }
 
-/** [bytes, rest]: a page that starts inside a line drops that partial line (whole lines only). */
-function dropPartialLine(text) {
+/** [bytes, rest]: a page of the log at `path` from byte `from` that starts
+ *  inside a line drops that partial line (whole lines only), unless it is all
+ *  the page holds (a line longer than a page). */
+async function dropPartialLine(text, path, from) {
   const nl = text.indexOf('\n');
-  if (nl < 0) return [0, text];
+  if (nl < 0 || nl === text.length - 1) return [0, text];
   let head = text.slice(0, nl + 1), replaced = 0;
   // A page cut inside a character starts with one U+FFFD per stray byte (at most 3).
   while (replaced < 3 && head[replaced] === '\ufffd') replaced++;
   head = head.slice(replaced);
-  return [replaced + new TextEncoder().encode(head).length, text.slice(nl + 1)];
+  let skip = replaced + new TextEncoder().encode(head).length;
+  if (head.includes('\ufffd')) {   // bytes that are not UTF-8, 1 to 3 a U+FFFD: count them as stored
+    const raw = await logBytes(path, from, skip);
+    if (raw.indexOf(10) >= 0) skip = raw.indexOf(10) + 1;
+  }
+  return [skip, text.slice(nl + 1)];
+}
+
+/** At most `limit` of the stored bytes of the log at `path` from byte `offset`. */
+async function logBytes(path, offset, limit) {
+  const res = await fetch(`${API}${path}/logs?format=text&offset=${offset}&limit=${limit}`, {
+    cache: 'no-store', signal: view && view.signal,
+    headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
+  if (!res.ok) throw new ApiError(res.status, `The server answered ${res.status}.`);
+  return new Uint8Array(await res.arrayBuffer());
 }
 
 // ANSI: colours and styles of SGR sequences become styled spans; every other

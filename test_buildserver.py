@@ -7347,6 +7347,64 @@ def test_a_big_log_shows_its_tail_and_loads_earlier_parts_on_demand(page, dash):
         assert "follow=1" in url or (limit and int(limit.group(1)) <= 256 * 1024), url
 
 
+def python_command(code):
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
+def load_all_of_the_log(page):
+    earlier = page.locator("#earlier")
+    for _ in range(20):
+        if earlier.is_hidden():
+            break
+        before = len(log_of(page).text_content())
+        earlier.click()
+        expect(log_of(page)).not_to_have_text(re.compile(rf"^[\s\S]{{{before}}}$"))
+    expect(earlier).to_be_hidden()
+
+
+def test_a_log_of_bytes_that_are_not_utf8_loads_earlier_parts_without_repeats(page, dash):
+    # Each U+FFFD was counted as 3 bytes where it stood for 1 or 2: the next
+    # page began a few bytes too late, and the join showed them twice.
+    data = b"".join(b"%06d bad\xff\xfe\xe2\x82 ok " % i + b"z" * 80 + b"\n" for i in range(8000))
+    dash.project("binary", command=python_command(
+        "import sys; sys.stdout.buffer.write(b''.join(b'%06d bad\\xff\\xfe\\xe2\\x82 ok ' % i"
+        " + b'z' * 80 + b'\\n' for i in range(8000)))"))
+    build = dash.final_build(
+        f"/alice/binary/builds/{dash.api('POST', '/alice/binary/builds')['id']}")
+    assert build["log_size"] == len(data)
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/binary/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("007999 bad")
+    load_all_of_the_log(page)
+    assert log_of(page).text_content() == data.decode("utf-8", "replace")
+
+
+def test_a_line_longer_than_a_page_is_shown_and_loaded_whole(page, dash):
+    # The page held one partial line, which was dropped as partial: the log
+    # showed nothing, and "Load earlier" never moved.
+    dash.project("wide", command=python_command("print('x' * 300000)"))
+    build = dash.final_build(f"/alice/wide/builds/{dash.api('POST', '/alice/wide/builds')['id']}")
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/wide/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("xxxx")
+    load_all_of_the_log(page)
+    assert log_of(page).text_content() == "x" * 300000 + "\n"
+
+
+@pytest.mark.parametrize("width", [375, 1280])
+def test_a_long_name_or_description_wraps_instead_of_widening_the_page(open_page, dash, width):
+    # "of alice/NNN…" and a description with a long URL pushed the page sideways.
+    page = open_page(width=width)
+    if "n" * 64 not in [p["name"] for p in dash.api("GET", "/alice?limit=1000")["results"]]:
+        dash.project("n" * 64, command="true", description="see https://example.com/" + "u" * 300)
+    build = dash.api("POST", f"/alice/{'n' * 64}/builds", {"name": "N" * 128})
+    sign_in(page, dash)
+    for path in (f"/#/alice/{'n' * 64}", f"/#/alice/{'n' * 64}/builds/{build['id']}"):
+        page.goto(dash.url + path)
+        expect(page.locator("main")).to_contain_text("u" * 50 if "builds" not in path else "N" * 50)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+
+
 def test_a_fast_live_log_keeps_only_its_tail_in_the_page(page, dash):
     dash.project("fast", command="for i in $(seq 0 11); do seq $((i*100000+1)) $((i*100000+100000)); "
                                   "sleep 0.25; done")  # 8.9 MB in about 3 s
