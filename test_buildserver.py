@@ -5494,12 +5494,18 @@ def test_methods_a_path_does_not_have_get_405_and_change_nothing(open_app):
 
 # Abuse limits ---------------------------------------------------------------
 
-def test_a_huge_content_length_gets_413_before_the_body_is_sent(server_factory):
+def serving_admin_app_build_1(server_factory):
+    """A server with admin/app and its unmanaged build 1; (server, its
+    database's path, the database's rows)."""
     server = server_factory()
     db_path = os.path.join(server.data_dir, "buildserver.db")
     api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
     api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
-    before = db_dump(db_path)
+    return server, db_path, db_dump(db_path)
+
+
+def test_a_huge_content_length_gets_413_before_the_body_is_sent(server_factory):
+    server, db_path, before = serving_admin_app_build_1(server_factory)
     for path, content_type in (("/api/v1/admin", "application/json"),
                                ("/api/v1/admin/app/builds", "application/json"),
                                ("/api/v1/admin/app/builds/1/logs", "text/plain")):
@@ -5585,11 +5591,7 @@ def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(server_fac
     # Python's http.client (and requests) send the body before reading: a
     # server that closed with the body unread reset the connection, and the
     # client saw ConnectionResetError or BrokenPipeError instead of the 413.
-    server = server_factory()
-    db_path = os.path.join(server.data_dir, "buildserver.db")
-    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
-    api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
-    before = db_dump(db_path)
+    server, db_path, before = serving_admin_app_build_1(server_factory)
     logs = "/api/v1/admin/app/builds/1/logs"
     for path, body, detail in ((logs, b"x" * (buildserver.LOG_BODY_LIMIT + 1), "larger than"),
                                ("/api/v1/admin", b" " * (5 * MiB), "larger than"),
@@ -5605,11 +5607,7 @@ def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(server_fac
 
 def test_a_path_with_an_encoded_slash_is_400_and_never_reaches_another_resource(server_factory):
     # The server decodes %2F before routing: app%2Fbuilds%2F1 reached build 1 of app.
-    server = server_factory()
-    db_path = os.path.join(server.data_dir, "buildserver.db")
-    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
-    api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
-    before = db_dump(db_path)
+    server, db_path, before = serving_admin_app_build_1(server_factory)
     for method, path in (("DELETE", "/api/v1/admin/app%2Fbuilds%2F1"),
                          ("GET", "/api/v1/admin%2fapp"), ("GET", "/api/v1/admin/app%2Fbuilds")):
         status, body = server.json(method, path)
