@@ -3101,6 +3101,7 @@ def _answering(app, handler):
     @functools.wraps(handler)
     def wrapper(**params):
         response = bottle.response
+        response.set_header("X-Content-Type-Options", "nosniff")  # a log is text, whatever it holds
         try:
             if app.closing:
                 raise ApiError(503, "The server is shutting down.", headers={"Retry-After": "5"})
@@ -3133,6 +3134,7 @@ def _answering(app, handler):
 def _error_page(error):
     """Bottle's own errors (unknown route, wrong method) in the one error shape."""
     bottle.response.content_type = "application/json"
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
     if error.status_code == 404:
         detail = f"There is no endpoint at {bottle.request.path}."
     elif error.status_code == 405:
@@ -4436,6 +4438,7 @@ const TOKEN_KEY = 'buildserver.token';
 const PAGE = 20;                 // list items per page
 const LOG_PAGE = 256 * 1024;     // bytes of log fetched at once (the tail, or one "load earlier")
 const LOG_KEEP = 2 * 1024 * 1024;  // bytes kept in the page while following; older ones are dropped
+const LOG_HOLD = 2 * LOG_KEEP;   // bytes a page scrolled up holds; newer output then waits undrawn
 const REFRESH_MS = 5000;         // status refresh while builds are active (the log itself streams)
 const STATUSES = ['created', 'scheduled', 'running', 'stopping', 'succeeded', 'failed', 'stopped'];
 const SYMBOL = {created: '○', scheduled: '…', running: '▶', stopping: '◼', succeeded: '✓', failed: '✗', stopped: '■'};
@@ -4526,6 +4529,14 @@ function sleep(ms, signal) {
 function show(...nodes) { main.replaceChildren(...nodes.flat(Infinity).filter(Boolean)); }
 
 function notify(message) { noticeEl.replaceChildren(...(message ? [h('p', {class: 'error'}, message)] : [])); }
+
+// A button disabled while it works loses the focus to the page: give it back
+// (to the first of `candidates` that can take it), unless the reader moved on.
+function refocus(...candidates) {
+  if (document.activeElement !== document.body) return;
+  const next = candidates.find(el => !el.disabled);
+  if (next) next.focus();
+}
 
 // The API ---------------------------------------------------------------------
 
@@ -4826,7 +4837,7 @@ async function projectPage(v, user, name, q) {
     project.description ? h('p', {class: 'muted'}, project.description) : null,
     h('div', {class: 'card'},
       h('dl', {class: 'fields'},
-        h('dt', {}, 'Command'), h('dd', {}, project.command ? h('pre', {class: 'cmd'}, project.command) : h('span', {class: 'muted'}, 'none: give one per build')),
+        h('dt', {}, 'Command'), h('dd', {}, project.command ? codeBlock(project.command) : h('span', {class: 'muted'}, 'none: give one per build')),
         h('dt', {}, 'Timeout'), h('dd', {}, project.timeout ? duration(project.timeout) : 'none'),
         Object.keys(project.env).length ? [h('dt', {}, 'Environment'), h('dd', {}, envBlock(project.env))] : null),
       triggerForm(path, project)),
@@ -4837,8 +4848,11 @@ async function projectPage(v, user, name, q) {
 
 function envBlock(env) {
   const lines = Object.entries(env).map(([k, val]) => `${k}=${val}`).join('\n');
-  return h('details', {}, h('summary', {}, `${Object.keys(env).length} variable(s)`), h('pre', {class: 'cmd'}, lines));
+  return h('details', {}, h('summary', {}, `${Object.keys(env).length} variable(s)`), codeBlock(lines));
 }
+
+// Shell text as it will run: bidirectional controls shown, not obeyed (see visibleControls).
+function codeBlock(text) { return h('pre', {class: 'cmd'}, visibleControls(text)); }
 
 function buildTable(path, data, offset, statuses) {
   if (!data.results.length) {
@@ -4965,7 +4979,7 @@ async function buildPage(v, user, name, id) {
       build.is_managed ? null : ['Runs', 'elsewhere (unmanaged)'],
       build.description ? ['Description', build.description] : null,
       codeRow(code),
-      ['Command', build.command ? h('pre', {class: 'cmd'}, build.command) : '—'],
+      ['Command', build.command ? codeBlock(build.command) : '—'],
       Object.keys(build.env).length ? ['Environment', envBlock(build.env)] : null,
       ['Log', [h('span', {id: 'log-size'}, bytes(build.log_size)), build.truncated ? ' (truncated: the server\'s limit was reached)' : '']],
     ];
@@ -4997,7 +5011,7 @@ async function buildPage(v, user, name, id) {
       if (e.status === 401) return signOut(EXPIRED);
       if (e.name !== 'AbortError') { notify(`Could not stop the build: ${e.message}`); render(); }
     }
-    if (stop.disabled && document.activeElement === document.body) restart.disabled ? log.pre.focus() : restart.focus();
+    refocus(stop, restart, log.pre);
   }
 
   async function toggleBookmark() {
@@ -5011,6 +5025,7 @@ async function buildPage(v, user, name, id) {
       if (e.name !== 'AbortError') notify(`Could not change the bookmark: ${e.message}`);
     } finally {
       mark.disabled = false;
+      refocus(mark);
     }
   }
 
@@ -5021,7 +5036,7 @@ async function buildPage(v, user, name, id) {
       location.hash = `#/${user}/${name}/builds/${next.id}`;
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
-      if (e.name !== 'AbortError') { notify(`Could not restart the build: ${e.message}`); render(); }
+      if (e.name !== 'AbortError') { notify(`Could not restart the build: ${e.message}`); render(); refocus(restart, stop, log.pre); }
     }
   }
 
@@ -5082,7 +5097,9 @@ function timeline(statuses) {
 // Whole lines go into groups of small blocks that the browser lays out only when
 // they are on screen (content-visibility), so a long log stays fast; the line
 // still being written is redrawn as it grows. While the reader follows the end,
-// at most LOG_KEEP bytes stay in the page.
+// at most LOG_KEEP bytes stay in the page. A reader scrolled up keeps what they
+// read: the page grows to LOG_HOLD bytes, then holds newer output back undrawn
+// (its last LOG_KEEP bytes or so) until they come back down, when it replaces the page.
 
 class LogView {
   constructor(v, path) {
@@ -5094,6 +5111,7 @@ class LogView {
     this.groups = [];              // [{el, bytes}], oldest first
     this.pending = [];             // bytes received, not drawn yet
     this.open = new Uint8Array(0); // the last line, until its newline comes
+    this.held = false;             // output waits in `pending` while the reader is up the page
     this.ansi = ansiState();
     this.onOutput = this.onEnd = () => null;
     this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.controls()});
@@ -5105,7 +5123,7 @@ class LogView {
     this.latestBtn = h('button', {type: 'button', id: 'latest', class: 'small', hidden: true, onclick: () => {
       this.pre.scrollTop = this.pre.scrollHeight;
       this.pre.focus({preventScroll: true});
-    }}, '↓ Latest output');
+    }});
     const wrap = h('input', {type: 'checkbox', id: 'wrap', checked: true,
                              onchange: () => this.pre.classList.toggle('nowrap', !wrap.checked)});
     this.element = h('section', {'aria-labelledby': 'log-h'},
@@ -5197,9 +5215,10 @@ class LogView {
   flush() {
     this.scheduled = false;
     if (!this.pending.length) return;
+    const follow = !this.groups.length || this.atBottom();
+    if (!follow && (this.held || this.shown + this.waiting() > LOG_HOLD)) return this.hold();
     let raw = concat([this.open, ...this.pending]);
     this.pending = [];
-    const follow = !this.groups.length || this.atBottom();
     if (follow && raw.length > LOG_KEEP) {   // more than the page keeps, at once: skip to the last lines
       const skip = raw.indexOf(10, raw.length - LOG_KEEP) + 1 || raw.length - LOG_KEEP;
       ansiNodes(new TextDecoder().decode(raw.subarray(0, skip)), this.ansi, false);
@@ -5224,6 +5243,32 @@ class LogView {
       this.pre.scrollTop = this.pre.scrollHeight;
     }
     this.controls();
+  }
+
+  waiting() { return this.open.length + this.pending.reduce((n, p) => n + p.length, 0); }
+
+  /** Keep the output that arrives while the reader is up a full page, undrawn:
+   *  only its last lines once it outgrows twice what a followed page keeps. */
+  hold() {
+    this.held = true;
+    if (this.waiting() > 2 * LOG_KEEP) {
+      const raw = concat([this.open, ...this.pending]);
+      const skip = raw.indexOf(10, raw.length - LOG_KEEP) + 1 || raw.length - LOG_KEEP;
+      ansiNodes(new TextDecoder().decode(raw.subarray(0, skip)), this.ansi, false);
+      this.open = new Uint8Array(0);
+      this.pending = [raw.slice(skip)];
+    }
+    this.controls();
+  }
+
+  /** Back at the bottom after a hold: the output held back replaces the page. */
+  release() {
+    this.held = false;
+    this.groups.forEach(g => g.el.remove());
+    this.groups = [];
+    this.shown = 0;
+    this.start = this.end - this.waiting();
+    this.flush();
   }
 
   /** Lines of text as a group of blocks of at most 200 lines, before `next` (null: at the end). */
@@ -5253,10 +5298,13 @@ class LogView {
   }
 
   controls() {
+    if (this.held && this.atBottom()) return this.release();
     if (this.end > 0) this.empty.remove();
     this.earlierBtn.hidden = this.start <= 0;
     this.earlierBtn.textContent = `↑ Load earlier output (${bytes(this.start)} not shown)`;
     this.latestBtn.hidden = this.atBottom();
+    this.latestBtn.textContent = this.held ? `↓ Latest output (${bytes(this.end - this.start - this.shown)} more)`
+                                           : '↓ Latest output';
   }
 
   /** Prepend the LOG_PAGE bytes before `start`, keeping what the reader sees in place. */
@@ -5273,10 +5321,14 @@ class LogView {
         pos = page.next_offset;
       }
       const [skip, rest] = from > 0 ? await dropPartialLine(text, this.path, from) : [0, text];
-      const fromBottom = this.pre.scrollHeight - this.pre.scrollTop;
+      const [fromBottom, following] = [this.pre.scrollHeight - this.pre.scrollTop, this.atBottom()];
+      const height = this.pre.scrollHeight;
       this.addGroup(rest, end - from - skip, ansiState(), this.groups[0] || {el: this.openEl});
       this.start = from + skip;
-      this.pre.scrollTop = this.pre.scrollHeight - fromBottom;
+      // What the reader saw stays in place; a reader who followed the end is
+      // taken up to the join, to what they asked for (which following would trim).
+      const added = this.pre.scrollHeight - height;
+      this.pre.scrollTop = following ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
       if (e.name !== 'AbortError') notify(`Could not load earlier output: ${e.message}`);
@@ -5331,13 +5383,29 @@ async function logBytes(path, offset, limit) {
 }
 
 // ANSI: colours and styles of SGR sequences become styled spans; every other
-// escape or control sequence is dropped. A sequence cut by a chunk boundary is
-// carried to the next chunk.
+// escape or control sequence is dropped, with the contents of the string ones
+// (OSC, DCS, SOS, PM, APC). A sequence cut by a chunk boundary is carried to the
+// next chunk.
 
 const PALETTE = ['#4b5260', '#ff6b6b', '#5fd38d', '#e8c26a', '#6aa7ff', '#d98ae8', '#4cc9d4', '#d7dee8',
                  '#8a94a3', '#ff8f8f', '#7fe3a3', '#ffd866', '#8dbcff', '#eaa6f5', '#74e0e8', '#ffffff'];
-const ESCAPE = /([^\x1b]+)|\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-Z\\^-~]/y;
-const PARTIAL = /^\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[ -/]*)$/;
+const ESCAPE = /([^\x1b]+)|\x1b\[([0-?]*)[ -/]*([@-~])|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b(?:[ -/]+[0-~]|[0-OQ-WYZ\\`-~])/y;
+const PARTIAL = /^\x1b(?:\[[0-?]*[ -/]*|[\]PX^_][^\x07\x1b]*\x1b?|[ -/]*)$/;
+const SGR = /\x1b\[[0-9;:]*m/g;
+const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
+
+/** Text with its bidirectional controls (which could make it read in another
+ *  order than it runs) written out as <U+202E>, as `less` shows them. */
+function visibleControls(text) {
+  return text.replace(BIDI_CONTROLS, c => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
+}
+
+/** A line after its lone "\r"s (progress bars): what was written last, in the
+ *  colours set before it. */
+function rewound(line) {
+  const at = line.lastIndexOf('\r');
+  return at < 0 ? line : (line.slice(0, at).match(SGR) || []).join('') + line.slice(at + 1);
+}
 
 function ansiState() {
   return {fg: null, bg: null, bold: false, dim: false, italic: false, underline: false, inverse: false, carry: ''};
@@ -5401,10 +5469,7 @@ function ansiNodes(text, st, draw) {
   text = st.carry + text;
   st.carry = '';
   if (text.endsWith('\r')) { st.carry = '\r'; text = text.slice(0, -1); }   // maybe half of "\r\n"
-  // "\r\n" ends a line; a lone "\r" rewinds it (progress bars): keep what was written last.
-  if (text.includes('\r')) {
-    text = text.replace(/\r+\n/g, '\n').split('\n').map(line => line.slice(line.lastIndexOf('\r') + 1)).join('\n');
-  }
+  if (text.includes('\r')) text = text.replace(/\r+\n/g, '\n').split('\n').map(rewound).join('\n');   // "\r\n" ends a line
   const out = document.createDocumentFragment();
   let run = '';
   const emit = () => { if (run && draw) out.append(styledText(run, st)); run = ''; };
@@ -5414,12 +5479,12 @@ function ansiNodes(text, st, draw) {
     const m = ESCAPE.exec(text);
     if (!m) {   // an escape that is not (yet) complete
       const rest = text.slice(pos);
-      if (rest.length < 256 && PARTIAL.test(rest)) { st.carry = rest + st.carry; break; }
+      if (rest.length < 4096 && PARTIAL.test(rest)) { st.carry = rest + st.carry; break; }
       pos += 1;
       continue;
     }
     pos = ESCAPE.lastIndex;
-    if (m[1] !== undefined) run += m[1].replace(/[\x00-\x08\x0b-\x1f\x7f]/g, '');
+    if (m[1] !== undefined) run += visibleControls(m[1].replace(/[\x00-\x08\x0b-\x1f\x7f]/g, ''));
     else if (m[3] === 'm' && !/^[<=>?]/.test(m[2])) { emit(); sgr(st, m[2]); }
   }
   emit();

@@ -1654,6 +1654,24 @@ def test_the_dashboard_page_is_served_at_the_root_with_a_strict_policy(web):
     assert "'unsafe-inline'" not in policy
 
 
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/api/v1/alice/app/builds/1/logs", 200),  # a log is text, whatever it holds
+    ("GET", "/api/v1/alice/app/builds/1/logs?format=json", 200),
+    ("HEAD", "/api/v1/alice/app/builds/1/logs", 200),
+    ("GET", "/api/v1/alice/app/builds/9", 404),
+    ("GET", "/api/v1/alice/app/builds/1/nothing-here", 404),  # Bottle's own 404
+    ("PUT", "/api/v1/alice/app/builds/1", 405),  # and its own 405
+    ("GET", "/api/v1/health", 200),
+])
+def test_no_api_answer_may_be_sniffed_into_another_type(web, alice, populated, method, path,
+                                                          status):
+    # A log holding "<html><script>..." served as text/plain must stay text.
+    append_log(web, alice, populated + "/builds/1", b"<html><script>alert(1)</script>\n")
+    answer = web.request(path, method=method, headers=auth(alice), expect_errors=True)
+    assert answer.status_int == status
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+
+
 @pytest.mark.parametrize("method, path", [
     ("PUT", "/api/v1/alice"),
     ("DELETE", "/api/v1/alice"),
@@ -7418,6 +7436,103 @@ def test_a_fast_live_log_keeps_only_its_tail_in_the_page(page, dash):
     expect(log_of(page)).to_contain_text(f"\n{int(numbers[0]) - 1}\n")
     numbers = log_of(page).text_content().split("\n")[1:-1]
     assert [int(n) for n in numbers] == list(range(int(numbers[0]), 1200001))
+
+
+def numbers_in(page):
+    """The numbers a `seq` log shows, but its first line (which may be cut)."""
+    return [int(n) for n in log_of(page).text_content().split("\n")[1:-1]]
+
+
+def test_a_reader_scrolled_up_in_a_fast_log_holds_newer_output_back_until_they_come_down(
+        page, dash, tmp_path):
+    # The page grew without limit while its reader was up the page: a 100 MB
+    # log held 100 MB of page.
+    go = tmp_path / "go"
+    dash.project("uphill", command=f"seq 1 3000; while [ ! -e {go} ]; do sleep 0.05; done; "
+                                   "for i in $(seq 0 9); do seq $((i*150000+3001)) "
+                                   "$((i*150000+153000)); sleep 0.2; done")  # 10.5 MB in all
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/uphill/builds")
+    page.goto(dash.url + f"/#/alice/uphill/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("\n3000\n")
+    log_of(page).evaluate("e => { e.scrollTop = 0; }")
+    expect(page.locator("#latest")).to_be_visible()  # up the page: no longer following
+    go.touch()
+    expect(status_of(page)).to_have_text("✓succeeded", timeout=30_000)
+    expect(page.locator("#latest")).to_contain_text(re.compile(r"\d+(\.\d+)? MiB more"))
+    held = numbers_in(page)
+    assert len(log_of(page).text_content()) <= 4 * 1024 * 1024  # LOG_HOLD
+    assert held[:3] == [2, 3, 4] and held == list(range(2, held[-1] + 1))  # what they read stays
+
+    page.locator("#latest").click()
+    expect(log_of(page)).to_contain_text("1502999\n1503000\n")
+    tail = numbers_in(page)
+    assert len(log_of(page).text_content()) <= 2 * 1024 * 1024 + 64 * 1024  # LOG_KEEP
+    assert tail == list(range(tail[0], 1503001))
+    expect(page.locator("#latest")).to_be_hidden()
+    page.locator("#earlier").click()  # and the join to what came before is whole
+    expect(log_of(page)).to_contain_text(f"\n{tail[0] - 1}\n")
+    assert numbers_in(page) == list(range(numbers_in(page)[0], 1503001))
+
+
+def test_load_earlier_while_following_a_fast_log_shows_what_it_loaded(page, dash, tmp_path):
+    # The reader stayed at the bottom, so the next frame trimmed the page back
+    # to its last 2 MiB: what "Load earlier" fetched was gone at once.
+    go = tmp_path / "go"
+    dash.project("backwards", command=f"seq 1 400000; while [ ! -e {go} ]; do sleep 0.05; done; "
+                                      "seq 400001 800000")  # 2.8 MB, then 3.2 MB more
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/backwards/builds")
+    page.goto(dash.url + f"/#/alice/backwards/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("\n400000\n")
+    expect(page.locator("#earlier")).to_be_visible()
+    first = numbers_in(page)[0]
+    page.locator("#earlier").click()
+    expect(log_of(page)).to_contain_text(f"\n{first - 1}\n")
+    go.touch()
+    expect(status_of(page)).to_have_text("✓succeeded", timeout=30_000)
+    numbers = numbers_in(page)
+    assert first - 1 in numbers and numbers == list(range(numbers[0], numbers[-1] + 1))
+    expect(page.locator("#latest")).to_be_visible()
+
+
+def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_show_safely(
+        page, dash):
+    dash.project("bars", command=(
+        "printf '\\033[32mfetching 10%%\\rfetching 100%%\\033[0m done\\n'; "  # a rewound line
+        "printf 'a\\033P1;2|dcs-secret\\033\\\\b\\033_apc-secret\\033\\\\c\\n'; "  # DCS, APC
+        "printf 'if admin \\342\\200\\256 { deny }\\n'; "  # U+202E, the right-to-left override
+        "echo end"), env={"WHO": "admin\u202e"})
+    build = dash.final_build(f"/alice/bars/builds/{dash.api('POST', '/alice/bars/builds')['id']}")
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/bars/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("end")
+    assert log_of(page).text_content() == (
+        "fetching 100% done\nabc\nif admin <U+202E> { deny }\nend\n")
+    bar = log_of(page).locator("span", has_text=re.compile("^fetching 100%$"))
+    assert bar.evaluate("e => getComputedStyle(e).color") == "rgb(95, 211, 141)"  # still green
+    assert page.locator(".fields details pre").text_content() == "WHO=admin<U+202E>"
+
+
+def test_focus_stays_on_bookmark_and_on_stop_when_a_stop_fails(page, dash, open_page):
+    # Disabled while they worked, both buttons dropped the focus to the page.
+    open_page.allowed.append("the server responded with a status of 404")
+    dash.project("focused")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/focused/builds", {"is_managed": False})  # runs elsewhere
+    path = f"/alice/focused/builds/{build['id']}"
+    page.goto(dash.url + "/#" + path)
+    expect(status_of(page)).to_have_text("○created")
+    page.locator("#bookmark").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#bookmark")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#bookmark")).to_be_focused()
+
+    dash.api("DELETE", path)  # gone behind the page's back: its Stop then fails
+    page.locator("#stop").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#notice")).to_contain_text("Could not stop the build")
+    expect(page.locator("#stop")).to_be_focused()
 
 
 def test_keyboard_alone_signs_in_opens_a_project_and_triggers_a_build(page, dash):
