@@ -97,6 +97,8 @@ FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build this often (its cl
 HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive within this
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
+FOLLOW_SHUTDOWN_SECONDS = 8.0  # at shutdown, followers have this long for the rest (of 10 s)
+SHUTDOWN_STALL_SECONDS = 1.0   # ... if their clients go on taking it
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
@@ -1123,6 +1125,7 @@ class LogBus:
         self._waiting = {}  # build id -> {waiter: position}
         self._ended = 0  # builds ended since the last were forgotten
         self.closed = False
+        self.last_call = math.inf  # once closed: when followers still sending are cut off
 
     def news(self, build_id):
         """What the bus last heard of the build; wait() compares against it."""
@@ -1176,6 +1179,7 @@ class LogBus:
     def close(self):
         with self._lock:
             self.closed = True
+            self.last_call = time.monotonic() + FOLLOW_SHUTDOWN_SECONDS
             for waiting in self._waiting.values():
                 for waiter in waiting:
                     waiter.release()
@@ -1280,21 +1284,28 @@ class LogStream:
         here, not the whole log. False once it has taken nothing for
         FOLLOW_STALL_SECONDS, or has gone: the answer is cut off, which frees its
         thread and follower slot (a client that comes back follows on from its
-        offset)."""
+        offset). At shutdown a slow client still gets the rest, while it takes
+        some each SHUTDOWN_STALL_SECONDS, until the bus's last call."""
+        if time.monotonic() >= self.bus.last_call:
+            return False
         backlog = self._environ.get("buildserver.backlog")
         if backlog is None or backlog() <= FOLLOW_BACKLOG:
             return True
-        least, stall_ends = backlog(), time.monotonic() + FOLLOW_STALL_SECONDS
-        while not (self.bus.closed or self._gone()):
+        least, took_at = backlog(), time.monotonic()
+        while not self._gone():
             time.sleep(0.1)  # a rare case, and no event says a client read
-            waiting = backlog()
+            waiting, now = backlog(), time.monotonic()
             if waiting <= FOLLOW_BACKLOG:
                 return True
             if waiting < least:  # it reads, slowly
-                least, stall_ends = waiting, time.monotonic() + FOLLOW_STALL_SECONDS
-            elif time.monotonic() >= stall_ends:
-                log.warning("a follower of build %s took nothing for %d s: connection closed",
-                            self.build_id, FOLLOW_STALL_SECONDS)
+                least, took_at = waiting, now
+            if now >= self.bus.last_call:
+                log.warning("a follower of build %s was cut off by the shutdown", self.build_id)
+                return False
+            if now - took_at >= (SHUTDOWN_STALL_SECONDS if self.bus.closed
+                                 else FOLLOW_STALL_SECONDS):
+                log.warning("a follower of build %s took nothing for %.0f s: connection closed",
+                            self.build_id, now - took_at)
                 return False
         return False
 

@@ -4253,6 +4253,42 @@ def test_shutdown_signal_stops_running_builds_keeps_waiting_ones_and_flushes_fol
     assert later["last_status"] == "succeeded"
 
 
+def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory, tmp_path):
+    # A follower more than 1 MiB behind was cut off the moment the server began
+    # to shut down: curl said "transfer closed with outstanding read data".
+    data_dir = tmp_path / "slow"
+    server = server_factory("--stop-grace", "8", data_dir=data_dir)
+    project_path = admin_project(server)
+    write = ("import sys; sys.stdout.buffer.write(b''.join(b'%07d %s\\n' % (i, b'x' * 91)"
+             " for i in range(120000)))")  # 12 MB
+    status, build = server.json("POST", project_path + "/builds", {
+        "command": f"{shlex.quote(sys.executable)} -c {shlex.quote(write)}; exec sleep 60"})
+    path = f"{project_path}/builds/{build['id']}"
+    wait_until(lambda: server.json("GET", path)[1]["log_size"] == 12_000_000, timeout=30,
+               message="the whole log to be stored")
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    conn.connect()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+    conn.request("GET", path + "/logs?follow=1", headers={"Authorization": f"Token {server.token}"})
+    response = conn.getresponse()
+    received = [response.read(1_000_000)]
+    time.sleep(0.5)  # the server now holds its most for this client
+    server.signal(signal.SIGTERM)
+    while True:  # about 4 MB/s
+        piece = response.read(64 * 1024)
+        if not piece:
+            break
+        received.append(piece)
+        time.sleep(0.015)
+    conn.close()
+    assert server.wait(timeout=30) == 0
+    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+        last_status, log_size = db.execute("SELECT last_status, log_size FROM builds").fetchone()
+    assert (last_status, log_size) == ("stopped", 12_000_000)
+    body = b"".join(received)
+    assert len(body) == log_size and body.endswith(b"0119999 " + b"x" * 91 + b"\n")
+
+
 def test_after_kill_9_a_build_left_stopping_ends_failed_interrupted(server_factory, tmp_path):
     data_dir = tmp_path / "crashed"
     server = server_factory("--stop-grace", "30", data_dir=data_dir)
