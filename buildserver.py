@@ -82,6 +82,7 @@ TRANSITIONS = {
 STATUSES = tuple(TRANSITIONS)
 FINAL = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
 ACTIVE = ("created", "scheduled", "running", "stopping")
+DELETED_MEANWHILE = "It was deleted while this request ran."
 
 JSON_BODY_LIMIT = 1 * MiB
 LONE_SURROGATE = ("The request body has a \\u escape that is not a character "
@@ -737,9 +738,12 @@ LOG_CHUNK_SELECT = """
     SELECT {} FROM log_chunks c JOIN builds b ON b.id = c.build_id
     WHERE c.build_id = ? AND b.uuid = ? AND c.offset <= ? ORDER BY c.offset DESC LIMIT 1
 """
-# The next build's id: never one a deleted build had (nor one inserted by hand).
+# The next build's and project's ids: never one a deleted row had (nor one inserted by hand).
 NEXT_BUILD_ID = """
     SELECT max((SELECT next FROM build_ids), (SELECT coalesce(max(id), 0) + 1 FROM builds))
+"""
+NEXT_PROJECT_ID = """
+    SELECT max((SELECT next FROM project_ids), (SELECT coalesce(max(id), 0) + 1 FROM projects))
 """
 PROJECT_SELECT = """
     SELECT p.*, u.name AS owner,
@@ -820,11 +824,14 @@ class Store:
                                   (owner_id, fields["name"])).fetchone()
                 if taken is not None:
                     return taken[0]
+                project_id = c.execute(NEXT_PROJECT_ID).fetchone()[0]
+                c.execute("UPDATE project_ids SET next = ?", (project_id + 1,))
                 c.execute(
-                    "INSERT INTO projects (owner_id, name, description, command, env, timeout,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (owner_id, fields["name"], fields.get("description"), fields.get("command"),
-                     json.dumps(fields.get("env") or {}), fields.get("timeout"), now, now))
+                    "INSERT INTO projects (id, owner_id, name, description, command, env, timeout,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (project_id, owner_id, fields["name"], fields.get("description"),
+                     fields.get("command"), json.dumps(fields.get("env") or {}),
+                     fields.get("timeout"), now, now))
         except sqlite3.IntegrityError:
             return fields["name"]
         return None
@@ -845,11 +852,13 @@ class Store:
             c.execute(f"UPDATE {table} SET {assignments} WHERE id = :id", {**values, "id": row_id})
 
     def delete_project(self, project_id):
+        """Delete a project and all it holds; False if it was gone already."""
         with self.db.write() as c:
             freed = c.execute("SELECT coalesce(sum(log_size), 0) FROM builds WHERE project_id = ?",
                               (project_id,)).fetchone()[0]
-            c.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+            deleted = c.execute("DELETE FROM projects WHERE id = ?", (project_id,)).rowcount
             self.db.wrote(freed)  # secure_delete zeroes the freed pages through the WAL
+        return deleted == 1
 
     # Builds ------------------------------------------------------------------
 
@@ -934,15 +943,17 @@ class Store:
             c.execute("UPDATE builds SET bookmarked = ? WHERE id = ?", (int(bookmarked), build_id))
 
     def delete_build(self, build_id):
+        """Delete a build and all it holds; False if it was gone already."""
         with self.db.write() as c:
             row = c.execute("SELECT project_id, log_size FROM builds WHERE id = ?",
                             (build_id,)).fetchone()
             if row is None:
-                return
+                return False
             c.execute("UPDATE projects SET builds_count = builds_count - 1 WHERE id = ?",
                       (row[0],))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
             self.db.wrote(row[1])  # secure_delete zeroes the freed pages through the WAL
+        return True
 
     def set_pgid(self, build_id, pgid, started):
         with self.db.write() as c:
@@ -985,6 +996,11 @@ class Store:
         return {"number": number, "uuid": entry_uuid, "status": status,
                 "message": message, "created_at": now}
 
+    def sessions(self, uuids):
+        """{uuid: the session its shell led} of the builds with these uuids that ran here."""
+        return dict(self.db.all("SELECT uuid, pgid FROM builds WHERE pgid IS NOT NULL AND uuid IN"
+                                " (SELECT value FROM json_each(?))", (json.dumps(list(uuids)),)))
+
     def managed_builds(self, statuses):
         """Managed builds in `statuses`, oldest first."""
         return self.db.all("SELECT id, uuid, pgid, pg_started, last_status FROM builds"
@@ -996,6 +1012,12 @@ class Store:
         return [r["id"] for r in self.db.all(
             "SELECT id FROM builds WHERE project_id = ? AND last_status IN"
             " (SELECT value FROM json_each(?))", (project_id, json.dumps(ACTIVE)))]
+
+    def runs_builds(self, project_id):
+        """Whether a build of the project that this server runs has started and not ended."""
+        return self.db.one("SELECT 1 FROM builds WHERE project_id = ? AND is_managed = 1"
+                           " AND last_status IN ('running', 'stopping') LIMIT 1",
+                           (project_id,)) is not None
 
     # Statuses ----------------------------------------------------------------
 
@@ -1515,12 +1537,22 @@ class Runner:
             job.gone.wait(wait)
 
     def recover(self):
-        """End builds that a server which died left running, and kill what is left of them."""
+        """End builds that a server which died left running, and kill what is
+        left of them; and what is left inside their sessions of builds that had
+        ended (a stop's grace that the crash cut short, say)."""
         for row in self.store.managed_builds(["running", "stopping"]):
             _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
+        carried = _groups_by_build()
+        sessions = self.store.sessions(carried) if carried else {}
+        ended = {group for uuid, session in sessions.items()
+                 for group, in_session in carried[uuid] if in_session == session}
+        for group in ended:
+            _killpg(group, signal.SIGKILL)
+        if ended:
+            log.warning("killed %d process group(s) left by builds that had ended", len(ended))
 
     def _work(self):
         if self.cores:  # its builds' commands inherit its cores
@@ -1997,6 +2029,19 @@ def _groups_carrying(build_uuid):
         return set()
     return {group for pid, group, _ in _processes() if _carries(pid, build_uuid)} - \
         {os.getpgrp()}
+
+
+def _groups_by_build():
+    """{BUILD_UUID: {(process group, session)}} of the processes (not ours)
+    that carry one (Linux; elsewhere none)."""
+    found = collections.defaultdict(set)
+    if os.path.isdir("/proc/self"):
+        for pid, group, session in _processes():
+            uuids = [entry[11:] for entry in _read(f"/proc/{pid}/environ").split(b"\0")
+                     if entry.startswith(b"BUILD_UUID=")]
+            if uuids and group != os.getpgrp():
+                found[uuids[0].decode("ascii", "replace")].add((group, session))
+    return found
 
 
 def _groups_escaped(session, build_uuid):
@@ -2732,10 +2777,19 @@ def make_routes(app):
         (running builds are stopped first)."""
         project = _project(app, username, project_name)
         message = f"stopped by {user['name']}: project deleted"
-        stop_all(store.active_builds(project["id"]), message)
-        with store.db.write():  # no namesake can be made before its workspaces are set aside
-            store.delete_project(project["id"])
-            aside = _set_aside(config.workspaces, username, project_name)
+        for last_round in (False, False, False, True):
+            stop_all(store.active_builds(project["id"]), message)
+            # Nothing starts in here, and no namesake is made before its
+            # workspaces are set aside. A build that started while the stops
+            # were waited for is stopped first: deleted, its row could not
+            # tell the next start to end what a crash left of it.
+            with store.db.write():
+                if not last_round and store.runs_builds(project["id"]):
+                    continue
+                if not store.delete_project(project["id"]):
+                    raise ApiError(404, DELETED_MEANWHILE)
+                aside = _set_aside(config.workspaces, username, project_name)
+                break
         runner.stop_project(project["id"], message, wait=config.stop_grace + 5)
         _remove(aside)
         return {"detail": f"Deleted the project {username}/{project_name}."}
@@ -2743,7 +2797,7 @@ def make_routes(app):
     def still_there(row):
         """`row`, re-read after a write; None means a delete won the race."""
         if row is None:
-            raise ApiError(404, "It was deleted while this request ran.")
+            raise ApiError(404, DELETED_MEANWHILE)
         return row
 
     def stop_all(build_ids, message):
@@ -2884,7 +2938,8 @@ def make_routes(app):
         build = _build(app, username, project_name, build_id)
         stop_all([build["id"]], f"stopped by {user['name']}: build deleted")
         with store.db.write():  # as for a project: a namesake's build never loses its workspace
-            store.delete_build(build["id"])
+            if not store.delete_build(build["id"]):
+                raise ApiError(404, DELETED_MEANWHILE)
             aside = _set_aside(config.workspaces, username, project_name, str(build["number"]))
         _remove(aside)
         return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}

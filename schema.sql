@@ -129,3 +129,11 @@ INSERT INTO build_ids SELECT coalesce(max(id), 0) + 1 FROM builds;
 -- Bookmarked builds are listed per user (GET /api/v1/bookmarks/{user}/builds).
 -- A partial index holds them alone: no status change or new build touches it.
 CREATE INDEX builds_bookmarked ON builds(project_id) WHERE bookmarked = 1;
+
+-- migration 7
+-- A project's id is never used again once its project is deleted, as for
+-- builds (migration 5): a request that looked a project up, then waited for
+-- its builds to stop, must never delete, or add a build to, another user's
+-- project that took its id meanwhile.
+CREATE TABLE project_ids (next INTEGER NOT NULL);
+INSERT INTO project_ids SELECT coalesce(max(id), 0) + 1 FROM projects;

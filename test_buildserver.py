@@ -928,6 +928,16 @@ def test_a_deleted_builds_id_is_never_given_to_another_build(web, alice, bob, pr
     assert app.db.one("SELECT max(id) FROM builds")[0] == 1001
 
 
+def test_a_deleted_projects_id_is_never_given_to_another_project(web, alice, bob, app):
+    # As for builds: a delete that looked a project up and then waited for its
+    # builds deleted whichever project had taken its id meanwhile (bob's).
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "a"}), 201)
+    first = app.db.one("SELECT id FROM projects")[0]
+    ok(call(web, "DELETE", "/api/v1/alice/a", alice))
+    ok(call(web, "POST", "/api/v1/bob", bob, {"name": "b"}), 201)
+    assert app.db.one("SELECT id FROM projects")[0] == first + 1
+
+
 # What Polyaxon's client records beside a run ------------------------------------
 
 def test_a_bookmark_is_set_and_removed_and_shows_in_the_build_and_the_list(
@@ -4913,6 +4923,99 @@ def test_a_build_claimed_while_its_project_is_deleted_does_not_run_on(server_fac
     assert server.json("GET", project_path)[0] == 404
     wait_gone(f"BUILD_UUID={late['uuid']}")
     wait_gone(f"BUILD_UUID={stubborn['uuid']}")
+
+
+@pytest.mark.parametrize("waiting", ["project", "build"])
+def test_a_delete_that_waited_never_deletes_what_took_the_place_of_what_it_looked_up(
+        server_factory, waiting):
+    # The delete looked up alice/app (or its build 1), then waited out the grace
+    # of a group the build made. Meanwhile a retry deleted the project and it
+    # was made again: the first delete then deleted the new project (which had
+    # the old one's id), or the new build 1's workspace while it ran.
+    server = server_factory("--stop-grace", "5", "--workers", "2")
+    project_path = admin_project(server)
+    status, old = server.json("POST", project_path + "/builds", {"command": (
+        "timeout 600 sh -c 'trap \"\" TERM; exec sleep 303' >/dev/null 2>&1 &"
+        " echo ready; sleep 300")})
+    old_path = f"{project_path}/builds/{old['id']}"
+    server_wait_for_log(server, old_path, b"ready")
+    answers = []
+    deleting = threading.Thread(target=lambda: answers.append(
+        server.json("DELETE", project_path if waiting == "project" else old_path)))
+    deleting.start()
+    wait_until(lambda: server.json("GET", old_path)[1]["last_status"] == "stopped",
+               message="the build to be stopped (its other group in its grace)")
+    assert server.json("DELETE", project_path)[0] == 200  # a retry: nothing runs any more
+    assert server.json("POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    status, new = server.json("POST", project_path + "/builds",
+                              {"command": "echo kept > f; sleep 7; cat f"})
+    assert status == 201 and new["id"] == 1
+    deleting.join(30)
+    assert [(status, body["detail"]) for status, body in answers] == [
+        (404, "It was deleted while this request ran.")]
+    done = server_final_build(server, f"{project_path}/builds/{new['id']}")
+    assert done["last_status"] == "succeeded"
+    assert server.request("GET", f"{project_path}/builds/{new['id']}/logs")[2] == b"kept\n"
+    wait_gone(f"BUILD_UUID={old['uuid']}")
+
+
+def test_a_crash_while_a_delete_waits_for_a_build_started_meanwhile_leaves_it_to_the_restart(
+        server_factory, tmp_path):
+    # The delete deleted the rows once the first build had ended, then waited
+    # for the one started meanwhile: killed then, the server left it running
+    # with no row that could tell the next start about it.
+    data_dir = tmp_path / "crashed"
+    server = server_factory("--stop-grace", "3", "--workers", "2", data_dir=data_dir)
+    project_path = admin_project(server)
+    status, first = server.json("POST", project_path + "/builds",
+                                {"command": "trap '' TERM; echo ready; sleep 60"})
+    server_wait_for_log(server, f"{project_path}/builds/{first['id']}", b"ready")
+
+    def delete():
+        with contextlib.suppress(OSError, http.client.HTTPException):  # the server dies
+            server.json("DELETE", project_path)
+    deleting = threading.Thread(target=delete, daemon=True)
+    deleting.start()
+    wait_until(lambda: server.json("GET", f"{project_path}/builds/1")[1]["last_status"]
+               == "stopping", message="the delete to stop build 1")
+    status, late = server.json("POST", project_path + "/builds",
+                               {"command": "trap '' TERM; echo ready; sleep 77"})
+    assert status == 201
+    wait_gone(f"BUILD_UUID={first['uuid']}")  # its grace is over: the delete goes on
+    time.sleep(0.5)
+    assert pids_with_marker(f"BUILD_UUID={late['uuid']}")
+    server.proc.kill()
+    server.wait()
+    deleting.join(30)
+    restarted = server_factory("--stop-grace", "3", data_dir=data_dir)
+    restarted.token = server.token
+    wait_gone(f"BUILD_UUID={late['uuid']}")
+    assert server_final_build(restarted, f"{project_path}/builds/{late['id']}")[
+        "last_status"] == "failed"
+
+
+def test_a_crash_during_the_grace_of_an_ended_builds_other_group_leaves_it_to_the_restart(
+        server_factory, tmp_path):
+    # The build read `stopped` while the `timeout` group it made had the rest of
+    # its grace; the restart looked only at builds still running or stopping.
+    data_dir = tmp_path / "crashed"
+    server = server_factory("--stop-grace", "60", data_dir=data_dir)
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds", {"command": (
+        "timeout 600 sh -c 'trap \"\" TERM; exec sleep 304' >/dev/null 2>&1 &"
+        " echo ready; sleep 300")})
+    path = f"{project_path}/builds/{build['id']}"
+    server_wait_for_log(server, path, b"ready")
+    assert server.json("POST", path + "/stop")[0] == 200
+    wait_until(lambda: server.json("GET", path)[1]["last_status"] == "stopped",
+               message="the build to be stopped")
+    assert pids_with_marker(f"BUILD_UUID={build['uuid']}")  # in its grace
+    server.proc.kill()
+    server.wait()
+    restarted = server_factory("--stop-grace", "60", data_dir=data_dir)
+    restarted.token = server.token
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+    assert restarted.json("GET", path)[1]["last_status"] == "stopped"  # as it was
 
 
 ###############################################################################
