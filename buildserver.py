@@ -2199,7 +2199,8 @@ def flag_param(name):
         return False
     if raw in ("1", "true", "yes"):
         return True
-    raise ApiError(400, f"The query parameter {name} must be 1 or 0.", errors={name: "must be 1 or 0"})
+    raise ApiError(400, f"The query parameter {name} must be 1 or 0 (or true or false, yes or no).",
+                   errors={name: "must be 1 or 0"})
 
 
 def prefers_json(accept):
@@ -2330,7 +2331,7 @@ BUILDS_QUERY = PAGE_QUERY + (("status", {
 LOG_QUERY = (
     ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
                 "description": "the first byte to send"}),
-    ("limit", {"type": "integer", "minimum": 0, "maximum": 2 ** 62,
+    ("limit", {"type": "integer", "minimum": 1, "maximum": 2 ** 62,
                "description": "at most this many bytes (JSON: default 1 MiB, at most 4 MiB)"}),
     ("tail", {"type": "integer", "minimum": 0, "maximum": 10 ** 7,
               "description": "send the last N lines (but nothing before offset)"}),
@@ -3027,9 +3028,9 @@ def make_routes(app):
         if tail is not None:  # the last lines, of those from offset on
             offset = max(offset, store.tail_offset(build["id"], size, tail))
         if fmt == "json":
-            limit = min(int_param("limit", LOG_JSON_DEFAULT, 0, 2 ** 62), LOG_JSON_MAX)
+            limit = min(int_param("limit", LOG_JSON_DEFAULT, 1, 2 ** 62), LOG_JSON_MAX)
             return log_page(build, min(offset, size), limit, size, final)
-        limit = int_param("limit", None, 0, 2 ** 62)
+        limit = int_param("limit", None, 1, 2 ** 62)
         bottle.response.content_type = "text/plain; charset=utf-8"
         bottle.response.set_header("X-Log-Size", str(size))
         bottle.response.set_header("X-More-Data", "false" if final else "true")
@@ -3305,8 +3306,10 @@ def serve(config):
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, on_signal)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
-        token = app.store.create_user("admin", is_admin=True)
-        print(f"Created the admin user 'admin'. Its token, shown only now: {token}", flush=True)
+        with app.db.write():  # a token that cannot be shown (a full disk) leaves no admin
+            token = app.store.create_user("admin", is_admin=True)
+            print(f"Created the admin user 'admin'. Its token, shown only now: {token}",
+                  flush=True)
     app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
@@ -3331,6 +3334,20 @@ def serve(config):
     return 0
 
 
+def _one_address(host):
+    """`host`, or the address to listen on when it names several (localhost as
+    ::1 and 127.0.0.1): waitress would listen on each, through another kind of
+    server. The first IPv4 one, as the URLs people type say 127.0.0.1."""
+    try:
+        found = [(family, info[0]) for family, _, _, _, info in socket.getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
+    except (socket.gaierror, UnicodeError):
+        return host  # waitress says so, in its words
+    if len({address for _, address in found}) <= 1:
+        return host
+    return next((a for family, a in found if family == socket.AF_INET), found[0][1])
+
+
 def http_server(app, config):
     """waitress, listening for `app` as `config` says (not yet serving)."""
     import waitress
@@ -3338,7 +3355,8 @@ def http_server(app, config):
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.queue_cv = _WarmestFirst(dispatcher.lock)
     server = waitress.create_server(
-        app, _dispatcher=dispatcher, host=config.host, port=config.port, threads=config.threads,
+        app, _dispatcher=dispatcher, host=_one_address(config.host), port=config.port,
+        threads=config.threads,
         ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
         outbuf_overflow=16 * MiB, connection_limit=_connection_limit(config),
         channel_request_lookahead=1,  # lets a follower see that its client left
@@ -3649,6 +3667,7 @@ def _url_host(host):
 EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
 EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM, to `run --stop-on-interrupt`
 EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
 EXIT_OUTPUT_FAILED = 74   # the output cannot be written where it goes, a full disk say (EX_IOERR)
 RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
@@ -3686,6 +3705,11 @@ class Client:
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"the server URL must start with http:// or https://, not {url!r}")
+        if "@" in parts.netloc:  # (not echoed: it may hold a password)
+            raise ValueError("the server URL must not hold a user name or password; "
+                             "the token goes in BUILDSERVER_TOKEN or --token")
+        if not parts.hostname:
+            raise ValueError(f"the server URL names no host: {url!r}")
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._netloc, self._base = parts.scheme, parts.netloc, parts.path.rstrip("/")
         self.token, self.timeout = token, timeout
@@ -3720,17 +3744,13 @@ class Client:
         except self._dropped as e:
             conn.close()
             raise Unreachable(f"cannot reach {self.url}: {e}") from None
-        if response.status >= 400:
+        if response.status >= 300:  # a redirect too: to https://, say (the URL to give instead)
             try:
                 data = response.read()
             except self._dropped:
                 data = b""
             conn.close()
-            try:
-                detail = json.loads(data)["detail"]
-            except (ValueError, KeyError, TypeError):
-                detail = data.decode("utf-8", "replace").strip() or response.reason
-            raise ClientError(response.status, detail)
+            raise ClientError(response.status, _error_detail(response, data))
         return conn, response
 
     def call(self, method, path, body=None):
@@ -3751,7 +3771,7 @@ class Client:
             conn, response = self._open("GET", f"{build_path}/logs{query}", accept="text/plain",
                                         timeout=None if follow else self.timeout)
         except Unreachable as e:
-            e.offset = offset
+            e.offset, e.got_through = offset, False
             raise
         try:
             while True:
@@ -3766,7 +3786,7 @@ class Client:
                 offset += len(data)
         except self._dropped as e:
             error = Unreachable(f"the connection to {self.url} dropped: {e}")
-            error.offset = offset
+            error.offset, error.got_through = offset, True
             raise error from None
         finally:
             conn.close()
@@ -3775,7 +3795,7 @@ class Client:
         """Follow a build's log to `out` until the build is final, reconnecting
         (from the last byte received) for up to RECONNECT_SECONDS, also while
         the server answers 503 (shutting down for a restart, too many
-        followers); returns the build."""
+        followers), counted from the last time it got through; returns the build."""
         give_up_at, pause = None, 0.2
         while True:
             try:
@@ -3787,6 +3807,8 @@ class Client:
             except (Unreachable, ClientError) as e:
                 if isinstance(e, ClientError) and e.status != 503:
                     raise
+                if getattr(e, "got_through", False):  # dropped after it streamed: a new outage
+                    give_up_at, pause = None, 0.2
                 offset = getattr(e, "offset", offset)
                 now = time.monotonic()
                 give_up_at = give_up_at or now + RECONNECT_SECONDS
@@ -3794,6 +3816,20 @@ class Client:
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
+
+
+def _error_detail(response, data):
+    """What an error answer says: its detail and the reason for each field, or
+    where a redirect points."""
+    if 300 <= response.status < 400:
+        return (f"{response.status} {response.reason}: it points to "
+                f"{response.getheader('Location') or 'nowhere'}; give that as the server URL")
+    try:
+        body = json.loads(data)
+        detail, errors = body["detail"], body.get("errors") or {}
+        return detail + "".join(f"\n  {field}: {reason}" for field, reason in errors.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return data.decode("utf-8", "replace").strip() or response.reason
 
 
 def _project_spec(spec):
@@ -3811,10 +3847,11 @@ def _env_pair(text):
 
 
 def client_exit_code(build):
-    """0 if the build succeeded, its own exit code if it failed with one, else 1."""
+    """0 if the build succeeded, its own exit code if it failed with one, else
+    1 (a stopped build too, whatever its shell's code on the way out)."""
     if build["last_status"] == "succeeded":
         return 0
-    code = build.get("exit_code")
+    code = build.get("exit_code") if build["last_status"] == "failed" else None
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
@@ -3866,6 +3903,8 @@ def run_client(args):
         client = Client(args.url, args.token or _env("token", ""))
     except ValueError as e:
         return _fail(str(e), 2)
+    if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
+        return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
     project = "/api/v1/" + urllib.parse.quote(args.project)
     try:
         if args.command == "run":
@@ -3957,25 +3996,46 @@ def _run_build(client, project, args):
     path = f"{project}/builds/{build['id']}"
     if code:
         client.call("POST", f"{path}/coderef", code)
-    print(f"build {build['id']}: {client.url}{path}", file=sys.stderr, flush=True)
+    _note(f"build {build['id']}: {client.url}{path}")
     if args.no_follow:
         _say(json.dumps(build, indent=2) if args.json else build["id"])
         return 0
+    if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
+        signal.signal(signal.SIGTERM, _terminated)
     try:  # with --json, standard output holds the build's JSON alone
+        if args.json and sys.stderr is None:
+            raise OutputFailed(OSError("standard error is closed"))
         build = client.follow(path, (sys.stderr if args.json else sys.stdout).buffer)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as interrupt:
         if args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] "):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
             client.call("POST", f"{path}/stop")
-            print(f"build {build['id']}: stop requested", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            _note(f"build {build['id']}: stop requested")
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     if args.json:
         _say(json.dumps(build, indent=2))
-    print(f"build {build['id']}: {build['last_status']}", file=sys.stderr)
+    _note(f"build {build['id']}: {build['last_status']}")
     return client_exit_code(build)
 
 
+class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` takes it
+    """SIGTERM, to `run --stop-on-interrupt`."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _note(text):
+    """Say `text` on standard error, if it can be written: a note, not output
+    (a full disk there must not change the exit code, nor end the follow)."""
+    if sys.stderr is not None:  # (print(file=None) would write to standard output)
+        with contextlib.suppress(OSError):
+            print(text, file=sys.stderr, flush=True)
+
+
 def _ask(question):
-    if not sys.stdin.isatty():
+    if sys.stderr is None or not (sys.stdin and sys.stdin.isatty() and sys.stderr.isatty()):
         return False
     try:  # asked on standard error: standard output holds the log (or JSON) alone
         sys.stderr.write(question)
@@ -4077,7 +4137,9 @@ def _ip_address(text):
 
 def parser():
     p = argparse.ArgumentParser(prog="buildserver.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Without a command it serves: `buildserver.py --port 9000` "
+                                       "is `buildserver.py serve --port 9000` (see serve --help).")
     p.add_argument("--version", action="version", version=__version__)
     commands = p.add_subparsers(dest="command", metavar="COMMAND")
     s = commands.add_parser("serve", help="run the server (the default command)",
@@ -4212,6 +4274,11 @@ def backup(db_path, dest):
         # answered for afterwards would be lost.
         return _fail(f"{dest} is the database itself (or one of its files): "
                      "name a file outside the data folder", 2)
+    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
+        # The copy replaces what is there: /dev/null or /dev/stdout would be
+        # replaced by a file for every user, a link by a copy.
+        return _fail(f"{dest} is not a file (a device, a pipe or a link, say): "
+                     "name a file to write, or a new one", 2)
     # A copy of its own beside the destination (0600, like the database),
     # named after this process: a backup running at the same time has another,
     # and the next backup removes what a killed one left.
@@ -4315,7 +4382,7 @@ def manage_users(args):
 
 
 def _fail(message, code):
-    print(f"buildserver: {message}", file=sys.stderr)
+    _note(f"buildserver: {message}")
     return code
 
 

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import errno
 import http.client
+import http.server
 import importlib.util
 import io
 import json
@@ -1332,7 +1333,6 @@ LOG_TEXT = b"alpha\nbeta\ngamma\n"
     ("offset=16", b"\n"),
     ("offset=17", b""),
     ("offset=100", b""),
-    ("limit=0", b""),
     ("limit=1000", LOG_TEXT),
     ("format=text", LOG_TEXT),
     ("follow=0", LOG_TEXT),
@@ -1874,6 +1874,8 @@ BAD_QUERIES = [
     ("/app/builds/1/logs", "follow=maybe", "follow"), ("/app/builds/1/logs", "format=xml", "format"),
     ("/app/builds/1/logs", "offset=-1", "offset"), ("/app/builds/1/logs", "offset=x", "offset"),
     ("/app/builds/1/logs", "limit=abc", "limit"), ("/app/builds/1/logs", "limit=-1", "limit"),
+    # A JSON page of 0 bytes would never move on: next_offset is its offset.
+    ("/app/builds/1/logs", "limit=0", "limit"), ("/app/builds/1/logs", "format=json&limit=0", "limit"),
     ("/app/builds/1/logs", "format=json&limit=x", "limit"),
     ("/app/builds/1/logs", "follow=1&format=json", "follow"),
     # Given twice, a parameter is ambiguous whichever value is valid.
@@ -5221,6 +5223,9 @@ def test_the_question_on_ctrl_c_goes_to_standard_error(monkeypatch, capsys):
     # Standard output holds the log alone (it may be a file).
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert buildserver._ask("Stop build 1? [y/N] ") is False  # (`run ... 2>err`: to nobody)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert buildserver._ask("Stop build 1? [y/N] ") is True
     out, err = capsys.readouterr()
     assert out == "" and err == "Stop build 1? [y/N] "
@@ -5241,6 +5246,212 @@ def test_ctrl_c_without_a_terminal_leaves_the_build_running(served):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
     assert served.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"] == "running"
+
+
+def test_sigterm_with_stop_on_interrupt_stops_the_build_and_exits_143(served):
+    # A CI job cancelled, or `timeout 600 buildserver.py run ...`: the build ran on.
+    proc = start_client(served, "run", "admin/app", "--command", "echo started; sleep 60",
+                        "--stop-on-interrupt")
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == buildserver.EXIT_TERMINATED
+    assert b"stop requested" in proc.stderr.read()
+    assert server_final_build(served, "/api/v1/admin/app/builds/1")["last_status"] == "stopped"
+
+
+def test_a_stopped_build_exits_1_whatever_its_shell_exits_with(served):
+    # Its shell trapped TERM and exited 7: `run` said 7, "the build failed with 7".
+    proc = start_client(served, "run", "admin/app", "--command",
+                        "trap 'exit 7' TERM; echo started; while :; do sleep 0.1; done")
+    assert proc.stdout.readline() == b"started\n"
+    assert served.json("POST", "/api/v1/admin/app/builds/1/stop")[0] == 200
+    assert proc.wait(30) == 1
+    assert served.json("GET", "/api/v1/admin/app/builds/1")[1]["exit_code"] == 7
+
+
+def test_standard_error_that_cannot_be_written_changes_nothing_of_a_run(served):
+    # The URL line went unguarded: `run` exited 1 and left its build unfollowed.
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "run", "admin/app", "--command",
+                                 "echo out; exit 5"], stdout=subprocess.PIPE, stderr=full,
+                                env={**os.environ, "BUILDSERVER_URL": f"http://{served.host}:"
+                                     f"{served.port}", "BUILDSERVER_TOKEN": served.token})
+        out, _ = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (5, b"out\n")
+
+
+@pytest.mark.parametrize("closed, code, stdout", [
+    ("stdout", buildserver.EXIT_OUTPUT_FAILED, b""),  # a traceback, or exit 0 saying nothing
+    ("stderr", 0, b"2\n"),  # print(file=None) wrote the URL line to standard output
+])
+def test_a_closed_standard_stream_is_no_traceback_and_no_mixed_output(served, closed, code,
+                                                                       stdout):
+    assert client(served, "run", "admin/app", "--command", "true").returncode == 0
+    fd = 1 if closed == "stdout" else 2
+    for args in (["logs", "admin/app", "1"], ["builds", "admin/app"],
+                 ["run", "admin/app", "--command", "true", "--no-follow"]):
+        if closed == "stderr" and args[0] != "run":
+            continue
+        out_r, out_w = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stdout=out_w, stderr=out_w,
+            env={**os.environ, "BUILDSERVER_URL": f"http://{served.host}:{served.port}",
+                 "BUILDSERVER_TOKEN": served.token},
+            preexec_fn=lambda: os.close(fd), pass_fds=(out_w,))
+        os.close(out_w)
+        with os.fdopen(out_r, "rb") as reader:
+            said = reader.read()
+        assert proc.wait(30) == code, (args, said)
+        assert b"Traceback" not in said
+        if closed == "stderr":
+            assert said == stdout
+        else:
+            assert said == b"buildserver: cannot write the output: standard output is closed\n"
+
+
+class Redirecting(http.server.BaseHTTPRequestHandler):
+    """A server that sends every request elsewhere, as http:// to https:// does."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(301)
+        self.send_header("Location", "https://build.example.org" + self.path)
+        self.send_header("Content-Length", "16")
+        self.end_headers()
+        self.wfile.write(b"<html>Moved</html>"[:16])
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirect_is_no_answer_and_the_client_says_where_it_points():
+    # Taken for success: the HTML was printed as the log (exit 0), or read as
+    # JSON ("cannot reach", 75).
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{redirecting.server_address[1]}"
+        for args in (["logs", "admin/app", "2"], ["logs", "admin/app", "2", "-f"],
+                     ["builds", "admin/app"], ["run", "admin/app", "--command", "true"]):
+            done = cli(*args, "--url", url, env={"BUILDSERVER_TOKEN": "abc"})
+            assert (done.returncode, done.stdout) == (1, ""), (args, done)
+            assert "301" in done.stderr and "https://build.example.org/api/v1/admin/app" in \
+                done.stderr, done.stderr
+    finally:
+        redirecting.shutdown()
+        redirecting.server_close()
+
+
+def test_a_refused_field_is_explained_with_the_servers_reason(served):
+    done = client(served, "run", "admin/app", "--command", "true", "--name", "x" * 200)
+    assert done.returncode == 1
+    assert b"name: " in done.stderr and b"128" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("url", ["", "http://", "http://someone:s3cret@127.0.0.1:1"])
+def test_a_server_url_with_no_host_or_with_a_password_is_a_usage_error(url):
+    result = cli("builds", "admin/app", "--url", url, env={"BUILDSERVER_TOKEN": "abc"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "s3cret" not in result.stderr
+
+
+class DroppingProxy:
+    """Forwards each connection to `port`, and cuts it after `life` seconds
+    (a NAT's or a proxy's idle timeout, say)."""
+
+    def __init__(self, port, life):
+        self.port, self.life = port, life
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.port))
+                for a, b in ((near, far), (far, near)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Timer(self.life, self._cut, (near, far)).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def _cut(self, *socks):
+        self.cuts += 1
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_follow_cut_again_and_again_resumes_each_time(served, monkeypatch):
+    # The time to get back counted from the first cut, so the second one,
+    # RECONNECT_SECONDS later, ended the follow (exit 75) though the server was there.
+    monkeypatch.setattr(buildserver, "RECONNECT_SECONDS", 1.0)
+    proxy = DroppingProxy(served.port, life=1.5)
+    try:
+        status, build = served.json("POST", "/api/v1/admin/app/builds", {
+            "command": "i=0; while [ $i -lt 25 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done"})
+        out = io.BytesIO()
+        client_ = buildserver.Client("http://%s:%d" % proxy.address, served.token)
+        done = client_.follow(f"/api/v1/admin/app/builds/{build['id']}", out)
+    finally:
+        proxy.close()
+    assert proxy.cuts >= 3
+    assert done["last_status"] == "succeeded"
+    assert out.getvalue() == b"".join(b"tick %d\n" % i for i in range(25))
+
+
+def test_a_first_start_that_cannot_show_the_token_makes_no_admin(tmp_path):
+    # The admin was made, and its token lost: later starts printed none.
+    data_dir = tmp_path / "fresh"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir",
+                               str(data_dir)], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    assert done.returncode != 0 and "No space left on device" in done.stderr
+    server = Server(data_dir).start()
+    try:
+        assert server.token and server.json("GET", "/api/v1/admin")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_host_name_with_two_addresses_is_served_on_its_ipv4_one(tmp_path):
+    # localhost as ::1 and 127.0.0.1 (Debian's /etc/hosts): waitress made a
+    # server of another kind, and the start ended in a traceback.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    if subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {hosts} /etc/hosts"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root) to give localhost two addresses")
+    data_dir = tmp_path / "d"
+    proc = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", f"mount --bind {hosts} /etc/hosts && exec "
+         f"{shlex.quote(sys.executable)} {SCRIPT} --host localhost --port 0 --data-dir {data_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert "listening on http://127.0.0.1:" in lines[1], (lines, proc.stderr.read())
+        port = int(lines[1].rsplit(":", 1)[1].strip().rstrip("/"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_the_help_says_that_serve_is_the_default_command():
+    assert "is `buildserver.py serve --port 9000`" in cli("--help").stdout.replace("\n", " ")
 
 
 def test_follow_survives_a_server_restart_without_losing_or_repeating_output(tmp_path):
@@ -6664,12 +6875,20 @@ def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
     server = server_factory()
     folder = tmp_path / "backups"
     folder.mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "elsewhere.db").write_bytes(b"kept")
+    os.symlink(tmp_path / "elsewhere.db", folder / "link.db")
     for dest, says in ((str(folder), "is a folder"), (str(folder) + os.sep, "is a folder"),
-                      (str(tmp_path / "nowhere" / "copy.db"), "there is no folder")):
+                      (str(tmp_path / "nowhere" / "copy.db"), "there is no folder"),
+                      # /dev/null or /dev/stdout, as root, became a file for everyone
+                      (str(tmp_path / "fifo"), "is not a file"),
+                      (str(folder / "link.db"), "is not a file")):
         done = run_cli("backup", dest, "--data-dir", server.data_dir)
         assert done.returncode == 2 and says in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
-    assert list(folder.iterdir()) == [] and not (tmp_path / "nowhere").exists()
+    assert list(folder.iterdir()) == [folder / "link.db"] and not (tmp_path / "nowhere").exists()
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    assert (tmp_path / "elsewhere.db").read_bytes() == b"kept"
 
 
 def test_a_backup_taken_while_the_server_writes_is_whole_and_holds_earlier_builds(
