@@ -1995,7 +1995,9 @@ def _kill_leftovers(pgid, started, build_uuid):
     the build's if its leader is the build's shell (same start time: `exec`
     keeps it), or, with the leader gone or its start time never recorded (a
     database from before migration 2), if a member carries its BUILD_UUID.
-    Elsewhere there is no way to tell, and the group is killed. Whatever else
+    Elsewhere (macOS) it is the build's if `ps` dates its leader as the
+    build's shell, to the second; when it cannot tell, the group is left
+    alone: after a power loss it may be anyone's. Whatever else
     carries its BUILD_UUID goes too, with its group (Linux): what left the
     group (`setsid`, a daemon), or all of it if the group was never recorded
     (the server died just after starting it).
@@ -2008,11 +2010,11 @@ def _kill_leftovers(pgid, started, build_uuid):
 
 def _is_the_builds(pgid, started, build_uuid):
     """Whether process group `pgid` is still the build's (see _kill_leftovers)."""
-    if not os.path.isdir("/proc/self"):
-        return True
     leader = _start_time(pgid)
     if leader is not None and started:
         return leader == started
+    if not os.path.isdir("/proc/self"):
+        return False
     return any(_carries(pid, build_uuid) for pid in _group_members(pgid))
 
 
@@ -2061,9 +2063,22 @@ def _stat(pid):
 
 
 def _start_time(pid):
-    """When process `pid` started, in clock ticks since boot (Linux), or None."""
+    """When process `pid` started: in clock ticks since boot (Linux), else as
+    `ps` says (macOS); None if it is gone, or there is no telling."""
+    if not os.path.isdir("/proc/self"):
+        return _ps_start_time(pid)
     fields = _stat(pid)
     return fields[19].decode() if len(fields) > 19 else None
+
+
+def _ps_start_time(pid):
+    """When process `pid` started, to the second, as `ps` says; or None."""
+    try:
+        said = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True,
+                              env={**os.environ, "LC_ALL": "C"}, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return said.stdout.decode("ascii", "replace").strip() or None
 
 
 def _group_members(pgid):

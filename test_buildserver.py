@@ -4352,6 +4352,52 @@ def test_a_restart_kills_a_build_whose_process_group_was_never_recorded(
             leftover.kill()
 
 
+def test_ps_dates_a_process_where_there_is_no_proc():
+    # (macOS's way: Linux has ps too.) The same process, the same date; none for the gone.
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        started = buildserver._ps_start_time(sleeper.pid)
+        assert started and started == buildserver._ps_start_time(sleeper.pid)
+        assert re.fullmatch(r"\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}", started), started
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert buildserver._ps_start_time(sleeper.pid) is None
+
+
+def test_without_proc_a_restart_leaves_alone_a_group_it_cannot_date(server_factory, tmp_path):
+    # macOS has no /proc: the group a dead build's row named was killed,
+    # whoever had its id since (after a power loss, any process of the user).
+    if subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs none /proc"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root) to hide /proc")
+    data_dir = tmp_path / "crashed"
+    server = server_factory("--workers", "0", data_dir=data_dir)
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds", {"command": "sleep 60"})
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    unrelated = subprocess.Popen(["sleep", "60"], start_new_session=True)  # took the id
+    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+        db.execute("UPDATE builds SET last_status = 'running', pgid = ?,"
+                   " pg_started = 'Sat Jan  1 00:00:00 2000' WHERE uuid = ?",
+                   (unrelated.pid, build["uuid"]))
+    try:
+        restart = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs none /proc && exec "
+             f"{shlex.quote(sys.executable)} {SCRIPT} --port 0 --workers 0 --data-dir {data_dir}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "listening on" in restart.stdout.readline(), restart.stderr.read()
+        restart.send_signal(signal.SIGTERM)
+        assert restart.wait(30) == 0
+        assert unrelated.poll() is None
+        with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+            assert db.execute("SELECT last_status FROM builds").fetchone() == ("failed",)
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
 def test_builds_wait_out_a_database_that_cannot_be_written_and_keep_their_order(tmp_path):
     # A full disk, made here with a file size limit on the server process: the
     # builds must neither be dropped from the queue nor left showing `running`.
