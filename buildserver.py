@@ -611,6 +611,9 @@ class Database:
         except sqlite3.DatabaseError as e:
             if _busy(e):
                 raise
+            if "unable to open" in str(e):  # (SQLITE_CANTOPEN) a folder it may not write, say
+                raise SchemaError(f"cannot open {self.path} ({e}): this user must be able to "
+                                  "read and write it and its folder") from None
             raise SchemaError(f"{self.path} is not a SQLite database ({e})") from None
         if version == 0 and tables:
             raise SchemaError(f"{self.path} holds tables that buildserver did not make; "
@@ -4164,8 +4167,7 @@ def parser():
     s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
     s.add_argument("--port", type=_positive(int, 65535), default=_env("port", "8000"),
                    help="port to listen on (0: any free port)")
-    s.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
-                   help="folder of the database and the build workspaces")
+    _data_dir_option(s, "folder of the database and the build workspaces")
     s.add_argument("--workers", type=_positive(int, 256), default=_env("workers", "2"),
                    help="builds run at once (0: none run, they wait scheduled)")
     s.add_argument("--threads", type=_positive(int, 1024, least=4), default=_env("threads", "32"),
@@ -4189,17 +4191,24 @@ def parser():
         c.add_argument("name", help="the user's name")
         if name == "adduser":
             c.add_argument("--admin", action="store_true", help="may act in every namespace")
-        c.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
-                       help="folder of the database")
+        _data_dir_option(c, "folder of the database")
     b = commands.add_parser("backup", help="copy the database safely, even while it serves",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             description="Copy the database with SQLite's online backup, "
                                         "consistent even while the server writes to it.")
     b.add_argument("dest", help="the file to write (replaced if it exists)")
-    b.add_argument("--data-dir", default=_env("data_dir", "./buildserver-data"),
-                   help="folder of the database")
+    _data_dir_option(b, "folder of the database")
     _client_parsers(commands)
     return p
+
+
+def _data_dir_option(parser, text):
+    def folder(path):
+        if not path:
+            raise argparse.ArgumentTypeError("must name a folder, not be empty")
+        return path
+    parser.add_argument("--data-dir", type=folder, default=_env("data_dir", "./buildserver-data"),
+                        help=text)
 
 
 def with_command(argv):
@@ -4275,10 +4284,21 @@ def serve_as_module():
                                   os.path.abspath(__file__), *sys.argv[1:]])
 
 
+def _no_database(db_path):
+    """Why there is no database this user can use at `db_path`, or None."""
+    try:
+        os.stat(db_path)
+    except FileNotFoundError:
+        return f"there is no database at {db_path}"
+    except OSError as e:  # a data folder private to the server's user, say
+        return f"cannot reach the database at {db_path} ({e.strerror}): run this as its owner"
+    return None
+
+
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
-    if not os.path.exists(db_path):
-        return _fail(f"there is no database at {db_path}", 2)
+    if _no_database(db_path):
+        return _fail(_no_database(db_path), 2)
     if os.path.isdir(dest) or dest.endswith(os.sep):
         return _fail(f"{dest} is a folder: name the file to write, e.g. "
                      f"{os.path.join(dest, 'buildserver.db')}", 2)
@@ -4370,8 +4390,8 @@ def manage_users(args):
     if args.name in RESERVED_USERNAMES:
         return _fail(f"{args.name!r} cannot be a user name: /api/v1/{args.name} is an endpoint", 2)
     db_path = os.path.join(args.data_dir, "buildserver.db")
-    if args.command == "token" and not os.path.exists(db_path):  # a mistyped --data-dir
-        return _fail(f"there is no database at {db_path}", 2)
+    if args.command == "token" and _no_database(db_path):  # a mistyped --data-dir, say
+        return _fail(_no_database(db_path), 2)
     _make_private_dir(args.data_dir)
     db = Database(db_path)
     try:

@@ -2331,6 +2331,38 @@ def test_cli_adduser_of_a_name_differing_only_in_case_exits_2(tmp_path):
     assert again.returncode == 2 and "'carol' exists already" in again.stderr
 
 
+@pytest.mark.parametrize("args", [["adduser", "dave"], ["token", "carol"],
+                                  ["backup", "copy.db"], ["serve", "--port", "0"]])
+def test_an_empty_data_folder_is_a_usage_error(args):
+    done = cli(*args, "--data-dir", "")  # it said "No such file or directory", or none at ""
+    assert done.returncode == 2 and "--data-dir: must name a folder" in done.stderr, done.stderr
+
+
+def test_a_database_this_user_cannot_write_or_reach_is_said_so(tmp_path):
+    # "... is not a SQLite database", or "there is no database at ...": it was there.
+    data = tmp_path / "d"
+    assert cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
+    if os.geteuid() != 0:
+        os.chmod(data, 0)
+        try:
+            for args in (["token", "carol"], ["backup", str(tmp_path / "copy.db")]):
+                done = cli(*args, "--data-dir", str(data))
+                assert done.returncode == 2 and "Permission denied" in done.stderr, done.stderr
+                assert "run this as its owner" in done.stderr
+        finally:
+            os.chmod(data, 0o700)
+        return
+    # Root reaches every folder, but not a read-only mount.
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount --bind -o ro {data} {data} && exec "
+         f"{shlex.quote(sys.executable)} {SCRIPT} adduser dave --data-dir {data}"],
+        capture_output=True, text=True, timeout=60)
+    if "mount" in done.stderr or "unshare" in done.stderr:
+        pytest.skip("needs unshare -m to mount the folder read-only")
+    assert done.returncode == 1, done.stderr
+    assert "this user must be able to read and write it and its folder" in done.stderr
+
+
 def test_cli_token_gives_a_new_token_and_the_old_one_stops_working(tmp_path, open_api):
     data = tmp_path / "d"
     old = cli("adduser", "carol", "--data-dir", str(data)).stdout.strip().splitlines()[-1]
