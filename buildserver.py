@@ -96,10 +96,10 @@ LOG_FLUSH_SECONDS = 0.2      # a follower sees output within this, a crash loses
 PIPE_SIZE = 1 * MiB          # asked of the kernel for each build's output pipe (Linux)
 FOLLOW_WAIT_SECONDS = 1.0    # a follower re-checks its build this often (its client leaving wakes it)
 HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive within this
+                             # (the first one: from the connection's accept)
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
 FOLLOW_SHUTDOWN_SECONDS = 8.0  # at shutdown, followers have this long for the rest (of 10 s)
-SHUTDOWN_STALL_SECONDS = 1.0   # ... if their clients go on taking it
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
@@ -1309,8 +1309,9 @@ class LogStream:
         here, not the whole log. False once it has taken nothing for
         FOLLOW_STALL_SECONDS, or has gone: the answer is cut off, which frees its
         thread and follower slot (a client that comes back follows on from its
-        offset). At shutdown a slow client still gets the rest, while it takes
-        some each SHUTDOWN_STALL_SECONDS, until the bus's last call."""
+        offset). At shutdown a client still gets the rest until the bus's last
+        call, reading or not: what waitress holds for a slow one shrinks in
+        bursts, as the kernel's buffers empty, and looks stalled between."""
         if time.monotonic() >= self.bus.last_call:
             return False
         backlog = self._environ.get("buildserver.backlog")
@@ -1327,8 +1328,7 @@ class LogStream:
             if now >= self.bus.last_call:
                 log.warning("a follower of build %s was cut off by the shutdown", self.build_id)
                 return False
-            if now - took_at >= (SHUTDOWN_STALL_SECONDS if self.bus.closed
-                                 else FOLLOW_STALL_SECONDS):
+            if now - took_at >= FOLLOW_STALL_SECONDS:
                 log.warning("a follower of build %s took nothing for %.0f s: connection closed",
                             self.build_id, now - took_at)
                 return False
@@ -3324,10 +3324,14 @@ def serve(config):
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, on_signal)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
-        with app.db.write():  # a token that cannot be shown (a full disk) leaves no admin
-            token = app.store.create_user("admin", is_admin=True)
-            print(f"Created the admin user 'admin'. Its token, shown only now: {token}",
-                  flush=True)
+        try:
+            with app.db.write():  # a token that cannot be shown leaves no admin
+                _show_token(f"Created the admin user 'admin'. Its token, shown only now: "
+                            f"{app.store.create_user('admin', is_admin=True)}")
+        except OSError as e:
+            app.close()
+            return _fail(f"cannot show the admin's token: {e.strerror or e}",
+                         EXIT_OUTPUT_FAILED)
     app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
@@ -4093,7 +4097,7 @@ def _client_parsers(commands):
     r.add_argument("--git-url", metavar="URL", help="the repository, recorded with --commit")
     r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
     r.add_argument("--stop-on-interrupt", action="store_true",
-                   help="on Ctrl-C stop the build without asking")
+                   help="on Ctrl-C, or SIGTERM, stop the build without asking")
     s = add("status", "a build's fields and status history (default: the latest build)")
     s.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
     s.add_argument("id", nargs="?", type=int, help="the build's id")
@@ -4397,23 +4401,33 @@ def manage_users(args):
     try:
         db.migrate()
         store = Store(db)
-        if args.command == "adduser":
-            same = store.user_named_any_case(args.name)
-            if same is not None:  # (a name differing only in case would share a folder)
-                return _fail(f"the user {same['name']!r} exists already", 2)
-            token = store.create_user(args.name, is_admin=args.admin)
-            print(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
-                  "Its token, shown only now:")
-        else:
-            user = store.user_by_name(args.name)
-            if user is None:
-                return _fail(f"there is no user {args.name!r}", 2)
-            token = store.new_token(user["id"])
-            print(f"New token for {args.name!r}; the earlier ones no longer work:")
-        print(token)
+        with db.write():  # a token that cannot be shown is never made (nor the user)
+            if args.command == "adduser":
+                same = store.user_named_any_case(args.name)
+                if same is not None:  # (a name differing only in case would share a folder)
+                    return _fail(f"the user {same['name']!r} exists already", 2)
+                _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
+                            "Its token, shown only now:",
+                            store.create_user(args.name, is_admin=args.admin))
+            else:
+                user = store.user_by_name(args.name)
+                if user is None:
+                    return _fail(f"there is no user {args.name!r}", 2)
+                _show_token(f"New token for {args.name!r}; the earlier ones no longer work:",
+                            store.new_token(user["id"]))
         return 0
+    except OSError as e:
+        return _fail(f"cannot show the token: {e.strerror or e}", EXIT_OUTPUT_FAILED)
     finally:
         db.close()
+
+
+def _show_token(*lines):
+    """Print a token, or raise OSError: the caller's transaction then rolls
+    back, and no token exists that nobody saw."""
+    if sys.stdout is None:  # closed (`>&-`): print() would say nothing
+        raise OSError("standard output is closed")
+    print(*lines, sep="\n", flush=True)
 
 
 def _fail(message, code):
@@ -4605,7 +4619,7 @@ const ME_PATH = '/users';                                       // {"username", 
 const TOKEN_KEY = 'buildserver.token';
 const PAGE = 20;                 // list items per page
 const LOG_PAGE = 256 * 1024;     // bytes of log fetched at once (the tail, or one "load earlier")
-const LOG_KEEP = 2 * 1024 * 1024;  // bytes kept in the page while following; older ones are dropped
+const LOG_KEEP = 2 * 1024 * 1024;  // bytes kept in the page while following (to twice that); older ones are dropped
 const LOG_HOLD = 2 * LOG_KEEP;   // bytes a page scrolled up holds; newer output then waits undrawn
 const REFRESH_MS = 5000;         // status refresh while builds are active (the log itself streams)
 const STATUSES = ['created', 'scheduled', 'running', 'stopping', 'succeeded', 'failed', 'stopped'];
@@ -5402,7 +5416,9 @@ class LogView {
     this.open = raw.slice(cut);
     this.openEl.replaceChildren(ansiNodes(new TextDecoder().decode(this.open, {stream: true}), {...this.ansi}, true));
     if (follow) {
-      while (this.shown > LOG_KEEP && this.groups.length > 1) {
+      // Whole groups go, oldest first, while the rest holds LOG_KEEP: one drawn
+      // after a skip can hold as much alone, and the page would keep a frame's worth.
+      while (this.groups.length > 1 && this.shown - this.groups[0].bytes >= LOG_KEEP) {
         const old = this.groups.shift();
         old.el.remove();
         this.shown -= old.bytes;
@@ -5552,13 +5568,13 @@ async function logBytes(path, offset, limit) {
 
 // ANSI: colours and styles of SGR sequences become styled spans; every other
 // escape or control sequence is dropped, with the contents of the string ones
-// (OSC, DCS, SOS, PM, APC). A sequence cut by a chunk boundary is carried to the
-// next chunk.
+// (OSC, DCS, SOS, PM, APC) ended on their line. A sequence cut by a chunk
+// boundary is carried to the next chunk.
 
 const PALETTE = ['#4b5260', '#ff6b6b', '#5fd38d', '#e8c26a', '#6aa7ff', '#d98ae8', '#4cc9d4', '#d7dee8',
                  '#8a94a3', '#ff8f8f', '#7fe3a3', '#ffd866', '#8dbcff', '#eaa6f5', '#74e0e8', '#ffffff'];
-const ESCAPE = /([^\x1b]+)|\x1b\[([0-?]*)[ -/]*([@-~])|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b(?:[ -/]+[0-~]|[0-OQ-WYZ\\`-~])/y;
-const PARTIAL = /^\x1b(?:\[[0-?]*[ -/]*|[\]PX^_][^\x07\x1b]*\x1b?|[ -/]*)$/;
+const ESCAPE = /([^\x1b]+)|\x1b\[([0-?]*)[ -/]*([@-~])|\x1b[\]PX^_][^\x07\x1b\n]*(?:\x07|\x1b\\)|\x1b(?:[ -/]+[0-~]|[0-OQ-WYZ\\`-~])/y;
+const PARTIAL = /^\x1b(?:\[[0-?]*[ -/]*|[\]PX^_][^\x07\x1b\n]*\x1b?|[ -/]*)$/;
 const SGR = /\x1b\[[0-9;:]*m/g;
 const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
 
@@ -5648,7 +5664,7 @@ function ansiNodes(text, st, draw) {
     if (!m) {   // an escape that is not (yet) complete
       const rest = text.slice(pos);
       if (rest.length < 4096 && PARTIAL.test(rest)) { st.carry = rest + st.carry; break; }
-      pos += 1;
+      pos += /^\x1b[\]PX^_]/.test(rest) ? 2 : 1;   // a string never ended (by its line's end): shown, less its start
       continue;
     }
     pos = ESCAPE.lastIndex;
