@@ -999,6 +999,15 @@ class Store:
         return {"number": number, "uuid": entry_uuid, "status": status,
                 "message": message, "created_at": now}
 
+    def take_over(self, pid, started):
+        """Record (`pid`, `started`) as the database's server; returns the
+        (pid, started) of the one recorded before, or None."""
+        with self.db.write() as c:
+            before = c.execute("SELECT pid, started FROM server_process").fetchone()
+            c.execute("DELETE FROM server_process")
+            c.execute("INSERT INTO server_process (pid, started) VALUES (?, ?)", (pid, started))
+        return None if before is None else tuple(before)
+
     def sessions(self, uuids):
         """{uuid: the session its shell led} of the builds with these uuids that ran here."""
         return dict(self.db.all("SELECT uuid, pgid FROM builds WHERE pgid IS NOT NULL AND uuid IN"
@@ -1542,12 +1551,17 @@ class Runner:
     def recover(self):
         """End builds that a server which died left running, and kill what is
         left of them; and what is left inside their sessions of builds that had
-        ended (a stop's grace that the crash cut short, say)."""
+        ended (a stop's grace that the crash cut short, say). Unless that server
+        still runs: this is a copy of its data folder, and they are its."""
+        live = self._server_still_running()
         for row in self.store.managed_builds(["running", "stopping"]):
-            _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
+            if not live:
+                _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
+        if live:
+            return
         carried = _groups_by_build()
         sessions = self.store.sessions(carried) if carried else {}
         ended = {group for uuid, session in sessions.items()
@@ -1556,6 +1570,20 @@ class Runner:
             _killpg(group, signal.SIGKILL)
         if ended:
             log.warning("killed %d process group(s) left by builds that had ended", len(ended))
+
+    def _server_still_running(self):
+        """Whether the server that last started on this database (not this
+        process) still runs; this one is recorded in its place."""
+        me = os.getpid()
+        before = self.store.take_over(me, _start_time(me))
+        if before is None or before[0] == me or _start_time(before[0]) is None:
+            return False
+        if before[1] is not None and _start_time(before[0]) != before[1]:
+            return False  # its pid is another process's now
+        log.warning("the server that last used this database (pid %d) still runs: this is a "
+                    "copy of its data folder, and the processes of its builds are left to it",
+                    before[0])
+        return True
 
     def _work(self):
         if self.cores:  # its builds' commands inherit its cores
