@@ -1721,8 +1721,12 @@ class Runner:
             self._finish(job, *job.ending)
             return
         build = job.build
-        workspace = os.path.join(self.config.workspaces, build["owner"],
-                                 build["project_name"], str(build["number"]))
+        names = (build["owner"], build["project_name"], str(build["number"]))
+        workspace = os.path.join(self.config.workspaces, *names)
+        if not _within(self.config.workspaces, *names):
+            self._finish(job, "failed", "could not start: a folder above its workspace is a "
+                                        "link out of the data folder (made by a build?)")
+            return
         read_fd = write_fd = None
         try:
             read_fd, write_fd = os.pipe()
@@ -1879,12 +1883,25 @@ class Runner:
 SET_ASIDE = ".deleted-"
 
 
+def _within(workspaces, *names):
+    """Whether the folder that holds workspace `names` is where its names say:
+    a build may have made a link of a folder above it (`ln -s /elsewhere
+    ../../app`), and what is made or removed there would be made or removed
+    out of the data folder."""
+    parent = os.path.join(workspaces, *names[:-1])
+    return os.path.realpath(parent) == os.path.join(os.path.realpath(workspaces), *names[:-1])
+
+
 def _set_aside(workspaces, *names):
     """Move the workspace folder at `names` (a project's, or a build's) out of
     the way of the namesake that may be made once its rows are deleted: the
     deleting request must never remove the namesake's. Returns where it went,
     or None if there was none (or it cannot move: a namesake's build wipes it)."""
     path = os.path.join(workspaces, *names)
+    if not _within(workspaces, *names):
+        log.warning("not removing the deleted workspace %s: a build made a link of a folder "
+                    "above it, out of the data folder", path)
+        return None
     aside = os.path.join(workspaces, SET_ASIDE + uuidlib.uuid4().hex)
     try:
         os.rename(path, aside)
@@ -3507,6 +3524,14 @@ def body_limit(path):
     return LOG_BODY_LIMIT if path.rstrip("/").endswith("/logs") else JSON_BODY_LIMIT
 
 
+def _unquoted_headers(text):
+    """waitress's words on a malformed header line, with the line's value left
+    out: it may be a token ("Authorization: Token ...\\r")."""
+    return re.sub(r'header line "([^"]*)"',
+                  lambda m: 'header line "%s: ..."' % m.group(1).partition(":")[0][:64]
+                  if ":" in m.group(1) else "header line (not shown)", text)
+
+
 def _channel_class():
     """waitress's HTTP channel, changed in six ways:
 
@@ -3593,7 +3618,7 @@ def _channel_class():
 
         def execute(self):
             error = self.request.error
-            body = json_bytes({"detail": f"{error.reason}: {error.body}"})
+            body = json_bytes({"detail": f"{error.reason}: {_unquoted_headers(error.body)}"})
             self.status = f"{error.code} {error.reason}"
             self.response_headers.append(("Content-Type", "application/json"))
             self.set_close_on_finish()
@@ -3607,10 +3632,16 @@ def _channel_class():
         task_class = Task
         error_task_class = JSONErrorTask
         holding, _head = False, None
-        head_began = None  # when a request whose head is not all here began
+        head_began = None  # when a request whose head is not all here began (or the connection)
         _gone_callback = None
         _to_drain = None  # bytes of a refused body still to drop before closing
         _draining = False  # the answer is sent, and the connection half-closed
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # A connection that never sends a byte holds its place too, and
+            # waitress's idle timeout would take 120 s to end it.
+            self.head_began = time.monotonic()
 
         def drain_before_closing(self, length):
             """Once the answer is sent, read and drop the refused body (of
@@ -3923,7 +3954,18 @@ def _duration(seconds):
     return f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text):
+    """Text from the server as a terminal may show it: control characters
+    (which could set its clipboard, or rewrite the lines above) and
+    bidirectional ones written out as <U+001B>, as the dashboard shows them."""
+    return CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(text))
+
+
 def _table(rows, header):
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
                      for r in [header] + rows)
@@ -3944,7 +3986,7 @@ def _describe(build, statuses):
     lines.append("  history")
     for s in statuses:
         lines.append(f"    {s['created_at']}  {s['status']:<9}  {s['message'] or ''}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(map(_printable, lines))
 
 
 def run_client(args):

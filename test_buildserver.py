@@ -3444,6 +3444,26 @@ def test_a_group_the_build_made_that_holds_its_output_ends_with_the_build(web, a
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+def test_a_build_that_makes_a_link_of_its_projects_folder_cannot_aim_the_server_out(
+        web, alice, project, config, tmp_path):
+    # The next build's workspace was made empty, and a delete removed it,
+    # in the folder the link pointed to.
+    victim = tmp_path / "victim"
+    (victim / "2").mkdir(parents=True)
+    (victim / "2" / "data").write_text("keep")
+    first = post_build(web, alice, project, {"command": f"cd ../..; mv app app.real; "
+                                                        f"ln -s {victim} app"})
+    assert final_build(web, alice, f"{project}/builds/{first['id']}")["last_status"] == \
+        "succeeded"
+    second = post_build(web, alice, project, {"command": "pwd"})
+    done = final_build(web, alice, f"{project}/builds/{second['id']}")
+    assert done["last_status"] == "failed"
+    assert "link out of the data folder" in status_history(web, alice, project, second["id"])[
+        -1]["message"]
+    ok(web.delete(f"{project}/builds/{second['id']}", headers=auth(alice)))
+    assert (victim / "2" / "data").read_text() == "keep"
+
+
 def test_a_daemon_a_build_started_outlives_its_stop(configured):
     # A process that left the build's session on purpose (an agent, a Gradle
     # daemon that later builds share) is not the build's to end while the server runs.
@@ -4118,6 +4138,7 @@ def test_a_connection_whose_request_head_trickles_in_is_closed_and_others_are_no
         server.next_channel_cleanup = 0
         address = ("127.0.0.1", server.effective_port)
         slow = socket.create_connection(address, timeout=30)
+        mute = socket.create_connection(address, timeout=30)  # never a byte: it held its place 120 s
         idle = socket.create_connection(address, timeout=30)  # keep-alive, between requests
         idle.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert idle.recv(4096).startswith(b"HTTP/1.1 200")
@@ -4134,6 +4155,7 @@ def test_a_connection_whose_request_head_trickles_in_is_closed_and_others_are_no
                 break
             assert time.monotonic() < closed_at, "the slow head's connection stays open"
             time.sleep(0.1)
+        assert mute.recv(1) == b""  # closed too (30 s at most: its timeout)
         # The connection between requests stays (waitress's idle timeout is 120 s),
         idle.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert idle.recv(4096).startswith(b"HTTP/1.1 200")
@@ -4157,9 +4179,24 @@ def test_a_connection_whose_request_head_trickles_in_is_closed_and_others_are_no
                     headers={"Authorization": f"Token {token}"})
         assert api.getresponse().status == 200
         assert b"still here" in busy.recv(4096)  # the follow goes on
-        for sock in (slow, idle, busy):
+        for sock in (slow, mute, idle, busy):
             sock.close()
         api.close()
+
+
+def test_a_malformed_header_line_is_refused_without_its_value(server_factory):
+    # waitress quotes the line: a token file with Windows line endings sent
+    # the token back in the 400, for a script's log to keep.
+    server = server_factory()
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.sendall(b"GET /api/v1/admin HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Token s3cret-t0ken\r\r\n\r\n")
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    assert b" 400 Bad Request" in answer.split(b"\r\n")[0] and b"s3cret" not in answer, answer
+    assert b'header line \\"Authorization: ...\\"' in answer, answer
 
 
 def test_connections_are_limited_by_file_descriptors_which_builds_inherit_unchanged(
@@ -5350,6 +5387,21 @@ def test_ctrl_c_without_a_terminal_leaves_the_build_running(served):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
     assert served.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"] == "running"
+
+
+def test_the_client_prints_control_characters_from_the_server_as_text(served):
+    # A tag or a status message could set the reader's clipboard (OSC 52) or
+    # rewrite the lines above it in their terminal.
+    status, build = served.json("POST", "/api/v1/admin/app/builds", {
+        "is_managed": False, "tags": ["\x1b]52;c;ZWNobw==\x07x", "n\u202eame"]})
+    path = f"/api/v1/admin/app/builds/{build['id']}"
+    assert served.json("POST", path + "/statuses", {
+        "status": "running", "message": "\x1b[1A\x1b[2K forged"})[0] == 201
+    for args in (["status", "admin/app", str(build["id"])], ["builds", "admin/app"]):
+        out = client(served, *args).stdout
+        assert b"\x1b" not in out and b"\x07" not in out and "\u202e".encode() not in out, out
+        assert b"<U+001B>]52;c;ZWNobw==<U+0007>x" in out and b"n<U+202E>ame" in out
+    assert b"<U+001B>[1A<U+001B>[2K forged" in client(served, "status", "admin/app").stdout
 
 
 def test_sigterm_with_stop_on_interrupt_stops_the_build_and_exits_143(served):
