@@ -1884,12 +1884,17 @@ SET_ASIDE = ".deleted-"
 
 
 def _within(workspaces, *names):
-    """Whether the folder that holds workspace `names` is where its names say:
-    a build may have made a link of a folder above it (`ln -s /elsewhere
-    ../../app`), and what is made or removed there would be made or removed
-    out of the data folder."""
-    parent = os.path.join(workspaces, *names[:-1])
-    return os.path.realpath(parent) == os.path.join(os.path.realpath(workspaces), *names[:-1])
+    """Whether no folder above workspace `names` (under `workspaces`) is a
+    link: a build may have made one (`ln -s /elsewhere ../../app`), and what
+    is made or removed there would be made or removed out of the data folder.
+    (A look at each, not realpath's at every folder of the path: a build's
+    start waits for it.)"""
+    path = workspaces
+    for name in names[:-1]:
+        path = os.path.join(path, name)
+        if os.path.islink(path):
+            return False
+    return True
 
 
 def _set_aside(workspaces, *names):
