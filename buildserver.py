@@ -1576,13 +1576,14 @@ class Runner:
         process) still runs; this one is recorded in its place."""
         me = os.getpid()
         before = self.store.take_over(me, _start_time(me))
-        if before is None or before[0] == me or _start_time(before[0]) is None:
+        if before is None or before[0] == me:
             return False
-        if before[1] is not None and _start_time(before[0]) != before[1]:
-            return False  # its pid is another process's now
+        pid, started = before
+        now_started = _start_time(pid)
+        if now_started is None or started is not None and now_started != started:
+            return False  # gone, or its pid is another process's now
         log.warning("the server that last used this database (pid %d) still runs: this is a "
-                    "copy of its data folder, and the processes of its builds are left to it",
-                    before[0])
+                    "copy of its data folder, and the processes of its builds are left to it", pid)
         return True
 
     def _work(self):
@@ -3378,10 +3379,9 @@ def serve(config):
             with app.db.write():  # a token that cannot be shown leaves no admin
                 _show_token(f"Created the admin user 'admin'. Its token, shown only now: "
                             f"{app.store.create_user('admin', is_admin=True)}")
-        except OSError as e:
+        except OutputFailed as e:
             app.close()
-            return _fail(f"cannot show the admin's token: {e.strerror or e}",
-                         EXIT_OUTPUT_FAILED)
+            return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
     app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
@@ -4376,8 +4376,8 @@ def _no_database(db_path):
 
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
-    if _no_database(db_path):
-        return _fail(_no_database(db_path), 2)
+    if missing := _no_database(db_path):
+        return _fail(missing, 2)
     if os.path.isdir(dest) or dest.endswith(os.sep):
         return _fail(f"{dest} is a folder: name the file to write, e.g. "
                      f"{os.path.join(dest, 'buildserver.db')}", 2)
@@ -4469,8 +4469,8 @@ def manage_users(args):
     if args.name in RESERVED_USERNAMES:
         return _fail(f"{args.name!r} cannot be a user name: /api/v1/{args.name} is an endpoint", 2)
     db_path = os.path.join(args.data_dir, "buildserver.db")
-    if args.command == "token" and _no_database(db_path):  # a mistyped --data-dir, say
-        return _fail(_no_database(db_path), 2)
+    if args.command == "token" and (missing := _no_database(db_path)):  # a mistyped --data-dir
+        return _fail(missing, 2)
     _make_private_dir(args.data_dir)
     db = Database(db_path)
     try:
@@ -4491,18 +4491,21 @@ def manage_users(args):
                 _show_token(f"New token for {args.name!r}; the earlier ones no longer work:",
                             store.new_token(user["id"]))
         return 0
-    except OSError as e:
-        return _fail(f"cannot show the token: {e.strerror or e}", EXIT_OUTPUT_FAILED)
+    except OutputFailed as e:
+        return _fail(f"cannot show {e.what}: {e}", EXIT_OUTPUT_FAILED)
     finally:
         db.close()
 
 
 def _show_token(*lines):
-    """Print a token, or raise OSError: the caller's transaction then rolls
-    back, and no token exists that nobody saw."""
-    if sys.stdout is None:  # closed (`>&-`): print() would say nothing
-        raise OSError("standard output is closed")
-    print(*lines, sep="\n", flush=True)
+    """Print a token, or raise OutputFailed: the caller's transaction then
+    rolls back, and no token exists that nobody saw."""
+    try:
+        if sys.stdout is None:  # closed (`>&-`): print() would say nothing
+            raise OSError("standard output is closed")
+        print(*lines, sep="\n", flush=True)
+    except OSError as e:
+        raise OutputFailed(e, "the token") from None
 
 
 def _fail(message, code):
