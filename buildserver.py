@@ -100,6 +100,7 @@ HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive w
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
 FOLLOW_SHUTDOWN_SECONDS = 8.0  # at shutdown, followers have this long for the rest (of 10 s)
+SHUTDOWN_STALL_SECONDS = 3.0   # ... unless their client takes nothing for this long
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
@@ -156,6 +157,10 @@ def parse_iso(text):
 
 def hash_token(token):
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def fresh_token():
+    return secrets.token_urlsafe(32)
 
 
 class ApiError(Exception):
@@ -787,17 +792,17 @@ class Store:
             "SELECT u.* FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
             (hash_token(token),))
 
-    def create_user(self, name, is_admin=False):
+    def create_user(self, name, is_admin=False, token=None):
         """A new user and its first token (the only time the token exists)."""
         with self.db.write() as c:
             user_id = c.execute(
                 "INSERT INTO users (name, is_admin, created_at) VALUES (?, ?, ?)",
                 (name, int(is_admin), now_iso())).lastrowid
-            return self.new_token(user_id)
+            return self.new_token(user_id, token)
 
-    def new_token(self, user_id):
-        """Replace the user's tokens with a new one, and return it."""
-        token = secrets.token_urlsafe(32)
+    def new_token(self, user_id, token=None):
+        """Replace the user's tokens with a new one (`token`, or a fresh one), and return it."""
+        token = token or fresh_token()
         with self.db.write() as c:
             c.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
             c.execute("INSERT INTO tokens (hash, user_id, created_at) VALUES (?, ?, ?)",
@@ -999,14 +1004,20 @@ class Store:
         return {"number": number, "uuid": entry_uuid, "status": status,
                 "message": message, "created_at": now}
 
-    def take_over(self, pid, started):
-        """Record (`pid`, `started`) as the database's server; returns the
-        (pid, started) of the one recorded before, or None."""
+    def take_over(self, *server):
+        """Record `server` (pid, started, pid namespace) as the database's;
+        returns the one recorded before, or None."""
         with self.db.write() as c:
-            before = c.execute("SELECT pid, started FROM server_process").fetchone()
+            before = c.execute("SELECT pid, started, pid_namespace FROM server_process").fetchone()
             c.execute("DELETE FROM server_process")
-            c.execute("INSERT INTO server_process (pid, started) VALUES (?, ?)", (pid, started))
+            c.execute("INSERT INTO server_process (pid, started, pid_namespace) VALUES (?, ?, ?)",
+                      server)
         return None if before is None else tuple(before)
+
+    def forget_processes(self):
+        """Forget every build's process group: they are another server's."""
+        with self.db.write() as c:
+            c.execute("UPDATE builds SET pgid = NULL, pg_started = NULL WHERE pgid IS NOT NULL")
 
     def sessions(self, uuids):
         """{uuid: the session its shell led} of the builds with these uuids that ran here."""
@@ -1318,26 +1329,27 @@ class LogStream:
         here, not the whole log. False once it has taken nothing for
         FOLLOW_STALL_SECONDS, or has gone: the answer is cut off, which frees its
         thread and follower slot (a client that comes back follows on from its
-        offset). At shutdown a client still gets the rest until the bus's last
-        call, reading or not: what waitress holds for a slow one shrinks in
-        bursts, as the kernel's buffers empty, and looks stalled between."""
+        offset). At shutdown a client gets the rest until the bus's last call,
+        unless it takes nothing for SHUTDOWN_STALL_SECONDS (counted from the
+        shutdown at most): not one second, as what waitress holds for a slow
+        client shrinks in bursts, as the kernel's buffers empty."""
         if time.monotonic() >= self.bus.last_call:
             return False
         backlog = self._environ.get("buildserver.backlog")
         if backlog is None or backlog() <= FOLLOW_BACKLOG:
             return True
-        least, took_at = backlog(), time.monotonic()
+        least, took_at, closed = backlog(), time.monotonic(), self.bus.closed
         while not self._gone():
             time.sleep(0.1)  # a rare case, and no event says a client read
             waiting, now = backlog(), time.monotonic()
             if waiting <= FOLLOW_BACKLOG:
                 return True
-            if waiting < least:  # it reads, slowly
-                least, took_at = waiting, now
+            if waiting < least or self.bus.closed and not closed:  # it reads, or a new clock
+                least, took_at, closed = waiting, now, self.bus.closed
             if now >= self.bus.last_call:
                 log.warning("a follower of build %s was cut off by the shutdown", self.build_id)
                 return False
-            if now - took_at >= FOLLOW_STALL_SECONDS:
+            if now - took_at >= (SHUTDOWN_STALL_SECONDS if closed else FOLLOW_STALL_SECONDS):
                 log.warning("a follower of build %s took nothing for %.0f s: connection closed",
                             self.build_id, now - took_at)
                 return False
@@ -1560,7 +1572,8 @@ class Runner:
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
-        if live:
+        if live:  # nor at any later start of this copy
+            self.store.forget_processes()
             return
         carried = _groups_by_build()
         sessions = self.store.sessions(carried) if carried else {}
@@ -1574,14 +1587,18 @@ class Runner:
     def _server_still_running(self):
         """Whether the server that last started on this database (not this
         process) still runs; this one is recorded in its place."""
-        me = os.getpid()
-        before = self.store.take_over(me, _start_time(me))
-        if before is None or before[0] == me:
+        me, namespace = os.getpid(), _pid_namespace()
+        before = self.store.take_over(me, _running_since(me), namespace)
+        if before is None:
             return False
-        pid, started = before
-        now_started = _start_time(pid)
-        if now_started is None or started is not None and now_started != started:
-            return False  # gone, or its pid is another process's now
+        pid, started, its_namespace = before
+        if its_namespace != namespace:  # another container's, say: no telling, nor killing
+            log.warning("the server that last used this database ran in another pid namespace: "
+                        "the processes of its builds are left alone")
+            return True
+        now_started = _running_since(pid)
+        if pid == me or now_started is None or started is not None and now_started != started:
+            return False  # gone (or a zombie), or its pid is another process's now
         log.warning("the server that last used this database (pid %d) still runs: this is a "
                     "copy of its data folder, and the processes of its builds are left to it", pid)
         return True
@@ -2123,6 +2140,22 @@ def _start_time(pid):
         return _ps_start_time(pid)
     fields = _stat(pid)
     return fields[19].decode() if len(fields) > 19 else None
+
+
+def _running_since(pid):
+    """When process `pid` started, if it runs (a zombie has ended); else None."""
+    if not os.path.isdir("/proc/self"):
+        return _ps_start_time(pid)
+    fields = _stat(pid)
+    return fields[19].decode() if len(fields) > 19 and fields[0] not in (b"Z", b"X") else None
+
+
+def _pid_namespace():
+    """Which pid namespace this process is in (Linux), or None."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
 
 
 def _ps_start_time(pid):
@@ -3375,13 +3408,13 @@ def serve(config):
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, on_signal)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
-        try:
-            with app.db.write():  # a token that cannot be shown leaves no admin
-                _show_token(f"Created the admin user 'admin'. Its token, shown only now: "
-                            f"{app.store.create_user('admin', is_admin=True)}")
+        token = fresh_token()
+        try:  # shown first: a token that cannot be shown leaves no admin
+            _show_token(f"Created the admin user 'admin'. Its token, shown only now: {token}")
         except OutputFailed as e:
             app.close()
             return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
+        app.store.create_user("admin", is_admin=True, token=token)
     app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
@@ -3532,9 +3565,9 @@ def body_limit(path):
 def _unquoted_headers(text):
     """waitress's words on a malformed header line, with the line's value left
     out: it may be a token ("Authorization: Token ...\\r")."""
-    return re.sub(r'header line "([^"]*)"',
-                  lambda m: 'header line "%s: ..."' % m.group(1).partition(":")[0][:64]
-                  if ":" in m.group(1) else "header line (not shown)", text)
+    return re.sub(r'header line "(.*)"', lambda m: 'header line "%s: ..."' % m.group(
+        1).partition(":")[0][:64] if ":" in m.group(1) else "header line (not shown)", text,
+        flags=re.S)
 
 
 def _channel_class():
@@ -4476,20 +4509,22 @@ def manage_users(args):
     try:
         db.migrate()
         store = Store(db)
-        with db.write():  # a token that cannot be shown is never made (nor the user)
-            if args.command == "adduser":
-                same = store.user_named_any_case(args.name)
-                if same is not None:  # (a name differing only in case would share a folder)
-                    return _fail(f"the user {same['name']!r} exists already", 2)
-                _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
-                            "Its token, shown only now:",
-                            store.create_user(args.name, is_admin=args.admin))
-            else:
-                user = store.user_by_name(args.name)
-                if user is None:
-                    return _fail(f"there is no user {args.name!r}", 2)
-                _show_token(f"New token for {args.name!r}; the earlier ones no longer work:",
-                            store.new_token(user["id"]))
+        # The token is shown first, then recorded: one that cannot be shown is
+        # never made, and a print that blocks (a paused terminal) holds no lock.
+        token = fresh_token()
+        if args.command == "adduser":
+            same = store.user_named_any_case(args.name)
+            if same is not None:  # (a name differing only in case would share a folder)
+                return _fail(f"the user {same['name']!r} exists already", 2)
+            _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
+                        "Its token, shown only now:", token)
+            store.create_user(args.name, is_admin=args.admin, token=token)
+        else:
+            user = store.user_by_name(args.name)
+            if user is None:
+                return _fail(f"there is no user {args.name!r}", 2)
+            _show_token(f"New token for {args.name!r}; the earlier ones no longer work:", token)
+            store.new_token(user["id"], token)
         return 0
     except OutputFailed as e:
         return _fail(f"cannot show {e.what}: {e}", EXIT_OUTPUT_FAILED)
@@ -4498,8 +4533,8 @@ def manage_users(args):
 
 
 def _show_token(*lines):
-    """Print a token, or raise OutputFailed: the caller's transaction then
-    rolls back, and no token exists that nobody saw."""
+    """Print a token before it is recorded, or raise OutputFailed: no token
+    exists that nobody saw."""
     try:
         if sys.stdout is None:  # closed (`>&-`): print() would say nothing
             raise OSError("standard output is closed")

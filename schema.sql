@@ -139,8 +139,9 @@ CREATE TABLE project_ids (next INTEGER NOT NULL);
 INSERT INTO project_ids SELECT coalesce(max(id), 0) + 1 FROM projects;
 
 -- migration 8
--- The server process that last started on the database. A server started on
--- a copy of a live data folder (a backup restored for staging, say) finds the
--- live one here, still running: the builds its rows call `running` are the
--- live one's, and their processes are not the copy's to kill.
-CREATE TABLE server_process (pid INTEGER NOT NULL, started TEXT);
+-- The server process that last started on the database, and the pid
+-- namespace its pid means something in (a container has its own). A server
+-- started on a copy of a live data folder (a backup restored for staging,
+-- say) finds the live one here, still running: the builds its rows call
+-- `running` are the live one's, and their processes are not the copy's to kill.
+CREATE TABLE server_process (pid INTEGER NOT NULL, started TEXT, pid_namespace TEXT);

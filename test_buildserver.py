@@ -124,19 +124,20 @@ def final_build(web, token, path, timeout=15.0):
 class Server:
     """A real `python buildserver.py serve` on a free loopback port."""
 
-    def __init__(self, data_dir, *args, env=None, preexec_fn=None):
+    def __init__(self, data_dir, *args, env=None, preexec_fn=None, wrap=()):
         self.data_dir = str(data_dir)
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.preexec_fn = preexec_fn
+        self.wrap = wrap  # a command that runs it (unshare ...)
         self.proc = None
         self.token = None
 
     def start(self):
         self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir", self.data_dir,
-             *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-            text=True, preexec_fn=self.preexec_fn)
+            [*self.wrap, sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir",
+             self.data_dir, *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env, text=True, preexec_fn=self.preexec_fn)
         self.stdout_lines = []
         while True:
             line = self.proc.stdout.readline()
@@ -198,8 +199,8 @@ def server_factory(tmp_path):
     """Start real servers; each is stopped at the end of the test."""
     servers = []
 
-    def start(*args, data_dir=None, env=None):
-        server = Server(data_dir or tmp_path / "served", *args, env=env).start()
+    def start(*args, data_dir=None, env=None, wrap=()):
+        server = Server(data_dir or tmp_path / "served", *args, env=env, wrap=wrap).start()
         servers.append(server)
         return server
     yield start
@@ -4188,15 +4189,17 @@ def test_a_malformed_header_line_is_refused_without_its_value(server_factory):
     # waitress quotes the line: a token file with Windows line endings sent
     # the token back in the 400, for a script's log to keep.
     server = server_factory()
-    sock = socket.create_connection((server.host, server.port), timeout=30)
-    sock.sendall(b"GET /api/v1/admin HTTP/1.1\r\nHost: x\r\n"
-                 b"Authorization: Token s3cret-t0ken\r\r\n\r\n")
-    answer = b""
-    while chunk := sock.recv(65536):
-        answer += chunk
-    sock.close()
-    assert b" 400 Bad Request" in answer.split(b"\r\n")[0] and b"s3cret" not in answer, answer
-    assert b'header line \\"Authorization: ...\\"' in answer, answer
+    for value in (b"Token s3cret-t0ken", b'Token "s3cret-t0ken"', b'Token token="s3cret"'):
+        sock = socket.create_connection((server.host, server.port), timeout=30)
+        sock.sendall(b"GET /api/v1/admin HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: " + value + b"\r\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sock.close()
+        assert b" 400 Bad Request" in answer.split(b"\r\n")[0], answer
+        assert b"s3cret" not in answer and b'header line \\"Authorization: ...\\"' in answer, \
+            answer
 
 
 def test_connections_are_limited_by_file_descriptors_which_builds_inherit_unchanged(
@@ -4359,7 +4362,7 @@ def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory
     server.signal(signal.SIGTERM)
     wait_until(lambda: any("shutting down" in line for line in server.stderr_lines),
                message="the shutdown to begin")
-    time.sleep(2.5)  # a reader busy elsewhere, or seen as such (see above)
+    time.sleep(2)  # a reader busy elsewhere, or seen as such (see above)
     received.append(response.read())
     conn.close()
     assert server.wait(timeout=30) == 0
@@ -4370,27 +4373,77 @@ def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory
     assert len(body) == log_size and body.endswith(b"0049999 " + b"x" * 91 + b"\n")
 
 
+def serving_a_running_build(server_factory, data_dir, wrap=()):
+    """A real server at `data_dir` whose build 1 of admin/app runs (`sleep 60`);
+    returns the server, the build's path and the build."""
+    server = server_factory(data_dir=data_dir, wrap=wrap)
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds",
+                                {"command": "echo ready; sleep 60"})
+    path = f"{project_path}/builds/{build['id']}"
+    server_wait_for_log(server, path, b"ready")
+    return server, path, build
+
+
+def backed_up_into(server, staging):
+    """A copy of `server`'s database in the new folder `staging`, by `backup`."""
+    staging.mkdir(mode=0o700)
+    done = subprocess.run([sys.executable, SCRIPT, "backup", str(staging / "buildserver.db"),
+                           "--data-dir", server.data_dir], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return staging
+
+
+def test_a_copy_leaves_alone_the_builds_of_a_live_server_in_another_pid_namespace(
+        server_factory, tmp_path):
+    # A server in a container recorded its pid there (1): seen from the host,
+    # pid 1 is init, started at another time, and the copy took it for dead.
+    wrap = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+    if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare --pid (root) to run a server in a pid namespace of its own")
+    live, _, build = serving_a_running_build(server_factory, tmp_path / "live", wrap)
+    copy = server_factory("--workers", "0", data_dir=backed_up_into(live, tmp_path / "staging"))
+    assert copy.json("GET", "/api/v1/health")[0] == 200
+    assert pids_with_marker(f"BUILD_UUID={build['uuid']}")
+    assert any("another pid namespace" in line for line in copy.stderr_lines)
+    # (unshare ignores SIGTERM: the server, its namespace's pid 1, is told itself.)
+    children = f"/proc/{live.proc.pid}/task/{live.proc.pid}/children"
+    os.kill(int(buildserver._read(children).split()[0]), signal.SIGTERM)
+    assert live.wait(30) == 0
+
+
+def test_a_crashed_server_left_a_zombie_its_restart_still_kills_its_builds(server_factory,
+                                                                           tmp_path):
+    # Unreaped (a supervisor that restarts without waiting), the dead server's
+    # /proc entry stayed, and the restart took it for a live server's copy.
+    data_dir = tmp_path / "crashed"
+    server, _, build = serving_a_running_build(server_factory, data_dir)
+    os.kill(server.proc.pid, signal.SIGKILL)  # not waited for: a zombie
+    wait_until(lambda: buildserver._stat(server.proc.pid)[:1] == [b"Z"],
+               message="the killed server to be a zombie")
+    restarted = server_factory(data_dir=data_dir)
+    restarted.token = server.token
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+    assert not any("still runs" in line for line in restarted.stderr_lines)
+
+
 def test_a_server_on_a_copy_of_a_live_data_folder_leaves_the_live_ones_builds_alone(
         server_factory, tmp_path):
     # A backup restored for staging: its rows said `running`, and its start
     # killed the live server's builds (their uuids, groups and times matched).
-    live = server_factory(data_dir=tmp_path / "live")
-    project_path = admin_project(live)
-    status, build = live.json("POST", project_path + "/builds",
-                              {"command": "echo ready; sleep 60"})
-    path = f"{project_path}/builds/{build['id']}"
-    server_wait_for_log(live, path, b"ready")
-    staging = tmp_path / "staging"
-    staging.mkdir(mode=0o700)
-    done = subprocess.run([sys.executable, SCRIPT, "backup", str(staging / "buildserver.db"),
-                           "--data-dir", live.data_dir], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    live, path, build = serving_a_running_build(server_factory, tmp_path / "live")
+    staging = backed_up_into(live, tmp_path / "staging")
     copy = server_factory("--workers", "0", data_dir=staging)
     copy.token = live.token
     assert copy.json("GET", path)[1]["last_status"] == "failed"  # here, nothing runs it
     assert pids_with_marker(f"BUILD_UUID={build['uuid']}")
     wait_until(lambda: any("still runs: this is a copy" in line for line in copy.stderr_lines),
                message="the copy to say why it leaves them")
+    copy.signal(signal.SIGTERM)  # and at its next start, it was the one recorded:
+    assert copy.wait() == 0  # the sweep of ended builds' sessions killed them
+    again = server_factory("--workers", "0", data_dir=staging)
+    assert again.json("GET", "/api/v1/health")[0] == 200
+    assert pids_with_marker(f"BUILD_UUID={build['uuid']}")
     assert live.json("GET", path)[1]["last_status"] == "running"
     assert live.json("POST", path + "/stop")[0] == 200
     assert server_final_build(live, path)["last_status"] == "stopped"
@@ -5629,6 +5682,38 @@ def test_adduser_and_token_that_cannot_show_the_token_make_none(tmp_path, stdout
         assert store.user_by_token(old)["name"] == "carol"  # still the one that works
     finally:
         db.close()
+
+
+def test_a_token_that_waits_to_be_printed_holds_up_no_write_of_the_server(server_factory,
+                                                                           tmp_path):
+    # adduser printed inside its write transaction: with its terminal paused
+    # (Ctrl-S) or its pipe full, every write of the running server waited, and
+    # failed with 503 "database is locked" after 30 s.
+    server = server_factory(data_dir=tmp_path / "d")
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # full: the next write blocks
+            os.write(write_end, b"x" * 65536)
+    os.set_blocking(write_end, True)
+    adding = subprocess.Popen([sys.executable, SCRIPT, "adduser", "dave", "--data-dir",
+                               server.data_dir], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 5  # (a kernel that hides wchan: 5 s is past the print)
+        while time.monotonic() < deadline and "pipe_write" not in buildserver._read(
+                f"/proc/{adding.pid}/wchan").decode():
+            time.sleep(0.05)
+        assert adding.poll() is None
+        status, _ = server.json("POST", "/api/v1/admin", {"name": "meanwhile"}, timeout=10)
+        assert status == 201
+    finally:
+        with os.fdopen(read_end, "rb") as reader:
+            shown = reader.read()
+        assert adding.wait(30) == 0, adding.stderr.read()
+    token = shown.strip().splitlines()[-1].decode()
+    assert server.json("GET", "/api/v1/users", token=token) == (200, {"username": "dave",
+                                                                      "is_admin": False})
 
 
 def test_the_help_says_that_serve_is_the_default_command():
