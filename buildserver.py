@@ -2144,10 +2144,7 @@ def _start_time(pid):
 
 def _running_since(pid):
     """When process `pid` started, if it runs (a zombie has ended); else None."""
-    if not os.path.isdir("/proc/self"):
-        return _ps_start_time(pid)
-    fields = _stat(pid)
-    return fields[19].decode() if len(fields) > 19 and fields[0] not in (b"Z", b"X") else None
+    return None if _stat(pid)[:1] in ([b"Z"], [b"X"]) else _start_time(pid)
 
 
 def _pid_namespace():
@@ -3565,9 +3562,10 @@ def body_limit(path):
 def _unquoted_headers(text):
     """waitress's words on a malformed header line, with the line's value left
     out: it may be a token ("Authorization: Token ...\\r")."""
-    return re.sub(r'header line "(.*)"', lambda m: 'header line "%s: ..."' % m.group(
-        1).partition(":")[0][:64] if ":" in m.group(1) else "header line (not shown)", text,
-        flags=re.S)
+    def name_only(match):
+        name, colon, _ = match.group(1).partition(":")
+        return f'header line "{name[:64]}: ..."' if colon else "header line (not shown)"
+    return re.sub(r'header line "(.*)"', name_only, text, flags=re.S)
 
 
 def _channel_class():
