@@ -8107,12 +8107,12 @@ def test_load_earlier_while_following_a_fast_log_shows_what_it_loaded(page, dash
     # The reader stayed at the bottom, so the next frame trimmed the page back
     # to its last 2 MiB: what "Load earlier" fetched was gone at once.
     go = tmp_path / "go"
-    dash.project("backwards", command=f"seq 1 400000; while [ ! -e {go} ]; do sleep 0.05; done; "
-                                      "seq 400001 800000")  # 2.8 MB, then 3.2 MB more
+    dash.project("backwards", command=f"seq 1 700000; while [ ! -e {go} ]; do sleep 0.05; done; "
+                                      "seq 700001 1100000")  # 4.9 MB (more than a page keeps), then 3.2
     sign_in(page, dash)
     build = dash.api("POST", "/alice/backwards/builds")
     page.goto(dash.url + f"/#/alice/backwards/builds/{build['id']}")
-    expect(log_of(page)).to_contain_text("\n400000\n")
+    expect(log_of(page)).to_contain_text("\n700000\n")
     expect(page.locator("#earlier")).to_be_visible()
     first = numbers_in(page)[0]
     page.locator("#earlier").click()
