@@ -2098,10 +2098,7 @@ def _carries(pid, build_uuid):
 def _groups_carrying(build_uuid):
     """The process groups (not ours) of the processes that carry the build's
     BUILD_UUID (Linux; elsewhere none)."""
-    if not os.path.isdir("/proc/self"):
-        return set()
-    return {group for pid, group, _ in _processes() if _carries(pid, build_uuid)} - \
-        {os.getpgrp()}
+    return {group for group, _ in _groups_by_build().get(build_uuid, ())}
 
 
 def _groups_by_build():

@@ -4373,13 +4373,15 @@ def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory
     assert len(body) == log_size and body.endswith(b"0049999 " + b"x" * 91 + b"\n")
 
 
-def serving_a_running_build(server_factory, data_dir, wrap=()):
-    """A real server at `data_dir` whose build 1 of admin/app runs (`sleep 60`);
-    returns the server, the build's path and the build."""
-    server = server_factory(data_dir=data_dir, wrap=wrap)
+def serving_a_running_build(server_factory, data_dir, *args, wrap=(),
+                            command="echo ready; sleep 60"):
+    """A real server at `data_dir` (started with `args`) whose build 1 of
+    admin/app runs `command` and has said "ready"; returns the server, the
+    build's path and the build."""
+    server = server_factory(*args, data_dir=data_dir, wrap=wrap)
     project_path = admin_project(server)
     status, build = server.json("POST", project_path + "/builds",
-                                {"command": "echo ready; sleep 60"})
+                                {"command": command})
     path = f"{project_path}/builds/{build['id']}"
     server_wait_for_log(server, path, b"ready")
     return server, path, build
@@ -4401,7 +4403,7 @@ def test_a_copy_leaves_alone_the_builds_of_a_live_server_in_another_pid_namespac
     wrap = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
     if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare --pid (root) to run a server in a pid namespace of its own")
-    live, _, build = serving_a_running_build(server_factory, tmp_path / "live", wrap)
+    live, _, build = serving_a_running_build(server_factory, tmp_path / "live", wrap=wrap)
     copy = server_factory("--workers", "0", data_dir=backed_up_into(live, tmp_path / "staging"))
     assert copy.json("GET", "/api/v1/health")[0] == 200
     assert pids_with_marker(f"BUILD_UUID={build['uuid']}")
@@ -5161,11 +5163,10 @@ def test_a_crash_while_a_delete_waits_for_a_build_started_meanwhile_leaves_it_to
     # for the one started meanwhile: killed then, the server left it running
     # with no row that could tell the next start about it.
     data_dir = tmp_path / "crashed"
-    server = server_factory("--stop-grace", "3", "--workers", "2", data_dir=data_dir)
-    project_path = admin_project(server)
-    status, first = server.json("POST", project_path + "/builds",
-                                {"command": "trap '' TERM; echo ready; sleep 60"})
-    server_wait_for_log(server, f"{project_path}/builds/{first['id']}", b"ready")
+    server, _, first = serving_a_running_build(server_factory, data_dir, "--stop-grace", "3",
+                                               "--workers", "2",
+                                               command="trap '' TERM; echo ready; sleep 60")
+    project_path = "/api/v1/admin/app"
 
     def delete():
         with contextlib.suppress(OSError, http.client.HTTPException):  # the server dies
