@@ -2455,7 +2455,8 @@ SCHEMAS = {
     "Error": _object({"detail": _STRING, "errors": {
         "type": "object", "additionalProperties": {"type": "string"}}}, required=["detail"]),
     "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
-    "User": _object({"username": _STRING, "is_admin": _BOOL}),
+    "User": _object({"username": _STRING, "is_admin": _BOOL, "email": {"type": "null"},
+                     "is_superuser": _BOOL}),
     "Project": _object({
         "name": _STRING, "owner": _STRING, "description": _NULL_STRING,
         "command": _NULL_STRING, "env": _ENV, "timeout": _NULL_INT, "created_at": _TIME,
@@ -2830,8 +2831,10 @@ def make_routes(app):
 
     @authorized
     def whoami(user):
-        """Who the token belongs to (Polyaxon's "get user")."""
-        return {"username": user["name"], "is_admin": bool(user["is_admin"])}
+        """Who the token belongs to (Polyaxon's "get user": its client needs
+        `email`, which no user here has, and reads `is_superuser`)."""
+        admin = bool(user["is_admin"])
+        return {"username": user["name"], "is_admin": admin, "email": None, "is_superuser": admin}
 
     @authorized
     def list_projects(user, username):

@@ -2550,6 +2550,8 @@ try:
     c.build_job.get_build(u, p, made.id)
 except Exception as e:
     print("gone", type(e).__name__)
+me = c.auth.get_user()
+print("me", me.username, me.email, me.is_superuser)
 """
 
 
@@ -2592,6 +2594,7 @@ def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp
         "stop 200 stopped",
         "delete 200",
         "gone NotFoundError",
+        "me admin None True",
     ]
 
 
@@ -5713,8 +5716,8 @@ def test_a_token_that_waits_to_be_printed_holds_up_no_write_of_the_server(server
             shown = reader.read()
         assert adding.wait(30) == 0, adding.stderr.read()
     token = shown.strip().splitlines()[-1].decode()
-    assert server.json("GET", "/api/v1/users", token=token) == (200, {"username": "dave",
-                                                                      "is_admin": False})
+    assert server.json("GET", "/api/v1/users", token=token) == (200, {
+        "username": "dave", "is_admin": False, "email": None, "is_superuser": False})
 
 
 def test_the_help_says_that_serve_is_the_default_command():
