@@ -3304,14 +3304,37 @@ def _error_page(error):
     if error.status_code == 404:
         detail = f"There is no endpoint at {bottle.request.path}."
     elif error.status_code == 405:
-        allowed = _allowed(method for method in error.headers.get("Allow", "").split(",")
-                           if method)
+        allowed = _allowed(_methods_that_answer(
+            bottle.request, (method for method in error.headers.get("Allow", "").split(",")
+                             if method)))
+        if not allowed:
+            bottle.response.status = 404
+            del bottle.response["Allow"]
+            return json_bytes({"detail": f"There is no endpoint at {bottle.request.path}."})
         bottle.response.set_header("Allow", ",".join(allowed))
-        detail = (f"{bottle.request.method} is not allowed here; "
-                  f"use {', '.join(allowed) or 'another method'}.")
+        detail = f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}."
     else:
         detail = "internal error" if error.status_code >= 500 else str(error.body)
     return json_bytes({"detail": detail})
+
+
+def _methods_that_answer(request, methods):
+    """Of the methods Bottle has routes for at the request's path, those that
+    would not answer 404 at once: not a user namespace named like a fixed path
+    (/api/v1/health/x), nor a build or status id that is no number
+    (.../builds/invalidate as a build)."""
+    answering = []
+    for method in methods:
+        try:
+            _, params = request.app.router.match({"PATH_INFO": request.path,
+                                                  "REQUEST_METHOD": method})
+        except bottle.HTTPError:
+            continue
+        if params.get("username") not in RESERVED_USERNAMES and all(
+                whole_number(params[name]) is not None
+                for name in ("build_id", "status_id") if name in params):
+            answering.append(method)
+    return answering
 
 
 def _utf8_length(lead):

@@ -1705,6 +1705,27 @@ def test_wrong_method_is_405_json_and_changes_nothing(web, alice, populated, met
     assert snapshot(web, alice, populated) == before
 
 
+@pytest.mark.parametrize("method, path, allowed", [
+    ("PUT", "/api/v1/health/x", None),  # not /<username>/<project_name> for "health"
+    ("PUT", "/api/v1/bookmarks", None),
+    ("DELETE", "/api/v1/users/app/builds/1/logs", None),
+    ("PUT", "/api/v1/bookmarks/alice/builds", "GET,HEAD"),  # not POST to a "bookmarks" user
+    ("PUT", "/api/v1/alice/app/builds/invalidate", "POST"),  # not a build called "invalidate"
+    ("PUT", "/api/v1/alice/app/builds/x", None),
+    ("PUT", "/api/v1/alice/app/builds/1/statuses/x", None),
+    ("PUT", "/api/v1/alice/app/builds/1", "DELETE,GET,HEAD,PATCH,POST"),
+])
+def test_a_405_names_only_methods_that_would_not_answer_404(web, alice, populated, method,
+                                                             path, allowed):
+    res = call(web, method, path, alice)
+    if allowed is None:
+        assert assert_error(res, 404)["detail"] == f"There is no endpoint at {path}."
+        assert "Allow" not in res.headers
+        return
+    assert_error(res, 405)
+    assert res.headers["Allow"] == allowed
+
+
 def test_a_405_names_head_wherever_get_is_allowed(web, alice, populated):
     res = call(web, "PUT", populated + "/builds", alice, {"name": "x"})
     assert assert_error(res, 405)["detail"] == "PUT is not allowed here; use GET, HEAD, POST."
