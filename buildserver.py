@@ -487,6 +487,20 @@ class Database:
         return row
 
     @contextlib.contextmanager
+    def snapshot(self):
+        """Reads that see one state of the database (a count and its page):
+        one read transaction on this thread's connection."""
+        conn = self._reader()
+        if conn.in_transaction:  # inside a write, or a snapshot already
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")  # (it only read)
+
+    @contextlib.contextmanager
     def write(self):
         """A write transaction; BEGIN IMMEDIATE takes the lock up front, so
         a transaction never fails half-way on a lock upgrade."""
@@ -793,8 +807,12 @@ class Store:
             (hash_token(token),))
 
     def create_user(self, name, is_admin=False, token=None):
-        """A new user and its first token (the only time the token exists)."""
+        """A new user and its first token (the only time the token exists);
+        None if a user has the name, regardless of case (looked up in the
+        same transaction: two `adduser` at once cannot both make it)."""
         with self.db.write() as c:
+            if self.user_named_any_case(name) is not None:
+                return None
             user_id = c.execute(
                 "INSERT INTO users (name, is_admin, created_at) VALUES (?, ?, ?)",
                 (name, int(is_admin), now_iso())).lastrowid
@@ -815,9 +833,11 @@ class Store:
         return self.db.one(PROJECT_SELECT + " WHERE u.name = ? AND p.name = ?", (owner, name))
 
     def projects(self, owner_id, limit, offset):
-        count = self.db.one("SELECT count(*) FROM projects WHERE owner_id = ?", (owner_id,))[0]
-        rows = self.db.all(PROJECT_SELECT + " WHERE p.owner_id = ? ORDER BY p.name LIMIT ? OFFSET ?",
-                           (owner_id, limit, offset))
+        with self.db.snapshot():
+            count = self.db.one("SELECT count(*) FROM projects WHERE owner_id = ?",
+                                (owner_id,))[0]
+            rows = self.db.all(PROJECT_SELECT + " WHERE p.owner_id = ? ORDER BY p.name"
+                               " LIMIT ? OFFSET ?", (owner_id, limit, offset))
         return count, rows
 
     def create_project(self, owner_id, fields):
@@ -886,28 +906,34 @@ class Store:
         return self.db.recent(BUILD_SELECT + " WHERE u.name = ? AND p.name = ? AND b.number = ?",
                               (owner, project_name, number))
 
-    def builds(self, project, statuses, limit, offset):
-        """A page of the project's builds, newest first, and how many there are."""
-        if not statuses:
-            rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ?"
-                               " ORDER BY b.number DESC LIMIT ? OFFSET ?",
-                               (project["id"], limit, offset))
-            return project["builds_count"], rows
-        wanted = json.dumps(sorted(statuses))
-        count = self.db.one("SELECT count(*) FROM builds WHERE project_id = ? AND last_status"
-                            " IN (SELECT value FROM json_each(?))", (project["id"], wanted))[0]
-        rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ? AND b.last_status IN"
-                           " (SELECT value FROM json_each(?)) ORDER BY b.number DESC"
-                           " LIMIT ? OFFSET ?", (project["id"], wanted, limit, offset))
+    def builds(self, project_id, statuses, limit, offset):
+        """A page of the project's builds, newest first, and how many there are
+        (None if the project is gone)."""
+        with self.db.snapshot():
+            if not statuses:
+                counted = self.db.one("SELECT builds_count FROM projects WHERE id = ?",
+                                      (project_id,))
+                rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ?"
+                                   " ORDER BY b.number DESC LIMIT ? OFFSET ?",
+                                   (project_id, limit, offset))
+                return counted and (counted[0], rows)
+            wanted = json.dumps(sorted(statuses))
+            count = self.db.one("SELECT count(*) FROM builds WHERE project_id = ? AND last_status"
+                                " IN (SELECT value FROM json_each(?))", (project_id, wanted))[0]
+            rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ? AND b.last_status IN"
+                               " (SELECT value FROM json_each(?)) ORDER BY b.number DESC"
+                               " LIMIT ? OFFSET ?", (project_id, wanted, limit, offset))
         return count, rows
 
     def bookmarked_builds(self, owner_id, limit, offset):
         """A page of the bookmarked builds of the user's projects, newest first,
         and how many there are."""
-        count = self.db.one("SELECT count(*) FROM builds b JOIN projects p ON p.id = b.project_id"
-                            " WHERE p.owner_id = ? AND b.bookmarked = 1", (owner_id,))[0]
-        rows = self.db.all(BUILD_SELECT + " WHERE p.owner_id = ? AND b.bookmarked = 1"
-                           " ORDER BY b.id DESC LIMIT ? OFFSET ?", (owner_id, limit, offset))
+        with self.db.snapshot():
+            count = self.db.one("SELECT count(*) FROM builds b JOIN projects p"
+                                " ON p.id = b.project_id WHERE p.owner_id = ? AND b.bookmarked = 1",
+                                (owner_id,))[0]
+            rows = self.db.all(BUILD_SELECT + " WHERE p.owner_id = ? AND b.bookmarked = 1"
+                               " ORDER BY b.id DESC LIMIT ? OFFSET ?", (owner_id, limit, offset))
         return count, rows
 
     def create_build(self, project_id, user, fields, restarted_from=None, running=False):
@@ -1045,9 +1071,11 @@ class Store:
     # Statuses ----------------------------------------------------------------
 
     def statuses(self, build_id, limit, offset):
-        count = self.db.one("SELECT count(*) FROM statuses WHERE build_id = ?", (build_id,))[0]
-        rows = self.db.all("SELECT * FROM statuses WHERE build_id = ? ORDER BY number"
-                           " LIMIT ? OFFSET ?", (build_id, limit, offset))
+        with self.db.snapshot():
+            count = self.db.one("SELECT count(*) FROM statuses WHERE build_id = ?",
+                                (build_id,))[0]
+            rows = self.db.all("SELECT * FROM statuses WHERE build_id = ? ORDER BY number"
+                               " LIMIT ? OFFSET ?", (build_id, limit, offset))
         return count, rows
 
     def status(self, build_id, number=None, uuid=None):
@@ -2927,7 +2955,7 @@ def make_routes(app):
         if unknown:
             raise ApiError(400, f"Unknown status {unknown[0]!r}; statuses are "
                                 f"{', '.join(STATUSES)}.", errors={"status": "unknown status"})
-        count, rows = store.builds(project, wanted, limit, offset)
+        count, rows = still_there(store.builds(project["id"], wanted, limit, offset))
         return page(count, [build_json(r) for r in rows], limit, offset)
 
     @authorized
@@ -3434,7 +3462,9 @@ def serve(config):
         except OutputFailed as e:
             app.close()
             return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
-        app.store.create_user("admin", is_admin=True, token=token)
+        if app.store.create_user("admin", is_admin=True, token=token) is None:
+            log.warning("the user 'admin' was made meanwhile by another command; "
+                        "the token above was not recorded")
     app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
@@ -4539,7 +4569,9 @@ def manage_users(args):
                 return _fail(f"the user {same['name']!r} exists already", 2)
             _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
                         "Its token, shown only now:", token)
-            store.create_user(args.name, is_admin=args.admin, token=token)
+            if store.create_user(args.name, is_admin=args.admin, token=token) is None:
+                return _fail(f"the user {args.name!r} was made meanwhile by another command; "
+                             "the token above was not recorded", 2)
         else:
             user = store.user_by_name(args.name)
             if user is None:

@@ -707,6 +707,44 @@ def test_builds_list_is_newest_first_and_pages(web, alice, project):
     assert [b["id"] for b in results] == [5, 4, 3, 2, 1] and pages == 3
 
 
+def _first_build_id(store):
+    return store.build_at("alice", "app", 1)["id"]
+
+
+@pytest.mark.parametrize("listing, change", [
+    ("/api/v1/alice/app/builds", lambda store: store.delete_build(_first_build_id(store))),
+    ("/api/v1/alice/app/builds?status=created",
+     lambda store: store.delete_build(_first_build_id(store))),
+    ("/api/v1/alice", lambda store: store.delete_project(store.project("alice", "other")["id"])),
+    ("/api/v1/alice/app/builds/1/statuses",
+     lambda store: store.transition(_first_build_id(store), "running")),
+    ("/api/v1/bookmarks/alice/builds", lambda store: store.bookmark(_first_build_id(store), False)),
+])
+def test_a_page_and_its_count_see_the_same_moment_while_another_thread_writes(
+        web, app, alice, project, monkeypatch, listing, change):
+    # The count was read before the rows, apart: a page could say count 40 and
+    # no next page beside 41 results, or hold rows it did not count.
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "other"}), 201)
+    for _ in range(2):
+        unmanaged(web, alice, project)
+    ok(call(web, "POST", project + "/builds/1/bookmark", alice))
+    before = ok(call(web, "GET", listing, alice))["count"]
+    read_rows, changed = app.db.all, []
+
+    def another_thread_writes_first(sql, params=()):  # between the count and the rows
+        if "LIMIT" in sql and not changed:
+            changed.append(threading.Thread(target=change, args=(app.store,)))
+            changed[0].start()
+            changed[0].join(10)
+        return read_rows(sql, params)
+
+    monkeypatch.setattr(app.db, "all", another_thread_writes_first)
+    page = ok(call(web, "GET", listing, alice))
+    assert changed and page["count"] == len(page["results"]) == before
+    monkeypatch.undo()
+    assert ok(call(web, "GET", listing, alice))["count"] != before  # the write took
+
+
 @pytest.mark.parametrize("query, expected", [
     ("created", [6, 1]),
     ("created,succeeded", [6, 3, 1]),
@@ -2351,6 +2389,33 @@ def test_cli_adduser_of_a_name_differing_only_in_case_exits_2(tmp_path):
     assert cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
     again = cli("adduser", "Carol", "--data-dir", str(data))
     assert again.returncode == 2 and "'carol' exists already" in again.stderr
+
+
+def test_two_adduser_at_once_make_one_user_whatever_the_case(tmp_path):
+    # Both looked the name up, then both made it: "Eve" and "eve" (one folder on
+    # macOS), or a raw UNIQUE error after printing a token that never worked.
+    data = tmp_path / "d"
+    assert cli("adduser", "seed", "--data-dir", str(data)).returncode == 0
+    holder = sqlite3.connect(data / "buildserver.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # both commands get past their look, then wait here
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BUILDSERVER_")}
+    adding = [subprocess.Popen([sys.executable, SCRIPT, "adduser", name, "--data-dir", str(data)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean) for name in ("Eve", "eve")]
+    try:
+        for proc in adding:  # each has printed its token: it is about to record it
+            assert proc.stdout.readline().startswith("Created the user")
+            assert proc.stdout.readline().strip()
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    codes = sorted(proc.wait(60) for proc in adding)
+    errors = [proc.stderr.read() for proc in adding]
+    assert codes == [0, 2], errors
+    assert any("was made meanwhile by another command; the token above was not recorded"
+               in error for error in errors), errors
+    names = sqlite3.connect(data / "buildserver.db").execute("SELECT name FROM users").fetchall()
+    assert len(names) == 2 and {"Eve", "eve"} & {name for (name,) in names}
 
 
 @pytest.mark.parametrize("args", [["adduser", "dave"], ["token", "carol"],
