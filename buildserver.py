@@ -1106,8 +1106,13 @@ class Store:
             if truncated or not data:
                 return size, bool(truncated)
             if size + len(data) > max_bytes:
-                data = bytes(data[:max(0, max_bytes - size)]) + (
-                    f"\n[buildserver] log truncated: it reached --max-log-bytes ({max_bytes} "
+                kept = bytes(data[:max(0, max_bytes - size)])
+                kept = kept[:_utf8_boundary(kept)]  # no half character before the notice
+                ends_line = kept.endswith(b"\n") if kept else size == 0 or c.execute(
+                    "SELECT substr(data, -1) = x'0a' FROM log_chunks WHERE build_id = ?"
+                    " ORDER BY offset DESC LIMIT 1", (build_id,)).fetchone()[0]
+                data = kept + (b"" if ends_line else b"\n") + (
+                    f"[buildserver] log truncated: it reached --max-log-bytes ({max_bytes} "
                     "bytes); later output was dropped\n").encode()
                 truncated = True
             last = c.execute("SELECT id, length(data) FROM log_chunks WHERE build_id = ?"
@@ -1335,8 +1340,10 @@ class LogStream:
             if piece:
                 self.pos += len(piece)
                 return piece
-            if state["last_status"] in FINAL or self.bus.closed or self._gone():
+            if state["last_status"] in FINAL or self._gone():
                 return b""  # (gone: free the thread and the follower slot)
+            if self.bus.closed:  # its builds stopped, the server ends this one's wait
+                raise ConnectionAbortedError("the server shut down before the build ended")
             if not self._headers_sent:  # before waiting, send the headers
                 self._headers_sent = True
                 write = self._environ.get("buildserver.write")
@@ -3140,12 +3147,13 @@ def make_routes(app):
         JSON page. ?offset and ?limit count bytes, ?tail lines."""
         build = _build(app, username, project_name, build_id)
         request = bottle.request
+        follow = flag_param("follow")  # text only: it wins over an Accept (HTTPie's) for JSON
         fmt = query_param("format") or (
-            "json" if prefers_json(request.environ.get("HTTP_ACCEPT", "")) else "text")
+            "json" if not follow and prefers_json(request.environ.get("HTTP_ACCEPT", ""))
+            else "text")
         if fmt not in ("text", "json"):
             raise ApiError(400, "The query parameter format must be text or json.",
                            errors={"format": "must be text or json"})
-        follow = flag_param("follow")
         if follow and fmt == "json":
             raise ApiError(400, "follow works with the text format only.",
                            errors={"follow": "needs format=text"})
@@ -4186,17 +4194,52 @@ def _run_build(client, project, args):
     try:  # with --json, standard output holds the build's JSON alone
         if args.json and sys.stderr is None:
             raise OutputFailed(OSError("standard error is closed"))
-        build = client.follow(path, (sys.stderr if args.json else sys.stdout).buffer)
+        out = _LineKeeper((sys.stderr if args.json else sys.stdout).buffer)
+        build = client.follow(path, out)
     except (KeyboardInterrupt, Terminated) as interrupt:
         if args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] "):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
             client.call("POST", f"{path}/stop")
             _note(f"build {build['id']}: stop requested")
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+    # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
     if args.json:
-        _say(json.dumps(build, indent=2))
-    _note(f"build {build['id']}: {build['last_status']}")
+        _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
+    _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}")
     return client_exit_code(build)
+
+
+class _LineKeeper:
+    """A binary output that remembers whether what went through it ends a line."""
+
+    def __init__(self, out):
+        self.out, self.ends_line = out, True
+
+    def write(self, data):
+        if data:
+            self.ends_line = data.endswith(b"\n")
+        return self.out.write(data)
+
+    def flush(self):
+        self.out.flush()
+
+    def apart_on(self, stream):
+        """A newline to start a line on `stream` with, if it writes where
+        this output left one open; the line written there is then ended."""
+        if self.ends_line or not _same_place(self.out, stream):
+            return ""
+        self.ends_line = True
+        return "\n"
+
+
+def _same_place(out, err):
+    """Whether text on `err` lands right after what `out` wrote: one file, or
+    two terminals (most likely one screen)."""
+    try:
+        a, b = os.fstat(out.fileno()), os.fstat(err.fileno())
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (out.isatty() and err.isatty())
+    except (AttributeError, OSError, ValueError):  # closed, or no file (a test's StringIO)
+        return False
 
 
 class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` takes it

@@ -1483,6 +1483,15 @@ def test_an_accept_header_that_is_not_utf8_gets_the_text_log_not_a_500(web, alic
     assert res.content_type == "text/plain" and res.body == b"first line\nsecond line\n"
 
 
+@pytest.mark.parametrize("accept", ["application/json, */*;q=0.5", "application/json"])
+def test_a_follow_is_text_whatever_the_accept_header_asks(web, alice, populated, accept):
+    # HTTPie sends the first by default: its follows were a 400 "follow works
+    # with the text format only".
+    res = call(web, "GET", populated + "/builds/2/logs?follow=1", alice,
+               headers={"Accept": accept})
+    assert res.status_int == 200 and res.content_type == "text/plain" and res.body == b"done\n"
+
+
 def test_log_format_text_wins_over_an_accept_json_header(web, alice, populated):
     res = call(web, "GET", populated + "/builds/1/logs?format=text", alice,
                headers={"Accept": "application/json"})
@@ -1584,6 +1593,26 @@ def test_log_past_max_log_bytes_is_truncated_with_one_line_saying_so(small_logs)
     report(web_, token, url, "running", "succeeded")
     page = log_json(web_, token, url)
     assert page["complete"] and page["truncated"] and page["text"].encode() == log
+
+
+@pytest.mark.parametrize("writes, kept", [
+    ([b"x" * 62 + "\u20ac".encode()], b"x" * 62 + b"\n"),  # the cap fell inside the euro
+    ([b"x" * 63 + b"\n", b"more"], b"x" * 63 + b"\n"),  # no empty line: the log ended one
+    ([b"x" * 60 + b"abc\n", b"more"], b"x" * 60 + b"abc\n"),
+    ([b"x" * 50 + b"\n" + b"y" * 10, b"yyyyy"], b"x" * 50 + b"\n" + b"y" * 13 + b"\n"),
+])
+def test_the_truncation_notice_starts_its_own_line_after_whole_characters(small_logs, writes,
+                                                                         kept):
+    # It cut a UTF-8 character in two ("xx\xe2\x82\n[buildserver]..."), and a
+    # log that ended its line got an empty one before the notice.
+    web_, token = small_logs.web, small_logs.alice
+    unmanaged(web_, token, small_logs.project)
+    url = small_logs.project + "/builds/1"
+    for data in writes:
+        append_log(web_, token, url, data)
+    log = ok(call(web_, "GET", url + "/logs", token))
+    assert log.startswith(kept) and log[len(kept):].startswith(b"[buildserver] log truncated")
+    assert log.count(b"\n") == kept.count(b"\n") + 1 and log.endswith(b"\n")
 
 
 def test_log_of_exactly_max_log_bytes_is_not_truncated(small_logs):
@@ -3309,6 +3338,7 @@ def test_log_cap_drops_later_output_while_the_build_runs_on(configured, config):
     kept, notice = log_bytes[:1000], log_bytes[1000:]
     assert b"end" not in notice
     assert notice.startswith(b"\n") and notice.endswith(b"\n") and notice.count(b"\n") == 2
+    assert not kept.endswith(b"\n")  # (1000 is no multiple of 17: the notice begins a line)
     assert b"truncated" in notice and b"1000" in notice
     assert kept.count(b"a line of output\n") == 1000 // 17
     workspace = os.path.join(config.workspaces, "alice", "app", str(build["id"]))
@@ -4426,6 +4456,31 @@ def test_shutdown_signal_stops_running_builds_keeps_waiting_ones_and_flushes_fol
     assert later["last_status"] == "succeeded"
 
 
+def test_a_shutdown_cuts_off_the_followers_of_builds_it_leaves_unfinished(server_factory):
+    # Their follows ended like finished ones (the last chunk, exit 0 for curl):
+    # `curl -N ...?follow=1 && deploy` took a build still scheduled as done.
+    server = server_factory("--workers", "0")
+    project_path = admin_project(server)
+    _, scheduled = server.json("POST", project_path + "/builds", {"command": "true"})
+    _, unmanaged_build = server.json("POST", project_path + "/builds", {"is_managed": False})
+    reported = f"{project_path}/builds/{unmanaged_build['id']}"
+    assert server.json("POST", reported + "/statuses", {"status": "running"})[0] == 201
+    assert server.request("POST", reported + "/logs", b"partial\n")[0] == 200
+    follows = [open_follow(server, f"{project_path}/builds/{scheduled['id']}"),
+               open_follow(server, reported)]
+    try:
+        assert follows[1][1].readline() == b"partial\n"
+        server.signal(signal.SIGTERM)
+        for _, response in follows:
+            assert response.status == 200
+            with pytest.raises(http.client.IncompleteRead):
+                response.read()
+    finally:
+        for conn, _ in follows:
+            conn.close()
+    assert server.wait(timeout=20) == 0
+
+
 def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory, tmp_path):
     # A follower more than 1 MiB behind was cut off the moment the server began
     # to shut down: curl said "transfer closed with outstanding read data". (Then
@@ -5349,6 +5404,30 @@ def test_run_uses_the_projects_command_env_name_tags_and_timeout(served):
     assert b"default\n" in result.stderr
     assert (build["env"], build["name"], build["tags"], build["timeout"], build["command"]) == (
         {"A": "1", "B": "two words"}, "nightly", ["x", "y"], 60, "echo default")
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_run_says_the_end_on_a_line_of_its_own_where_the_log_leaves_one_open(
+        served, tmp_path, json_flag):
+    # `run ... > nightly.log 2>&1` wrote "50%\r100%build 1: failed".
+    environ = {**os.environ, "BUILDSERVER_URL": f"http://{served.host}:{served.port}",
+               "BUILDSERVER_TOKEN": served.token}
+    with open(tmp_path / "both.log", "wb") as both:
+        done = subprocess.run([sys.executable, SCRIPT, "run", "admin/app", *json_flag,
+                               "--command", "echo compiling; printf '50%%\\r100%%'; exit 3"],
+                              env=environ, stdout=both, stderr=both, timeout=60)
+    assert done.returncode == 3
+    written = (tmp_path / "both.log").read_bytes()
+    after_log = b"compiling\n50%\r100%\n" + (b"{\n" if json_flag else b"build 1: failed\n")
+    assert after_log in written and written.endswith(b"\nbuild 1: failed\n"), written
+    # Apart, the log stays byte for byte what the build wrote, and the note as it was.
+    apart = client(served, "run", "admin/app", *json_flag, "--command", "printf 'no end'")
+    assert apart.returncode == 0
+    if json_flag:  # the log went to standard error too
+        assert b"no end\nbuild 2: succeeded\n" in apart.stderr
+    else:
+        assert apart.stdout == b"no end"
+        assert apart.stderr.decode().splitlines()[1] == "build 2: succeeded"
 
 
 @pytest.mark.parametrize("command, code", [("exit 3", 3), ("exit 255", 255),
