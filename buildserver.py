@@ -3928,7 +3928,7 @@ class Client:
             except self._dropped:
                 data = b""
             conn.close()
-            raise ClientError(response.status, _error_detail(response, data))
+            raise ClientError(response.status, _error_detail(response, data, path))
         return conn, response
 
     def call(self, method, path, body=None):
@@ -3996,12 +3996,15 @@ class Client:
                 pause = min(pause * 2, 2.0)
 
 
-def _error_detail(response, data):
+def _error_detail(response, data, path):
     """What an error answer says: its detail and the reason for each field, or
-    where a redirect points."""
+    where a redirect of the request for `path` points."""
     if 300 <= response.status < 400:
-        return (f"{response.status} {response.reason}: it points to "
-                f"{response.getheader('Location') or 'nowhere'}; give that as the server URL")
+        location = response.getheader("Location") or ""
+        if not location.endswith(path):
+            return f"{response.reason}: it points to {location or 'nowhere'}"
+        return (f"{response.reason}: it points to {location}; give "
+                f"{location[:len(location) - len(path)] or '/'} as the server URL")
     try:
         body = json.loads(data)
         detail, errors = body["detail"], body.get("errors") or {}
@@ -4068,7 +4071,7 @@ def _table(rows, header):
                      for r in [header] + rows)
 
 
-def _describe(build, statuses):
+def _describe(build, statuses, code):
     lines = [f"build {build['id']} of {build['project']}: {build['last_status']}"
              + (f" (exit code {build['exit_code']})" if build["exit_code"] is not None else "")]
     for key in ("name", "user", "command", "tags", "created_at", "started_at", "finished_at"):
@@ -4080,6 +4083,9 @@ def _describe(build, statuses):
         lines.append(f"  {key.replace('_at', '').replace('_', ' '):<9} {value if value is not None else '-'}")
     lines.append(f"  {'duration':<9} {_duration(build['duration'])}")
     lines.append(f"  {'log':<9} {build['log_size']} bytes" + (" (truncated)" if build["truncated"] else ""))
+    recorded = [code["commit"], code["branch"] and f"on {code['branch']}", code["git_url"],
+                code["is_dirty"] and "(dirty)"]
+    lines.append(f"  {'code':<9} {' '.join(filter(None, recorded)) or '-'}")
     lines.append("  history")
     for s in statuses:
         lines.append(f"    {s['created_at']}  {s['status']:<9}  {s['message'] or ''}".rstrip())
@@ -4088,8 +4094,11 @@ def _describe(build, statuses):
 
 def run_client(args):
     """The client commands; returns the exit code."""
+    token = args.token or _env("token", "")
+    if not token:  # (the server's 401 would tell of an HTTP header)
+        return _fail("no token: set BUILDSERVER_TOKEN, or give --token", 2)
     try:
-        client = Client(args.url, args.token or _env("token", ""))
+        client = Client(args.url, token)
     except ValueError as e:
         return _fail(str(e), 2)
     if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
@@ -4119,8 +4128,9 @@ def run_client(args):
             path = f"{project}/builds/{build_id}"
             build = client.call("GET", path)
             statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
-            _say(json.dumps({**build, "statuses": statuses}, indent=2) if args.json
-                 else _describe(build, statuses))
+            code = client.call("GET", f"{path}/coderef")
+            _say(json.dumps({**build, "statuses": statuses, "code_reference": code}, indent=2)
+                 if args.json else _describe(build, statuses, code))
             return 0
         path = f"{project}/builds/{args.id}"
         if args.command == "stop":
@@ -4295,8 +4305,8 @@ def _client_parsers(commands):
     r.add_argument("--timeout", type=int, help="seconds before the build is stopped and fails")
     r.add_argument("--commit", metavar="SHA", help="the git commit the build is made from "
                                                    "(recorded as its code reference)")
-    r.add_argument("--branch", help="the git branch, recorded with --commit")
-    r.add_argument("--git-url", metavar="URL", help="the repository, recorded with --commit")
+    r.add_argument("--branch", help="the git branch, recorded as the build's code reference")
+    r.add_argument("--git-url", metavar="URL", help="the repository, recorded likewise")
     r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
     r.add_argument("--stop-on-interrupt", action="store_true",
                    help="on Ctrl-C, or SIGTERM, stop the build without asking")
@@ -4359,15 +4369,22 @@ def _ip_address(text):
             from None
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless it has none (an empty one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default == "" else super()._get_help_string(action)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="buildserver.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=_Defaults,
                                 epilog="Without a command it serves: `buildserver.py --port 9000` "
                                        "is `buildserver.py serve --port 9000` (see serve --help).")
     p.add_argument("--version", action="version", version=__version__)
     commands = p.add_subparsers(dest="command", metavar="COMMAND")
     s = commands.add_parser("serve", help="run the server (the default command)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            formatter_class=_Defaults,
                             description="Run the server. Every flag can also be set with "
                                         "BUILDSERVER_<FLAG>, e.g. BUILDSERVER_PORT=9000.")
     s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
@@ -4393,13 +4410,13 @@ def parser():
     for name, text in (("adduser", "create a user and print its token"),
                        ("token", "give a user a new token (the old ones stop working)")):
         c = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Defaults)
         c.add_argument("name", help="the user's name")
         if name == "adduser":
             c.add_argument("--admin", action="store_true", help="may act in every namespace")
         _data_dir_option(c, "folder of the database")
     b = commands.add_parser("backup", help="copy the database safely, even while it serves",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            formatter_class=_Defaults,
                             description="Copy the database with SQLite's online backup, "
                                         "consistent even while the server writes to it.")
     b.add_argument("dest", help="the file to write (replaced if it exists)")
@@ -4599,10 +4616,14 @@ def manage_users(args):
     if args.command == "token" and (missing := _no_database(db_path)):  # a mistyped --data-dir
         return _fail(missing, 2)
     _make_private_dir(args.data_dir)
+    new = not os.path.exists(db_path)
     db = Database(db_path)
     try:
         db.migrate()
         store = Store(db)
+        if new:  # a server that runs elsewhere (--data-dir forgotten) would refuse its token
+            _note(f"buildserver: there was no database in {os.path.abspath(args.data_dir)}: "
+                  "made a new one (a server on another --data-dir will not know this user)")
         # The token is shown first, then recorded: one that cannot be shown is
         # never made, and a print that blocks (a paused terminal) holds no lock.
         token = fresh_token()
@@ -4610,8 +4631,8 @@ def manage_users(args):
             same = store.user_named_any_case(args.name)
             if same is not None:  # (a name differing only in case would share a folder)
                 return _fail(f"the user {same['name']!r} exists already", 2)
-            _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''}. "
-                        "Its token, shown only now:", token)
+            _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''} "
+                        f"in {os.path.abspath(args.data_dir)}. Its token, shown only now:", token)
             if store.create_user(args.name, is_admin=args.admin, token=token) is None:
                 return _fail(f"the user {args.name!r} was made meanwhile by another command; "
                              "the token above was not recorded", 2)

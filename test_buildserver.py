@@ -2384,8 +2384,13 @@ def test_cli_adduser_creates_the_data_dir_and_prints_a_working_token(tmp_path, o
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip().splitlines()[-1]
     assert len(token) >= 43 and " " not in token  # 32 random bytes, base64
+    # Where it went, and that the database is new: `adduser` without the
+    # server's --data-dir made one in ./buildserver-data, silently.
+    assert f"Created the user 'carol' in {data}." in made.stdout
+    assert f"there was no database in {data}: made a new one" in made.stderr
     root = cli("adduser", "root", "--admin", "--data-dir", str(data))
     assert root.returncode == 0, root.stderr
+    assert "no database" not in root.stderr
     root_token = root.stdout.strip().splitlines()[-1]
     assert root_token != token
     # Only hashes are stored.
@@ -5462,6 +5467,31 @@ def test_run_with_no_follow_prints_the_id_and_returns_at_once(served):
     assert body["last_status"] in ("scheduled", "running")
 
 
+@pytest.mark.parametrize("token", [None, ""])
+def test_a_client_with_no_token_says_where_to_put_one(served, token):
+    # The server's 401 told a command-line user to send an HTTP header.
+    environ = {k: v for k, v in os.environ.items() if k != "BUILDSERVER_TOKEN"}
+    if token is not None:
+        environ["BUILDSERVER_TOKEN"] = token
+    done = subprocess.run([sys.executable, SCRIPT, "builds", "admin/app", "--url",
+                           f"http://{served.host}:{served.port}"], env=environ,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == "buildserver: no token: set BUILDSERVER_TOKEN, or give --token\n"
+
+
+def test_status_shows_the_code_reference_that_run_recorded(served):
+    done = client(served, "run", "admin/app", "--command", "true", "--commit", "ab12cd34",
+                  "--branch", "main", "--git-url", "https://git.example.org/app.git")
+    assert done.returncode == 0, done.stderr
+    said = client(served, "status", "admin/app").stdout.decode()
+    assert "  code      ab12cd34 on main https://git.example.org/app.git\n" in said, said
+    as_json = json.loads(client(served, "status", "admin/app", "--json").stdout)
+    assert as_json["code_reference"]["commit"] == "ab12cd34"
+    assert client(served, "run", "admin/app", "--command", "true").returncode == 0
+    assert "  code      -\n" in client(served, "status", "admin/app", "2").stdout.decode()
+
+
 def test_unreachable_server_and_refused_token_have_their_own_exit_codes(served):
     refused = client(served, "builds", "admin/app", token="not-a-token")
     assert refused.returncode == buildserver.EXIT_REFUSED
@@ -5716,6 +5746,10 @@ def test_a_redirect_is_no_answer_and_the_client_says_where_it_points():
             assert (done.returncode, done.stdout) == (1, ""), (args, done)
             assert "301" in done.stderr and "https://build.example.org/api/v1/admin/app" in \
                 done.stderr, done.stderr
+            # The URL to give is the server's, not the redirected request's: that one
+            # became a prefix of every path ("no endpoint at /api/v1/.../api/v1/...").
+            assert done.stderr.rstrip().endswith(
+                "; give https://build.example.org as the server URL"), done.stderr
     finally:
         redirecting.shutdown()
         redirecting.server_close()
