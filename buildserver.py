@@ -1330,6 +1330,7 @@ class LogStream:
     def read(self, size=-1):
         while self.pos < self.end:
             if not self._client_keeps_up():  # cut off, not ended: the build goes on
+                self._environ.get("buildserver.hang_up", lambda: None)()
                 raise ConnectionAbortedError("the follower's client stopped reading")
             seen = self.bus.news(self.build_id)
             state = self.store.log_state(self.build_id, self.uuid)
@@ -3674,6 +3675,7 @@ def _channel_class():
             channel = self.channel  # what a follower has waiting for its client
             environ["buildserver.backlog"] = lambda: channel.total_outbufs_len
             environ["buildserver.when_gone"] = channel.when_gone
+            environ["buildserver.hang_up"] = channel.hang_up
             return environ
 
         def build_response_header(self):
@@ -3763,6 +3765,13 @@ def _channel_class():
                 self.handle_close()
                 return
             self._draining = True  # readable() holds: handle_read drops it
+
+        def hang_up(self):
+            """Close the connection (in the event loop), dropping what still
+            waits for the client: a follower cut off for taking nothing would
+            take none of it, and waitress would keep the connection for as
+            long, since it closes one only once it can write to it."""
+            self.server.trigger.pull_trigger(lambda: self.connected and self.handle_close())
 
         def when_gone(self, callback):
             """Call `callback` (once, in the event loop) when the client has

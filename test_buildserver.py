@@ -4075,8 +4075,14 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
         for start in range(0, len(log), 256 * 1024):
             assert ask("POST", path + "/logs", log[start:start + 256 * 1024])[0] == 200
 
-        # The stalled one held a slot; its answer is cut off with nothing read.
+        # The stalled one held a slot; its answer is cut off with nothing read,
+        # and its connection closed (waitress held it, and what it had not
+        # taken, until its idle timeout: 120 s).
         wait_until(lambda: free_slots(app) == 2, timeout=30, message="the stalled follower to end")
+        mine = stalled.getsockname()
+        wait_until(lambda: all(tuple(channel.addr) != mine
+                               for channel in list(server.active_channels.values())),
+                   timeout=30, message="the server to close the stalled follower's connection")
         stalled.settimeout(30)
         received = b""
         while True:  # what was on its way, then the connection closes
