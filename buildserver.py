@@ -910,13 +910,13 @@ class Store:
         """A page of the project's builds, newest first, and how many there are
         (None if the project is gone)."""
         with self.db.snapshot():
+            counted = self.db.one("SELECT builds_count FROM projects WHERE id = ?", (project_id,))
+            if counted is None:
+                return None
             if not statuses:
-                counted = self.db.one("SELECT builds_count FROM projects WHERE id = ?",
-                                      (project_id,))
-                rows = self.db.all(BUILD_SELECT + " WHERE b.project_id = ?"
-                                   " ORDER BY b.number DESC LIMIT ? OFFSET ?",
-                                   (project_id, limit, offset))
-                return counted and (counted[0], rows)
+                return counted[0], self.db.all(BUILD_SELECT + " WHERE b.project_id = ?"
+                                               " ORDER BY b.number DESC LIMIT ? OFFSET ?",
+                                               (project_id, limit, offset))
             wanted = json.dumps(sorted(statuses))
             count = self.db.one("SELECT count(*) FROM builds WHERE project_id = ? AND last_status"
                                 " IN (SELECT value FROM json_each(?))", (project_id, wanted))[0]
@@ -1106,11 +1106,11 @@ class Store:
             if truncated or not data:
                 return size, bool(truncated)
             if size + len(data) > max_bytes:
-                kept = bytes(data[:max(0, max_bytes - size)])
-                kept = kept[:_utf8_boundary(kept)]  # no half character before the notice
-                ends_line = kept.endswith(b"\n") if kept else size == 0 or c.execute(
-                    "SELECT substr(data, -1) = x'0a' FROM log_chunks WHERE build_id = ?"
-                    " ORDER BY offset DESC LIMIT 1", (build_id,)).fetchone()[0]
+                stored = c.execute("SELECT substr(data, -3) FROM log_chunks WHERE build_id = ?"
+                                   " ORDER BY offset DESC LIMIT 1", (build_id,)).fetchone()
+                stored = stored[0] if stored else b""  # (what the log ends with, so far)
+                kept = bytes(data[:_whole_characters(stored, data, max(0, max_bytes - size))])
+                ends_line = (stored + kept).endswith(b"\n") or not (stored + kept)
                 data = kept + (b"" if ends_line else b"\n") + (
                     f"[buildserver] log truncated: it reached --max-log-bytes ({max_bytes} "
                     "bytes); later output was dropped\n").encode()
@@ -1330,7 +1330,6 @@ class LogStream:
     def read(self, size=-1):
         while self.pos < self.end:
             if not self._client_keeps_up():  # cut off, not ended: the build goes on
-                self._environ.get("buildserver.hang_up", lambda: None)()
                 raise ConnectionAbortedError("the follower's client stopped reading")
             seen = self.bus.news(self.build_id)
             state = self.store.log_state(self.build_id, self.uuid)
@@ -1388,6 +1387,7 @@ class LogStream:
             if now - took_at >= (SHUTDOWN_STALL_SECONDS if closed else FOLLOW_STALL_SECONDS):
                 log.warning("a follower of build %s took nothing for %.0f s: connection closed",
                             self.build_id, now - took_at)
+                self._environ.get("buildserver.hang_up", lambda: None)()  # (nor would it later)
                 return False
         return False
 
@@ -2798,7 +2798,7 @@ def token_required(app):
         @functools.wraps(handler)
         def wrapper(**params):
             if params.get("username") in RESERVED_USERNAMES:  # e.g. /api/v1/health/x
-                raise ApiError(404, f"There is no endpoint at {bottle.request.path}.")
+                raise ApiError(404, _no_endpoint(bottle.request.path))
             user = authenticate(app.store, app.throttle)
             username = params.get("username")
             if username is not None and not user["is_admin"] and username != user["name"]:
@@ -3136,7 +3136,7 @@ def make_routes(app):
         build = _build(app, username, project_name, build_id)
         number = whole_number(status_id)
         entry = None
-        if number is not None or re.fullmatch(r"[0-9a-f]{32}", status_id):
+        if _is_status_id(status_id):
             entry = store.status(build["id"], number=number, uuid=status_id)
         if entry is None:
             raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
@@ -3339,7 +3339,7 @@ def _error_page(error):
     bottle.response.content_type = "application/json"
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
     if error.status_code == 404:
-        detail = f"There is no endpoint at {bottle.request.path}."
+        detail = _no_endpoint(bottle.request.path)
     elif error.status_code == 405:
         allowed = _allowed(_methods_that_answer(
             bottle.request, (method for method in error.headers.get("Allow", "").split(",")
@@ -3347,7 +3347,7 @@ def _error_page(error):
         if not allowed:
             bottle.response.status = 404
             del bottle.response["Allow"]
-            return json_bytes({"detail": f"There is no endpoint at {bottle.request.path}."})
+            return json_bytes({"detail": _no_endpoint(bottle.request.path)})
         bottle.response.set_header("Allow", ",".join(allowed))
         detail = f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}."
     else:
@@ -3355,11 +3355,15 @@ def _error_page(error):
     return json_bytes({"detail": detail})
 
 
+def _no_endpoint(path):
+    return f"There is no endpoint at {path}."
+
+
 def _methods_that_answer(request, methods):
     """Of the methods Bottle has routes for at the request's path, those that
     would not answer 404 at once: not a user namespace named like a fixed path
-    (/api/v1/health/x), nor a build or status id that is no number
-    (.../builds/invalidate as a build)."""
+    (/api/v1/health/x), nor a build id that is no number (.../builds/invalidate
+    as a build), nor a status id that is neither a number nor a uuid."""
     answering = []
     for method in methods:
         try:
@@ -3367,17 +3371,34 @@ def _methods_that_answer(request, methods):
                                                   "REQUEST_METHOD": method})
         except bottle.HTTPError:
             continue
-        if params.get("username") not in RESERVED_USERNAMES and all(
-                whole_number(params[name]) is not None
-                for name in ("build_id", "status_id") if name in params):
+        if params.get("username") not in RESERVED_USERNAMES and \
+                whole_number(params.get("build_id", "0")) is not None and \
+                _is_status_id(params.get("status_id", "0")):
             answering.append(method)
     return answering
+
+
+def _is_status_id(text):
+    """A status's number within its build, or its uuid."""
+    return whole_number(text) is not None or re.fullmatch(r"[0-9a-f]{32}", text) is not None
 
 
 def _utf8_length(lead):
     """How many bytes the UTF-8 sequence that starts with byte `lead` has (1 if
     `lead` cannot start one)."""
     return 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4 if lead >> 3 == 30 else 1
+
+
+def _whole_characters(stored, data, room):
+    """How many bytes of `data` to keep, about `room`, so that the log, which
+    ends with `stored`, ends with a whole UTF-8 character: fewer when one begun
+    in `data` would be cut in two, up to 3 more when one begun in `stored`
+    would (what is stored may have been sent already: it stays)."""
+    joined = stored + bytes(data[:room + 3])
+    cut = _utf8_boundary(joined[:len(stored) + room])
+    if cut >= len(stored):
+        return cut - len(stored)
+    return min(len(data), cut + _utf8_length(joined[cut]) - len(stored))
 
 
 def _utf8_boundary(data):
@@ -3937,7 +3958,7 @@ class Client:
             except self._dropped:
                 data = b""
             conn.close()
-            raise ClientError(response.status, _error_detail(response, data, path))
+            raise ClientError(response.status, _error_detail(response, data, self.url + path, path))
         return conn, response
 
     def call(self, method, path, body=None):
@@ -4005,15 +4026,17 @@ class Client:
                 pause = min(pause * 2, 2.0)
 
 
-def _error_detail(response, data, path):
+def _error_detail(response, data, url, path):
     """What an error answer says: its detail and the reason for each field, or
-    where a redirect of the request for `path` points."""
+    where a redirect of the request for `url` (the server's URL and `path`) points."""
     if 300 <= response.status < 400:
-        location = response.getheader("Location") or ""
-        if not location.endswith(path):
-            return f"{response.reason}: it points to {location or 'nowhere'}"
+        if not response.getheader("Location"):
+            return f"{response.reason}, to nowhere"
+        location = urllib.parse.urljoin(url, response.getheader("Location"))
+        if not location.endswith(path) or location == url:
+            return f"{response.reason}: it points to {location}"
         return (f"{response.reason}: it points to {location}; give "
-                f"{location[:len(location) - len(path)] or '/'} as the server URL")
+                f"{location[:len(location) - len(path)]} as the server URL")
     try:
         body = json.loads(data)
         detail, errors = body["detail"], body.get("errors") or {}

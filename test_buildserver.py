@@ -745,6 +745,18 @@ def test_a_page_and_its_count_see_the_same_moment_while_another_thread_writes(
     assert ok(call(web, "GET", listing, alice))["count"] != before  # the write took
 
 
+@pytest.mark.parametrize("statuses", [[], ["created"]])
+def test_a_list_of_a_project_deleted_meanwhile_is_none_filtered_or_not(app, statuses):
+    # (The route then answers 404, as for any lookup a delete won.)
+    app.store.create_user("carol")
+    owner = app.store.user_by_name("carol")["id"]
+    app.store.create_project(owner, {"name": "gone"})
+    project = app.store.project("carol", "gone")
+    assert app.store.builds(project["id"], statuses, 20, 0) == (0, [])
+    assert app.store.delete_project(project["id"])
+    assert app.store.builds(project["id"], statuses, 20, 0) is None
+
+
 @pytest.mark.parametrize("query, expected", [
     ("created", [6, 1]),
     ("created,succeeded", [6, 3, 1]),
@@ -1597,6 +1609,8 @@ def test_log_past_max_log_bytes_is_truncated_with_one_line_saying_so(small_logs)
 
 @pytest.mark.parametrize("writes, kept", [
     ([b"x" * 62 + "\u20ac".encode()], b"x" * 62 + b"\n"),  # the cap fell inside the euro
+    # ... begun in an earlier write, which may have been sent: it is finished
+    ([b"x" * 62 + b"\xe2", b"\x82\xacmore"], b"x" * 62 + "\u20ac".encode() + b"\n"),
     ([b"x" * 63 + b"\n", b"more"], b"x" * 63 + b"\n"),  # no empty line: the log ended one
     ([b"x" * 60 + b"abc\n", b"more"], b"x" * 60 + b"abc\n"),
     ([b"x" * 50 + b"\n" + b"y" * 10, b"yyyyy"], b"x" * 50 + b"\n" + b"y" * 13 + b"\n"),
@@ -1780,6 +1794,7 @@ def test_wrong_method_is_405_json_and_changes_nothing(web, alice, populated, met
     ("PUT", "/api/v1/alice/app/builds/invalidate", "POST"),  # not a build called "invalidate"
     ("PUT", "/api/v1/alice/app/builds/x", None),
     ("PUT", "/api/v1/alice/app/builds/1/statuses/x", None),
+    ("PUT", "/api/v1/alice/app/builds/1/statuses/" + "0a" * 16, "GET,HEAD"),  # by its uuid
     ("PUT", "/api/v1/alice/app/builds/1", "DELETE,GET,HEAD,PATCH,POST"),
 ])
 def test_a_405_names_only_methods_that_would_not_answer_404(web, alice, populated, method,
@@ -5725,10 +5740,11 @@ def test_a_closed_standard_stream_is_no_traceback_and_no_mixed_output(served, cl
 
 class Redirecting(http.server.BaseHTTPRequestHandler):
     """A server that sends every request elsewhere, as http:// to https:// does."""
+    prefix = "https://build.example.org"
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         self.send_response(301)
-        self.send_header("Location", "https://build.example.org" + self.path)
+        self.send_header("Location", self.prefix + self.path)
         self.send_header("Content-Length", "16")
         self.end_headers()
         self.wfile.write(b"<html>Moved</html>"[:16])
@@ -5739,23 +5755,26 @@ class Redirecting(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_redirect_is_no_answer_and_the_client_says_where_it_points():
+@pytest.mark.parametrize("prefix", ["https://build.example.org", "/buildserver"])
+def test_a_redirect_is_no_answer_and_the_client_says_where_it_points(prefix):
     # Taken for success: the HTML was printed as the log (exit 0), or read as
     # JSON ("cannot reach", 75).
-    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    handler = type("RedirectingHere", (Redirecting,), {"prefix": prefix})
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=redirecting.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{redirecting.server_address[1]}"
+        server_url = urllib.parse.urljoin(url, prefix)  # (a relative Location is the same host's)
         for args in (["logs", "admin/app", "2"], ["logs", "admin/app", "2", "-f"],
                      ["builds", "admin/app"], ["run", "admin/app", "--command", "true"]):
             done = cli(*args, "--url", url, env={"BUILDSERVER_TOKEN": "abc"})
             assert (done.returncode, done.stdout) == (1, ""), (args, done)
-            assert "301" in done.stderr and "https://build.example.org/api/v1/admin/app" in \
+            assert "301" in done.stderr and f"{server_url}/api/v1/admin/app" in \
                 done.stderr, done.stderr
             # The URL to give is the server's, not the redirected request's: that one
             # became a prefix of every path ("no endpoint at /api/v1/.../api/v1/...").
-            assert done.stderr.rstrip().endswith(
-                "; give https://build.example.org as the server URL"), done.stderr
+            assert done.stderr.rstrip().endswith(f"; give {server_url} as the server URL"), \
+                done.stderr
     finally:
         redirecting.shutdown()
         redirecting.server_close()
