@@ -437,6 +437,11 @@ class Database:
         # dies; only a power cut may take back the last transactions.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = %d" % (64 * MiB))
+        # Debian's SQLite zeroes what a delete frees, through the WAL: deleting
+        # old logs to make room took their size again, and failed on a full
+        # disk. FAST zeroes only what it writes anyway (freed pages keep their
+        # bytes until reused).
+        conn.execute("PRAGMA secure_delete = FAST")
         if self._background:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         return conn
@@ -882,11 +887,15 @@ class Store:
     def delete_project(self, project_id):
         """Delete a project and all it holds; False if it was gone already."""
         with self.db.write() as c:
-            freed = c.execute("SELECT coalesce(sum(log_size), 0) FROM builds WHERE project_id = ?",
-                              (project_id,)).fetchone()[0]
+            self._tell_deleted(self.active_builds(project_id))
             deleted = c.execute("DELETE FROM projects WHERE id = ?", (project_id,)).rowcount
-            self.db.wrote(freed)  # secure_delete zeroes the freed pages through the WAL
         return deleted == 1
+
+    def _tell_deleted(self, build_ids):
+        """Once committed, the deleted builds' followers end, and the builds
+        count as ended for the bus (which would keep a running one for ever)."""
+        for build_id in build_ids:
+            self.db.after_commit(functools.partial(self.on_change, build_id, None))
 
     # Builds ------------------------------------------------------------------
 
@@ -979,14 +988,14 @@ class Store:
     def delete_build(self, build_id):
         """Delete a build and all it holds; False if it was gone already."""
         with self.db.write() as c:
-            row = c.execute("SELECT project_id, log_size FROM builds WHERE id = ?",
+            row = c.execute("SELECT project_id FROM builds WHERE id = ?",
                             (build_id,)).fetchone()
             if row is None:
                 return False
             c.execute("UPDATE projects SET builds_count = builds_count - 1 WHERE id = ?",
                       (row[0],))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
-            self.db.wrote(row[1])  # secure_delete zeroes the freed pages through the WAL
+            self._tell_deleted([build_id])
         return True
 
     def set_pgid(self, build_id, pgid, started):
@@ -1983,7 +1992,11 @@ def _remove(folder):
 
 def _remove_tree(folder):
     """Remove `folder`, read-only folders in it too (Go makes its module
-    cache read-only, and only root may delete in such a folder as it is)."""
+    cache read-only, and only root may delete in such a folder as it is); a
+    link (a build made one in its project's place) goes, its target stays."""
+    if os.path.islink(folder):
+        os.unlink(folder)
+        return
     try:
         shutil.rmtree(folder)
     except FileNotFoundError:
@@ -2028,6 +2041,13 @@ def _remove_set_aside(workspaces):
     for name in os.listdir(workspaces):
         if name.startswith(SET_ASIDE):
             _remove(os.path.join(workspaces, name))
+
+
+def _in_background(function, *args):
+    """Run `function` in a thread of its own: removing a project's workspaces
+    (100 000 builds' folders) takes tens of seconds, which a request, or a
+    start, would wait for. What a crash cuts short, the next start removes."""
+    threading.Thread(target=function, args=args, name=function.__name__, daemon=True).start()
 
 
 def _build_env(build, workspace):
@@ -2606,7 +2626,7 @@ class App:
         self.config = config
         _make_private_dir(config.data_dir)
         os.makedirs(config.workspaces, exist_ok=True)
-        _remove_set_aside(config.workspaces)
+        _in_background(_remove_set_aside, config.workspaces)
         self.db = Database(config.db_path, background_checkpoints=True)
         self.db.migrate()
         self.bus = LogBus()
@@ -2749,17 +2769,26 @@ class AuthThrottle:
         self._prune_above = 10000  # addresses, before quiet ones are forgotten
         self._lock = threading.Lock()
 
+    def forget_quiet(self):
+        """Forget the addresses whose last failure is a window old (called
+        every 30 s: after an attack from many addresses, none may fail again)."""
+        with self._lock:
+            self._forget_quiet(time.monotonic())
+
+    def _forget_quiet(self, now):
+        self._failures = {a: t for a, t in self._failures.items() if t[-1] > now - self.window}
+        # Not again at each failure while that many fail at once (an attacker
+        # with many addresses): a rebuild per failure is slow.
+        self._prune_above = max(10000, 2 * len(self._failures))
+
     def failed(self, address):
         """Record a failure; seconds until `address` may fail again, or 0."""
         if not self.burst:
             return 0
         now = time.monotonic()
         with self._lock:
-            if len(self._failures) > self._prune_above:  # forget quiet addresses
-                self._failures = {a: t for a, t in self._failures.items() if t[-1] > now - self.window}
-                # Not again at each failure while that many fail at once (an
-                # attacker with many addresses): a rebuild per failure is slow.
-                self._prune_above = max(10000, 2 * len(self._failures))
+            if len(self._failures) > self._prune_above:
+                self._forget_quiet(now)
             times = self._failures.setdefault(address, collections.deque(maxlen=self.burst + 1))
             times.append(now)
             while times and times[0] <= now - self.window:
@@ -2927,7 +2956,7 @@ def make_routes(app):
                 aside = _set_aside(config.workspaces, username, project_name)
                 break
         runner.stop_project(project["id"], message, wait=config.stop_grace + 5)
-        _remove(aside)
+        _in_background(_remove, aside)
         return {"detail": f"Deleted the project {username}/{project_name}."}
 
     def still_there(row):
@@ -3077,7 +3106,7 @@ def make_routes(app):
             if not store.delete_build(build["id"]):
                 raise ApiError(404, DELETED_MEANWHILE)
             aside = _set_aside(config.workspaces, username, project_name, str(build["number"]))
-        _remove(aside)
+        _in_background(_remove, aside)
         return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}
 
     @authorized
@@ -3557,6 +3586,7 @@ def http_server(app, config):
     def maintenance(now):  # every cleanup_interval (30 s)
         idle_channels_closed(now)
         app.db.replaced()
+        app.throttle.forget_quiet()
         overdue = time.monotonic() - HEAD_SECONDS
         for channel in list(server.active_channels.values()):
             if channel.head_began is not None and channel.head_began < overdue and \
