@@ -2038,7 +2038,11 @@ def _owners_alone(path, dir_fd=None):
 
 def _remove_set_aside(workspaces):
     """Remove the workspaces that deletes set aside before a server stopped."""
-    for name in os.listdir(workspaces):
+    try:
+        names = os.listdir(workspaces)
+    except OSError:  # (in the background: the data folder may be gone meanwhile)
+        return
+    for name in names:
         if name.startswith(SET_ASIDE):
             _remove(os.path.join(workspaces, name))
 
