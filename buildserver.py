@@ -4923,6 +4923,7 @@ const SYMBOL = {created: '○', scheduled: '…', running: '▶', stopping: '◼
 const FINAL = new Set(['succeeded', 'failed', 'stopped']);
 const STOPPABLE = new Set(['created', 'scheduled', 'running']);
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+const RESERVED = new Set(['health', 'users', 'openapi.json', 'bookmarks']);   // API paths, never users
 const NAME_PATTERN = '[A-Za-z0-9][A-Za-z0-9_\\-]{0,63}';   // the same, for pattern="" (which uses the v flag)
 const EXPIRED = 'Your saved token is no longer accepted (it may have been replaced). Enter a new one.';
 
@@ -4953,8 +4954,8 @@ function h(tag, attrs, ...kids) {
     else if (key === 'class') el.className = value;
     else el.setAttribute(key, value === true ? '' : String(value));
   }
-  for (const kid of kids.flat(Infinity)) {
-    if (kid != null && kid !== false) el.append(kid instanceof Node ? kid : String(kid));
+  for (const kid of kids.flat(Infinity)) {   // text as it reads: see visibleControls
+    if (kid != null && kid !== false) el.append(kid instanceof Node ? kid : visibleControls(String(kid)));
   }
   return el;
 }
@@ -5052,6 +5053,15 @@ function fail(e, v) {
     h('p', {class: 'actions'}, h('button', {type: 'button', onclick: reload}, 'Try again'),
       h('a', {href: '#/'}, 'Your projects'))));
   focusHeading();
+}
+
+/** A refresh in the background: its success clears what a failed one said
+ * (the server is back), a 401 signs out, and leaving the page says nothing. */
+function refreshed(loading, v) {
+  return loading.then(() => notify(''), e => {
+    if (e.status === 401) return signOut(EXPIRED);
+    if (e.name !== 'AbortError' && !v.signal.aborted) notify(e.message);
+  });
 }
 
 // Sign-in, routing, page frame ------------------------------------------------
@@ -5156,7 +5166,7 @@ function route() {
   document.getElementById('who').hidden = false;
   document.getElementById('who-name').textContent = me.username + (me.is_admin ? ' (admin)' : '');
   const parts = path.split('/').filter(Boolean);
-  if (!parts.every(p => NAME_RE.test(p))) return notFound(v);
+  if (!parts.every(p => NAME_RE.test(p)) || RESERVED.has(parts[0])) return notFound(v);
   if (parts.length <= 1) return projectsPage(v, parts[0] || me.username, q);
   if (parts.length === 2) return projectPage(v, parts[0], parts[1], q);
   if (parts.length === 4 && parts[2] === 'builds' && /^\d{1,18}$/.test(parts[3])) {
@@ -5216,7 +5226,7 @@ async function projectsPage(v, user, q) {
     newProjectForm(user), list);
   focusHeading();
   // Keep last-build statuses fresh: often while something runs, rarely otherwise.
-  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) load(current).catch(e => notify(e.message)); });
+  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) refreshed(load(current), v); });
 }
 
 function projectTable(user, data, offset) {
@@ -5251,6 +5261,7 @@ function namespaceForm(user) {
 
 function newProjectForm(user) {
   const error = h('p', {class: 'error', role: 'alert'});
+  const create = h('button', {type: 'submit', class: 'primary'}, 'Create project');
   const form = h('form', {onsubmit: async e => {
     e.preventDefault();
     const f = form.elements;
@@ -5258,12 +5269,15 @@ function newProjectForm(user) {
     if (f.command.value.trim()) body.command = f.command.value;
     if (f.description.value.trim()) body.description = f.description.value.trim();
     error.textContent = '';
+    create.disabled = true;   // a double click made it twice: the second said it was taken
     try {
       await api(`/${user}`, {method: 'POST', body});
       location.hash = `#/${user}/${body.name}`;
     } catch (err) {
       if (err.status === 401) return signOut(EXPIRED);
       if (err.name !== 'AbortError') error.textContent = err.message;
+    } finally {
+      create.disabled = false;
     }
   }},
     h('label', {class: 'field', for: 'np-name'}, 'Name'),
@@ -5274,7 +5288,7 @@ function newProjectForm(user) {
     h('textarea', {id: 'np-command', name: 'command', rows: 2, placeholder: 'make test'}),
     h('label', {class: 'field', for: 'np-description'}, 'Description'),
     h('input', {type: 'text', id: 'np-description', name: 'description'}),
-    error, h('div', {class: 'actions'}, h('button', {type: 'submit', class: 'primary'}, 'Create project')));
+    error, h('div', {class: 'actions'}, create));
   return h('details', {class: 'more card'}, h('summary', {}, 'New project'), form);
 }
 
@@ -5321,7 +5335,7 @@ async function projectPage(v, user, name, q) {
       triggerForm(path, project)),
     h('section', {'aria-labelledby': 'builds-h'}, h('h2', {id: 'builds-h', tabindex: -1}, 'Builds'), filter, list));
   focusHeading();
-  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) load(current).catch(e => notify(e.message)); });
+  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) refreshed(load(current), v); });
 }
 
 function envBlock(env) {
@@ -5329,8 +5343,8 @@ function envBlock(env) {
   return h('details', {}, h('summary', {}, `${Object.keys(env).length} variable(s)`), codeBlock(lines));
 }
 
-// Shell text as it will run: bidirectional controls shown, not obeyed (see visibleControls).
-function codeBlock(text) { return h('pre', {class: 'cmd'}, visibleControls(text)); }
+// Shell text as it will run (bidirectional controls shown, not obeyed, as all text: see h).
+function codeBlock(text) { return h('pre', {class: 'cmd'}, text); }
 
 function buildTable(path, data, offset, statuses) {
   if (!data.results.length) {
@@ -5467,13 +5481,10 @@ async function buildPage(v, user, name, id) {
   let inflight = null;
   function refresh() {
     if (!inflight) {
-      inflight = Promise.all([api(path), api(`${path}/statuses?limit=1000`)])
-        .then(([b, s]) => { build = b; statuses = s.results; render(); notify(''); return b; })
-        .catch(e => {
-          if (e.status === 401) signOut(EXPIRED);
-          else if (e.name !== 'AbortError' && !v.signal.aborted) notify(e.message);
-          return null;
-        })
+      let got = null;
+      inflight = refreshed(Promise.all([api(path), api(`${path}/statuses?limit=1000`)])
+        .then(([b, s]) => { build = got = b; statuses = s.results; render(); }), v)
+        .then(() => got)
         .finally(() => { inflight = null; });
     }
     return inflight;
@@ -5481,6 +5492,7 @@ async function buildPage(v, user, name, id) {
 
   async function stopBuild() {
     stop.disabled = true;
+    status.replaceChildren(badge('stopping'));   // the answer waits up to 2 s for the build to end
     try {
       build = await api(`${path}/stop`, {method: 'POST'});
       render();
@@ -5538,6 +5550,7 @@ async function buildPage(v, user, name, id) {
   });
   try {
     if (!await log.load(build)) log.follow();
+    else if (!FINAL.has(build.last_status)) refresh();   // it ended as the page opened
   } catch (e) {
     if (e.status === 401) return signOut(EXPIRED);
     if (e.name !== 'AbortError') log.say(`The log could not be loaded: ${e.message}`);
@@ -5635,16 +5648,24 @@ class LogView {
     return page.complete;
   }
 
-  /** Stream new output (GET .../logs?follow=1) until the build is final. */
+  /** Stream new output (GET .../logs?follow=1) until the build is final; not
+   * while the tab is hidden: a browser opens six connections to a server, and
+   * six followed logs would leave none for any other request of its tabs. */
   async follow() {
     const signal = this.v.signal;
     let pause = 0;
     while (!signal.aborted) {
+      await visible(signal);
       const before = this.end;
       let retryAfter = 0;
+      const stream = new AbortController();
+      const end = () => { if (document.hidden || signal.aborted) stream.abort(); };
+      document.addEventListener('visibilitychange', end);
+      signal.addEventListener('abort', end);
       try {
         const res = await fetch(`${API}${this.path}/logs?follow=1&offset=${this.end}`, {
-          signal, cache: 'no-store', headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
+          signal: stream.signal, cache: 'no-store',
+          headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
         if (res.status === 401) return signOut(EXPIRED);
         if (res.status === 403 || res.status === 404) return this.setLive('off');   // gone, or not ours
         if (res.ok) {
@@ -5662,7 +5683,10 @@ class LogView {
           await res.body.cancel();
         }
       } catch (e) {
-        if (signal.aborted) return;   // left the page; otherwise the connection broke: go on below
+        if (signal.aborted) return;   // left the page; otherwise hidden, or the connection broke
+      } finally {
+        document.removeEventListener('visibilitychange', end);
+        signal.removeEventListener('abort', end);
       }
       this.setLive('wait');
       const build = await this.onEnd();
@@ -5876,6 +5900,21 @@ const BIDI_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
 
 /** Text with its bidirectional controls (which could make it read in another
  *  order than it runs) written out as <U+202E>, as `less` shows them. */
+/** Resolves once the page is visible (at once if it is), or `signal` aborts. */
+function visible(signal) {
+  return new Promise(resolve => {
+    const check = () => {
+      if (document.hidden && !signal.aborted) return;
+      document.removeEventListener('visibilitychange', check);
+      signal.removeEventListener('abort', check);
+      resolve();
+    };
+    document.addEventListener('visibilitychange', check);
+    signal.addEventListener('abort', check);
+    check();
+  });
+}
+
 function visibleControls(text) {
   return text.replace(BIDI_CONTROLS, c => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`);
 }

@@ -8122,6 +8122,71 @@ def test_a_triggered_build_shows_its_log_live_and_ends_succeeded(page, dash):
     page.screenshot(path=os.path.join(SHOTS, "dashboard-project-desktop.png"), full_page=True)
 
 
+def _seen_as(hidden):
+    """A script that makes the page see itself hidden (or shown), as a browser
+    tells a tab put behind another (headless Chromium never hides one)."""
+    state = "hidden" if hidden else "visible"
+    return (f"Object.defineProperty(document, 'hidden', {{configurable: true, get: () => "
+            f"{str(hidden).lower()}}}); Object.defineProperty(document, 'visibilityState', "
+            f"{{configurable: true, get: () => '{state}'}}); "
+            "document.dispatchEvent(new Event('visibilitychange'))")
+
+
+def test_a_hidden_tab_lets_go_of_its_follow_and_takes_it_up_when_seen(page, dash):
+    # Chromium opens six connections to a server: six tabs following logs held
+    # them all, and every other request of every tab waited (a Stop, a page).
+    dash.project("hidden")
+    path = f"/alice/hidden/builds/{dash.api('POST', '/alice/hidden/builds', {'is_managed': False})['id']}"
+    dash.api("POST", path + "/statuses", {"status": "running"})
+    dash.api("POST", path + "/logs", "before\n")  # (a JSON string: its text)
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text("before")
+    following = free_slots(dash.app)
+    page.evaluate(_seen_as(hidden=True))
+    wait_until(lambda: free_slots(dash.app) == following + 1, message="the follow to end")
+    dash.api("POST", path + "/logs", "while hidden\n")
+    page.evaluate(_seen_as(hidden=False))
+    expect(log_of(page)).to_contain_text("before\nwhile hidden\n")
+    wait_until(lambda: free_slots(dash.app) == following, message="a follow again")
+    dash.api("POST", path + "/logs", "after\n")
+    expect(log_of(page)).to_contain_text("before\nwhile hidden\nafter\n")
+    assert log_of(page).text_content().count("while hidden") == 1
+    dash.api("POST", path + "/statuses", {"status": "succeeded"})
+    expect(status_of(page)).to_have_text("✓succeeded")
+
+
+def test_a_list_says_the_server_is_back_and_a_revoked_token_signs_out(page, dash, open_page):
+    # A failed refresh's notice stayed after the server came back, and a
+    # revoked token got "Send the header 'Authorization: ...'" beside
+    # "Signed in as alice".
+    open_page.allowed.append("Failed to load resource")  # Chromium logs each failed fetch
+    dash.project("notices")
+    build = dash.api("POST", "/alice/notices/builds", {"is_managed": False})
+    dash.api("POST", f"/alice/notices/builds/{build['id']}/statuses", {"status": "running"})
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#/alice/notices")
+    expect(page.get_by_role("heading", level=1)).to_have_text("notices")
+    page.route("**/api/v1/alice/notices/builds*", lambda route: route.abort())  # it refreshes
+    expect(page.locator("#notice")).to_contain_text(re.compile(".+"), timeout=15000)
+    page.unroute("**/api/v1/alice/notices/builds*")
+    expect(page.locator("#notice")).to_be_empty(timeout=15000)
+    page.route("**/api/v1/alice/notices/builds*", lambda route: route.fulfill(
+        status=401, content_type="application/json", body='{"detail": "Authentication failed"}'))
+    expect(page.locator("#token")).to_be_visible(timeout=15000)
+    expect(page.get_by_text("no longer accepted")).to_be_visible()
+
+
+@pytest.mark.parametrize("address", ["#/health", "#/users", "#/bookmarks", "#/health/x"])
+def test_an_address_under_an_api_path_is_no_page(page, dash, address):
+    # "Cannot read properties of undefined (reading 'some')", or "There is no
+    # endpoint at /api/v1/bookmarks."
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/{address}")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Not found")
+    expect(page.get_by_text("There is no page at this address")).to_be_visible()
+
+
 def test_stop_ends_a_running_build_stopped_and_restart_starts_another(page, dash):
     dash.project("sleepy", command="sleep 60")
     sign_in(page, dash)
@@ -8409,7 +8474,9 @@ def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_sh
         "printf 'stray \\033Pstart\\nnext line\\n'; "  # never ended: it hid the lines after it
         "printf 'if admin \\342\\200\\256 { deny }\\n'; "  # U+202E, the right-to-left override
         "echo end"), env={"WHO": "admin\u202e"})
-    build = dash.final_build(f"/alice/bars/builds/{dash.api('POST', '/alice/bars/builds')['id']}")
+    made = dash.api("POST", "/alice/bars/builds", {"tags": ["safe", "\u202eexe.txt"],
+                                                   "description": "see \u202e.gnp"})
+    build = dash.final_build(f"/alice/bars/builds/{made['id']}")
     sign_in(page, dash)
     page.goto(dash.url + f"/#/alice/bars/builds/{build['id']}")
     expect(log_of(page)).to_contain_text("end")
@@ -8418,6 +8485,11 @@ def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_sh
     bar = log_of(page).locator("span", has_text=re.compile("^fetching 100%$"))
     assert bar.evaluate("e => getComputedStyle(e).color") == "rgb(95, 211, 141)"  # still green
     assert page.locator(".fields details pre").text_content() == "WHO=admin<U+202E>"
+    # Every field too (a tag read "txt.exe"), and in the list.
+    expect(page.locator(".fields")).to_contain_text("<U+202E>exe.txt")
+    expect(page.locator(".fields")).to_contain_text("see <U+202E>.gnp")
+    page.goto(dash.url + "/#/alice/bars")
+    expect(page.locator(".builds .tag").last).to_have_text("<U+202E>exe.txt")
 
 
 def test_focus_stays_on_bookmark_and_on_stop_when_a_stop_fails(page, dash, open_page):
