@@ -2945,7 +2945,7 @@ def test_deleting_a_project_never_removes_the_workspace_of_a_namesake_made_meanw
     post_build(web, alice, project, {"command": "echo old > old.txt"})
     assert final_build(web, alice, f"{project}/builds/1")["last_status"] == "succeeded"
     namesakes = os.path.join(config.workspaces, "alice", "app", "1")
-    rmtree = shutil.rmtree
+    rmtree, removed = shutil.rmtree, threading.Event()
 
     def namesake_made_first(path, *args, **kwargs):
         app.store.create_project(app.store.user_by_name("alice")["id"], {"name": "app"})
@@ -2953,8 +2953,10 @@ def test_deleting_a_project_never_removes_the_workspace_of_a_namesake_made_meanw
         with open(os.path.join(namesakes, "mine.txt"), "w") as f:
             f.write("the namesake's")
         rmtree(path, *args, **kwargs)
+        removed.set()
     monkeypatch.setattr(buildserver.shutil, "rmtree", namesake_made_first)
     assert web.delete(project, headers=auth(alice)).status_int == 200
+    assert removed.wait(30)  # (in a thread of its own)
     monkeypatch.undo()
     assert os.listdir(namesakes) == ["mine.txt"]  # and the old build's file is gone
     assert os.listdir(config.workspaces) == ["alice"]  # nothing left set aside
