@@ -2383,6 +2383,19 @@ def page_params():
     return int_param("limit", 20, 1, 1000), int_param("offset", 0, 0, 2 ** 62)
 
 
+# A host name or an address in brackets, and a port: what a Host header may say.
+HOST_RE = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _link_host(request):
+    """The host a page's links name: the request's (its proxy's), unless its
+    Host header is no host, when the server's own address is: a script that
+    follows `next` sends its token there ("a b@evil.example/x?" would)."""
+    if HOST_RE.fullmatch(request.urlparts.netloc):
+        return request.urlparts.netloc
+    return f"{_url_host(request.environ['SERVER_NAME'])}:{request.environ['SERVER_PORT']}"
+
+
 def page(count, results, limit, offset):
     """A page of a list, with links to its neighbours."""
     def link(new_offset):
@@ -2391,7 +2404,7 @@ def page(count, results, limit, offset):
         query = {k.encode("latin-1"): v.encode("latin-1") for k, v in request.query.allitems()}
         query.update({b"limit": str(limit).encode(), b"offset": str(new_offset).encode()})
         path = request.environ.get("buildserver.path", request.path)
-        return f"{request.urlparts.scheme}://{request.urlparts.netloc}{path}?" + \
+        return f"{request.urlparts.scheme}://{_link_host(request)}{path}?" + \
             urllib.parse.urlencode(query)
     return {"count": count,
             "next": link(offset + limit) if offset + limit < count else None,

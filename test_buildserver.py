@@ -690,6 +690,20 @@ def test_a_query_value_is_read_as_utf8_and_refused_when_it_is_not(web, alice, pr
 
 # Builds ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("host", ["a b@evil.example", "evil.example/x?y=", "x:1:2"])
+def test_page_links_never_name_a_host_header_that_is_no_host(web, alice, project, host):
+    # A script following `next` would send its token to whatever the header named.
+    for _ in range(3):
+        unmanaged(web, alice, project)
+    page = ok(call(web, "GET", project + "/builds?limit=1&offset=1", alice,
+                   headers={"Host": host}))
+    for link in (page["next"], page["previous"]):
+        assert link.startswith("http://localhost:80/api/v1/alice/app/builds?"), link
+    page = ok(call(web, "GET", project + "/builds?limit=1&offset=1", alice,
+                   headers={"Host": "build.example.org:8443"}))
+    assert page["next"].startswith("http://build.example.org:8443/api/v1/alice/app/builds?")
+
+
 def test_builds_list_is_newest_first_and_pages(web, alice, project):
     for _ in range(5):
         unmanaged(web, alice, project)
