@@ -1946,12 +1946,20 @@ class Runner:
 SET_ASIDE = ".deleted-"
 
 
+# Each workspaces folder's (device, inode) as its server started.
+_WORKSPACES = {}
+
+
 def _within(workspaces, *names):
     """Whether no folder above workspace `names` (under `workspaces`) is a
-    link: a build may have made one (`ln -s /elsewhere ../../app`), and what
-    is made or removed there would be made or removed out of the data folder.
-    (A look at each, not realpath's at every folder of the path: a build's
-    start waits for it.)"""
+    link, nor `workspaces` another folder than at the start: a build may have
+    made one (`ln -s /elsewhere ../../app`, or in `workspaces`' place), and
+    what is made or removed there would be made or removed out of the data
+    folder. (A look at each, not realpath's at every folder of the path: a
+    build's start waits for it.)"""
+    known = _WORKSPACES.get(workspaces)
+    if known is not None and _file_identity(workspaces) != known:
+        return False
     path = workspaces
     for name in names[:-1]:
         path = os.path.join(path, name)
@@ -1972,6 +1980,9 @@ def _set_aside(workspaces, *names):
         return None
     aside = os.path.join(workspaces, SET_ASIDE + uuidlib.uuid4().hex)
     try:
+        mode = os.lstat(path).st_mode  # a folder made read-only cannot move (its ".." changes)
+        if stat.S_ISDIR(mode) and not mode & stat.S_IWUSR:
+            os.chmod(path, stat.S_IMODE(mode) | stat.S_IWUSR)
         os.rename(path, aside)
     except FileNotFoundError:
         return None
@@ -1992,12 +2003,13 @@ def _remove(folder):
 
 def _remove_tree(folder):
     """Remove `folder`, read-only folders in it too (Go makes its module
-    cache read-only, and only root may delete in such a folder as it is); a
-    link (a build made one in its project's place) goes, its target stays."""
-    if os.path.islink(folder):
-        os.unlink(folder)
-        return
+    cache read-only, and only root may delete in such a folder as it is).
+    What is no folder goes as a file: a link (its target stays), or a FIFO a
+    build made in the next build's place, which rmtree would open and wait on."""
     try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            os.unlink(folder)
+            return
         shutil.rmtree(folder)
     except FileNotFoundError:
         pass
@@ -2643,6 +2655,7 @@ class App:
         self.config = config
         _make_private_dir(config.data_dir)
         os.makedirs(config.workspaces, exist_ok=True)
+        _WORKSPACES[config.workspaces] = _file_identity(config.workspaces)
         _in_background(_remove_set_aside, config.workspaces)
         self.db = Database(config.db_path, background_checkpoints=True)
         self.db.migrate()

@@ -3013,6 +3013,69 @@ def test_a_link_a_build_made_in_a_projects_place_goes_with_the_project(configure
     assert (target / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("making", ["mkfifo ../2", "echo x > ../2"])
+def test_a_fifo_or_file_in_the_next_builds_place_is_removed_not_waited_on(configured, making):
+    # rmtree opened the FIFO and waited for a writer for ever: the build showed
+    # running with no process, its worker was gone, and stop could not end it.
+    web, alice, project = configured()
+    first = post_build(web, alice, project, {"command": making})
+    assert final_build(web, alice, f"{project}/builds/{first['id']}")["last_status"] == \
+        "succeeded"
+    build = post_build(web, alice, project, {"command": "echo two"})
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "succeeded", done
+    assert build_log(web, alice, project, build["id"]) == b"two\n"
+
+
+def test_a_build_that_puts_a_link_in_place_of_the_workspaces_folder_aims_nothing_out(
+        configured, config, tmp_path):
+    # The next builds ran in the link's target, and their start and a delete
+    # emptied what was there.
+    web, alice, project = configured()
+    outside = tmp_path / "outside"
+    (outside / "alice" / "app" / "2").mkdir(parents=True)
+    (outside / "alice" / "app" / "2" / "precious").write_text("mine")
+    (outside / "alice" / "app" / "keep.txt").write_text("mine")
+    moved = post_build(web, alice, project, {"command": (
+        f"cd ../../../.. && mv workspaces moved && ln -s {outside} workspaces")})
+    assert final_build(web, alice, f"{project}/builds/{moved['id']}")["last_status"] == "succeeded"
+    assert os.path.islink(config.workspaces)
+    build = post_build(web, alice, project, {"command": "pwd -P"})
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "failed" and build_log(web, alice, project, build["id"]) == b""
+    ok(call(web, "DELETE", project, alice))
+    time.sleep(0.5)  # (what a removal in the background would have taken by now)
+    assert (outside / "alice" / "app" / "2" / "precious").read_text() == "mine"
+    assert (outside / "alice" / "app" / "keep.txt").read_text() == "mine"
+
+
+def test_a_read_only_workspace_is_set_aside_for_its_removal():
+    # Moving a folder changes its "..": a build that made its own, or its
+    # project's, folder read-only kept it on disk after its delete, and a
+    # project made again under its name could start no build.
+    top = tempfile.mkdtemp(prefix="buildserver-ro-")
+    try:
+        workspaces = os.path.join(top, "workspaces")
+        os.makedirs(os.path.join(workspaces, "alice", "app", "1", "out"))
+        for root, names, files in os.walk(top):
+            for name in [root] + [os.path.join(root, n) for n in names + files]:
+                if os.geteuid() == 0:
+                    os.lchown(name, 65534, 65534)
+        os.chmod(os.path.join(workspaces, "alice", "app", "1"), 0o555)
+        os.chmod(os.path.join(workspaces, "alice", "app"), 0o555)
+        done = as_an_ordinary_user(
+            "aside = buildserver._set_aside(sys.argv[1], 'alice', 'app')\n"
+            "assert aside is not None\n"
+            "buildserver._remove(aside)", workspaces)
+        assert done.returncode == 0 and "cannot" not in done.stderr, done.stderr
+        assert os.listdir(os.path.join(workspaces, "alice")) == []
+    finally:
+        for root, names, _ in os.walk(top):
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o700)
+        shutil.rmtree(top)
+
+
 @pytest.mark.parametrize("delete", ["/builds/1", ""])
 def test_a_running_unmanaged_build_deleted_ends_for_the_log_bus(web, app, alice, project,
                                                                   delete):
