@@ -3049,33 +3049,6 @@ def test_a_build_that_puts_a_link_in_place_of_the_workspaces_folder_aims_nothing
     assert (outside / "alice" / "app" / "keep.txt").read_text() == "mine"
 
 
-def test_a_read_only_workspace_is_set_aside_for_its_removal():
-    # Moving a folder changes its "..": a build that made its own, or its
-    # project's, folder read-only kept it on disk after its delete, and a
-    # project made again under its name could start no build.
-    top = tempfile.mkdtemp(prefix="buildserver-ro-")
-    try:
-        workspaces = os.path.join(top, "workspaces")
-        os.makedirs(os.path.join(workspaces, "alice", "app", "1", "out"))
-        for root, names, files in os.walk(top):
-            for name in [root] + [os.path.join(root, n) for n in names + files]:
-                if os.geteuid() == 0:
-                    os.lchown(name, 65534, 65534)
-        os.chmod(os.path.join(workspaces, "alice", "app", "1"), 0o555)
-        os.chmod(os.path.join(workspaces, "alice", "app"), 0o555)
-        done = as_an_ordinary_user(
-            "aside = buildserver._set_aside(sys.argv[1], 'alice', 'app')\n"
-            "assert aside is not None\n"
-            "buildserver._remove(aside)", workspaces)
-        assert done.returncode == 0 and "cannot" not in done.stderr, done.stderr
-        assert os.listdir(os.path.join(workspaces, "alice")) == []
-    finally:
-        for root, names, _ in os.walk(top):
-            for name in names:
-                os.chmod(os.path.join(root, name), 0o700)
-        shutil.rmtree(top)
-
-
 @pytest.mark.parametrize("delete", ["/builds/1", ""])
 def test_a_running_unmanaged_build_deleted_ends_for_the_log_bus(web, app, alice, project,
                                                                   delete):
@@ -3087,6 +3060,28 @@ def test_a_running_unmanaged_build_deleted_ends_for_the_log_bus(web, app, alice,
     assert app.bus.news(build_id)[1] == len(b"output\n")
     ok(call(web, "DELETE", project + delete, alice))
     assert app.bus.news(build_id) == buildserver.LogBus.ENDED
+
+
+@contextlib.contextmanager
+def a_folder_for_nobody():
+    """A fresh folder outside pytest's (whose parents nobody may not enter),
+    removed afterwards, read-only folders in it too."""
+    top = tempfile.mkdtemp(prefix="buildserver-ro-")
+    try:
+        yield top
+    finally:
+        for root, names, _ in os.walk(top):
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o700)
+        shutil.rmtree(top)
+
+
+def give_to_nobody(top):
+    """Under root, make everything in `top` nobody's (see as_an_ordinary_user)."""
+    if os.geteuid() == 0:
+        for root, names, files in os.walk(top):
+            for name in [root] + [os.path.join(root, n) for n in names + files]:
+                os.lchown(name, 65534, 65534)
 
 
 def as_an_ordinary_user(code, *args):
@@ -3116,18 +3111,14 @@ os.chmod = chmod
 def test_a_workspace_with_read_only_folders_is_removed_and_no_link_is_followed(glibc):
     # Go makes its module cache read-only: rmtree(ignore_errors=True) left such
     # a deleted workspace behind for ever, and said nothing.
-    top = tempfile.mkdtemp(prefix="buildserver-ro-")
-    try:
+    with a_folder_for_nobody() as top:
         workspace, outside = os.path.join(top, "ws"), os.path.join(top, "outside")
         os.makedirs(os.path.join(workspace, "cache", "mod", "pkg"))
         os.makedirs(os.path.join(workspace, "locked", "inner"))
         os.makedirs(outside)
         open(os.path.join(workspace, "cache", "mod", "pkg", "f"), "w").close()
         os.symlink(outside, os.path.join(workspace, "cache", "link"))
-        for root, names, files in os.walk(top):
-            for name in [root] + [os.path.join(root, n) for n in names + files]:
-                if os.geteuid() == 0:
-                    os.lchown(name, 65534, 65534)
+        give_to_nobody(top)
         for folder in ("cache/mod/pkg", "cache/mod", "cache", "locked/inner"):
             os.chmod(os.path.join(workspace, folder), 0o555)
         os.chmod(os.path.join(workspace, "locked"), 0)
@@ -3137,11 +3128,24 @@ def test_a_workspace_with_read_only_folders_is_removed_and_no_link_is_followed(g
         assert done.returncode == 0 and "cannot remove" not in done.stderr, done.stderr
         assert not os.path.exists(workspace)
         assert stat.S_IMODE(os.stat(outside).st_mode) == 0o555  # the link was not followed
-    finally:
-        for root, names, _ in os.walk(top):
-            for name in names:
-                os.chmod(os.path.join(root, name), 0o700)
-        shutil.rmtree(top)
+
+
+def test_a_read_only_workspace_is_set_aside_for_its_removal():
+    # Moving a folder changes its "..": a build that made its own, or its
+    # project's, folder read-only kept it on disk after its delete, and a
+    # project made again under its name could start no build.
+    with a_folder_for_nobody() as top:
+        workspaces = os.path.join(top, "workspaces")
+        os.makedirs(os.path.join(workspaces, "alice", "app", "1", "out"))
+        give_to_nobody(top)
+        os.chmod(os.path.join(workspaces, "alice", "app", "1"), 0o555)
+        os.chmod(os.path.join(workspaces, "alice", "app"), 0o555)
+        done = as_an_ordinary_user(
+            "aside = buildserver._set_aside(sys.argv[1], 'alice', 'app')\n"
+            "assert aside is not None\n"
+            "buildserver._remove(aside)", workspaces)
+        assert done.returncode == 0 and "cannot" not in done.stderr, done.stderr
+        assert os.listdir(os.path.join(workspaces, "alice")) == []
 
 
 def test_a_build_that_gets_no_output_pipe_fails_saying_why_and_the_worker_runs_on(
