@@ -4237,7 +4237,8 @@ def run_client(args):
                 client.stream_log(path, 0, sys.stdout.buffer, follow=False)
             return 0
     except ClientError as e:
-        return _fail(f"the server says ({e.status}): {e.detail}",
+        detail = "\n".join(map(_printable, e.detail.split("\n")))  # (one reason a line)
+        return _fail(f"the server says ({e.status}): {detail}",
                      EXIT_REFUSED if e.status in (401, 403) else 1)
     except Unreachable as e:
         return _fail(str(e), EXIT_UNREACHABLE)

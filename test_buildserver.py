@@ -5912,6 +5912,45 @@ def test_a_redirect_is_no_answer_and_the_client_says_where_it_points(prefix):
         redirecting.server_close()
 
 
+class Hostile(http.server.BaseHTTPRequestHandler):
+    """A server (or a proxy in front of one) whose errors carry terminal escapes."""
+    body = b""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(502)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("body", [
+    b"Bad gateway\x1b]52;c;ZWNobyBvd25lZA==\x07\n\x1b[1Agone",
+    json.dumps({"detail": "No\x1b[2J such \u202eexe.txt",
+                "errors": {"name\x1b[8m": "hidden\x1b[0m"}}).encode()])
+def test_an_error_the_server_sends_reaches_the_terminal_without_its_control_characters(body):
+    # An escape in an error could set the terminal's clipboard or rewrite the
+    # lines above, as one in a table or a status could (those were shown already).
+    handler = type("HostileHere", (Hostile,), {"body": body})
+    hostile = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{hostile.server_address[1]}"
+        for args in (["builds", "admin/app"], ["run", "admin/app", "--command", "true"]):
+            done = cli(*args, "--url", url, env={"BUILDSERVER_TOKEN": "abc"})
+            assert done.returncode == 1, (args, done)
+            assert "the server says (502)" in done.stderr, done.stderr
+            assert not buildserver.CONTROLS.search(done.stderr.replace("\n", "")), done.stderr
+            assert "<U+001B>" in done.stderr, done.stderr
+    finally:
+        hostile.shutdown()
+        hostile.server_close()
+
+
 def test_a_refused_field_is_explained_with_the_servers_reason(served):
     done = client(served, "run", "admin/app", "--command", "true", "--name", "x" * 200)
     assert done.returncode == 1
