@@ -1994,11 +1994,10 @@ def _set_aside(workspaces, *names):
 
 def _remove(folder):
     """Remove a deleted workspace, or say in the log why it stays."""
-    if folder is not None:
-        try:
-            _remove_tree(folder)
-        except OSError as e:
-            log.warning("cannot remove the deleted workspace %s (%s)", folder, e.strerror or e)
+    try:
+        _remove_tree(folder)
+    except OSError as e:
+        log.warning("cannot remove the deleted workspace %s (%s)", folder, e.strerror or e)
 
 
 def _remove_tree(folder):
@@ -2986,7 +2985,8 @@ def make_routes(app):
                 aside = _set_aside(config.workspaces, username, project_name)
                 break
         runner.stop_project(project["id"], message, wait=config.stop_grace + 5)
-        _in_background(_remove, aside)
+        if aside is not None:  # (none if no build ever started there)
+            _in_background(_remove, aside)
         return {"detail": f"Deleted the project {username}/{project_name}."}
 
     def still_there(row):
@@ -3136,7 +3136,8 @@ def make_routes(app):
             if not store.delete_build(build["id"]):
                 raise ApiError(404, DELETED_MEANWHILE)
             aside = _set_aside(config.workspaces, username, project_name, str(build["number"]))
-        _in_background(_remove, aside)
+        if aside is not None:  # (none if no build ever started there)
+            _in_background(_remove, aside)
         return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}
 
     @authorized
