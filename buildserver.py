@@ -2356,7 +2356,7 @@ def int_param(name, default, low, high):
     value = whole_number(raw, 19)
     if value is None or not low <= value <= high:
         raise ApiError(400, f"The query parameter {name} must be a whole number"
-                            f" from {low} to {high}.", errors={name: f"must be {low} to {high}"})
+                            f" from {low} to {high}.", errors={name: f"must be a whole number from {low} to {high}"})
     return int(raw)
 
 
@@ -5006,11 +5006,22 @@ function ago(iso) {
   return parseTime(iso).toLocaleDateString();
 }
 
+const timeText = (iso, long) => long ? `${parseTime(iso).toLocaleString()} (${ago(iso)})` : ago(iso);
+
 function when(iso, long) {
   if (!iso) return h('span', {class: 'muted'}, '—');
-  const full = parseTime(iso).toLocaleString();
-  return h('time', {datetime: iso, title: full}, long ? `${full} (${ago(iso)})` : ago(iso));
+  return h('time', {datetime: iso, title: parseTime(iso).toLocaleString(), 'data-long': long},
+           timeText(iso, long));
 }
+
+// A list is drawn again only when it changes: its "just now" would stay for hours.
+setInterval(() => {
+  if (document.hidden) return;
+  for (const t of document.querySelectorAll('time[datetime]')) {
+    const text = timeText(t.getAttribute('datetime'), t.hasAttribute('data-long'));
+    if (t.textContent !== text) t.textContent = text;
+  }
+}, 5000);
 
 function duration(s) {
   if (s == null) return '—';
@@ -5212,9 +5223,10 @@ function notFound(v) {
 
 function pager(hrefFor, offset, count, newer, older) {
   const last = Math.min(offset + PAGE, count);
+  const lastPage = Math.max(0, Math.ceil(count / PAGE) - 1) * PAGE;  // (an old link may point past it)
   return h('nav', {class: 'pager', 'aria-label': 'Pages'},
-    offset > 0 ? h('a', {id: 'page-prev', href: hrefFor(Math.max(0, offset - PAGE))}, `← ${newer}`) : h('span'),
-    h('span', {class: 'muted'}, count ? `${offset + 1}–${last} of ${count}` : ''),
+    offset > 0 ? h('a', {id: 'page-prev', href: hrefFor(Math.min(offset - PAGE, lastPage))}, `← ${newer}`) : h('span'),
+    h('span', {class: 'muted'}, !count ? '' : offset < count ? `${offset + 1}–${last} of ${count}` : `${count} in all`),
     last < count ? h('a', {id: 'page-next', href: hrefFor(offset + PAGE)}, `${older} →`) : h('span'));
 }
 
@@ -5223,7 +5235,7 @@ function hashWith(path, params) {
   return `#${path}${query ? '?' + query : ''}`;
 }
 
-const offsetOf = q => Math.max(0, parseInt(q.get('offset'), 10) || 0);
+const offsetOf = q => Math.min(Math.max(0, parseInt(q.get('offset'), 10) || 0), Number.MAX_SAFE_INTEGER);  // (1e+23 is no offset)
 
 // Projects --------------------------------------------------------------------
 

@@ -8422,6 +8422,41 @@ def test_builds_are_paged_and_filtered_by_status(page, dash):
     expect(rows.first).to_contain_text("#5")
 
 
+def test_times_on_a_page_left_open_grow_older(page, dash):
+    dash.project("aging")
+    dash.api("POST", "/alice/aging/builds", {"is_managed": False})
+    page.clock.install()
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/aging")
+    created = page.locator("tbody tr time")
+    expect(created).to_have_text("just now")
+    page.clock.fast_forward("03:00")  # (the list itself has not changed meanwhile)
+    expect(created).to_have_text("3 min ago")
+    page.goto(dash.url + "/#/alice/aging/builds/1")
+    long_form = page.locator("time[data-long]").first
+    expect(long_form).to_contain_text("(3 min ago)")
+    page.clock.fast_forward("01:00:00")
+    expect(long_form).to_contain_text("(1 h ago)")
+
+
+@pytest.mark.parametrize("offset", ["1000", "99999999999999999999999"])
+def test_a_page_past_the_end_says_so_once_and_leads_back_to_the_last_page(page, dash, offset):
+    # It said "1001–25 of 25" with a link back to 980, or the server's
+    # refusal of 1e+23 as an offset, in two sentences that said the same.
+    name = f"paged{len(offset)}"
+    dash.project(name)
+    for _ in range(25):
+        dash.api("POST", f"/alice/{name}/builds", {"is_managed": False})
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/{name}?offset={offset}")
+    expect(page.get_by_text("No builds on this page.")).to_be_visible()
+    expect(page.locator(".pager")).to_contain_text("25 in all")
+    expect(page.locator(".pager")).not_to_contain_text("of 25")
+    page.locator("#page-prev").click()
+    expect(page.locator("tbody tr")).to_have_count(5)
+    expect(page.locator(".pager")).to_contain_text("21–25 of 25")
+
+
 def test_a_big_log_shows_its_tail_and_loads_earlier_parts_on_demand(page, dash):
     dash.project("big", command="seq 1 200000")  # 1.3 MB
     build = dash.final_build(f"/alice/big/builds/{dash.api('POST', '/alice/big/builds')['id']}")
