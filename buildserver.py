@@ -849,9 +849,9 @@ class Store:
         """Make a project; returns None, or the name of the owner's project
         that has its name regardless of case: on a case-insensitive file
         system (macOS's default) the two would share their workspaces."""
-        now = now_iso()
         try:
             with self.db.write() as c:
+                now = now_iso()  # (under the write lock, as for builds)
                 taken = c.execute("SELECT name FROM projects WHERE owner_id = ?"
                                   " AND name = ? COLLATE NOCASE",
                                   (owner_id, fields["name"])).fetchone()
@@ -1008,8 +1008,8 @@ class Store:
 
         :returns: the new status entry, or None when the move is not allowed.
         """
-        now = now_iso()
         with self.db.write() as c:
+            now = now_iso()  # under the write lock: in the order of the statuses
             row = c.execute("SELECT last_status FROM builds WHERE id = ?", (build_id,)).fetchone()
             if (row is None or status not in TRANSITIONS[row[0]]
                     or (sources is not None and row[0] not in sources)):

@@ -938,6 +938,33 @@ def test_stop_of_a_running_unmanaged_build_asks_its_runner_to_stop(web, alice, p
     assert ok(call(web, "GET", url, alice))["last_status"] == "stopped"
 
 
+def test_statuses_reported_at_once_are_timed_in_the_order_they_are_recorded(server_factory):
+    # Each report read the clock before it waited for the write lock: behind
+    # a slow commit (here another connection's), `succeeded` could be stamped
+    # before the `running` recorded ahead of it, and the duration came out < 0.
+    server = server_factory()
+    assert server.json("POST", "/api/v1/admin", {"name": "timed"})[0] == 201
+    made = [server.json("POST", "/api/v1/admin/timed/builds", {"is_managed": False})[1]
+            for _ in range(20)]
+    builds = [f"/api/v1/admin/timed/builds/{build['id']}" for build in made]
+    holder = sqlite3.connect(os.path.join(server.data_dir, "buildserver.db"),
+                             isolation_level=None, timeout=30)
+    holder.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(40) as pool:
+        answers = [pool.submit(server.json, "POST", build + "/statuses", {"status": status})
+                   for build in builds for status in ("succeeded", "running")]
+        time.sleep(1)  # (every report is waiting for the lock by now, or soon)
+        holder.execute("COMMIT")
+        holder.close()
+        assert {answer.result(timeout=60)[0] for answer in answers} <= {201, 400}
+    for build in builds:
+        _, detail = server.json("GET", build)
+        _, statuses = server.json("GET", build + "/statuses")
+        times = [entry["created_at"] for entry in statuses["results"]]
+        assert times == sorted(times), statuses
+        assert detail["duration"] is None or detail["duration"] >= 0, detail
+
+
 @pytest.mark.parametrize("walk", [["running", "succeeded"], ["running", "failed"], ["stopped"],
                                   ["running", "stopping", "stopped"]])
 def test_stop_of_a_finished_build_changes_nothing(web, alice, project, walk):
