@@ -9,18 +9,27 @@ and the REST API is the build-jobs API of Polyaxon v0.x.
     python buildserver.py adduser alice    # prints alice's token
     python buildserver.py token alice      # a new token for alice
 
-Endpoints (all under /api/v1, each with and without a trailing slash):
+Endpoints (all under /api/v1, each with and without a trailing slash; the
+dashboard is at /, and /api/v1/openapi.json describes them all):
 
     GET              /health
+    GET              /users                           (who the token is)
+    GET              /bookmarks/{user}/builds
     GET POST         /{user}
     GET PATCH DELETE /{user}/{project}
     GET POST         /{user}/{project}/builds
+    POST             /{user}/{project}/builds/invalidate
     GET PATCH DELETE /{user}/{project}/builds/{id}    (POST there stops it)
     POST             /{user}/{project}/builds/{id}/stop
     POST             /{user}/{project}/builds/{id}/restart
     GET POST         /{user}/{project}/builds/{id}/statuses
     GET              /{user}/{project}/builds/{id}/statuses/{number or uuid}
     GET POST         /{user}/{project}/builds/{id}/logs
+    GET POST         /{user}/{project}/builds/{id}/coderef
+    POST             /{user}/{project}/builds/{id}/bookmark
+    DELETE           /{user}/{project}/builds/{id}/unbookmark
+    POST             /{user}/{project}/builds/{id}/invalidate
+    POST             /{user}/{project}/builds/{id}/_heartbeat
 
 The server needs bottle and waitress; everything else is the standard library.
 """
@@ -99,7 +108,8 @@ HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive w
                              # (the first one: from the connection's accept)
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
-FOLLOW_SHUTDOWN_SECONDS = 8.0  # at shutdown, followers have this long for the rest (of 10 s)
+SHUTDOWN_SECONDS = 10.0      # a shutdown waits this long for requests that wait on builds
+FOLLOW_SHUTDOWN_SECONDS = 8.0  # of which followers have this long for the rest
 SHUTDOWN_STALL_SECONDS = 3.0   # ... unless their client takes nothing for this long
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
@@ -116,6 +126,9 @@ RESERVED_USERNAMES = {"health", "users", "openapi.json", "bookmarks"}
 # Config ######################################################################
 ###############################################################################
 
+DB_FILE = "buildserver.db"  # in the data folder, beside workspaces/
+
+
 @dataclasses.dataclass
 class Config:
     """What `serve` is told; each field is a flag and a BUILDSERVER_* variable."""
@@ -131,7 +144,7 @@ class Config:
 
     @property
     def db_path(self):
-        return os.path.join(self.data_dir, "buildserver.db")
+        return os.path.join(self.data_dir, DB_FILE)
 
     @property
     def workspaces(self):
@@ -140,8 +153,9 @@ class Config:
         return os.path.join(os.path.abspath(self.data_dir), "workspaces")
 
     @property
-    def max_followers(self):
-        """Followers each hold an HTTP thread; keep a reserve for the API."""
+    def max_waiting(self):
+        """Requests that wait on builds (followers, stops and deletes of
+        running builds) each hold an HTTP thread; keep a reserve for the API."""
         return max(1, self.threads - max(2, self.threads // 4))
 
 
@@ -786,7 +800,8 @@ class Store:
     """The named queries: users and tokens, projects, builds, statuses, logs.
 
     :param on_change: called with a build's id and its new log size after its
-        log grew, and with None for the size after the build ended.
+        log grew, and with None for the size after the build ended (or was
+        deleted before it did).
     """
 
     def __init__(self, db, on_change=lambda build_id, log_size: None):
@@ -1093,8 +1108,9 @@ class Store:
 
     # Logs --------------------------------------------------------------------
 
-    # A deleted build's id is given to the next build: a reader that outlives
-    # a request (a download, a follower) names its build by id and uuid.
+    # A reader that outlives a request (a download, a follower) names its
+    # build by id and uuid: the build may be deleted meanwhile, and its id
+    # made again (by a restore from a backup).
 
     def log_state(self, build_id, uuid):
         return self.db.one("SELECT log_size, last_status FROM builds WHERE id = ? AND uuid = ?",
@@ -1474,8 +1490,8 @@ class Runner:
     """Runs managed builds: `workers` at a time, first come first served.
 
     Lifecycle: start() recovers what a dead server left and starts the workers;
-    create() makes a build and runs it (at once if a worker is free); submit()
-    hands over a scheduled build; stop() ends one; shutdown() stops the
+    create() makes a build and runs it (at once if a worker is free, else
+    queued); stop() ends one; shutdown() stops the
     running builds and waits for the workers, leaving the rest scheduled.
     """
 
@@ -1514,7 +1530,7 @@ class Runner:
             thread.start()
             self._threads.append(thread)
 
-    def submit(self, build_id):
+    def _enqueue(self, build_id):
         with self._cond:
             self._queue.append(build_id)
             self._cond.notify()
@@ -1538,7 +1554,7 @@ class Runner:
         if handoff is None:
             build = make(False)
             if build is not None:
-                self.submit(build["id"])
+                self._enqueue(build["id"])
             return build
         try:
             with self._lock:  # as in _claim: a stop finds a running build's Job
@@ -2106,16 +2122,6 @@ def _watch_exit(pid, job):
     job.wake()
 
 
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _killpg(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -2664,7 +2670,7 @@ class App:
         # Requests that hold an HTTP thread while they wait on builds (log
         # followers, stops and deletes of running builds): a reserve of the
         # threads is always left for the rest of the API.
-        self.waiting = threading.BoundedSemaphore(config.max_followers)
+        self.waiting = threading.BoundedSemaphore(config.max_waiting)
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
         self.bottle = make_routes(self)
@@ -2707,7 +2713,7 @@ class App:
         self.runner.shutdown()
         self.bus.close()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _ in range(self.config.max_followers):  # holding every slot: none is left
+        for _ in range(self.config.max_waiting):  # holding every slot: none is left
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.waiting.acquire(timeout=remaining):
                 return False
@@ -2716,7 +2722,7 @@ class App:
     def close(self):
         """Shut down and close the database (after the HTTP threads are done)."""
         if not self.closing:
-            self.shutdown(timeout=10)
+            self.shutdown(timeout=SHUTDOWN_SECONDS)
         self.db.close()
 
 
@@ -3529,7 +3535,7 @@ def serve(config):
 
     def shut_down():
         log.info("shutting down: stopping running builds")
-        app.shutdown(timeout=10)
+        app.shutdown(timeout=SHUTDOWN_SECONDS)
         finished.set()
         server.pull_trigger()
 
@@ -4558,7 +4564,7 @@ def main(argv=None):
         if args.command in CLIENT_COMMANDS:
             return run_client(args)
         if args.command == "backup":
-            return backup(os.path.join(args.data_dir, "buildserver.db"), args.dest)
+            return backup(os.path.join(args.data_dir, DB_FILE), args.dest)
         return manage_users(args)
     except SchemaError as e:
         return _fail(str(e), 1)
@@ -4706,7 +4712,7 @@ def manage_users(args):
                      "'_' or '-', starting with a letter or digit", 2)
     if args.name in RESERVED_USERNAMES:
         return _fail(f"{args.name!r} cannot be a user name: /api/v1/{args.name} is an endpoint", 2)
-    db_path = os.path.join(args.data_dir, "buildserver.db")
+    db_path = os.path.join(args.data_dir, DB_FILE)
     if args.command == "token" and (missing := _no_database(db_path)):  # a mistyped --data-dir
         return _fail(missing, 2)
     _make_private_dir(args.data_dir)

@@ -4115,7 +4115,7 @@ def test_follow_sends_headers_before_the_first_output(server_factory, gate):
 
 def test_followers_beyond_the_cap_get_503_with_retry_after(server_factory, gate):
     server = server_factory("--threads", "4", "--workers", "3", "--stop-grace", "1")
-    cap = buildserver.Config(threads=4).max_followers
+    cap = buildserver.Config(threads=4).max_waiting
     assert cap == 2
     project_path = admin_project(server)
     hold = gate()
@@ -4226,7 +4226,7 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
     monkeypatch.setattr(buildserver, "FOLLOW_BACKLOG", 64 * 1024)
     monkeypatch.setattr(buildserver, "FOLLOW_STALL_SECONDS", 1.0)
     config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
-    assert config.max_followers == 2
+    assert config.max_waiting == 2
     with served_here(config) as (app, server):
         port = server.effective_port
         token = app.store.create_user("root", is_admin=True)
@@ -4339,7 +4339,7 @@ def test_a_follower_whose_client_leaves_frees_its_slot_without_waiting_for_its_n
     # then: scripts following with a short timeout met 503s.
     monkeypatch.setattr(buildserver, "FOLLOW_WAIT_SECONDS", 300.0)  # no look in this test
     config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0, threads=4)
-    assert config.max_followers == 2
+    assert config.max_waiting == 2
     with served_here(config) as (app, server):
         here, path = a_running_unmanaged_build(app, server)
         followers = [open_follow(here, path, timeout=30) for _ in range(3)]
