@@ -90,7 +90,7 @@ TRANSITIONS = {
 }
 STATUSES = tuple(TRANSITIONS)
 FINAL = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
-ACTIVE = ("created", "scheduled", "running", "stopping")
+ACTIVE = tuple(s for s in STATUSES if s not in FINAL)  # created, scheduled, running, stopping
 DELETED_MEANWHILE = "It was deleted while this request ran."
 
 JSON_BODY_LIMIT = 1 * MiB
@@ -794,6 +794,35 @@ PROJECT_SELECT = """
                AS last_status
     FROM projects p JOIN users u ON u.id = p.owner_id
 """
+
+
+# A log is cut (by its limit, or a page) between UTF-8 characters, never inside one.
+
+def _utf8_length(lead):
+    """How many bytes the UTF-8 sequence that starts with byte `lead` has (1 if
+    `lead` cannot start one)."""
+    return 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4 if lead >> 3 == 30 else 1
+
+
+def _whole_characters(stored, data, room):
+    """How many bytes of `data` to keep, about `room`, so that the log, which
+    ends with `stored`, ends with a whole UTF-8 character: fewer when one begun
+    in `data` would be cut in two, up to 3 more when one begun in `stored`
+    would (what is stored may have been sent already: it stays)."""
+    joined = stored + bytes(data[:room + 3])
+    cut = _utf8_boundary(joined[:len(stored) + room])
+    if cut >= len(stored):
+        return cut - len(stored)
+    return min(len(data), cut + _utf8_length(joined[cut]) - len(stored))
+
+
+def _utf8_boundary(data):
+    """The length of `data` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): is its sequence whole?
+            return len(data) if back >= _utf8_length(byte) else len(data) - back
+    return len(data)
 
 
 class Store:
@@ -3447,33 +3476,6 @@ def _methods_that_answer(request, methods):
 def _is_status_id(text):
     """A status's number within its build, or its uuid."""
     return whole_number(text) is not None or re.fullmatch(r"[0-9a-f]{32}", text) is not None
-
-
-def _utf8_length(lead):
-    """How many bytes the UTF-8 sequence that starts with byte `lead` has (1 if
-    `lead` cannot start one)."""
-    return 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4 if lead >> 3 == 30 else 1
-
-
-def _whole_characters(stored, data, room):
-    """How many bytes of `data` to keep, about `room`, so that the log, which
-    ends with `stored`, ends with a whole UTF-8 character: fewer when one begun
-    in `data` would be cut in two, up to 3 more when one begun in `stored`
-    would (what is stored may have been sent already: it stays)."""
-    joined = stored + bytes(data[:room + 3])
-    cut = _utf8_boundary(joined[:len(stored) + room])
-    if cut >= len(stored):
-        return cut - len(stored)
-    return min(len(data), cut + _utf8_length(joined[cut]) - len(stored))
-
-
-def _utf8_boundary(data):
-    """The length of `data` without a UTF-8 character cut off at its end."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): is its sequence whole?
-            return len(data) if back >= _utf8_length(byte) else len(data) - back
-    return len(data)
 
 
 def _json_log_text(body):
