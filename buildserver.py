@@ -2447,8 +2447,16 @@ def page(count, results, limit, offset):
     def link(new_offset):
         request = bottle.request
         # The parameters' own bytes (Bottle gives them as Latin-1), whatever they are.
-        query = {k.encode("latin-1"): v.encode("latin-1") for k, v in request.query.allitems()}
-        query.update({b"limit": str(limit).encode(), b"offset": str(new_offset).encode()})
+        # Each in its place, repeated ones too; limit and offset once each.
+        pending = {b"limit": str(limit).encode(), b"offset": str(new_offset).encode()}
+        query = []
+        for name, value in request.query.allitems():
+            name = name.encode("latin-1")
+            if name not in (b"limit", b"offset"):
+                query.append((name, value.encode("latin-1")))
+            elif name in pending:
+                query.append((name, pending.pop(name)))
+        query += pending.items()
         path = request.environ.get("buildserver.path", request.path)
         return f"{request.urlparts.scheme}://{_link_host(request)}{path}?" + \
             urllib.parse.urlencode(query)
@@ -2787,7 +2795,8 @@ def _refused_before_routing(environ, path):
 def _answer(start_response, status, detail):
     body = json_bytes({"detail": detail})
     start_response(f"{status} {bottle.HTTP_CODES[status]}", [
-        ("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+        ("X-Content-Type-Options", "nosniff")])
     return [body]
 
 
@@ -3752,6 +3761,10 @@ def _channel_class():
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
+            # Framed both ways, what follows its chunks is another request to
+            # the server, and its body to a proxy that trusts the length: the
+            # connection ends with the answer (RFC 9112, 6.3).
+            self.framed_twice = self.chunked and "CONTENT_LENGTH" in self.headers
             self.body_refused = self.content_length > body_limit(self.path)
             if self.body_refused:
                 self.body_rcv = None  # so the request is complete without its body
@@ -3763,6 +3776,8 @@ def _channel_class():
         def get_environment(self):
             environ = super().get_environment()
             channel = self.channel  # what a follower has waiting for its client
+            if channel.local_address is not None:  # not "waitress.invalid", a link's host
+                environ["SERVER_NAME"] = channel.local_address  # when the request names none
             environ["buildserver.backlog"] = lambda: channel.total_outbufs_len
             environ["buildserver.when_gone"] = channel.when_gone
             environ["buildserver.hang_up"] = channel.hang_up
@@ -3772,6 +3787,8 @@ def _channel_class():
             if getattr(self.request, "body_refused", False):  # its unread body must not
                 super().set_close_on_finish()                 # be taken for requests
                 self.channel.drain_before_closing(self.request.content_length)
+            elif getattr(self.request, "framed_twice", False):
+                super().set_close_on_finish()
             self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
                                   self.request.headers.get("CONNECTION", "").lower() != "close")
             try:
@@ -3809,7 +3826,8 @@ def _channel_class():
             error = self.request.error
             body = json_bytes({"detail": f"{error.reason}: {_unquoted_headers(error.body)}"})
             self.status = f"{error.code} {error.reason}"
-            self.response_headers.append(("Content-Type", "application/json"))
+            self.response_headers += [("Content-Type", "application/json"),
+                                      ("X-Content-Type-Options", "nosniff")]
             self.set_close_on_finish()
             if isinstance(error, RequestEntityTooLarge):  # (a chunked body: no length)
                 self.channel.drain_before_closing(self.request.content_length or None)
@@ -3831,6 +3849,11 @@ def _channel_class():
             # A connection that never sends a byte holds its place too, and
             # waitress's idle timeout would take 120 s to end it.
             self.head_began = time.monotonic()
+            try:  # the address the client reached (of 0.0.0.0, the one it chose)
+                name = self.socket.getsockname()
+            except OSError:
+                name = None
+            self.local_address = name[0] if isinstance(name, tuple) else None
 
         def drain_before_closing(self, length):
             """Once the answer is sent, read and drop the refused body (of

@@ -672,11 +672,11 @@ def test_page_links_carry_other_query_parameters_byte_for_byte(web, alice, proje
     # Bottle hands query values over as Latin-1: re-encoded as UTF-8, a
     # non-ASCII value grew at every page.
     ok(call(web, "POST", "/api/v1/alice", alice, {"name": "second"}), 201)
-    first = ok(call(web, "GET", "/api/v1/alice?limit=1&q=%C3%BC&raw=%FF", alice))
-    assert first["next"].endswith("?limit=1&q=%C3%BC&raw=%FF&offset=1")
+    first = ok(call(web, "GET", "/api/v1/alice?limit=1&q=%C3%BC&raw=%FF&tag=a&tag=b", alice))
+    assert first["next"].endswith("?limit=1&q=%C3%BC&raw=%FF&tag=a&tag=b&offset=1")
     path = first["next"].split("//", 1)[1].split("/", 1)[1]
     second = ok(call(web, "GET", "/" + path, alice))
-    assert second["previous"].endswith("?limit=1&q=%C3%BC&raw=%FF&offset=0")
+    assert second["previous"].endswith("?limit=1&q=%C3%BC&raw=%FF&tag=a&tag=b&offset=0")
 
 
 def test_a_query_value_is_read_as_utf8_and_refused_when_it_is_not(web, alice, project):
@@ -6675,6 +6675,62 @@ def test_a_path_with_an_encoded_slash_is_400_and_never_reaches_another_resource(
             400, "The path holds an encoded slash (%2F); no name has one."), (method, path)
     assert db_dump(db_path) == before
     assert server.json("GET", "/api/v1/admin/app/builds?name=a%2Fb")[0] == 200  # a query may
+
+
+def test_answers_refused_before_routing_or_by_waitress_say_nosniff_too(server_factory):
+    server, db_path, before = serving_admin_app_build_1(server_factory)
+    logs = "/api/v1/admin/app/builds/1/logs"
+    for method, path, body, headers, status in (
+            ("GET", "/api/v1/admin%2Fapp", None, {}, 400),  # refused before routing
+            ("GET", "/api/v1/admin/%FF", None, {}, 400),
+            ("POST", logs, b"x" * (20 * MiB), {"Content-Type": "text/plain"}, 413),  # waitress's
+            ("GET", "/api/v1/admin", None, {"X-Big": "x" * (300 * 1024)}, 431)):
+        answer_status, answer_headers, data = server.request(method, path, body, headers=headers)
+        assert answer_status == status, (path, data[:200])
+        assert answer_headers.get("X-Content-Type-Options") == "nosniff", (path, answer_headers)
+    assert db_dump(db_path) == before
+
+
+@pytest.mark.parametrize("host_line", [b"", b"Host: a b\r\n", b"Host: x\r\nHost: y\r\n"])
+def test_page_links_without_a_usable_host_name_the_address_the_client_reached(
+        server_factory, host_line):
+    # They named waitress's placeholder, http://waitress.invalid:PORT/...
+    server = server_factory()
+    for name in ("one", "two"):
+        assert server.json("POST", "/api/v1/admin", {"name": name})[0] == 201
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    try:
+        sock.sendall(b"GET /api/v1/admin?limit=1 HTTP/1.0\r\n" + host_line +
+                     f"Authorization: Token {server.token}\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    finally:
+        sock.close()
+    page = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert page["next"] == f"http://{server.host}:{server.port}/api/v1/admin?limit=1&offset=1"
+
+
+def test_a_request_framed_both_by_length_and_by_chunks_ends_its_connection(server_factory):
+    # RFC 9112, 6.3: a proxy that framed it by its Content-Length would take
+    # what follows the chunks for the body, and the server for a request of its own.
+    server = server_factory()
+    assert server.json("POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    body = b'{"is_managed": false}'
+    smuggled = (f"POST /api/v1/admin/app/builds HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Token {server.token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    try:
+        sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+        answers = b""
+        while chunk := sock.recv(65536):
+            answers += chunk
+    finally:
+        sock.close()
+    assert answers.count(b"HTTP/1.1 ") == 1, answers
+    assert server.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 0
 
 
 def test_failed_authentications_past_the_burst_get_429_while_a_valid_token_still_works(
