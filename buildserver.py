@@ -652,7 +652,11 @@ class Database:
             if "unable to open" in str(e):  # (SQLITE_CANTOPEN) a folder it may not write, say
                 raise SchemaError(f"cannot open {self.path} ({e}): this user must be able to "
                                   "read and write it and its folder") from None
-            raise SchemaError(f"{self.path} is not a SQLite database ({e})") from None
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise SchemaError(f"{self.path} is not a SQLite database ({e})") from None
+            # A full disk, say: opening writes the -shm and -wal files beside it.
+            raise SchemaError(f"cannot open {self.path} ({e}); is its disk full, or "
+                              "failing?") from None
         if version == 0 and tables:
             raise SchemaError(f"{self.path} holds tables that buildserver did not make; "
                               "refusing to touch it")
@@ -1083,15 +1087,18 @@ class Store:
         return {"number": number, "uuid": entry_uuid, "status": status,
                 "message": message, "created_at": now}
 
+    def last_server(self):
+        """(pid, started, pid namespace) of the server that last started on
+        this database, or None."""
+        row = self.db.one("SELECT pid, started, pid_namespace FROM server_process")
+        return None if row is None else tuple(row)
+
     def take_over(self, *server):
-        """Record `server` (pid, started, pid namespace) as the database's;
-        returns the one recorded before, or None."""
+        """Record `server` (pid, started, pid namespace) as the database's."""
         with self.db.write() as c:
-            before = c.execute("SELECT pid, started, pid_namespace FROM server_process").fetchone()
             c.execute("DELETE FROM server_process")
             c.execute("INSERT INTO server_process (pid, started, pid_namespace) VALUES (?, ?, ?)",
                       server)
-        return None if before is None else tuple(before)
 
     def forget_processes(self):
         """Forget every build's process group: they are another server's."""
@@ -1655,16 +1662,23 @@ class Runner:
         left of them; and what is left inside their sessions of builds that had
         ended (a stop's grace that the crash cut short, say). Unless that server
         still runs: this is a copy of its data folder, and they are its."""
-        live = self._server_still_running()
-        for row in self.store.managed_builds(["running", "stopping"]):
-            if not live:
+        me, namespace = os.getpid(), _pid_namespace()
+        live = self._still_running(self.store.last_server(), me, namespace)
+        left = self.store.managed_builds(["running", "stopping"])
+        if not live:  # first, reading alone: a disk too full to write must not keep them running
+            for row in left:
                 _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
+            self._kill_groups_of_ended_builds()
+        self.store.take_over(me, _running_since(me), namespace)
+        for row in left:
             self.store.transition(row["id"], "failed",
                                   "interrupted: the server restarted while it ran")
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
         if live:  # nor at any later start of this copy
             self.store.forget_processes()
-            return
+
+    def _kill_groups_of_ended_builds(self):
+        """Kill what is left inside the sessions of builds that had ended."""
         carried = _groups_by_build()
         sessions = self.store.sessions(carried) if carried else {}
         ended = {group for uuid, session in sessions.items()
@@ -1674,11 +1688,9 @@ class Runner:
         if ended:
             log.warning("killed %d process group(s) left by builds that had ended", len(ended))
 
-    def _server_still_running(self):
-        """Whether the server that last started on this database (not this
-        process) still runs; this one is recorded in its place."""
-        me, namespace = os.getpid(), _pid_namespace()
-        before = self.store.take_over(me, _running_since(me), namespace)
+    @staticmethod
+    def _still_running(before, me, namespace):
+        """Whether the server recorded `before` (not this process) still runs."""
         if before is None:
             return False
         pid, started, its_namespace = before
@@ -2149,6 +2161,16 @@ def _watch_exit(pid, job):
         pass
     job.exited = True
     job.wake()
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        pass
+    return True
 
 
 def _killpg(pgid, sig):

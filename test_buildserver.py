@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -4580,6 +4581,76 @@ def test_after_kill_9_a_restart_kills_what_left_the_builds_process_group(server_
         wait_gone(marker)  # the daemon that left the group, too
     finally:
         kill_marked(marker)
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """`path` made a file no one may write, root too (immutable), while inside."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", path], capture_output=True).returncode:
+            pytest.skip("this file system cannot make a file immutable (chattr +i)")
+        undo = ["chattr", "-i", path]
+    else:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(path, 0o400)
+        undo = None
+    try:
+        yield
+    finally:
+        if undo:
+            subprocess.run(undo, check=True)
+        else:
+            os.chmod(path, mode)
+
+
+def test_a_restart_that_cannot_write_the_database_still_kills_what_the_crash_left(
+        server_factory, tmp_path):
+    # It recorded itself first, a write: on a full disk (or a read-only
+    # database) it exited at once, and the builds ran on unsupervised.
+    data_dir = tmp_path / "crashed"
+    server = server_factory(data_dir=data_dir)
+    project_path = admin_project(server)
+    status, build = server.json("POST", project_path + "/builds", {"command": "echo up; sleep 60"})
+    marker = f"BUILD_UUID={build['uuid']}"
+    try:
+        server_wait_for_log(server, f"{project_path}/builds/{build['id']}", b"up")
+        server.proc.kill()
+        server.wait()
+        with unwritable(str(data_dir / "buildserver.db")):
+            refused = subprocess.run([sys.executable, SCRIPT, "serve", "--port", "0",
+                                      "--data-dir", str(data_dir)],
+                                     capture_output=True, text=True, timeout=60)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused
+            assert "readonly database" in refused.stderr, refused.stderr
+            wait_gone(marker)
+        restarted = server_factory(data_dir=data_dir)
+        restarted.token = server.token
+        ended = server_final_build(restarted, f"{project_path}/builds/{build['id']}")
+        assert ended["last_status"] == "failed"
+    finally:
+        kill_marked(marker)
+
+
+def test_a_start_that_cannot_write_beside_the_database_never_calls_it_no_database(tmp_path):
+    # On a full disk it said "is not a SQLite database (disk I/O error)": an
+    # operator could restore a backup over a database that was fine.
+    data_dir = str(tmp_path / "full")
+    Server(data_dir).start().stop()  # made, and stopped cleanly: no -wal or -shm left
+    no_file_may_grow = lambda: resource.setrlimit(resource.RLIMIT_FSIZE,  # noqa: E731
+                                                  (0, resource.RLIM_INFINITY))
+    refused = subprocess.run([sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir",
+                              data_dir], capture_output=True, text=True, timeout=60,
+                             preexec_fn=no_file_may_grow)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused
+    assert "not a SQLite database" not in refused.stderr, refused.stderr
+    assert "is its disk full" in refused.stderr, refused.stderr
+    with sqlite3.connect(os.path.join(data_dir, "buildserver.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    other = tmp_path / "other"  # while a file that is none is still called so
+    other.mkdir(mode=0o700)
+    (other / "buildserver.db").write_bytes(b"not sqlite at all\n" * 512)
+    refused = cli("serve", "--port", "0", "--data-dir", str(other))
+    assert refused.returncode == 1 and "is not a SQLite database" in refused.stderr, refused
 
 
 def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_path):
