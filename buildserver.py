@@ -3987,12 +3987,25 @@ def _url_host(host):
 # triggers builds, with or without bottle and waitress.
 
 EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
+EXIT_UNKNOWN = 76       # a request went, its answer was lost: it may have been done (EX_PROTOCOL)
 EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143   # SIGTERM, to `run --stop-on-interrupt`
 EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
 EXIT_OUTPUT_FAILED = 74   # the output cannot be written where it goes, a full disk say (EX_IOERR)
 RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
+RUN_EXIT_CODES = """exit codes:
+  0        the build succeeded
+  1-255    it failed with that code (1: without one, or stopped)
+  1        the server refused the request (the reason is printed)
+  2        the command line is wrong, or no token is given
+  74       the log cannot be written where it goes
+  75       the server cannot be reached: nothing was done
+  76       the create's answer was lost: the build may have been made
+  77       the server refuses the token
+  130, 143 Ctrl-C, or SIGTERM with --stop-on-interrupt
+  141      the log's reader went away (| head)"""
+GATEWAY_ERRORS = (502, 503, 504)  # the server, or a proxy in front, says: not now
 
 
 class ClientError(Exception):
@@ -4005,6 +4018,11 @@ class ClientError(Exception):
 
 class Unreachable(Exception):
     """The server could not be reached, or the connection dropped."""
+
+
+class AnswerLost(Unreachable):
+    """A request was sent, and the connection dropped before its answer: it
+    may have been done (a build made, say)."""
 
 
 class OutputFailed(Exception):
@@ -4062,10 +4080,15 @@ class Client:
         conn = self._connect(self.timeout if timeout is None else timeout)
         try:
             conn.request(method, self._base + path, body=body, headers=headers)
-            response = conn.getresponse()
         except self._dropped as e:
             conn.close()
             raise Unreachable(f"cannot reach {self.url}: {e}") from None
+        try:
+            response = conn.getresponse()
+        except self._dropped as e:
+            conn.close()
+            lost = AnswerLost if method == "POST" else Unreachable  # (the others may be sent again)
+            raise lost(f"{method} {self.url}{path} got no answer: {e}") from None
         if response.status >= 300:  # a redirect too: to https://, say (the URL to give instead)
             try:
                 data = response.read()
@@ -4090,8 +4113,9 @@ class Client:
         offset reached. Raises Unreachable with `.offset` when the connection drops."""
         query = f"?offset={offset}" + ("&follow=1" if follow else "")
         try:
-            conn, response = self._open("GET", f"{build_path}/logs{query}", accept="text/plain",
-                                        timeout=None if follow else self.timeout)
+            # A follow that hears nothing for `timeout` connects again: the server
+            # says nothing while a build is quiet, and the link may have died.
+            conn, response = self._open("GET", f"{build_path}/logs{query}", accept="text/plain")
         except Unreachable as e:
             e.offset, e.got_through = offset, False
             raise
@@ -4116,8 +4140,10 @@ class Client:
     def follow(self, build_path, out, offset=0):
         """Follow a build's log to `out` until the build is final, reconnecting
         (from the last byte received) for up to RECONNECT_SECONDS, also while
-        the server answers 503 (shutting down for a restart, too many
-        followers), counted from the last time it got through; returns the build."""
+        the server or a proxy answers 502, 503 or 504 (a restart), counted
+        from the last time it got through; returns the build. While the
+        server has too many followers (503) but answers for the build, it
+        waits for as long as the build runs."""
         give_up_at, pause = None, 0.2
         while True:
             try:
@@ -4127,11 +4153,15 @@ class Client:
                     return build
                 give_up_at = None
             except (Unreachable, ClientError) as e:
-                if isinstance(e, ClientError) and e.status != 503:
+                if isinstance(e, ClientError) and e.status not in GATEWAY_ERRORS:
                     raise
                 if getattr(e, "got_through", False):  # dropped after it streamed: a new outage
                     give_up_at, pause = None, 0.2
                 offset = getattr(e, "offset", offset)
+                if isinstance(e, ClientError) and e.status == 503:
+                    with contextlib.suppress(Unreachable, ClientError):
+                        self.call("GET", build_path)  # it answers: a full cap, no outage
+                        give_up_at = None  # (a final build's log is no follower's)
                 now = time.monotonic()
                 give_up_at = give_up_at or now + RECONNECT_SECONDS
                 if now >= give_up_at:
@@ -4156,7 +4186,10 @@ def _error_detail(response, data, url, path):
         detail, errors = body["detail"], body.get("errors") or {}
         return detail + "".join(f"\n  {field}: {reason}" for field, reason in errors.items())
     except (ValueError, KeyError, TypeError, AttributeError):
-        return data.decode("utf-8", "replace").strip() or response.reason
+        text = data.decode("utf-8", "replace").strip()
+        if text.startswith("<"):  # a proxy's page, most likely
+            return f"{response.reason} (an HTML page, not buildserver's answer: from a proxy?)"
+        return text or response.reason
 
 
 def _project_spec(spec):
@@ -4249,6 +4282,9 @@ def run_client(args):
         return _fail(str(e), 2)
     if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
         return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
+    for stream in (sys.stdout, sys.stderr):  # a name a Latin-1 terminal cannot show: d\u2713
+        if stream is not None:
+            stream.reconfigure(errors="backslashreplace")
     project = "/api/v1/" + urllib.parse.quote(args.project)
     try:
         if args.command == "run":
@@ -4292,8 +4328,10 @@ def run_client(args):
             return 0
     except ClientError as e:
         detail = "\n".join(map(_printable, e.detail.split("\n")))  # (one reason a line)
-        return _fail(f"the server says ({e.status}): {detail}",
-                     EXIT_REFUSED if e.status in (401, 403) else 1)
+        return _fail(f"the server says ({e.status}): {detail}",  # 429: too many bad tokens
+                     EXIT_REFUSED if e.status in (401, 403, 429) else 1)
+    except AnswerLost as e:
+        return _fail(f"{e}; it may have been done", EXIT_UNKNOWN)
     except Unreachable as e:
         return _fail(str(e), EXIT_UNREACHABLE)
     except (OutputFailed, BrokenPipeError) as e:
@@ -4336,34 +4374,68 @@ def _run_build(client, project, args):
     except ApiError as e:
         return _fail("; ".join(f"--{name.replace('_', '-')} {reason.removesuffix(', or null')}"
                                for name, reason in e.errors.items()), 2)
-    # Only what was given: an empty command or a zero timeout is the server's to refuse.
-    build = client.call("POST", f"{project}/builds",
-                        {k: v for k, v in body.items() if v is not None})
-    path = f"{project}/builds/{build['id']}"
-    if code:
-        client.call("POST", f"{path}/coderef", code)
-    _note(f"build {build['id']}: {client.url}{path}")
-    if args.no_follow:
-        _say(json.dumps(build, indent=2) if args.json else build["id"])
-        return 0
+    if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
+        raise OutputFailed(OSError("standard error is closed"), "the log")
     if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
         signal.signal(signal.SIGTERM, _terminated)
-    try:  # with --json, standard output holds the build's JSON alone
-        if args.json and sys.stderr is None:
-            raise OutputFailed(OSError("standard error is closed"))
+    try:
+        # Only what was given: an empty command or a zero timeout is the server's to refuse.
+        with _signals_held(args.stop_on_interrupt):  # (one that comes meanwhile stops the build)
+            build = client.call("POST", f"{project}/builds",
+                                {k: v for k, v in body.items() if v is not None})
+            path = f"{project}/builds/{build['id']}"
+            _note(f"build {build['id']}: {client.url}{path}")
+        if code:
+            client.call("POST", f"{path}/coderef", code)
+        if args.no_follow:
+            _say(json.dumps(build, indent=2) if args.json else build["id"])
+            return 0
+        # With --json, standard output holds the build's JSON alone.
         out = _LineKeeper((sys.stderr if args.json else sys.stdout).buffer)
         build = client.follow(path, out)
+    except AnswerLost as e:
+        return _fail(f"{e}\nthe build may have been made: see `{sys.argv[0]} builds "
+                     f"{args.project}` before you run it again", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
+        if "path" not in locals():  # (no build was made)
+            return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
         if args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] "):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
             client.call("POST", f"{path}/stop")
             _note(f"build {build['id']}: stop requested")
+        else:
+            _note(f"build {build['id']} runs on; stop it with: {sys.argv[0]} stop "
+                  f"{args.project} {build['id']}")
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
     if args.json:
         _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
-    _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}")
+    why = "" if build["last_status"] == "succeeded" else _why(client, path)
+    _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}{why}")
     return client_exit_code(build)
+
+
+def _why(client, path):
+    """ (what its last status says), when it says something; best effort."""
+    with contextlib.suppress(Unreachable, ClientError, KeyError, TypeError):
+        last = client.call("GET", f"{path}/statuses?limit=1000")["results"][-1]
+        if last["message"]:
+            return f" ({_printable(last['message'])})"
+    return ""
+
+
+@contextlib.contextmanager
+def _signals_held(hold):
+    """SIGINT and SIGTERM wait (if `hold`) until the block is done."""
+    if not hold:
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 class _LineKeeper:
@@ -4436,12 +4508,13 @@ def _client_parsers(commands):
     scripted = argparse.ArgumentParser(add_help=False, parents=[common])
     scripted.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    def add(name, text, json_too=True):
+    def add(name, text, json_too=True, **more):
         return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                                   parents=[scripted if json_too else common])
+                                   parents=[scripted if json_too else common], **more)
 
     r = add("run", "trigger a build, follow its log, and exit with its result "
-                   "(with --json the log goes to standard error)")
+                   "(with --json the log goes to standard error)", epilog=RUN_EXIT_CODES,
+            formatter_class=_KeepsTables)
     r.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
     r.add_argument("--command", dest="command_", metavar="CMD",
                    help="the shell command (default: the project's)")
@@ -4521,6 +4594,15 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default == "" else super()._get_help_string(action)
+
+
+class _KeepsTables(argparse.HelpFormatter):
+    """Text wrapped as usual, but for a table (lines indented), kept as it is."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n  " in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def parser():

@@ -5674,8 +5674,9 @@ def test_run_says_the_end_on_a_line_of_its_own_where_the_log_leaves_one_open(
                               env=environ, stdout=both, stderr=both, timeout=60)
     assert done.returncode == 3
     written = (tmp_path / "both.log").read_bytes()
-    after_log = b"compiling\n50%\r100%\n" + (b"{\n" if json_flag else b"build 1: failed\n")
-    assert after_log in written and written.endswith(b"\nbuild 1: failed\n"), written
+    last = b"build 1: failed (exit code 3)\n"
+    after_log = b"compiling\n50%\r100%\n" + (b"{\n" if json_flag else last)
+    assert after_log in written and written.endswith(b"\n" + last), written
     # Apart, the log stays byte for byte what the build wrote, and the note as it was.
     apart = client(served, "run", "admin/app", *json_flag, "--command", "printf 'no end'")
     assert apart.returncode == 0
@@ -6117,6 +6118,233 @@ def test_a_follow_cut_again_and_again_resumes_each_time(served, monkeypatch):
     assert out.getvalue() == b"".join(b"tick %d\n" % i for i in range(25))
 
 
+class FaultyProxy:
+    """Forwards connections to `port` until `mode` says to fail as a network,
+    or a proxy in front, can:
+    - "silent": every connection open now, and each made meanwhile, carries
+      nothing more and is never closed (a NAT that forgot it, a dead link);
+    - "lose answers": new connections carry their request, then close
+      before any answer comes back;
+    - "gateway": new connections get nginx's HTML 502 (its server restarts);
+    - "slow": answers on new connections come 3 s late.
+    A connection gone silent stays so when the mode changes back to "pass"."""
+
+    GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 157"
+               b"\r\nConnection: close\r\n\r\n<html>\r\n<head><title>502 Bad Gateway</title></head>"
+               b"\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx"
+               b"</center>\r\n</body>\r\n</html>\r\n")
+
+    def __init__(self, port):
+        self.port, self.mode = port, "pass"
+        self.dead = set()  # the connections gone silent
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://%s:%d" % self.listener.getsockname()
+        self.open = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def set(self, mode):
+        if mode == "silent":
+            self.dead.update(self.open)
+        self.mode = mode
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                near, _ = self.listener.accept()
+                self.open.append(near)
+                mode = self.mode
+                if mode == "silent":
+                    self.dead.add(near)
+                    continue  # (held open, never read)
+                if mode == "gateway":
+                    with contextlib.suppress(OSError):
+                        near.recv(65536)
+                        near.sendall(self.GATEWAY)
+                    near.close()
+                    continue
+                far = socket.create_connection(("127.0.0.1", self.port))
+                threading.Thread(target=self._pipe, args=(near, far, near), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(far, near, near, mode),
+                                 daemon=True).start()
+
+    def _pipe(self, source, sink, near, mode="pass"):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if near in self.dead:
+                    continue
+                if mode == "lose answers":
+                    near.shutdown(socket.SHUT_RDWR)
+                    near.close()
+                    return
+                if mode == "slow":
+                    time.sleep(3)
+                sink.sendall(data)
+
+    def close(self):
+        self.listener.close()
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def follow_in_a_thread(url, token, path, out, timeout=30.0):
+    """Client.follow in a thread: (the thread, a list that gets its build or error)."""
+    result = []
+
+    def follow():
+        try:
+            result.append(buildserver.Client(url, token, timeout).follow(path, out))
+        except Exception as e:  # noqa: BLE001 (the test looks at it)
+            result.append(e)
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    return thread, result
+
+
+@pytest.mark.parametrize("fault", ["silent", "gateway"])
+def test_a_follow_outlasts_a_dead_link_and_a_proxys_502_and_loses_no_byte(served, fault):
+    # nginx's 502 while its server restarted ended the follow at once, with
+    # exit 1 and the HTML page as the reason. (A link gone silent is taken
+    # for one that dropped once the client's timeout passes: 1 s here.)
+    proxy = FaultyProxy(served.port)
+    try:
+        _, build = served.json("POST", "/api/v1/admin/app/builds", {
+            "command": "echo start; sleep 3; echo end"})
+        path = f"/api/v1/admin/app/builds/{build['id']}"
+        out = io.BytesIO()
+        thread, result = follow_in_a_thread(proxy.url, served.token, path, out, timeout=1.0)
+        wait_until(lambda: out.getvalue() == b"start\n", message="the first line")
+        proxy.set(fault)
+        time.sleep(1.5)  # (through a fault, not around it)
+        proxy.set("pass")
+        thread.join(30)
+        assert not thread.is_alive(), "the follow hangs"
+    finally:
+        proxy.close()
+    assert isinstance(result[0], dict) and result[0]["last_status"] == "succeeded", result
+    assert out.getvalue() == b"start\nend\n"
+
+
+def test_a_follow_waits_out_a_full_follower_cap_while_its_build_runs(server_factory,
+                                                                      monkeypatch):
+    # The 503 of a full cap counted as an outage: after 60 s `run` exited 1,
+    # "the server says (503)", while its build ran on and succeeded.
+    monkeypatch.setattr(buildserver, "RECONNECT_SECONDS", 1.0)
+    server = server_factory("--threads", "4", "--workers", "3")  # two may follow
+    assert server.json("POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    builds = "/api/v1/admin/app/builds"
+    holders = [f"{builds}/{server.json('POST', builds, {'command': 'sleep 30'})[1]['id']}"
+               for _ in range(2)]
+    _, build = server.json("POST", builds, {"command": "echo a; sleep 3; echo b"})
+    url = f"http://{server.host}:{server.port}"
+    held = [follow_in_a_thread(url, server.token, path, io.BytesIO()) for path in holders]
+
+    def cap_full():
+        sock = raw_request_head(server.host, server.port, "GET",
+                                f"{builds}/{build['id']}/logs?follow=1",
+                                {"Authorization": f"Token {server.token}"})
+        try:
+            return " 503 " in read_status_line(sock, time.monotonic() + 10)
+        finally:
+            sock.close()
+    wait_until(cap_full, message="a full cap")
+    out = io.BytesIO()
+    thread, result = follow_in_a_thread(url, server.token, f"{builds}/{build['id']}", out)
+    thread.join(30)
+    for path in holders:
+        server.json("POST", path + "/stop")
+    for holder, _ in held:
+        holder.join(30)
+    assert isinstance(result[0], dict) and result[0]["last_status"] == "succeeded", result
+    assert out.getvalue() == b"a\nb\n"
+
+
+def test_a_create_whose_answer_is_lost_is_no_reason_to_try_again(served):
+    # It said "cannot reach" and exited 75 (EX_TEMPFAIL: try again): a
+    # wrapper that did deployed twice. The build had been made, and ran.
+    proxy = FaultyProxy(served.port)
+    proxy.set("lose answers")
+    try:
+        done = client(served, "run", "admin/app", "--command", "echo ran",
+                      env={"BUILDSERVER_URL": proxy.url})
+    finally:
+        proxy.close()
+    assert done.returncode == buildserver.EXIT_UNKNOWN, done
+    assert b"may have been made" in done.stderr and b"builds admin/app" in done.stderr, done
+    assert served.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 1
+
+
+def test_a_sigterm_while_the_build_is_created_still_stops_it(served):
+    # --stop-on-interrupt took effect once the create had answered: a CI job
+    # cancelled meanwhile ended `run` at once, and its build ran on, its id unsaid.
+    proxy = FaultyProxy(served.port)
+    proxy.set("slow")
+    try:
+        run = subprocess.Popen(
+            [sys.executable, SCRIPT, "run", "admin/app", "--stop-on-interrupt", "--command",
+             "sleep 30"], env={**os.environ, "BUILDSERVER_URL": proxy.url,
+                               "BUILDSERVER_TOKEN": served.token},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_until(lambda: served.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 1,
+                   message="the build made")
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        proxy.close()
+    assert run.returncode == buildserver.EXIT_TERMINATED, err
+    assert b"stop requested" in err, err
+    build = served.json("GET", "/api/v1/admin/app/builds/1")[1]
+    assert build["last_status"] in ("stopping", "stopped"), build
+
+
+def test_the_client_prints_what_a_terminal_of_another_encoding_cannot_show_escaped(served):
+    # Under a Latin-1 locale, `status` and `builds` ended in a UnicodeEncodeError
+    # traceback, exit 1 ("the server refused").
+    assert served.json("POST", "/api/v1/admin/app/builds",
+                       {"command": "true", "tags": ["d\u00eda\u2713"]})[0] == 201
+    for args in (["status", "admin/app"], ["builds", "admin/app"]):
+        done = client(served, *args, env={"PYTHONIOENCODING": "latin-1"})
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done
+        assert b"d\xeda\\u2713" in done.stdout, done.stdout
+
+
+def test_run_json_with_standard_error_closed_makes_no_build(served):
+    # The log goes to standard error with --json: it made the build, then
+    # exited 74 and left it running, unfollowed.
+    done = client(served, "run", "admin/app", "--json", "--command", "echo hi",
+                  preexec_fn=lambda: os.close(2), stderr=None)
+    assert done.returncode == buildserver.EXIT_OUTPUT_FAILED, done
+    assert served.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 0
+
+
+def test_run_says_why_a_build_did_not_succeed(served):
+    # It said "build 1: failed", and a CI log never told of the timeout.
+    done = client(served, "run", "admin/app", "--timeout", "1", "--command", "sleep 5")
+    assert done.returncode == 1, done
+    assert done.stderr.decode().rstrip().endswith("build 1: failed (timed out after 1 s)"), done
+
+
+def test_a_client_throttled_for_its_bad_tokens_exits_as_refused(server_factory):
+    server = server_factory("--auth-burst", "2")
+    codes = [client(server, "builds", "admin/app", token="not-a-token").returncode
+             for _ in range(4)]
+    assert codes == [buildserver.EXIT_REFUSED] * 4, codes  # 401, 401, then 429s
+
+
+def test_run_interrupted_without_a_terminal_says_the_build_runs_on(served):
+    # Ctrl-C (SIGINT) with no terminal to ask on leaves the build running:
+    # it said nothing, and the build's id had scrolled away.
+    run = start_client(served, "run", "admin/app", "--command", "echo up; sleep 30")
+    try:
+        wait_until(lambda: run.stdout.read(3) == b"up\n", message="the log")
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == buildserver.EXIT_INTERRUPTED, err
+        assert b"build 1 runs on; stop it with: " in err and b"stop admin/app 1" in err, err
+    finally:
+        served.json("POST", "/api/v1/admin/app/builds/1/stop")
+
+
 def without_output(stdout, *args):
     """`python buildserver.py ARGS` whose standard output is a full disk, or closed."""
     with open("/dev/full", "w") as full:
@@ -6215,6 +6443,12 @@ def test_a_token_that_waits_to_be_printed_holds_up_no_write_of_the_server(server
 
 def test_the_help_says_that_serve_is_the_default_command():
     assert "is `buildserver.py serve --port 9000`" in cli("--help").stdout.replace("\n", " ")
+
+
+def test_run_help_lists_every_exit_code_the_client_has():
+    shown = cli("run", "--help").stdout
+    codes = {value for name, value in vars(buildserver).items() if name.startswith("EXIT_")}
+    assert codes and all(re.search(rf"^  (\S+, )?{code}\b", shown, re.M) for code in codes), shown
 
 
 def test_follow_survives_a_server_restart_without_losing_or_repeating_output(tmp_path):
