@@ -923,13 +923,14 @@ class Store:
     def _update(self, table, row_id, fields, json_columns):
         """Set validated `fields` (plus updated_at) of a row; `json_columns` maps
         the JSON columns to what null stands for."""
-        values = {**fields, "updated_at": now_iso()}
+        values = {**fields, "updated_at": None}
         for column, empty in json_columns.items():
             if column in values:
                 values[column] = json.dumps(values[column] or empty)
         # The table and column names come from this module, never from a request.
         assignments = ", ".join(f"{column} = :{column}" for column in values)
         with self.db.write() as c:
+            values["updated_at"] = now_iso()  # (under the write lock, as statuses are)
             c.execute(f"UPDATE {table} SET {assignments} WHERE id = :id", {**values, "id": row_id})
 
     def delete_project(self, project_id):
@@ -2336,10 +2337,13 @@ def too_large(limit):
     return f"The request body is larger than the limit of {limit} bytes."
 
 
+JSON_SPACE = b" \t\r\n"  # (bytes.strip() takes \x0b and \x0c too, which JSON does not)
+
+
 def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
     """The body as a JSON object."""
     body = read_body(limit)
-    if not body.strip() and empty_ok:
+    if not body.strip(JSON_SPACE) and empty_ok:
         return {}
     try:
         data = json.loads(body, object_pairs_hook=_object_once)
@@ -2363,7 +2367,7 @@ def refuse_body():
     say) would be silently ignored, so anything but nothing, `{}` or `null`
     gets 400."""
     body = read_body(JSON_BODY_LIMIT)
-    if body.strip():
+    if body.strip(JSON_SPACE):
         try:
             empty = json.loads(body) in ({}, None)
         except (ValueError, RecursionError):
@@ -2921,7 +2925,8 @@ def token_required(app):
     def decorate(handler):
         @functools.wraps(handler)
         def wrapper(**params):
-            if params.get("username") in RESERVED_USERNAMES:  # e.g. /api/v1/health/x
+            if params.get("username") in RESERVED_USERNAMES and \
+                    bottle.request.route.rule.startswith("/api/v1/<username>"):  # /api/v1/health/x
                 raise ApiError(404, _no_endpoint(bottle.request.path))
             user = authenticate(app.store, app.throttle)
             username = params.get("username")
@@ -3263,7 +3268,7 @@ def make_routes(app):
         number = whole_number(status_id)
         entry = None
         if _is_status_id(status_id):
-            entry = store.status(build["id"], number=number, uuid=status_id)
+            entry = store.status(build["id"], number=number, uuid=status_id.lower())
         if entry is None:
             raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
         return status_json(entry, build["number"])
@@ -3391,12 +3396,15 @@ def make_routes(app):
     ]
     document = openapi_document(routes)
     web = bottle.Bottle()
-    # The fixed paths share their level with /<username>: without these, POST
-    # /api/v1/health would be create_project for a user called "health". (First:
-    # Bottle tries the routes with parameters in the order they were added.)
-    for path in sorted({r.path for r in routes if not r.path.startswith("/api/v1/<")}):
+    # Fixed paths that a path with parameters would match too: without these,
+    # POST /api/v1/health would be create_project for a user called "health",
+    # and GET .../builds/invalidate a build called "invalidate". (First: Bottle
+    # tries the routes with parameters in the order they were added.)
+    paths = {r.path for r in routes}
+    for path in sorted(p for p in paths if _shadowed(p, paths)):
         allowed = _allowed(r.method for r in routes if r.path == path)
-        others = [m for m in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS") if m not in allowed]
+        others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+                  if m not in allowed]
         web.route(path, others, _answering(app, functools.partial(_not_allowed, allowed)))
     for route in routes:
         web.route(route.path, route.method, _answering(app, route.handler),
@@ -3404,6 +3412,14 @@ def make_routes(app):
     web.default_error_handler = _error_page
     web.routes_table = routes
     return web
+
+
+def _shadowed(path, paths):
+    """Whether another of `paths` has a parameter where `path` has a name."""
+    mine = path.split("/")
+    return any(len(other) == len(mine) and other != mine and
+               all(o == m or o.startswith("<") for o, m in zip(other, mine))
+               for other in (p.split("/") for p in paths))
 
 
 def _allowed(methods):
@@ -3506,7 +3522,7 @@ def _methods_that_answer(request, methods):
 
 def _is_status_id(text):
     """A status's number within its build, or its uuid."""
-    return whole_number(text) is not None or re.fullmatch(r"[0-9a-f]{32}", text) is not None
+    return whole_number(text) is not None or re.fullmatch(r"[0-9a-fA-F]{32}", text) is not None
 
 
 def _json_log_text(body):
@@ -3785,8 +3801,10 @@ def _channel_class():
             super().parse_header(header_plus)
             # Framed both ways, what follows its chunks is another request to
             # the server, and its body to a proxy that trusts the length: the
-            # connection ends with the answer (RFC 9112, 6.3).
-            self.framed_twice = self.chunked and "CONTENT_LENGTH" in self.headers
+            # connection ends with the answer (RFC 9112, 6.3). So does one of
+            # HTTP/1.0 with chunks, which waitress reads by its length (6.1).
+            self.badly_framed = (self.chunked and "CONTENT_LENGTH" in self.headers
+                                 or self.version == "1.0" and "TRANSFER_ENCODING" in self.headers)
             self.body_refused = self.content_length > body_limit(self.path)
             if self.body_refused:
                 self.body_rcv = None  # so the request is complete without its body
@@ -3809,7 +3827,7 @@ def _channel_class():
             if getattr(self.request, "body_refused", False):  # its unread body must not
                 super().set_close_on_finish()                 # be taken for requests
                 self.channel.drain_before_closing(self.request.content_length)
-            elif getattr(self.request, "framed_twice", False):
+            elif getattr(self.request, "badly_framed", False):
                 super().set_close_on_finish()
             self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
                                   self.request.headers.get("CONNECTION", "").lower() != "close")
@@ -4753,7 +4771,7 @@ def backup(db_path, dest):
         return _fail(missing, 2)
     if os.path.isdir(dest) or dest.endswith(os.sep):
         return _fail(f"{dest} is a folder: name the file to write, e.g. "
-                     f"{os.path.join(dest, 'buildserver.db')}", 2)
+                     f"{os.path.join(dest, DB_FILE)}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
     if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]):

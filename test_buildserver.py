@@ -923,6 +923,48 @@ def test_stop_of_a_scheduled_build_stops_it_at_once(idle, suffix):
     assert ok(call(idle.web, "GET", url, idle.alice)) == stopped
 
 
+@pytest.mark.parametrize("route, method", [("/builds", "POST"), ("", "PATCH"),
+                                           ("/builds/1", "PATCH"), ("/builds/1/coderef", "POST")])
+@pytest.mark.parametrize("body", [b"\x0b", b"\x0c", b" \x0c\n"])
+def test_a_body_of_what_json_does_not_call_space_is_no_empty_body(web, alice, project, route,
+                                                                  method, body):
+    # bytes.strip() takes \x0b and \x0c for space: such a body made a build,
+    # or wiped a build's code reference, as an empty one would.
+    unmanaged(web, alice, project)
+    ok(call(web, "POST", project + "/builds/1/coderef", alice, {"commit": "abcd1234"}), 201)
+    before = ok(call(web, "GET", project + "/builds/1/coderef", alice))
+    res = call(web, method, project + route, alice, body=body, content_type="application/json")
+    assert_error(res, 400)
+    assert res.json["detail"] == "The request body is not valid JSON."
+    assert ok(call(web, "GET", project + "/builds/1/coderef", alice)) == before
+    assert ok(call(web, "GET", project + "/builds", alice))["count"] == 1
+
+
+def test_a_status_is_found_by_its_uuid_in_capitals_too(web, alice, project):
+    unmanaged(web, alice, project)
+    entry = ok(call(web, "POST", project + "/builds/1/statuses", alice, {"status": "running"}), 201)
+    found = ok(call(web, "GET", f"{project}/builds/1/statuses/{entry['uuid'].upper()}", alice))
+    assert found["uuid"] == entry["uuid"]
+
+
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE"])
+def test_other_methods_on_the_project_wide_invalidate_are_405_not_a_build_named_so(
+        web, alice, project, method):
+    res = call(web, method, project + "/builds/invalidate", alice)
+    assert_error(res, 405)
+    assert res.headers["Allow"] == "POST"
+
+
+def test_bookmarks_of_a_reserved_name_ask_for_a_token_first_and_then_name_no_user(
+        web, alice, admin):
+    # It was "There is no endpoint at ...", before any token was asked for.
+    assert_error(call(web, "GET", "/api/v1/bookmarks/health/builds"), 401)
+    assert_error(call(web, "GET", "/api/v1/bookmarks/health/builds", alice), 403)
+    res = call(web, "GET", "/api/v1/bookmarks/health/builds", admin)
+    assert_error(res, 404)
+    assert res.json["detail"] == "There is no user 'health'."
+
+
 def test_stop_of_a_created_unmanaged_build_stops_it_at_once(web, alice, project):
     unmanaged(web, alice, project)
     stopped = ok(call(web, "POST", project + "/builds/1/stop", alice))
@@ -7016,7 +7058,12 @@ def test_page_links_without_a_usable_host_name_the_address_the_client_reached(
     assert page["next"] == f"http://{server.host}:{server.port}/api/v1/admin?limit=1&offset=1"
 
 
-def test_a_request_framed_both_by_length_and_by_chunks_ends_its_connection(server_factory):
+@pytest.mark.parametrize("first", [
+    b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n",
+    # RFC 9112, 6.1: HTTP/1.0 has no chunks; waitress reads it by its length.
+    b"GET /api/v1/health HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 0\r\n"])
+def test_a_request_framed_both_by_length_and_by_chunks_ends_its_connection(server_factory,
+                                                                           first):
     # RFC 9112, 6.3: a proxy that framed it by its Content-Length would take
     # what follows the chunks for the body, and the server for a request of its own.
     server = server_factory()
@@ -7027,14 +7074,14 @@ def test_a_request_framed_both_by_length_and_by_chunks_ends_its_connection(serve
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     sock = socket.create_connection((server.host, server.port), timeout=10)
     try:
-        sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+        sock.sendall(first + b"Transfer-Encoding: chunked\r\n\r\n" +
+                     (b"0\r\n\r\n" if b"1.1" in first else b"") + smuggled)
         answers = b""
         while chunk := sock.recv(65536):
             answers += chunk
     finally:
         sock.close()
-    assert answers.count(b"HTTP/1.1 ") == 1, answers
+    assert len(re.findall(rb"HTTP/1\.[01] \d\d\d ", answers)) == 1, answers
     assert server.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 0
 
 
