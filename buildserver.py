@@ -1901,7 +1901,7 @@ class Runner:
         flush_at = kill_at = drain_until = seek_at = None
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
-        stopping = False
+        stopping = escaped_killed = False
         while not (eof and job.exited):
             now = time.monotonic()
             deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at,
@@ -1953,7 +1953,16 @@ class Runner:
                         # as its own group: a stop's grace goes on, an end is an end
                         _killpg(group, signal.SIGTERM if stopping else signal.SIGKILL)
             if drain_until is not None and now >= drain_until:
-                break  # something outside the group holds the pipe open
+                if stopping and now < job.grace_ends:
+                    # A group it made holds the pipe and has the rest of the grace:
+                    # the build is not over (nor its worker free) until it ends.
+                    drain_until = job.grace_ends
+                elif stopping and not escaped_killed:
+                    for group in _groups_escaped(proc.pid, job.build["uuid"]):
+                        _killpg(group, signal.SIGKILL)
+                    escaped_killed, drain_until = True, now + DRAIN_SECONDS
+                else:
+                    break  # something outside the build's groups holds the pipe open
             if filled and (filled >= LOG_CHUNK or eof or now >= flush_at):
                 dropping = self._flush(job, view[:filled])
                 filled, flush_at = 0, None

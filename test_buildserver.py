@@ -4695,6 +4695,41 @@ def test_a_start_that_cannot_write_beside_the_database_never_calls_it_no_databas
     assert refused.returncode == 1 and "is not a SQLite database" in refused.stderr, refused
 
 
+NEW_GROUP = (  # `sh -c CMD` in a process group of its own, in the build's session (no setsid)
+    "python3 -c 'import os, sys; os.setpgid(0, 0); os.execvp(\"sh\", [\"sh\", \"-c\", sys.argv[1]])'")
+
+
+@pytest.mark.parametrize("how", ["stop", "timeout"])
+def test_a_stopped_build_stays_stopping_while_a_group_it_made_holds_its_output(
+        server_factory, how):
+    # It read `stopped` a second after the stop while that group ran on to the
+    # end of the grace, and its worker stayed busy: a scheduled build waited
+    # with nothing running.
+    server = server_factory("--workers", "1", "--stop-grace", "4")
+    project_path = admin_project(server)
+    holder = NEW_GROUP + " \"trap '' TERM; sleep 60\" & echo up; sleep 60"
+    _, build = server.json("POST", project_path + "/builds", {
+        "command": holder, **({"timeout": 1} if how == "timeout" else {})})
+    path = f"{project_path}/builds/{build['id']}"
+    marker = f"BUILD_UUID={build['uuid']}"
+    try:
+        server_wait_for_log(server, path, b"up")
+        wait_until(lambda: len(pids_with_marker(marker)) >= 3, message="the group made")
+        if how == "stop":
+            assert server.json("POST", path + "/stop")[1]["last_status"] == "stopping"
+        _, waiting = server.json("POST", project_path + "/builds", {"command": "true"})
+        ended = server_final_build(server, path, timeout=30)
+        assert not pids_with_marker(marker), "final while a process of it runs"
+        assert ended["last_status"] == ("stopped" if how == "stop" else "failed"), ended
+        history = server.json("GET", path + "/statuses")[1]["results"]
+        assert [s["status"] for s in history][-2:] == ["stopping", ended["last_status"]]
+        # It held its worker until then, and no longer.
+        assert server_final_build(server, f"{project_path}/builds/{waiting['id']}")[
+            "started_at"] >= ended["finished_at"]
+    finally:
+        kill_marked(marker)
+
+
 def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_path):
     server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGHUP,
                                                                      signal.SIG_IGN)).start()
