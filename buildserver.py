@@ -5172,14 +5172,14 @@ const timeText = (iso, long) => long ? `${parseTime(iso).toLocaleString()} (${ag
 
 function when(iso, long) {
   if (!iso) return h('span', {class: 'muted'}, '—');
-  return h('time', {datetime: iso, title: parseTime(iso).toLocaleString(), 'data-long': long},
-           timeText(iso, long));
+  return h('time', {datetime: iso, title: parseTime(iso).toLocaleString(), 'data-ago': true,
+                    'data-long': long}, timeText(iso, long));
 }
 
 // A list is drawn again only when it changes: its "just now" would stay for hours.
 setInterval(() => {
   if (document.hidden) return;
-  for (const t of document.querySelectorAll('time[datetime]')) {
+  for (const t of document.querySelectorAll('time[data-ago]')) {   // (not a timeline's clock times)
     const text = timeText(t.getAttribute('datetime'), t.hasAttribute('data-long'));
     if (t.textContent !== text) t.textContent = text;
   }
@@ -5387,7 +5387,7 @@ function pager(hrefFor, offset, count, newer, older) {
   const last = Math.min(offset + PAGE, count);
   const lastPage = Math.max(0, Math.ceil(count / PAGE) - 1) * PAGE;  // (an old link may point past it)
   return h('nav', {class: 'pager', 'aria-label': 'Pages'},
-    offset > 0 ? h('a', {id: 'page-prev', href: hrefFor(Math.min(offset - PAGE, lastPage))}, `← ${newer}`) : h('span'),
+    offset > 0 ? h('a', {id: 'page-prev', href: hrefFor(Math.max(0, Math.min(offset - PAGE, lastPage)))}, `← ${newer}`) : h('span'),
     h('span', {class: 'muted'}, !count ? '' : offset < count ? `${offset + 1}–${last} of ${count}` : `${count} in all`),
     last < count ? h('a', {id: 'page-next', href: hrefFor(offset + PAGE)}, `${older} →`) : h('span'));
 }
