@@ -4028,7 +4028,8 @@ RUN_EXIT_CODES = """exit codes:
   2        the command line is wrong, or no token is given
   74       the log cannot be written where it goes
   75       the server cannot be reached: nothing was done
-  76       the create's answer was lost: the build may have been made
+  76       the build's outcome is unknown: the create's answer was lost,
+           or the server was lost while following it (it says which)
   77       the server refuses the token
   130, 143 Ctrl-C, or SIGTERM with --stop-on-interrupt
   141      the log's reader went away (| head)"""
@@ -4122,6 +4123,9 @@ class Client:
             except self._dropped:
                 data = b""
             conn.close()
+            if method == "POST" and response.status in (502, 504):  # buildserver sends neither
+                raise AnswerLost(f"{method} {self.url}{path}: {response.status} {response.reason}"
+                                 " from a proxy, which got no answer in time")
             raise ClientError(response.status, _error_detail(response, data, self.url + path, path))
         return conn, response
 
@@ -4131,7 +4135,8 @@ class Client:
         try:
             return json.loads(response.read())
         except self._dropped + (ValueError,) as e:  # ValueError: not JSON, an answer cut short
-            raise Unreachable(f"the connection to {self.url} broke: {e}") from None
+            lost = AnswerLost if method == "POST" else Unreachable
+            raise lost(f"the connection to {self.url} broke: {e}") from None
         finally:
             conn.close()
 
@@ -4211,7 +4216,8 @@ def _error_detail(response, data, url, path):
     try:
         body = json.loads(data)
         detail, errors = body["detail"], body.get("errors") or {}
-        return detail + "".join(f"\n  {field}: {reason}" for field, reason in errors.items())
+        return detail + "".join(f"\n  {field}: {reason}" for field, reason in errors.items()
+                                if str(reason) not in detail)  # (not the sentence again)
     except (ValueError, KeyError, TypeError, AttributeError):
         text = data.decode("utf-8", "replace").strip()
         if text.startswith("<"):  # a proxy's page, most likely
@@ -4354,8 +4360,7 @@ def run_client(args):
                 client.stream_log(path, 0, sys.stdout.buffer, follow=False)
             return 0
     except ClientError as e:
-        detail = "\n".join(map(_printable, e.detail.split("\n")))  # (one reason a line)
-        return _fail(f"the server says ({e.status}): {detail}",  # 429: too many bad tokens
+        return _fail(f"the server says ({e.status}): {e.detail}",  # 429: too many bad tokens
                      EXIT_REFUSED if e.status in (401, 403, 429) else 1)
     except AnswerLost as e:
         return _fail(f"{e}; it may have been done", EXIT_UNKNOWN)
@@ -4405,11 +4410,12 @@ def _run_build(client, project, args):
         raise OutputFailed(OSError("standard error is closed"), "the log")
     if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
         signal.signal(signal.SIGTERM, _terminated)
+    made = None
     try:
         # Only what was given: an empty command or a zero timeout is the server's to refuse.
         with _signals_held(args.stop_on_interrupt):  # (one that comes meanwhile stops the build)
-            build = client.call("POST", f"{project}/builds",
-                                {k: v for k, v in body.items() if v is not None})
+            build = made = client.call("POST", f"{project}/builds",
+                                       {k: v for k, v in body.items() if v is not None})
             path = f"{project}/builds/{build['id']}"
             _note(f"build {build['id']}: {client.url}{path}")
         if code:
@@ -4420,26 +4426,41 @@ def _run_build(client, project, args):
         # With --json, standard output holds the build's JSON alone.
         out = _LineKeeper((sys.stderr if args.json else sys.stdout).buffer)
         build = client.follow(path, out)
-    except AnswerLost as e:
-        return _fail(f"{e}\nthe build may have been made: see `{sys.argv[0]} builds "
-                     f"{args.project}` before you run it again", EXIT_UNKNOWN)
+    except Unreachable as e:
+        if made is None and not isinstance(e, AnswerLost):
+            raise  # nothing was made
+        return _fail(f"{e}\n{_whereabouts(made, args.project)}", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
-        if "path" not in locals():  # (no build was made)
-            return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
-        if args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] "):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
+        code = EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+        if made is None:
+            _note(f"interrupted while the build was being made: {_whereabouts(None, args.project)}")
+            return code
+        if not (args.stop_on_interrupt or _ask(f"\nStop build {made['id']}? [y/N] ")):
+            _note(f"build {made['id']} runs on; stop it with: {sys.argv[0]} stop "
+                  f"{args.project} {made['id']}")
+            return code
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
+        try:
             client.call("POST", f"{path}/stop")
-            _note(f"build {build['id']}: stop requested")
-        else:
-            _note(f"build {build['id']} runs on; stop it with: {sys.argv[0]} stop "
-                  f"{args.project} {build['id']}")
-        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+            _note(f"build {made['id']}: stop requested")
+        except (Unreachable, ClientError) as e:
+            _note(f"build {made['id']}: its stop could not be asked for ({e}); it may run on")
+        return code
     # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
     if args.json:
         _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
     why = "" if build["last_status"] == "succeeded" else _why(client, path)
     _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}{why}")
     return client_exit_code(build)
+
+
+def _whereabouts(build, project):
+    """What is known of a build whose outcome `run` cannot tell."""
+    if build is None:
+        return (f"the build may have been made: see `{sys.argv[0]} builds {project}` "
+                "before you run it again")
+    return (f"build {build['id']} was made, and may still run: see `{sys.argv[0]} status "
+            f"{project} {build['id']}`")
 
 
 def _why(client, path):
@@ -4917,7 +4938,9 @@ def _show_token(*lines):
 
 
 def _fail(message, code):
-    _note(f"buildserver: {message}")
+    """Say why on standard error, as a terminal may show it (what a server, a
+    proxy or the network said may hold escapes); returns `code`."""
+    _note("\n".join(map(_printable, f"buildserver: {message}".split("\n"))))
     return code
 
 
