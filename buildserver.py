@@ -174,7 +174,10 @@ def hash_token(token):
 
 
 def fresh_token():
-    return secrets.token_urlsafe(32)
+    """A new token; never one that starts with "-", which `--token` would take for an option."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
 
 
 class ApiError(Exception):
@@ -1953,12 +1956,14 @@ class Runner:
                         # as its own group: a stop's grace goes on, an end is an end
                         _killpg(group, signal.SIGTERM if stopping else signal.SIGKILL)
             if drain_until is not None and now >= drain_until:
-                if stopping and now < job.grace_ends:
-                    # A group it made holds the pipe and has the rest of the grace:
-                    # the build is not over (nor its worker free) until it ends.
+                escaped = _groups_escaped(proc.pid, job.build["uuid"]) \
+                    if stopping and not escaped_killed else set()
+                if escaped and now < job.grace_ends:
+                    # A group it made still runs (with the pipe, most likely) and has
+                    # the rest of the grace: the build is not over until it ends.
                     drain_until = job.grace_ends
-                elif stopping and not escaped_killed:
-                    for group in _groups_escaped(proc.pid, job.build["uuid"]):
+                elif escaped:
+                    for group in escaped:
                         _killpg(group, signal.SIGKILL)
                     escaped_killed, drain_until = True, now + DRAIN_SECONDS
                 else:

@@ -4730,6 +4730,23 @@ def test_a_stopped_build_stays_stopping_while_a_group_it_made_holds_its_output(
         kill_marked(marker)
 
 
+def test_a_stop_waits_out_no_grace_for_a_daemon_that_left_with_the_output(server_factory):
+    # Only a group of the build's own keeps it `stopping`: one that left the
+    # session (setsid) is not the build's to end, and the stop waited the
+    # whole grace for it, holding the worker.
+    server = server_factory("--stop-grace", "60")
+    project_path = admin_project(server)
+    _, build = server.json("POST", project_path + "/builds",
+                           {"command": "setsid sleep 300 & echo up; sleep 100"})
+    path = f"{project_path}/builds/{build['id']}"
+    try:
+        server_wait_for_log(server, path, b"up")
+        server.json("POST", path + "/stop")
+        assert server_final_build(server, path, timeout=30)["last_status"] == "stopped"
+    finally:
+        kill_marked(f"BUILD_UUID={build['uuid']}")
+
+
 def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_path):
     server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGHUP,
                                                                      signal.SIG_IGN)).start()
@@ -6383,8 +6400,8 @@ def test_run_that_loses_the_server_while_following_says_the_build_was_made(
     cutter = threading.Thread(target=cut_once_running, daemon=True)
     cutter.start()
     try:
-        code = buildserver.main(["run", "admin/app", "--url", proxy.url, "--token",
-                                 served.token, "--command", "echo up; sleep 30"])
+        code = buildserver.main(["run", "admin/app", "--url", proxy.url,
+                                 "--token=" + served.token, "--command", "echo up; sleep 30"])
         cutter.join(30)
     finally:
         proxy.close()
