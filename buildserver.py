@@ -678,6 +678,11 @@ class Database:
             conn.execute("PRAGMA page_size = 16384")
         conn.execute("PRAGMA journal_mode = WAL")
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        if version == 8 and not conn.execute(
+                "SELECT count(*) FROM pragma_table_info('server_process')"
+                " WHERE name = 'pid_namespace'").fetchone()[0]:
+            with self.write() as c:  # migration 8 as 465c72c made it (see migration 9)
+                c.execute("ALTER TABLE server_process ADD COLUMN pid_namespace TEXT")
         for number in sorted(n for n in migrations if n > version):
             with self.write() as c:
                 if c.execute("PRAGMA user_version").fetchone()[0] >= number:
@@ -1698,7 +1703,7 @@ class Runner:
         if before is None:
             return False
         pid, started, its_namespace = before
-        if its_namespace != namespace:  # another container's, say: no telling, nor killing
+        if its_namespace is not None and its_namespace != namespace:  # (None: not recorded)  # another container's, say: no telling, nor killing
             log.warning("the server that last used this database ran in another pid namespace: "
                         "the processes of its builds are left alone")
             return True

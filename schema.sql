@@ -145,3 +145,10 @@ INSERT INTO project_ids SELECT coalesce(max(id), 0) + 1 FROM projects;
 -- say) finds the live one here, still running: the builds its rows call
 -- `running` are the live one's, and their processes are not the copy's to kill.
 CREATE TABLE server_process (pid INTEGER NOT NULL, started TEXT, pid_namespace TEXT);
+
+-- migration 9
+-- No change of its own. Migration 8 was first released without
+-- server_process.pid_namespace (in 465c72c), and a file that release made
+-- says version 8 all the same: a start adds the column where it is missing
+-- (Database._migrate). This number makes that release refuse a file it
+-- would misread, as every older one refuses a newer file.

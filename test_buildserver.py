@@ -4747,6 +4747,36 @@ def test_a_stop_waits_out_no_grace_for_a_daemon_that_left_with_the_output(server
         kill_marked(f"BUILD_UUID={build['uuid']}")
 
 
+def test_a_database_migrated_by_the_first_release_of_migration_8_starts_and_kills_leftovers(
+        server_factory, tmp_path):
+    # 465c72c made migration 8 without server_process.pid_namespace, which was
+    # added to it later, in place: a file it migrated said 8 all the same, and
+    # no start could use it ("no such column: pid_namespace").
+    data_dir = tmp_path / "first8"
+    server = server_factory(data_dir=data_dir)
+    project_path = admin_project(server)
+    _, build = server.json("POST", project_path + "/builds", {"command": "echo up; sleep 60"})
+    marker = f"BUILD_UUID={build['uuid']}"
+    try:
+        server_wait_for_log(server, f"{project_path}/builds/{build['id']}", b"up")
+        server.proc.kill()  # as that release, killed: it recorded no namespace
+        server.wait()
+        with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
+            db.execute("ALTER TABLE server_process DROP COLUMN pid_namespace")
+            db.execute("PRAGMA user_version = 8")
+            db.commit()
+        restarted = server_factory(data_dir=data_dir)
+        restarted.token = server.token
+        assert server_final_build(restarted, f"{project_path}/builds/{build['id']}")[
+            "last_status"] == "failed"
+        wait_gone(marker)  # (no namespace recorded is no other container's)
+        with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 9
+            assert db.execute("SELECT pid_namespace FROM server_process").fetchone()[0]
+    finally:
+        kill_marked(marker)
+
+
 def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_path):
     server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGHUP,
                                                                      signal.SIG_IGN)).start()
