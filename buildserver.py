@@ -127,6 +127,7 @@ RESERVED_USERNAMES = {"health", "users", "openapi.json", "bookmarks"}
 ###############################################################################
 
 DB_FILE = "buildserver.db"  # in the data folder, beside workspaces/
+SERVE_LOCK = "serve.lock"    # there too: held by the server that uses the folder
 
 
 @dataclasses.dataclass
@@ -1119,6 +1120,28 @@ class Store:
         return dict(self.db.all("SELECT uuid, pgid FROM builds WHERE pgid IS NOT NULL AND uuid IN"
                                 " (SELECT value FROM json_each(?))", (json.dumps(list(uuids)),)))
 
+    def backup_taken(self):
+        """When `backup` copied this file, if it is such a copy (restored) not
+        yet started on; else None."""
+        row = self.db.one("SELECT taken_at FROM backup_taken")
+        return row and row[0]
+
+    def end_restored(self, taken_at):
+        """End the managed builds that waited or ran when the backup was taken,
+        and forget that it was one (at the first start on a restored copy)."""
+        with self.db.write() as c:
+            for row in c.execute("SELECT id, last_status FROM builds WHERE is_managed = 1"
+                                 " AND last_status IN (SELECT value FROM json_each(?))",
+                                 (json.dumps(ACTIVE),)).fetchall():
+                status, message = ("stopped", "not run: the database was restored from a backup "
+                                   f"taken at {taken_at}, while this build waited (it may have "
+                                   "run since)") if row[1] in ("created", "scheduled") else \
+                    ("failed", f"interrupted: the database was restored from a backup taken "
+                               f"at {taken_at}, while this build ran")
+                if status in TRANSITIONS[row[1]]:
+                    self._set_status(c, row[0], status, message, now_iso())
+            c.execute("DELETE FROM backup_taken")
+
     def managed_builds(self, statuses):
         """Managed builds in `statuses`, oldest first."""
         return self.db.all("SELECT id, uuid, pgid, pg_started, last_status FROM builds"
@@ -1670,7 +1693,8 @@ class Runner:
         """End builds that a server which died left running, and kill what is
         left of them; and what is left inside their sessions of builds that had
         ended (a stop's grace that the crash cut short, say). Unless that server
-        still runs: this is a copy of its data folder, and they are its."""
+        still runs: this is a copy of its data folder, and they are its.
+        A restored backup's first start ends, besides, the builds that waited then."""
         me, namespace = os.getpid(), _pid_namespace()
         live = self._still_running(self.store.last_server(), me, namespace)
         left = self.store.managed_builds(["running", "stopping"])
@@ -1685,6 +1709,11 @@ class Runner:
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
         if live:  # nor at any later start of this copy
             self.store.forget_processes()
+        taken_at = self.store.backup_taken()
+        if taken_at is not None:
+            self.store.end_restored(taken_at)
+            log.warning("this database was restored from a backup taken at %s: the builds "
+                        "that waited or ran then are ended, not run again", taken_at)
 
     def _kill_groups_of_ended_builds(self):
         """Kill what is left inside the sessions of builds that had ended."""
@@ -3583,7 +3612,7 @@ def serve(config):
     from waitress import wasyncore
 
     _make_private_dir(config.data_dir)
-    lock = open(os.path.join(config.data_dir, "serve.lock"), "w")
+    lock = open(os.path.join(config.data_dir, SERVE_LOCK), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -4814,9 +4843,12 @@ def backup(db_path, dest):
                      f"{os.path.join(dest, DB_FILE)}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
-    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]):
-        # The copy would replace the file a running server writes: what it
-        # answered for afterwards would be lost.
+    lock = os.path.join(os.path.dirname(db_path), SERVE_LOCK)
+    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+                     + [lock]):
+        # The copy would replace the file a running server writes (what it
+        # answered for afterwards would be lost), or the lock that keeps a
+        # second server off its data folder.
         return _fail(f"{dest} is the database itself (or one of its files): "
                      "name a file outside the data folder", 2)
     if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
@@ -4845,6 +4877,7 @@ def backup(db_path, dest):
             source.close()
         if check != "ok":
             return _fail(f"the copy failed its integrity check: {check}", 1)
+        _mark_as_backup(partial)
         os.replace(partial, dest)
     except sqlite3.Error as e:  # a full disk at the destination, say
         return _fail(f"the copy to {dest} failed: {e}", 1)
@@ -4852,6 +4885,16 @@ def backup(db_path, dest):
         _remove_copy(partial)
     print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
     return 0
+
+
+def _mark_as_backup(path):
+    """Write into the copy at `path` when it was taken (see Store.backup_taken)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
+        copy.execute("BEGIN IMMEDIATE")
+        copy.execute("CREATE TABLE IF NOT EXISTS backup_taken (taken_at TEXT NOT NULL)")
+        copy.execute("DELETE FROM backup_taken")
+        copy.execute("INSERT INTO backup_taken (taken_at) VALUES (?)", (now_iso(),))
+        copy.execute("COMMIT")
 
 
 def _names_one_of(path, others):

@@ -7873,14 +7873,52 @@ def test_a_backup_onto_the_database_itself_is_refused_and_changes_nothing(server
     assert api(server, "POST", "/api/v1/admin", {"name": "app"})[0] == 201
     db = os.path.join(server.data_dir, "buildserver.db")
     os.symlink(db, tmp_path / "link.db")
+    # serve.lock too: the copy took the lock's place, and a second server started.
     for dest in (db, db + "-wal", str(tmp_path / "link.db"), os.path.relpath(db, str(tmp_path)),
-                 str(tmp_path / "live" / "." / "buildserver.db")):
+                 str(tmp_path / "live" / "." / "buildserver.db"),
+                 os.path.join(server.data_dir, "serve.lock")):
         done = subprocess.run([sys.executable, SCRIPT, "backup", dest, "--data-dir",
                                server.data_dir], capture_output=True, text=True, timeout=60,
                               cwd=str(tmp_path))
         assert done.returncode == 2 and "is the database itself" in done.stderr, (dest, done)
     assert api(server, "POST", "/api/v1/admin", {"name": "after"})[0] == 201
     assert api(server, "GET", "/api/v1/admin/after")[0] == 200
+    second = run_cli("serve", "--port", "0", "--data-dir", server.data_dir)
+    assert second.returncode == 1 and "another server is using" in second.stderr, second
+
+
+def test_a_restored_backup_ends_the_builds_that_waited_or_ran_instead_of_running_them_again(
+        server_factory, tmp_path):
+    # A build still waiting at the backup, which ran (a deploy) before the
+    # restore, ran a second time at the restored server's start.
+    server = server_factory("--workers", "1")
+    assert api(server, "POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    builds = "/api/v1/admin/app/builds"
+    running = api(server, "POST", builds, {"command": "echo ran; sleep 60"})[1]
+    waiting = api(server, "POST", builds, {"command": "echo deploy >> ../../deploys"})[1]
+    unmanaged = api(server, "POST", builds, {"is_managed": False})[1]
+    server_wait_for_log(server, f"{builds}/{running['id']}", b"ran")
+    copy = tmp_path / "copy.db"
+    assert run_cli("backup", str(copy), "--data-dir", server.data_dir).returncode == 0
+    api(server, "POST", f"{builds}/{running['id']}/stop")
+    server_final_build(server, f"{builds}/{waiting['id']}")  # it ran, once
+    restored = tmp_path / "restored"
+    restored.mkdir(mode=0o700)
+    shutil.copy(copy, restored / "buildserver.db")
+    for start in range(2):  # (the second start changes nothing)
+        again = server_factory("--workers", "1", data_dir=restored)
+        again.token = server.token
+        ended = {b["id"]: b for b in api(again, "GET", builds)[1]["results"]}
+        assert ended[waiting["id"]]["last_status"] == "stopped", ended
+        assert ended[running["id"]]["last_status"] == "failed", ended
+        assert ended[unmanaged["id"]]["last_status"] == "created", ended  # not the server's
+        history = api(again, "GET", f"{builds}/{waiting['id']}/statuses")[1]["results"]
+        assert "restored from a backup" in history[-1]["message"], history
+        assert len(history) == 3, history  # created, scheduled, stopped: once
+        made = api(again, "POST", builds, {"command": "echo new"})[1]  # the queue works
+        assert server_final_build(again, f"{builds}/{made['id']}")["last_status"] == "succeeded"
+        again.stop()
+    assert not os.path.exists(restored / "workspaces" / "admin" / "deploys"), "it ran again"
 
 
 def make_bad_database(path, kind):
