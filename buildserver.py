@@ -4194,6 +4194,8 @@ class Client:
             while True:
                 data = response.read1(65536)
                 if not data:
+                    if response.length:  # it ended before the length it announced
+                        raise EOFError(f"the answer ended {response.length} bytes short")
                     return offset
                 try:
                     out.write(data)
@@ -4399,8 +4401,9 @@ def run_client(args):
                 client.stream_log(path, 0, sys.stdout.buffer, follow=False)
             return 0
     except ClientError as e:
-        return _fail(f"the server says ({e.status}): {e.detail}",  # 429: too many bad tokens
-                     EXIT_REFUSED if e.status in (401, 403, 429) else 1)
+        code = EXIT_REFUSED if e.status in (401, 403, 429) else \
+            EXIT_UNREACHABLE if e.status in GATEWAY_ERRORS else 1  # 429: too many bad tokens
+        return _fail(f"the server says ({e.status}): {e.detail}", code)
     except AnswerLost as e:
         return _fail(f"{e}; it may have been done", EXIT_UNKNOWN)
     except Unreachable as e:
@@ -4465,7 +4468,9 @@ def _run_build(client, project, args):
         # With --json, standard output holds the build's JSON alone.
         out = _LineKeeper((sys.stderr if args.json else sys.stdout).buffer)
         build = client.follow(path, out)
-    except Unreachable as e:
+    except (Unreachable, ClientError) as e:
+        if isinstance(e, ClientError) and (made is None or e.status not in GATEWAY_ERRORS):
+            raise  # refused
         if made is None and not isinstance(e, AnswerLost):
             raise  # nothing was made
         return _fail(f"{e}\n{_whereabouts(made, args.project)}", EXIT_UNKNOWN)
@@ -4568,10 +4573,12 @@ def _terminated(signum, frame):
 
 def _note(text):
     """Say `text` on standard error, if it can be written: a note, not output
-    (a full disk there must not change the exit code, nor end the follow)."""
+    (a full disk there must not change the exit code, nor end the follow).
+    As a terminal may show it: what a server, a proxy or the network said
+    may hold escapes."""
     if sys.stderr is not None:  # (print(file=None) would write to standard output)
         with contextlib.suppress(OSError):
-            print(text, file=sys.stderr, flush=True)
+            print("\n".join(map(_printable, text.split("\n"))), file=sys.stderr, flush=True)
 
 
 def _ask(question):
@@ -4991,9 +4998,8 @@ def _show_token(*lines):
 
 
 def _fail(message, code):
-    """Say why on standard error, as a terminal may show it (what a server, a
-    proxy or the network said may hold escapes); returns `code`."""
-    _note("\n".join(map(_printable, f"buildserver: {message}".split("\n"))))
+    """Say why on standard error; returns `code`."""
+    _note(f"buildserver: {message}")
     return code
 
 

@@ -6417,16 +6417,17 @@ def test_a_create_whose_answer_is_lost_is_no_reason_to_try_again(served, fault):
     assert served.json("GET", "/api/v1/admin/app/builds")[1]["count"] == made
 
 
+@pytest.mark.parametrize("fault", ["refuse", "gateway"])
 def test_run_that_loses_the_server_while_following_says_the_build_was_made(
-        served, monkeypatch, capfd):
+        served, monkeypatch, capfd, fault):
     # After 60 s it exited 75, "nothing was done: safe to try again", while
-    # its build ran on.
+    # its build ran on; behind a proxy, whose 502 it gave up on, 1 ("refused").
     monkeypatch.setattr(buildserver, "RECONNECT_SECONDS", 1.0)
     proxy = FaultyProxy(served.port)
 
     def cut_once_running():
         server_wait_for_log(served, "/api/v1/admin/app/builds/1", b"up")
-        proxy.set("refuse")
+        proxy.set(fault)
     cutter = threading.Thread(target=cut_once_running, daemon=True)
     cutter.start()
     try:
@@ -6439,6 +6440,23 @@ def test_run_that_loses_the_server_while_following_says_the_build_was_made(
     err = capfd.readouterr().err
     assert code == buildserver.EXIT_UNKNOWN, err
     assert "build 1 was made, and may still run" in err and "status admin/app 1" in err, err
+
+
+def test_a_proxys_502_to_a_read_and_a_log_download_cut_short_are_no_success_nor_refusal(
+        served):
+    # `builds` behind a proxy whose server was down exited 1 ("refused"), and
+    # `logs` of an answer cut short exited 0 with part of the log.
+    _, build = served.json("POST", "/api/v1/admin/app/builds", {"command": "seq 1 100000"})
+    server_final_build(served, f"/api/v1/admin/app/builds/{build['id']}")
+    proxy = FaultyProxy(served.port)
+    try:
+        for fault, args in (("gateway", ["builds", "admin/app"]),
+                            ("cut answers", ["logs", "admin/app", str(build["id"])])):
+            proxy.set(fault)
+            done = client(served, *args, env={"BUILDSERVER_URL": proxy.url})
+            assert done.returncode == buildserver.EXIT_UNREACHABLE, (fault, done)
+    finally:
+        proxy.close()
 
 
 def test_a_network_error_reaches_the_terminal_without_its_control_characters():
