@@ -1411,6 +1411,15 @@ class LogStream:
     peeking at it, so the response headers can go out (through the WSGI
     `write`) before the first output exists. Each read() returns what one chunk
     holds, waiting for more when there is none yet.
+
+    What it needs of the server comes in the WSGI environ, from App.__call__
+    and, under waitress, from the channel's Task (see _channel_class); under
+    another server (webtest) each may be missing, and the follow does without:
+        buildserver.write       the WSGI write(): the headers go out at once
+        buildserver.when_gone   when_gone(callback): called once the client leaves
+        buildserver.backlog     backlog(): bytes still waiting for the client
+        buildserver.hang_up     hang_up(): close the connection of a follower
+                                that took nothing (it would never close itself)
     """
 
     def __init__(self, store, bus, build, start, end, environ, on_close):
@@ -1938,11 +1947,11 @@ class Runner:
         flush_at = kill_at = drain_until = seek_at = None
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
-        stopping = escaped_killed = False
+        signalled = escaped_killed = False
         while not (eof and job.exited):
             now = time.monotonic()
             deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at,
-                                     None if stopping else timeout_at) if t is not None]
+                                     None if signalled else timeout_at) if t is not None]
             wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
             for fd, _ in poller.poll(wait_ms):
                 if fd == out_fd:
@@ -1961,11 +1970,11 @@ class Runner:
                 else:
                     os.read(job._wake_r, 4096)
             now = time.monotonic()
-            if timeout_at is not None and now >= timeout_at and not (stopping or job.finishing):
+            if timeout_at is not None and now >= timeout_at and not (signalled or job.finishing):
                 job.stop("failed", f"timed out after {timeout} s")
-            if job.ending and not stopping:
+            if job.ending and not signalled:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
-                stopping = True
+                signalled = True
                 kill_at = job.grace_ends = now + self.config.stop_grace
                 seek_at = now + ESCAPED_SEARCH_DELAY  # unless the shell and its pipe end first
                 self._persist(job.label, lambda: self.store.transition(
@@ -1988,10 +1997,10 @@ class Runner:
                 if not eof:  # (not at once: most builds' output ends within the delay)
                     for group in _groups_escaped(proc.pid, job.build["uuid"]):
                         # as its own group: a stop's grace goes on, an end is an end
-                        _killpg(group, signal.SIGTERM if stopping else signal.SIGKILL)
+                        _killpg(group, signal.SIGTERM if signalled else signal.SIGKILL)
             if drain_until is not None and now >= drain_until:
                 escaped = _groups_escaped(proc.pid, job.build["uuid"]) \
-                    if stopping and not escaped_killed else set()
+                    if signalled and not escaped_killed else set()
                 if escaped and now < job.grace_ends:
                     # A group it made still runs (with the pipe, most likely) and has
                     # the rest of the grace: the build is not over until it ends.
@@ -3591,1419 +3600,6 @@ def _json_log_text(body):
 
 
 ###############################################################################
-# Serving #####################################################################
-###############################################################################
-
-def _proxy_settings(proxy):
-    """waitress's settings to believe `proxy`'s X-Forwarded-* headers: the
-    client's address (for --auth-burst), and the scheme and host of the links
-    in pages. Nobody else's are believed: waitress drops them."""
-    if not proxy:
-        return {}
-    return {"trusted_proxy": proxy, "trusted_proxy_count": 1,
-            "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-host",
-                                      "x-forwarded-proto", "x-forwarded-port"},
-            "clear_untrusted_proxy_headers": True, "log_untrusted_proxy_headers": False}
-
-
-def serve(config):
-    """Run the server until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
-    import fcntl
-    from waitress import wasyncore
-
-    _make_private_dir(config.data_dir)
-    lock = open(os.path.join(config.data_dir, SERVE_LOCK), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
-        return 1
-    cores = _keep_to_one_core()  # before any thread starts: they inherit it
-    app = make_app(config, start=False)  # no build starts before the port is ours
-    app.runner.cores = cores
-    _warn_if_open(config.data_dir, config.db_path)
-    try:
-        server = http_server(app, config)
-    except (OSError, ValueError) as e:  # ValueError: a host name that does not resolve
-        app.close()
-        reason = getattr(e, "strerror", None) or e
-        return _fail(f"cannot listen on {config.host}:{config.port}: {reason}", 1)
-    finished = threading.Event()
-
-    def shut_down():
-        log.info("shutting down: stopping running builds")
-        app.shutdown(timeout=SHUTDOWN_SECONDS)
-        finished.set()
-        server.pull_trigger()
-
-    def on_signal(signum, frame):
-        if not app.closing:
-            app.closing = True
-            threading.Thread(target=shut_down, name="shutdown").start()
-
-    # Before any build starts, so that a signal always stops builds cleanly.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # SIGHUP: the terminal it ran in was closed; its builds, in sessions of
-    # their own, would outlive it unsupervised. Unless told to ignore it (nohup).
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, on_signal)
-    if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
-        token = fresh_token()
-        try:  # shown first: a token that cannot be shown leaves no admin
-            _show_token(f"Created the admin user 'admin'. Its token, shown only now: {token}")
-        except OutputFailed as e:
-            app.close()
-            return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
-        if app.store.create_user("admin", is_admin=True, token=token) is None:
-            log.warning("the user 'admin' was made meanwhile by another command; "
-                        "the token above was not recorded")
-    app.runner.start()
-    print(f"buildserver {__version__} listening on "
-          f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
-    log.info("serving %s with %d workers", config.data_dir, config.workers)
-    _return_startup_memory()
-    listening = True
-    # waitress's own run(), but stoppable: signal handlers run here, between polls.
-    while not finished.is_set():
-        if app.closing and listening:
-            server.del_channel()
-            server.socket.close()
-            listening = False
-        wasyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(  # followers' last bytes still on their way
-            c.total_outbufs_len for c in list(server.active_channels.values())):
-        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
-    server.task_dispatcher.shutdown(timeout=5)
-    wasyncore.close_all(server._map)
-    app.close()
-    log.info("stopped")
-    return 0
-
-
-def _one_address(host):
-    """`host`, or the address to listen on when it names several (localhost as
-    ::1 and 127.0.0.1): waitress would listen on each, through another kind of
-    server. The first IPv4 one, as the URLs people type say 127.0.0.1."""
-    try:
-        found = [(family, info[0]) for family, _, _, _, info in socket.getaddrinfo(
-            host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
-    except (socket.gaierror, UnicodeError):
-        return host  # waitress says so, in its words
-    if len({address for _, address in found}) <= 1:
-        return host
-    return next((a for family, a in found if family == socket.AF_INET), found[0][1])
-
-
-def http_server(app, config):
-    """waitress, listening for `app` as `config` says (not yet serving)."""
-    import waitress
-    from waitress.task import ThreadedTaskDispatcher
-    dispatcher = ThreadedTaskDispatcher()
-    dispatcher.queue_cv = _WarmestFirst(dispatcher.lock)
-    server = waitress.create_server(
-        app, _dispatcher=dispatcher, host=_one_address(config.host), port=config.port,
-        threads=config.threads,
-        ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
-        outbuf_overflow=16 * MiB, connection_limit=_connection_limit(config),
-        channel_request_lookahead=1,  # lets a follower see that its client left
-        # A connection ended early (a client gone; a log deleted while it was
-        # sent, which LogFile logs in a line) is no fault worth a traceback.
-        log_socket_errors=False, **_proxy_settings(config.trusted_proxy))
-    # Big sends for log downloads (set on each accepted connection).
-    server.adj.socket_options = server.adj.socket_options + [
-        (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
-    server.channel_class = _channel_class()
-    idle_channels_closed = server.maintenance
-
-    def maintenance(now):  # every cleanup_interval (30 s)
-        idle_channels_closed(now)
-        app.db.replaced()
-        app.throttle.forget_quiet()
-        overdue = time.monotonic() - HEAD_SECONDS
-        for channel in list(server.active_channels.values()):
-            if channel.head_began is not None and channel.head_began < overdue and \
-                    not channel.requests:  # (a head read ahead of an answer may wait)
-                channel.will_close = True  # a slow-loris: its head trickles in
-    server.maintenance = maintenance
-    dispatcher.set_thread_count(config.threads)  # once listening: no threads left on a failure
-    return server
-
-
-class _WarmestFirst:
-    """The condition waitress's idle HTTP threads wait on (given through
-    create_server's `_dispatcher`), which wakes the thread that went idle
-    last, where threading.Condition wakes the one idle longest: its stack,
-    its SQLite connection and the core's caches are still warm (a dispatch
-    took 3.46 ms instead of 3.66, a stop 2.72 instead of 2.97). waitress calls
-    wait(), notify() and notify_all(), holding `lock`."""
-
-    def __init__(self, lock):
-        self._lock = lock
-        self._waiters = []  # a locked lock per waiting thread, the last to wait last
-
-    def wait(self, timeout=None):
-        waiter = threading.Lock()
-        waiter.acquire()
-        self._waiters.append(waiter)
-        self._lock.release()
-        woken = False
-        try:  # until notify() releases it
-            woken = waiter.acquire(True, -1 if timeout is None else timeout)
-        finally:
-            self._lock.acquire()
-            if not woken:  # timed out, or interrupted: a notify must not be spent on it
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:  # notified as it timed out: that notify was its
-                    woken = True
-        return woken
-
-    def notify(self, n=1):
-        for _ in range(min(n, len(self._waiters))):
-            self._waiters.pop().release()
-
-    def notify_all(self):
-        self.notify(len(self._waiters))
-
-
-def _connection_limit(config):
-    """Connections open at once: half the file descriptors the process may
-    open (the rest are for the database and builds' pipes), so that idle
-    keep-alive connections (a client's big pool, a slow-loris) do not shut
-    others out at a hundred. (The limit is not raised: builds inherit it.)"""
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
-        return max(100, config.threads * 4)
-    if soft == resource.RLIM_INFINITY:
-        return 10000
-    return max(100, min(10000, soft // 2))
-
-
-def _keep_to_one_core():
-    """Keep this process's threads to one core, the one it runs on (Linux):
-    the GIL runs one at a time anyway, and handing work to a thread asleep on
-    another core costs more than the work on a small VM (a dispatch took 3.6
-    ms instead of 4.1 on two vCPUs). Returns the cores it had, for the
-    workers to take back (builds keep them all), or None if nothing changed."""
-    try:
-        cores = os.sched_getaffinity(0)
-        if len(cores) < 2:
-            return None
-        fields = _stat("thread-self")  # field 39, "processor": where it last ran
-        here = int(fields[36]) if len(fields) > 36 else min(cores)
-        os.sched_setaffinity(0, {here if here in cores else min(cores)})
-        return cores
-    except (AttributeError, OSError, ValueError):  # not Linux, or not allowed
-        return None
-
-
-def body_limit(path):
-    """The largest request body a path takes."""
-    return LOG_BODY_LIMIT if path.rstrip("/").endswith("/logs") else JSON_BODY_LIMIT
-
-
-def _unquoted_headers(text):
-    """waitress's words on a malformed header line, with the line's value left
-    out: it may be a token ("Authorization: Token ...\\r")."""
-    def name_only(match):
-        name, colon, _ = match.group(1).partition(":")
-        return f'header line "{name[:64]}: ..."' if colon else "header line (not shown)"
-    return re.sub(r'header line "(.*)"', name_only, text, flags=re.S)
-
-
-def _channel_class():
-    """waitress's HTTP channel, changed in six ways:
-
-    - its parser refuses a body over its path's limit from its Content-Length:
-      the app sees the request at once, with no body, and answers 413; the
-      connection closes after the answer (its unread body is never parsed as
-      requests). Up to REFUSED_DRAIN bytes of that body are read and dropped
-      first, as they come: closing with them unread would reset the
-      connection, and a client that sends its whole body before it reads
-      (Python's http.client and requests do) would get the reset, not the 413;
-    - an answer's head goes out with the first bytes of its body, in one send:
-      the client wakes once, not twice;
-    - the connection stays open after a chunked answer (a followed log), as
-      HTTP/1.1 allows: waitress closes it, and a client that follows a build
-      and then asks for it would have to connect again. An answer cut short
-      (an error, a client gone) still closes it; a HEAD answer gets no last
-      chunk (waitress would send one, a stray body);
-    - its own error answers are JSON, like the app's;
-    - it knows since when a request's head has been arriving: one still not
-      whole after HEAD_SECONDS closes a connection with no request in hand
-      (see http_server);
-    - it wakes a waiting follower when its client leaves (waitress only
-      marks the connection, which the follower would see a second later).
-    """
-    from waitress.channel import HTTPChannel
-    from waitress.parser import HTTPRequestParser
-    from waitress.task import ErrorTask, WSGITask
-    from waitress.utilities import RequestEntityTooLarge
-
-    class Parser(HTTPRequestParser):
-        def parse_header(self, header_plus):
-            super().parse_header(header_plus)
-            # Framed both ways, what follows its chunks is another request to
-            # the server, and its body to a proxy that trusts the length: the
-            # connection ends with the answer (RFC 9112, 6.3). So does one of
-            # HTTP/1.0 with chunks, which waitress reads by its length (6.1).
-            self.badly_framed = (self.chunked and "CONTENT_LENGTH" in self.headers
-                                 or self.version == "1.0" and "TRANSFER_ENCODING" in self.headers)
-            self.body_refused = self.content_length > body_limit(self.path)
-            if self.body_refused:
-                self.body_rcv = None  # so the request is complete without its body
-                self.expect_continue = False  # and the body is not invited
-
-    class Task(WSGITask):
-        _keeping_open = False
-
-        def get_environment(self):
-            environ = super().get_environment()
-            channel = self.channel  # what a follower has waiting for its client
-            if channel.local_address is not None:  # not "waitress.invalid", a link's host
-                environ["SERVER_NAME"] = channel.local_address  # when the request names none
-            environ["buildserver.backlog"] = lambda: channel.total_outbufs_len
-            environ["buildserver.when_gone"] = channel.when_gone
-            environ["buildserver.hang_up"] = channel.hang_up
-            return environ
-
-        def build_response_header(self):
-            if getattr(self.request, "body_refused", False):  # its unread body must not
-                super().set_close_on_finish()                 # be taken for requests
-                self.channel.drain_before_closing(self.request.content_length)
-            elif getattr(self.request, "badly_framed", False):
-                super().set_close_on_finish()
-            self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
-                                  self.request.headers.get("CONNECTION", "").lower() != "close")
-            try:
-                return super().build_response_header()
-            finally:
-                self._keeping_open = False
-
-        def set_close_on_finish(self):
-            if not self._keeping_open:  # while the head is built, only chunking asks
-                super().set_close_on_finish()
-
-        def finish(self):
-            if self.request.command == "HEAD":  # no body: not even the last chunk
-                if not self.wrote_header:
-                    self.write(b"")
-                self.chunked_response = False
-            super().finish()
-
-        def write(self, data):
-            if self.wrote_header or not data or len(data) > COALESCE_BYTES:
-                return super().write(data)
-            channel = self.channel
-            channel.holding = True
-            try:
-                super().write(data)
-            finally:
-                channel.holding = False
-                channel.release_head()
-
-    class JSONErrorTask(ErrorTask):
-        """waitress's own refusals (a malformed request, a body over its limit)
-        in the API's one error shape, not as text/plain."""
-
-        def execute(self):
-            error = self.request.error
-            body = json_bytes({"detail": f"{error.reason}: {_unquoted_headers(error.body)}"})
-            self.status = f"{error.code} {error.reason}"
-            self.response_headers += [("Content-Type", "application/json"),
-                                      ("X-Content-Type-Options", "nosniff")]
-            self.set_close_on_finish()
-            if isinstance(error, RequestEntityTooLarge):  # (a chunked body: no length)
-                self.channel.drain_before_closing(self.request.content_length or None)
-            self.content_length = len(body)
-            self.write(body)
-
-    class Channel(HTTPChannel):
-        parser_class = Parser
-        task_class = Task
-        error_task_class = JSONErrorTask
-        holding, _head = False, None
-        head_began = None  # when a request whose head is not all here began (or the connection)
-        _gone_callback = None
-        _to_drain = None  # bytes of a refused body still to drop before closing
-        _draining = False  # the answer is sent, and the connection half-closed
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # A connection that never sends a byte holds its place too, and
-            # waitress's idle timeout would take 120 s to end it.
-            self.head_began = time.monotonic()
-            try:  # the address the client reached (of 0.0.0.0, the one it chose)
-                name = self.socket.getsockname()
-            except OSError:
-                name = None
-            self.local_address = name[0] if isinstance(name, tuple) else None
-
-        def drain_before_closing(self, length):
-            """Once the answer is sent, read and drop the refused body (of
-            `length` bytes, None if unknown) before closing; not when it is
-            too long to be worth it."""
-            if length is None or length <= REFUSED_DRAIN:
-                self._to_drain = REFUSED_DRAIN
-
-        def handle_write(self):
-            if self._to_drain is None or self.will_close or not self.close_when_flushed:
-                return super().handle_write()
-            self.close_when_flushed = False  # waitress would close once flushed
-            super().handle_write()
-            if self.will_close or not self.connected:  # the send failed: it closed
-                return
-            if self.total_outbufs_len:  # the rest of the answer first
-                self.close_when_flushed = True
-                return
-            try:  # the client sees the answer end; what it still sends is dropped
-                self.socket.shutdown(socket.SHUT_WR)
-            except OSError:
-                self.handle_close()
-                return
-            self._draining = True  # readable() holds: handle_read drops it
-
-        def hang_up(self):
-            """Close the connection (in the event loop), dropping what still
-            waits for the client: a follower cut off for taking nothing would
-            take none of it, and waitress would keep the connection for as
-            long, since it closes one only once it can write to it."""
-            self.server.trigger.pull_trigger(lambda: self.connected and self.handle_close())
-
-        def when_gone(self, callback):
-            """Call `callback` (once, in the event loop) when the client has
-            gone: a waiting follower then frees its thread and slot at once;
-            None forgets it."""
-            self._gone_callback = callback
-
-        def _tell_gone(self):
-            callback, self._gone_callback = self._gone_callback, None
-            if callback is not None:
-                callback()
-
-        def handle_read(self):
-            if self._draining:  # (an idle one is closed by maintenance, as any)
-                try:
-                    data = self.recv(self.adj.recv_bytes)  # b"" once it closed
-                except OSError:
-                    data = b""
-                self._to_drain -= len(data)
-                if self.connected and (not data or self._to_drain <= 0):
-                    self.handle_close()
-                return
-            super().handle_read()
-            if not self.connected:  # the client closed its end
-                self._tell_gone()
-
-        def handle_close(self):  # a reset, or a send that failed
-            super().handle_close()
-            self._tell_gone()
-
-        def received(self, data):
-            began = self.head_began or time.monotonic()
-            try:
-                return super().received(data)
-            finally:
-                request = self.request
-                self.head_began = began if request is not None and \
-                    not request.headers_finished else None
-
-        def write_soon(self, data):
-            if self.holding and self._head is None:
-                self._head = data
-                return len(data)
-            if self._head is not None:
-                data, self._head = self._head + data, None
-            return super().write_soon(data)
-
-        def release_head(self):
-            """Send a head that no body joined (e.g. a 304)."""
-            if self._head is not None:
-                head, self._head = self._head, None
-                super().write_soon(head)
-
-    return Channel
-
-
-def _return_startup_memory():
-    """Compiling this file at start leaves megabytes of freed memory in the
-    process; hand them back to the system (glibc only)."""
-    import gc
-    gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
-
-
-def _url_host(host):
-    return f"[{host}]" if ":" in host else host
-
-
-###############################################################################
-# Client ######################################################################
-###############################################################################
-# `run`, `status`, `logs`, `stop` and `builds` talk to a server over HTTP with
-# the standard library alone, so this file can be copied onto any box that
-# triggers builds, with or without bottle and waitress.
-
-EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
-EXIT_UNKNOWN = 76       # a request went, its answer was lost: it may have been done (EX_PROTOCOL)
-EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
-EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_TERMINATED = 143   # SIGTERM, to `run --stop-on-interrupt`
-EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
-EXIT_OUTPUT_FAILED = 74   # the output cannot be written where it goes, a full disk say (EX_IOERR)
-RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
-RUN_EXIT_CODES = """exit codes:
-  0        the build succeeded
-  1-255    it failed with that code (1: without one, or stopped)
-  1        the server refused the request (the reason is printed)
-  2        the command line is wrong, or no token is given
-  74       the log cannot be written where it goes
-  75       the server cannot be reached: nothing was done
-  76       the build's outcome is unknown: the create's answer was lost,
-           or the server was lost while following it (it says which)
-  77       the server refuses the token
-  130, 143 Ctrl-C, or SIGTERM with --stop-on-interrupt
-  141      the log's reader went away (| head)"""
-GATEWAY_ERRORS = (502, 503, 504)  # the server, or a proxy in front, says: not now
-
-
-class ClientError(Exception):
-    """The server answered with an error: `status` and its `detail`."""
-
-    def __init__(self, status, detail):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-class Unreachable(Exception):
-    """The server could not be reached, or the connection dropped."""
-
-
-class AnswerLost(Unreachable):
-    """A request was sent, and the connection dropped before its answer: it
-    may have been done (a build made, say)."""
-
-
-class OutputFailed(Exception):
-    """The log (or `what` else) could not be written where it goes: a closed
-    pipe, a full disk. Not the connection's fault: nothing to reconnect for."""
-
-    def __init__(self, error, what="the log"):
-        super().__init__(error.strerror or str(error))
-        self.error, self.what = error, what
-
-
-class Client:
-    """buildserver's REST API over http.client.
-
-    :param url: the server, e.g. http://127.0.0.1:8000
-    :param token: sent as `Authorization: Token ...`
-    """
-
-    def __init__(self, url, token, timeout=30.0):
-        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"the server URL must start with http:// or https://, not {url!r}")
-        if "@" in parts.netloc:  # (not echoed: it may hold a password)
-            raise ValueError("the server URL must not hold a user name or password; "
-                             "the token goes in BUILDSERVER_TOKEN or --token")
-        if not parts.hostname:
-            raise ValueError(f"the server URL names no host: {url!r}")
-        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self._scheme, self._netloc, self._base = parts.scheme, parts.netloc, parts.path.rstrip("/")
-        self.token, self.timeout = token, timeout
-        import http.client  # here, not at the top: the server never needs it
-        if token and not re.fullmatch(r"[\x21-\x7e]+", token):
-            raise ValueError("the token holds characters no token has (spaces, line breaks, ...)")
-        try:  # what http.client would refuse only when it sends the first request
-            parts.port, (parts.hostname or "").encode("idna"), self._base.encode("ascii")
-        except (UnicodeError, ValueError) as e:
-            raise ValueError(f"{url!r} is not a server URL: {e}") from None
-        # What a connection that drops mid-answer raises (IncompleteRead,
-        # RemoteDisconnected and BadStatusLine are HTTPExceptions).
-        self._dropped = (OSError, EOFError, http.client.HTTPException)
-
-    def _connect(self, timeout):
-        import http.client
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._netloc, timeout=timeout)
-
-    def _open(self, method, path, body=None, timeout=None, accept="application/json"):
-        """An open response, or ClientError/Unreachable."""
-        headers = {"Accept": accept}
-        if self.token:
-            headers["Authorization"] = f"Token {self.token}"
-        if body is not None:
-            body = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        conn = self._connect(self.timeout if timeout is None else timeout)
-        try:
-            conn.request(method, self._base + path, body=body, headers=headers)
-        except self._dropped as e:
-            conn.close()
-            raise Unreachable(f"cannot reach {self.url}: {e}") from None
-        try:
-            response = conn.getresponse()
-        except self._dropped as e:
-            conn.close()
-            lost = AnswerLost if method == "POST" else Unreachable  # (the others may be sent again)
-            raise lost(f"{method} {self.url}{path} got no answer: {e}") from None
-        if response.status >= 300:  # a redirect too: to https://, say (the URL to give instead)
-            try:
-                data = response.read()
-            except self._dropped:
-                data = b""
-            conn.close()
-            if method == "POST" and response.status in (502, 504):  # buildserver sends neither
-                raise AnswerLost(f"{method} {self.url}{path}: {response.status} {response.reason}"
-                                 " from a proxy, which got no answer in time")
-            raise ClientError(response.status, _error_detail(response, data, self.url + path, path))
-        return conn, response
-
-    def call(self, method, path, body=None):
-        """One request; the decoded JSON answer."""
-        conn, response = self._open(method, path, body)
-        try:
-            return json.loads(response.read())
-        except self._dropped + (ValueError,) as e:  # ValueError: not JSON, an answer cut short
-            lost = AnswerLost if method == "POST" else Unreachable
-            raise lost(f"the connection to {self.url} broke: {e}") from None
-        finally:
-            conn.close()
-
-    def stream_log(self, build_path, offset, out, follow=True):
-        """Copy the log from byte `offset` to `out` as it arrives; returns the
-        offset reached. Raises Unreachable with `.offset` when the connection drops."""
-        query = f"?offset={offset}" + ("&follow=1" if follow else "")
-        try:
-            # A follow that hears nothing for `timeout` connects again: the server
-            # says nothing while a build is quiet, and the link may have died.
-            conn, response = self._open("GET", f"{build_path}/logs{query}", accept="text/plain")
-        except Unreachable as e:
-            e.offset, e.got_through = offset, False
-            raise
-        try:
-            while True:
-                data = response.read1(65536)
-                if not data:
-                    if response.length:  # it ended before the length it announced
-                        raise EOFError(f"the answer ended {response.length} bytes short")
-                    return offset
-                try:
-                    out.write(data)
-                    out.flush()
-                except OSError as e:
-                    raise OutputFailed(e) from None
-                offset += len(data)
-        except self._dropped as e:
-            error = Unreachable(f"the connection to {self.url} dropped: {e}")
-            error.offset, error.got_through = offset, True
-            raise error from None
-        finally:
-            conn.close()
-
-    def follow(self, build_path, out, offset=0):
-        """Follow a build's log to `out` until the build is final, reconnecting
-        (from the last byte received) for up to RECONNECT_SECONDS, also while
-        the server or a proxy answers 502, 503 or 504 (a restart), counted
-        from the last time it got through; returns the build. While the
-        server has too many followers (503) but answers for the build, it
-        waits for as long as the build runs."""
-        give_up_at, pause = None, 0.2
-        while True:
-            try:
-                offset = self.stream_log(build_path, offset, out)
-                build = self.call("GET", build_path)
-                if build["last_status"] in FINAL and offset >= build["log_size"]:
-                    return build
-                give_up_at = None
-            except (Unreachable, ClientError) as e:
-                if isinstance(e, ClientError) and e.status not in GATEWAY_ERRORS:
-                    raise
-                if getattr(e, "got_through", False):  # dropped after it streamed: a new outage
-                    give_up_at, pause = None, 0.2
-                offset = getattr(e, "offset", offset)
-                if isinstance(e, ClientError) and e.status == 503:
-                    with contextlib.suppress(Unreachable, ClientError):
-                        self.call("GET", build_path)  # it answers: a full cap, no outage
-                        give_up_at = None  # (a final build's log is no follower's)
-                now = time.monotonic()
-                give_up_at = give_up_at or now + RECONNECT_SECONDS
-                if now >= give_up_at:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
-
-
-def _error_detail(response, data, url, path):
-    """What an error answer says: its detail and the reason for each field, or
-    where a redirect of the request for `url` (the server's URL and `path`) points."""
-    if 300 <= response.status < 400:
-        if not response.getheader("Location"):
-            return f"{response.reason}, to nowhere"
-        location = urllib.parse.urljoin(url, response.getheader("Location"))
-        if not location.endswith(path) or location == url:
-            return f"{response.reason}: it points to {location}"
-        return (f"{response.reason}: it points to {location}; give "
-                f"{location[:len(location) - len(path)]} as the server URL")
-    try:
-        body = json.loads(data)
-        detail, errors = body["detail"], body.get("errors") or {}
-        return detail + "".join(f"\n  {field}: {reason}" for field, reason in errors.items()
-                                if str(reason) not in detail)  # (not the sentence again)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        text = data.decode("utf-8", "replace").strip()
-        if text.startswith("<"):  # a proxy's page, most likely
-            return f"{response.reason} (an HTML page, not buildserver's answer: from a proxy?)"
-        return text or response.reason
-
-
-def _project_spec(spec):
-    user, _, project = spec.partition("/")
-    if not (valid_name(user) and valid_name(project)):
-        raise argparse.ArgumentTypeError(f"expected USER/PROJECT, got {spec!r}")
-    return spec
-
-
-def _env_pair(text):
-    name, sep, value = text.partition("=")
-    if not sep or not conforms(name, FIELDS["env"]["propertyNames"]):
-        raise argparse.ArgumentTypeError(f"expected NAME=value, got {text!r}")
-    return name, value
-
-
-def client_exit_code(build):
-    """0 if the build succeeded, its own exit code if it failed with one, else
-    1 (a stopped build too, whatever its shell's code on the way out)."""
-    if build["last_status"] == "succeeded":
-        return 0
-    code = build.get("exit_code") if build["last_status"] == "failed" else None
-    return code if isinstance(code, int) and 0 < code < 256 else 1
-
-
-def _ago(stamp, now=None):
-    if not stamp:
-        return "-"
-    seconds = ((now or datetime.datetime.now(datetime.timezone.utc)) - parse_iso(stamp)).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{max(0, int(seconds))} s ago"
-
-
-def _duration(seconds):
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
-
-
-CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _printable(text):
-    """Text from the server as a terminal may show it: control characters
-    (which could set its clipboard, or rewrite the lines above) and
-    bidirectional ones written out as <U+001B>, as the dashboard shows them."""
-    return CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(text))
-
-
-def _table(rows, header):
-    rows = [[_printable(cell) for cell in row] for row in rows]
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-                     for r in [header] + rows)
-
-
-def _describe(build, statuses, code):
-    lines = [f"build {build['id']} of {build['project']}: {build['last_status']}"
-             + (f" (exit code {build['exit_code']})" if build["exit_code"] is not None else "")]
-    for key in ("name", "user", "command", "tags", "created_at", "started_at", "finished_at"):
-        value = build[key]
-        if key == "tags":
-            value = ", ".join(value) or None
-        elif key.endswith("_at") and value:
-            value = f"{value} ({_ago(value)})"
-        lines.append(f"  {key.replace('_at', '').replace('_', ' '):<9} {value if value is not None else '-'}")
-    lines.append(f"  {'duration':<9} {_duration(build['duration'])}")
-    lines.append(f"  {'log':<9} {build['log_size']} bytes" + (" (truncated)" if build["truncated"] else ""))
-    recorded = [code["commit"], code["branch"] and f"on {code['branch']}", code["git_url"],
-                code["is_dirty"] and "(dirty)"]
-    lines.append(f"  {'code':<9} {' '.join(filter(None, recorded)) or '-'}")
-    lines.append("  history")
-    for s in statuses:
-        lines.append(f"    {s['created_at']}  {s['status']:<9}  {s['message'] or ''}".rstrip())
-    return "\n".join(map(_printable, lines))
-
-
-def run_client(args):
-    """The client commands; returns the exit code."""
-    token = args.token or _env("token", "")
-    if not token:  # (the server's 401 would tell of an HTTP header)
-        return _fail("no token: set BUILDSERVER_TOKEN, or give --token", 2)
-    try:
-        client = Client(args.url, token)
-    except ValueError as e:
-        return _fail(str(e), 2)
-    if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
-        return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
-    for stream in (sys.stdout, sys.stderr):  # a name a Latin-1 terminal cannot show: d\u2713
-        if stream is not None:
-            stream.reconfigure(errors="backslashreplace")
-    project = "/api/v1/" + urllib.parse.quote(args.project)
-    try:
-        if args.command == "run":
-            return _run_build(client, project, args)
-        if args.command == "builds":
-            query = {"limit": args.limit, **({"status": args.status} if args.status else {})}
-            page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
-            if args.json:
-                _say(json.dumps(page_, indent=2))
-            else:
-                _say(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
-                               _ago(b["created_at"]), _duration(b["duration"]),
-                               ",".join(b["tags"]) or "-"] for b in page_["results"]],
-                             ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]))
-            return 0
-        if args.command == "status":
-            build_id = args.id
-            if build_id is None:
-                latest = client.call("GET", f"{project}/builds?limit=1")["results"]
-                if not latest:
-                    return _fail(f"{args.project} has no builds yet", 1)
-                build_id = latest[0]["id"]
-            path = f"{project}/builds/{build_id}"
-            build = client.call("GET", path)
-            statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
-            code = client.call("GET", f"{path}/coderef")
-            _say(json.dumps({**build, "statuses": statuses, "code_reference": code}, indent=2)
-                 if args.json else _describe(build, statuses, code))
-            return 0
-        path = f"{project}/builds/{args.id}"
-        if args.command == "stop":
-            build = client.call("POST", f"{path}/stop")
-            _say(json.dumps(build, indent=2) if args.json else
-                 f"build {build['id']} of {build['project']}: {build['last_status']}")
-            return 0
-        if args.command == "logs":
-            if args.follow:
-                client.follow(path, sys.stdout.buffer)
-            else:
-                client.stream_log(path, 0, sys.stdout.buffer, follow=False)
-            return 0
-    except ClientError as e:
-        code = EXIT_REFUSED if e.status in (401, 403, 429) else \
-            EXIT_UNREACHABLE if e.status in GATEWAY_ERRORS else 1  # 429: too many bad tokens
-        return _fail(f"the server says ({e.status}): {e.detail}", code)
-    except AnswerLost as e:
-        return _fail(f"{e}; it may have been done", EXIT_UNKNOWN)
-    except Unreachable as e:
-        return _fail(str(e), EXIT_UNREACHABLE)
-    except (OutputFailed, BrokenPipeError) as e:
-        return _output_failed(getattr(e, "error", e), getattr(e, "what", "the output"))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    raise AssertionError(args.command)
-
-
-def _say(text):
-    """Print `text` now: output that cannot be written (a full disk) is then
-    the command's failure to write (EXIT_OUTPUT_FAILED), seen in time."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise OutputFailed(e, "the output") from None
-
-
-def _output_failed(error, what):
-    """The exit for output that cannot be written: quietly, as a tool ended by
-    SIGPIPE, when the reader went away (`| head`); else saying why."""
-    if isinstance(error, BrokenPipeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)  # so exiting does not flush into the pipe
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return EXIT_OUTPUT_CLOSED
-    return _fail(f"cannot write {what}: {error.strerror or error}", EXIT_OUTPUT_FAILED)
-
-
-def _run_build(client, project, args):
-    """`run`: create a build, follow its log, exit with its result."""
-    body = {"command": args.command_, "name": args.name, "timeout": args.timeout,
-            "env": dict(args.env) if args.env else None, "tags": args.tag}
-    code = {"commit": args.commit, "branch": args.branch, "git_url": args.git_url}
-    code = {k: v for k, v in code.items() if v is not None}
-    try:  # checked before the build exists: it is recorded just after its creation
-        validate(code, CODE_REFERENCE)
-    except ApiError as e:
-        return _fail("; ".join(f"--{name.replace('_', '-')} {reason.removesuffix(', or null')}"
-                               for name, reason in e.errors.items()), 2)
-    if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
-        raise OutputFailed(OSError("standard error is closed"), "the log")
-    if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
-        signal.signal(signal.SIGTERM, _terminated)
-    made = None
-    try:
-        # Only what was given: an empty command or a zero timeout is the server's to refuse.
-        with _signals_held(args.stop_on_interrupt):  # (one that comes meanwhile stops the build)
-            build = made = client.call("POST", f"{project}/builds",
-                                       {k: v for k, v in body.items() if v is not None})
-            path = f"{project}/builds/{build['id']}"
-            _note(f"build {build['id']}: {client.url}{path}")
-        if code:
-            client.call("POST", f"{path}/coderef", code)
-        if args.no_follow:
-            _say(json.dumps(build, indent=2) if args.json else build["id"])
-            return 0
-        # With --json, standard output holds the build's JSON alone.
-        out = _LineKeeper((sys.stderr if args.json else sys.stdout).buffer)
-        build = client.follow(path, out)
-    except (Unreachable, ClientError) as e:
-        if isinstance(e, ClientError) and (made is None or e.status not in GATEWAY_ERRORS):
-            raise  # refused
-        if made is None and not isinstance(e, AnswerLost):
-            raise  # nothing was made
-        return _fail(f"{e}\n{_whereabouts(made, args.project)}", EXIT_UNKNOWN)
-    except (KeyboardInterrupt, Terminated) as interrupt:
-        code = EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
-        if made is None:
-            _note(f"interrupted while the build was being made: {_whereabouts(None, args.project)}")
-            return code
-        if not (args.stop_on_interrupt or _ask(f"\nStop build {made['id']}? [y/N] ")):
-            _note(f"build {made['id']} runs on; stop it with: {sys.argv[0]} stop "
-                  f"{args.project} {made['id']}")
-            return code
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
-        try:
-            client.call("POST", f"{path}/stop")
-            _note(f"build {made['id']}: stop requested")
-        except (Unreachable, ClientError) as e:
-            _note(f"build {made['id']}: its stop could not be asked for ({e}); it may run on")
-        return code
-    # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
-    if args.json:
-        _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
-    why = "" if build["last_status"] == "succeeded" else _why(client, path)
-    _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}{why}")
-    return client_exit_code(build)
-
-
-def _whereabouts(build, project):
-    """What is known of a build whose outcome `run` cannot tell."""
-    if build is None:
-        return (f"the build may have been made: see `{sys.argv[0]} builds {project}` "
-                "before you run it again")
-    return (f"build {build['id']} was made, and may still run: see `{sys.argv[0]} status "
-            f"{project} {build['id']}`")
-
-
-def _why(client, path):
-    """ (what its last status says), when it says something; best effort."""
-    with contextlib.suppress(Unreachable, ClientError, KeyError, TypeError):
-        last = client.call("GET", f"{path}/statuses?limit=1000")["results"][-1]
-        if last["message"]:
-            return f" ({_printable(last['message'])})"
-    return ""
-
-
-@contextlib.contextmanager
-def _signals_held(hold):
-    """SIGINT and SIGTERM wait (if `hold`) until the block is done."""
-    if not hold:
-        yield
-        return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-
-
-class _LineKeeper:
-    """A binary output that remembers whether what went through it ends a line."""
-
-    def __init__(self, out):
-        self.out, self.ends_line = out, True
-
-    def write(self, data):
-        if data:
-            self.ends_line = data.endswith(b"\n")
-        return self.out.write(data)
-
-    def flush(self):
-        self.out.flush()
-
-    def apart_on(self, stream):
-        """A newline to start a line on `stream` with, if it writes where
-        this output left one open; the line written there is then ended."""
-        if self.ends_line or not _same_place(self.out, stream):
-            return ""
-        self.ends_line = True
-        return "\n"
-
-
-def _same_place(out, err):
-    """Whether text on `err` lands right after what `out` wrote: one file, or
-    two terminals (most likely one screen)."""
-    try:
-        a, b = os.fstat(out.fileno()), os.fstat(err.fileno())
-        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (out.isatty() and err.isatty())
-    except (AttributeError, OSError, ValueError):  # closed, or no file (a test's StringIO)
-        return False
-
-
-class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` takes it
-    """SIGTERM, to `run --stop-on-interrupt`."""
-
-
-def _terminated(signum, frame):
-    raise Terminated()
-
-
-def _note(text):
-    """Say `text` on standard error, if it can be written: a note, not output
-    (a full disk there must not change the exit code, nor end the follow).
-    As a terminal may show it: what a server, a proxy or the network said
-    may hold escapes."""
-    if sys.stderr is not None:  # (print(file=None) would write to standard output)
-        with contextlib.suppress(OSError):
-            print("\n".join(map(_printable, text.split("\n"))), file=sys.stderr, flush=True)
-
-
-def _ask(question):
-    if sys.stderr is None or not (sys.stdin and sys.stdin.isatty() and sys.stderr.isatty()):
-        return False
-    try:  # asked on standard error: standard output holds the log (or JSON) alone
-        sys.stderr.write(question)
-        sys.stderr.flush()
-        return input().strip().lower() in ("y", "yes")
-    except (EOFError, KeyboardInterrupt):
-        return False
-
-
-def _client_parsers(commands):
-    """The client commands' arguments."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=_env("url", "http://127.0.0.1:8000"),
-                        help="the server (env BUILDSERVER_URL; default %(default)s)")
-    common.add_argument("--token", help="your token; better set BUILDSERVER_TOKEN, which "
-                                        "stays out of shell history and ps")
-    scripted = argparse.ArgumentParser(add_help=False, parents=[common])
-    scripted.add_argument("--json", action="store_true", help="print JSON for scripts")
-
-    def add(name, text, json_too=True, **more):
-        return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                                   parents=[scripted if json_too else common], **more)
-
-    r = add("run", "trigger a build, follow its log, and exit with its result "
-                   "(with --json the log goes to standard error)", epilog=RUN_EXIT_CODES,
-            formatter_class=_KeepsTables)
-    r.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
-    r.add_argument("--command", dest="command_", metavar="CMD",
-                   help="the shell command (default: the project's)")
-    r.add_argument("--env", type=_env_pair, action="append", metavar="NAME=VALUE",
-                   help="an environment variable for the build (repeatable)")
-    r.add_argument("--name", help="the build's name")
-    r.add_argument("--tag", action="append", help="a tag (repeatable)")
-    r.add_argument("--timeout", type=int, help="seconds before the build is stopped and fails")
-    r.add_argument("--commit", metavar="SHA", help="the git commit the build is made from "
-                                                   "(recorded as its code reference)")
-    r.add_argument("--branch", help="the git branch, recorded as the build's code reference")
-    r.add_argument("--git-url", metavar="URL", help="the repository, recorded likewise")
-    r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
-    r.add_argument("--stop-on-interrupt", action="store_true",
-                   help="on Ctrl-C, or SIGTERM, stop the build without asking")
-    s = add("status", "a build's fields and status history (default: the latest build)")
-    s.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
-    s.add_argument("id", nargs="?", type=int, help="the build's id")
-    lg = add("logs", "print a build's log (as it is: no --json)", json_too=False)
-    lg.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
-    lg.add_argument("id", type=int)
-    lg.add_argument("--follow", "-f", action="store_true", help="until the build ends")
-    st = add("stop", "stop a build")
-    st.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
-    st.add_argument("id", type=int)
-    b = add("builds", "list a project's builds, newest first")
-    b.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
-    b.add_argument("--status", help="only these statuses, comma-separated")
-    b.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
-
-
-###############################################################################
-# Command line ################################################################
-###############################################################################
-
-SERVER_COMMANDS = ("serve", "adduser", "token", "backup")
-CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
-
-
-def _env(name, default):
-    return os.environ.get(f"BUILDSERVER_{name.upper()}", default)
-
-
-def _positive(kind, most=None, least=0):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:  # (argparse would say "invalid parse value")
-            raise argparse.ArgumentTypeError(
-                f"must be a {'whole ' if kind is int else ''}number: {text}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}: {text}" if least
-                                             else f"must not be negative: {text}")
-        if most is not None and value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most}: {text}")
-        return value
-    return parse
-
-
-def _ip_address(text):
-    """An IP address (waitress compares it with the connection's; "*" would
-    trust everyone, and a host name would never match)."""
-    import ipaddress
-    if not text:
-        return ""
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an IP address, like 127.0.0.1: {text}") \
-            from None
-
-
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default in its help, unless it has none (an empty one)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default == "" else super()._get_help_string(action)
-
-
-class _KeepsTables(argparse.HelpFormatter):
-    """Text wrapped as usual, but for a table (lines indented), kept as it is."""
-
-    def _fill_text(self, text, width, indent):
-        if "\n  " in text:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-def parser():
-    p = argparse.ArgumentParser(prog="buildserver.py", description=__doc__.split("\n")[0],
-                                formatter_class=_Defaults,
-                                epilog="Without a command it serves: `buildserver.py --port 9000` "
-                                       "is `buildserver.py serve --port 9000` (see serve --help).")
-    p.add_argument("--version", action="version", version=__version__)
-    commands = p.add_subparsers(dest="command", metavar="COMMAND")
-    s = commands.add_parser("serve", help="run the server (the default command)",
-                            formatter_class=_Defaults,
-                            description="Run the server. Every flag can also be set with "
-                                        "BUILDSERVER_<FLAG>, e.g. BUILDSERVER_PORT=9000.")
-    s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
-    s.add_argument("--port", type=_positive(int, 65535), default=_env("port", "8000"),
-                   help="port to listen on (0: any free port)")
-    _data_dir_option(s, "folder of the database and the build workspaces")
-    s.add_argument("--workers", type=_positive(int, 256), default=_env("workers", "2"),
-                   help="builds run at once (0: none run, they wait scheduled)")
-    s.add_argument("--threads", type=_positive(int, 1024, least=4), default=_env("threads", "32"),
-                   help="HTTP threads (at least 4); log followers may use all but a reserve")
-    s.add_argument("--stop-grace", type=_positive(float, 86400), default=_env("stop_grace", "10"),
-                   help="seconds between SIGTERM and SIGKILL when a build is stopped")
-    s.add_argument("--max-log-bytes", type=_positive(int, 2 ** 40),
-                   default=_env("max_log_bytes", str(100 * MiB)),
-                   help="bytes of log kept per build; later output is dropped")
-    s.add_argument("--auth-burst", type=_positive(int, 10 ** 6), default=_env("auth_burst", "30"),
-                   help="failed authentications per client address and minute before "
-                        "the address gets 429 (0: no limit)")
-    s.add_argument("--trusted-proxy", metavar="ADDRESS", type=_ip_address,
-                   default=_env("trusted_proxy", ""),
-                   help="the reverse proxy's address (e.g. 127.0.0.1): its X-Forwarded-For, "
-                        "-Proto, -Host and -Port headers are believed")
-    for name, text in (("adduser", "create a user and print its token"),
-                       ("token", "give a user a new token (the old ones stop working)")):
-        c = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                                formatter_class=_Defaults)
-        c.add_argument("name", help="the user's name")
-        if name == "adduser":
-            c.add_argument("--admin", action="store_true", help="may act in every namespace")
-        _data_dir_option(c, "folder of the database")
-    b = commands.add_parser("backup", help="copy the database safely, even while it serves",
-                            formatter_class=_Defaults,
-                            description="Copy the database with SQLite's online backup, "
-                                        "consistent even while the server writes to it.")
-    b.add_argument("dest", help="the file to write (replaced if it exists)")
-    _data_dir_option(b, "folder of the database")
-    _client_parsers(commands)
-    return p
-
-
-def _data_dir_option(parser, text):
-    def folder(path):
-        if not path:
-            raise argparse.ArgumentTypeError("must name a folder, not be empty")
-        return path
-    parser.add_argument("--data-dir", type=folder, default=_env("data_dir", "./buildserver-data"),
-                        help=text)
-
-
-def with_command(argv):
-    """`argv` with its command first: `serve` unless it names another."""
-    commands = SERVER_COMMANDS + CLIENT_COMMANDS
-    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
-        return ["serve"] + argv
-    return argv
-
-
-def main(argv=None):
-    argv = with_command(sys.argv[1:] if argv is None else list(argv))
-    args = parser().parse_args(argv)
-    try:
-        if args.command == "serve":
-            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            # A line per request: skip what the format never shows (the logging
-            # HOWTO's "Optimization": caller lookup, thread and process names).
-            logging._srcfile = None
-            logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-            if bottle is None:
-                return _fail("the server needs bottle and waitress: "
-                             "pip install -r requirements.txt", 1)
-            config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
-                            workers=args.workers, threads=args.threads,
-                            stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes,
-                            auth_burst=args.auth_burst, trusted_proxy=args.trusted_proxy)
-            return serve(config)
-        if args.command in CLIENT_COMMANDS:
-            return run_client(args)
-        if args.command == "backup":
-            return backup(os.path.join(args.data_dir, DB_FILE), args.dest)
-        return manage_users(args)
-    except SchemaError as e:
-        return _fail(str(e), 1)
-    except sqlite3.Error as e:
-        return _fail(f"cannot use the database in {args.data_dir}: {e}", 1)
-    except OSError as e:
-        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
-
-
-MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
-    "import os, sys, importlib.machinery as m, importlib.util as u; "
-    "sys.argv[0] = sys.argv.pop(1); l = m.SourceFileLoader('buildserver', sys.argv[0]); "
-    "sys.path[:1] = [os.path.dirname(sys.argv[0])] if sys.path[:1] == [''] else sys.path[:1]; "
-    "b = sys.modules['buildserver'] = u.module_from_spec(u.spec_from_loader(l.name, l)); "
-    "l.exec_module(b); sys.exit(b.main())")
-
-
-def serve_as_module():
-    """Replace this process with a fresh Python that runs this file as a
-    module; returns only when it cannot.
-
-    CPython keeps the syntax tree of the script it was started with until the
-    script ends: for `python buildserver.py` that is the server's whole life,
-    and about 6 MB of this file's tree. A module's tree is freed once it is
-    compiled. The process keeps its pid, files and environment (systemd sees
-    nothing); it costs one more start of Python.
-    """
-    started_as = getattr(sys, "orig_argv", [])  # (3.10+) e.g. python3 -X utf8 <file> serve
-    options = started_as[1:len(started_as) - len(sys.argv)]
-    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
-            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)
-            or not all(o.startswith("-") or (i and options[i - 1] in ("-X", "-W"))
-                       for i, o in enumerate(options))):
-        return  # not python itself running this file (embedded, runpy, coverage run)
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
-    with contextlib.suppress(OSError):
-        os.execv(sys.executable, [sys.executable, *options, "-c", MODULE_LAUNCHER,
-                                  os.path.abspath(__file__), *sys.argv[1:]])
-
-
-def _no_database(db_path):
-    """Why there is no database this user can use at `db_path`, or None."""
-    try:
-        os.stat(db_path)
-    except FileNotFoundError:
-        return f"there is no database at {db_path}"
-    except OSError as e:  # a data folder private to the server's user, say
-        return f"cannot reach the database at {db_path} ({e.strerror}): run this as its owner"
-    return None
-
-
-def backup(db_path, dest):
-    """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
-    if missing := _no_database(db_path):
-        return _fail(missing, 2)
-    if os.path.isdir(dest) or dest.endswith(os.sep):
-        return _fail(f"{dest} is a folder: name the file to write, e.g. "
-                     f"{os.path.join(dest, DB_FILE)}", 2)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
-        return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
-    lock = os.path.join(os.path.dirname(db_path), SERVE_LOCK)
-    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
-                     + [lock]):
-        # The copy would replace the file a running server writes (what it
-        # answered for afterwards would be lost), or the lock that keeps a
-        # second server off its data folder.
-        return _fail(f"{dest} is the database itself (or one of its files): "
-                     "name a file outside the data folder", 2)
-    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
-        # The copy replaces what is there: /dev/null or /dev/stdout would be
-        # replaced by a file for every user, a link by a copy.
-        return _fail(f"{dest} is not a file (a device, a pipe or a link, say): "
-                     "name a file to write, or a new one", 2)
-    # A copy of its own beside the destination (0600, like the database),
-    # named after this process: a backup running at the same time has another,
-    # and the next backup removes what a killed one left.
-    partial = f"{dest}.{os.getpid()}.partial"
-    _remove_dead_copies(dest)
-    _remove_copy(partial)
-    _create_private(partial)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
-    try:
-        source = sqlite3.connect(db_path, timeout=30)
-        try:
-            target = sqlite3.connect(partial)
-            try:
-                source.backup(target)
-                check = target.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                target.close()
-        finally:
-            source.close()
-        if check != "ok":
-            return _fail(f"the copy failed its integrity check: {check}", 1)
-        _mark_as_backup(partial)
-        os.replace(partial, dest)
-    except sqlite3.Error as e:  # a full disk at the destination, say
-        return _fail(f"the copy to {dest} failed: {e}", 1)
-    finally:
-        _remove_copy(partial)
-    print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
-    return 0
-
-
-def _mark_as_backup(path):
-    """Write into the copy at `path` when it was taken (see Store.backup_taken)."""
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
-        copy.execute("BEGIN IMMEDIATE")
-        copy.execute("CREATE TABLE IF NOT EXISTS backup_taken (taken_at TEXT NOT NULL)")
-        copy.execute("DELETE FROM backup_taken")
-        copy.execute("INSERT INTO backup_taken (taken_at) VALUES (?)", (now_iso(),))
-        copy.execute("COMMIT")
-
-
-def _names_one_of(path, others):
-    """Whether `path` names one of `others`, through any link or relative path."""
-    real = os.path.realpath(path)
-    for other in others:
-        if real == os.path.realpath(other):
-            return True
-        with contextlib.suppress(OSError):
-            if os.path.samefile(path, other):  # a hard link
-                return True
-    return False
-
-
-def _remove_copy(partial):
-    """A partial backup, with the files SQLite keeps beside it."""
-    for path in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _remove_dead_copies(dest):
-    """The partial copies to `dest` whose backup process is gone (killed)."""
-    import glob
-    for path in glob.glob(glob.escape(dest) + ".*.partial"):
-        pid = path[len(dest) + 1:-len(".partial")]
-        if pid.isdigit() and not _alive(int(pid)):
-            _remove_copy(path)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        pass
-    return True
-
-
-def manage_users(args):
-    """`adduser` and `token`: the token is the last line of standard output."""
-    if not valid_name(args.name):
-        return _fail(f"{args.name!r} is not a valid user name: use 1 to 64 letters, digits, "
-                     "'_' or '-', starting with a letter or digit", 2)
-    if args.name in RESERVED_USERNAMES:
-        return _fail(f"{args.name!r} cannot be a user name: /api/v1/{args.name} is an endpoint", 2)
-    db_path = os.path.join(args.data_dir, DB_FILE)
-    if args.command == "token" and (missing := _no_database(db_path)):  # a mistyped --data-dir
-        return _fail(missing, 2)
-    _make_private_dir(args.data_dir)
-    new = not os.path.exists(db_path)
-    db = Database(db_path)
-    try:
-        db.migrate()
-        store = Store(db)
-        if new:  # a server that runs elsewhere (--data-dir forgotten) would refuse its token
-            _note(f"buildserver: there was no database in {os.path.abspath(args.data_dir)}: "
-                  "made a new one (a server on another --data-dir will not know this user)")
-        # The token is shown first, then recorded: one that cannot be shown is
-        # never made, and a print that blocks (a paused terminal) holds no lock.
-        token = fresh_token()
-        if args.command == "adduser":
-            same = store.user_named_any_case(args.name)
-            if same is not None:  # (a name differing only in case would share a folder)
-                return _fail(f"the user {same['name']!r} exists already", 2)
-            _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''} "
-                        f"in {os.path.abspath(args.data_dir)}. Its token, shown only now:", token)
-            if store.create_user(args.name, is_admin=args.admin, token=token) is None:
-                return _fail(f"the user {args.name!r} was made meanwhile by another command; "
-                             "the token above was not recorded", 2)
-        else:
-            user = store.user_by_name(args.name)
-            if user is None:
-                return _fail(f"there is no user {args.name!r}", 2)
-            _show_token(f"New token for {args.name!r}; the earlier ones no longer work:", token)
-            store.new_token(user["id"], token)
-        return 0
-    except OutputFailed as e:
-        return _fail(f"cannot show {e.what}: {e}", EXIT_OUTPUT_FAILED)
-    finally:
-        db.close()
-
-
-def _show_token(*lines):
-    """Print a token before it is recorded, or raise OutputFailed: no token
-    exists that nobody saw."""
-    try:
-        if sys.stdout is None:  # closed (`>&-`): print() would say nothing
-            raise OSError("standard output is closed")
-        print(*lines, sep="\n", flush=True)
-    except OSError as e:
-        raise OutputFailed(e, "the token") from None
-
-
-def _fail(message, code):
-    """Say why on standard error; returns `code`."""
-    _note(f"buildserver: {message}")
-    return code
-
-
-###############################################################################
 # The dashboard page ##########################################################
 ###############################################################################
 # Served at GET / : plain HTML, CSS and JavaScript, no external assets (the
@@ -6331,6 +4927,1419 @@ def dashboard_headers(page):
             " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
             " frame-ancestors 'none'"),
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+###############################################################################
+# Serving #####################################################################
+###############################################################################
+
+def _proxy_settings(proxy):
+    """waitress's settings to believe `proxy`'s X-Forwarded-* headers: the
+    client's address (for --auth-burst), and the scheme and host of the links
+    in pages. Nobody else's are believed: waitress drops them."""
+    if not proxy:
+        return {}
+    return {"trusted_proxy": proxy, "trusted_proxy_count": 1,
+            "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-host",
+                                      "x-forwarded-proto", "x-forwarded-port"},
+            "clear_untrusted_proxy_headers": True, "log_untrusted_proxy_headers": False}
+
+
+def serve(config):
+    """Run the server until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
+    import fcntl
+    from waitress import wasyncore
+
+    _make_private_dir(config.data_dir)
+    lock = open(os.path.join(config.data_dir, SERVE_LOCK), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
+        return 1
+    cores = _keep_to_one_core()  # before any thread starts: they inherit it
+    app = make_app(config, start=False)  # no build starts before the port is ours
+    app.runner.cores = cores
+    _warn_if_open(config.data_dir, config.db_path)
+    try:
+        server = http_server(app, config)
+    except (OSError, ValueError) as e:  # ValueError: a host name that does not resolve
+        app.close()
+        reason = getattr(e, "strerror", None) or e
+        return _fail(f"cannot listen on {config.host}:{config.port}: {reason}", 1)
+    finished = threading.Event()
+
+    def shut_down():
+        log.info("shutting down: stopping running builds")
+        app.shutdown(timeout=SHUTDOWN_SECONDS)
+        finished.set()
+        server.pull_trigger()
+
+    def on_signal(signum, frame):
+        if not app.closing:
+            app.closing = True
+            threading.Thread(target=shut_down, name="shutdown").start()
+
+    # Before any build starts, so that a signal always stops builds cleanly.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP: the terminal it ran in was closed; its builds, in sessions of
+    # their own, would outlive it unsupervised. Unless told to ignore it (nohup).
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, on_signal)
+    if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
+        token = fresh_token()
+        try:  # shown first: a token that cannot be shown leaves no admin
+            _show_token(f"Created the admin user 'admin'. Its token, shown only now: {token}")
+        except OutputFailed as e:
+            app.close()
+            return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
+        if app.store.create_user("admin", is_admin=True, token=token) is None:
+            log.warning("the user 'admin' was made meanwhile by another command; "
+                        "the token above was not recorded")
+    app.runner.start()
+    print(f"buildserver {__version__} listening on "
+          f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
+    log.info("serving %s with %d workers", config.data_dir, config.workers)
+    _return_startup_memory()
+    listening = True
+    # waitress's own run(), but stoppable: signal handlers run here, between polls.
+    while not finished.is_set():
+        if app.closing and listening:
+            server.del_channel()
+            server.socket.close()
+            listening = False
+        wasyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(  # followers' last bytes still on their way
+            c.total_outbufs_len for c in list(server.active_channels.values())):
+        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+    server.task_dispatcher.shutdown(timeout=5)
+    wasyncore.close_all(server._map)
+    app.close()
+    log.info("stopped")
+    return 0
+
+
+def _one_address(host):
+    """`host`, or the address to listen on when it names several (localhost as
+    ::1 and 127.0.0.1): waitress would listen on each, through another kind of
+    server. The first IPv4 one, as the URLs people type say 127.0.0.1."""
+    try:
+        found = [(family, info[0]) for family, _, _, _, info in socket.getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
+    except (socket.gaierror, UnicodeError):
+        return host  # waitress says so, in its words
+    if len({address for _, address in found}) <= 1:
+        return host
+    return next((a for family, a in found if family == socket.AF_INET), found[0][1])
+
+
+def http_server(app, config):
+    """waitress, listening for `app` as `config` says (not yet serving)."""
+    import waitress
+    from waitress.task import ThreadedTaskDispatcher
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.queue_cv = _WarmestFirst(dispatcher.lock)
+    server = waitress.create_server(
+        app, _dispatcher=dispatcher, host=_one_address(config.host), port=config.port,
+        threads=config.threads,
+        ident="buildserver", max_request_body_size=LOG_BODY_LIMIT + MiB,
+        outbuf_overflow=16 * MiB, connection_limit=_connection_limit(config),
+        channel_request_lookahead=1,  # lets a follower see that its client left
+        # A connection ended early (a client gone; a log deleted while it was
+        # sent, which LogFile logs in a line) is no fault worth a traceback.
+        log_socket_errors=False, **_proxy_settings(config.trusted_proxy))
+    # Big sends for log downloads (set on each accepted connection).
+    server.adj.socket_options = server.adj.socket_options + [
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)]
+    server.channel_class = _channel_class()
+    idle_channels_closed = server.maintenance
+
+    def maintenance(now):  # every cleanup_interval (30 s)
+        idle_channels_closed(now)
+        app.db.replaced()
+        app.throttle.forget_quiet()
+        overdue = time.monotonic() - HEAD_SECONDS
+        for channel in list(server.active_channels.values()):
+            if channel.head_began is not None and channel.head_began < overdue and \
+                    not channel.requests:  # (a head read ahead of an answer may wait)
+                channel.will_close = True  # a slow-loris: its head trickles in
+    server.maintenance = maintenance
+    dispatcher.set_thread_count(config.threads)  # once listening: no threads left on a failure
+    return server
+
+
+class _WarmestFirst:
+    """The condition waitress's idle HTTP threads wait on (given through
+    create_server's `_dispatcher`), which wakes the thread that went idle
+    last, where threading.Condition wakes the one idle longest: its stack,
+    its SQLite connection and the core's caches are still warm (a dispatch
+    took 3.46 ms instead of 3.66, a stop 2.72 instead of 2.97). waitress calls
+    wait(), notify() and notify_all(), holding `lock`."""
+
+    def __init__(self, lock):
+        self._lock = lock
+        self._waiters = []  # a locked lock per waiting thread, the last to wait last
+
+    def wait(self, timeout=None):
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        woken = False
+        try:  # until notify() releases it
+            woken = waiter.acquire(True, -1 if timeout is None else timeout)
+        finally:
+            self._lock.acquire()
+            if not woken:  # timed out, or interrupted: a notify must not be spent on it
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:  # notified as it timed out: that notify was its
+                    woken = True
+        return woken
+
+    def notify(self, n=1):
+        for _ in range(min(n, len(self._waiters))):
+            self._waiters.pop().release()
+
+    def notify_all(self):
+        self.notify(len(self._waiters))
+
+
+def _connection_limit(config):
+    """Connections open at once: half the file descriptors the process may
+    open (the rest are for the database and builds' pipes), so that idle
+    keep-alive connections (a client's big pool, a slow-loris) do not shut
+    others out at a hundred. (The limit is not raised: builds inherit it.)"""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return max(100, config.threads * 4)
+    if soft == resource.RLIM_INFINITY:
+        return 10000
+    return max(100, min(10000, soft // 2))
+
+
+def _keep_to_one_core():
+    """Keep this process's threads to one core, the one it runs on (Linux):
+    the GIL runs one at a time anyway, and handing work to a thread asleep on
+    another core costs more than the work on a small VM (a dispatch took 3.6
+    ms instead of 4.1 on two vCPUs). Returns the cores it had, for the
+    workers to take back (builds keep them all), or None if nothing changed."""
+    try:
+        cores = os.sched_getaffinity(0)
+        if len(cores) < 2:
+            return None
+        fields = _stat("thread-self")  # field 39, "processor": where it last ran
+        here = int(fields[36]) if len(fields) > 36 else min(cores)
+        os.sched_setaffinity(0, {here if here in cores else min(cores)})
+        return cores
+    except (AttributeError, OSError, ValueError):  # not Linux, or not allowed
+        return None
+
+
+def body_limit(path):
+    """The largest request body a path takes."""
+    return LOG_BODY_LIMIT if path.rstrip("/").endswith("/logs") else JSON_BODY_LIMIT
+
+
+def _unquoted_headers(text):
+    """waitress's words on a malformed header line, with the line's value left
+    out: it may be a token ("Authorization: Token ...\\r")."""
+    def name_only(match):
+        name, colon, _ = match.group(1).partition(":")
+        return f'header line "{name[:64]}: ..."' if colon else "header line (not shown)"
+    return re.sub(r'header line "(.*)"', name_only, text, flags=re.S)
+
+
+def _channel_class():
+    """waitress's HTTP channel, changed in six ways:
+
+    - its parser refuses a body over its path's limit from its Content-Length:
+      the app sees the request at once, with no body, and answers 413; the
+      connection closes after the answer (its unread body is never parsed as
+      requests). Up to REFUSED_DRAIN bytes of that body are read and dropped
+      first, as they come: closing with them unread would reset the
+      connection, and a client that sends its whole body before it reads
+      (Python's http.client and requests do) would get the reset, not the 413;
+    - an answer's head goes out with the first bytes of its body, in one send:
+      the client wakes once, not twice;
+    - the connection stays open after a chunked answer (a followed log), as
+      HTTP/1.1 allows: waitress closes it, and a client that follows a build
+      and then asks for it would have to connect again. An answer cut short
+      (an error, a client gone) still closes it; a HEAD answer gets no last
+      chunk (waitress would send one, a stray body);
+    - its own error answers are JSON, like the app's;
+    - it knows since when a request's head has been arriving: one still not
+      whole after HEAD_SECONDS closes a connection with no request in hand
+      (see http_server);
+    - it wakes a waiting follower when its client leaves (waitress only
+      marks the connection, which the follower would see a second later).
+    """
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+    from waitress.task import ErrorTask, WSGITask
+    from waitress.utilities import RequestEntityTooLarge
+
+    class Parser(HTTPRequestParser):
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            # Framed both ways, what follows its chunks is another request to
+            # the server, and its body to a proxy that trusts the length: the
+            # connection ends with the answer (RFC 9112, 6.3). So does one of
+            # HTTP/1.0 with chunks, which waitress reads by its length (6.1).
+            self.badly_framed = (self.chunked and "CONTENT_LENGTH" in self.headers
+                                 or self.version == "1.0" and "TRANSFER_ENCODING" in self.headers)
+            self.body_refused = self.content_length > body_limit(self.path)
+            if self.body_refused:
+                self.body_rcv = None  # so the request is complete without its body
+                self.expect_continue = False  # and the body is not invited
+
+    class Task(WSGITask):
+        _keeping_open = False
+
+        def get_environment(self):
+            environ = super().get_environment()
+            channel = self.channel  # what a follower has waiting for its client
+            if channel.local_address is not None:  # not "waitress.invalid", a link's host
+                environ["SERVER_NAME"] = channel.local_address  # when the request names none
+            environ["buildserver.backlog"] = lambda: channel.total_outbufs_len
+            environ["buildserver.when_gone"] = channel.when_gone
+            environ["buildserver.hang_up"] = channel.hang_up
+            return environ
+
+        def build_response_header(self):
+            if getattr(self.request, "body_refused", False):  # its unread body must not
+                super().set_close_on_finish()                 # be taken for requests
+                self.channel.drain_before_closing(self.request.content_length)
+            elif getattr(self.request, "badly_framed", False):
+                super().set_close_on_finish()
+            self._keeping_open = (self.version == "1.1" and not self.close_on_finish and
+                                  self.request.headers.get("CONNECTION", "").lower() != "close")
+            try:
+                return super().build_response_header()
+            finally:
+                self._keeping_open = False
+
+        def set_close_on_finish(self):
+            if not self._keeping_open:  # while the head is built, only chunking asks
+                super().set_close_on_finish()
+
+        def finish(self):
+            if self.request.command == "HEAD":  # no body: not even the last chunk
+                if not self.wrote_header:
+                    self.write(b"")
+                self.chunked_response = False
+            super().finish()
+
+        def write(self, data):
+            if self.wrote_header or not data or len(data) > COALESCE_BYTES:
+                return super().write(data)
+            channel = self.channel
+            channel.holding = True
+            try:
+                super().write(data)
+            finally:
+                channel.holding = False
+                channel.release_head()
+
+    class JSONErrorTask(ErrorTask):
+        """waitress's own refusals (a malformed request, a body over its limit)
+        in the API's one error shape, not as text/plain."""
+
+        def execute(self):
+            error = self.request.error
+            body = json_bytes({"detail": f"{error.reason}: {_unquoted_headers(error.body)}"})
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers += [("Content-Type", "application/json"),
+                                      ("X-Content-Type-Options", "nosniff")]
+            self.set_close_on_finish()
+            if isinstance(error, RequestEntityTooLarge):  # (a chunked body: no length)
+                self.channel.drain_before_closing(self.request.content_length or None)
+            self.content_length = len(body)
+            self.write(body)
+
+    class Channel(HTTPChannel):
+        parser_class = Parser
+        task_class = Task
+        error_task_class = JSONErrorTask
+        holding, _head = False, None
+        head_began = None  # when a request whose head is not all here began (or the connection)
+        _gone_callback = None
+        _to_drain = None  # bytes of a refused body still to drop before closing
+        _draining = False  # the answer is sent, and the connection half-closed
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # A connection that never sends a byte holds its place too, and
+            # waitress's idle timeout would take 120 s to end it.
+            self.head_began = time.monotonic()
+            try:  # the address the client reached (of 0.0.0.0, the one it chose)
+                name = self.socket.getsockname()
+            except OSError:
+                name = None
+            self.local_address = name[0] if isinstance(name, tuple) else None
+
+        def drain_before_closing(self, length):
+            """Once the answer is sent, read and drop the refused body (of
+            `length` bytes, None if unknown) before closing; not when it is
+            too long to be worth it."""
+            if length is None or length <= REFUSED_DRAIN:
+                self._to_drain = REFUSED_DRAIN
+
+        def handle_write(self):
+            if self._to_drain is None or self.will_close or not self.close_when_flushed:
+                return super().handle_write()
+            self.close_when_flushed = False  # waitress would close once flushed
+            super().handle_write()
+            if self.will_close or not self.connected:  # the send failed: it closed
+                return
+            if self.total_outbufs_len:  # the rest of the answer first
+                self.close_when_flushed = True
+                return
+            try:  # the client sees the answer end; what it still sends is dropped
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.handle_close()
+                return
+            self._draining = True  # readable() holds: handle_read drops it
+
+        def hang_up(self):
+            """Close the connection (in the event loop), dropping what still
+            waits for the client: a follower cut off for taking nothing would
+            take none of it, and waitress would keep the connection for as
+            long, since it closes one only once it can write to it."""
+            self.server.trigger.pull_trigger(lambda: self.connected and self.handle_close())
+
+        def when_gone(self, callback):
+            """Call `callback` (once, in the event loop) when the client has
+            gone: a waiting follower then frees its thread and slot at once;
+            None forgets it."""
+            self._gone_callback = callback
+
+        def _tell_gone(self):
+            callback, self._gone_callback = self._gone_callback, None
+            if callback is not None:
+                callback()
+
+        def handle_read(self):
+            if self._draining:  # (an idle one is closed by maintenance, as any)
+                try:
+                    data = self.recv(self.adj.recv_bytes)  # b"" once it closed
+                except OSError:
+                    data = b""
+                self._to_drain -= len(data)
+                if self.connected and (not data or self._to_drain <= 0):
+                    self.handle_close()
+                return
+            super().handle_read()
+            if not self.connected:  # the client closed its end
+                self._tell_gone()
+
+        def handle_close(self):  # a reset, or a send that failed
+            super().handle_close()
+            self._tell_gone()
+
+        def received(self, data):
+            began = self.head_began or time.monotonic()
+            try:
+                return super().received(data)
+            finally:
+                request = self.request
+                self.head_began = began if request is not None and \
+                    not request.headers_finished else None
+
+        def write_soon(self, data):
+            if self.holding and self._head is None:
+                self._head = data
+                return len(data)
+            if self._head is not None:
+                data, self._head = self._head + data, None
+            return super().write_soon(data)
+
+        def release_head(self):
+            """Send a head that no body joined (e.g. a 304)."""
+            if self._head is not None:
+                head, self._head = self._head, None
+                super().write_soon(head)
+
+    return Channel
+
+
+def _return_startup_memory():
+    """Compiling this file at start leaves megabytes of freed memory in the
+    process; hand them back to the system (glibc only)."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+def _url_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
+###############################################################################
+# Client ######################################################################
+###############################################################################
+# `run`, `status`, `logs`, `stop` and `builds` talk to a server over HTTP with
+# the standard library alone, so this file can be copied onto any box that
+# triggers builds, with or without bottle and waitress.
+
+EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
+EXIT_UNKNOWN = 76       # a request went, its answer was lost: it may have been done (EX_PROTOCOL)
+EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM, to `run --stop-on-interrupt`
+EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
+EXIT_OUTPUT_FAILED = 74   # the output cannot be written where it goes, a full disk say (EX_IOERR)
+RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
+RUN_EXIT_CODES = """exit codes:
+  0        the build succeeded
+  1-255    it failed with that code (1: without one, or stopped)
+  1        the server refused the request (the reason is printed)
+  2        the command line is wrong, or no token is given
+  74       the log cannot be written where it goes
+  75       the server cannot be reached: nothing was done
+  76       the build's outcome is unknown: the create's answer was lost,
+           or the server was lost while following it (it says which)
+  77       the server refuses the token
+  130, 143 Ctrl-C, or SIGTERM with --stop-on-interrupt
+  141      the log's reader went away (| head)"""
+GATEWAY_ERRORS = (502, 503, 504)  # the server, or a proxy in front, says: not now
+
+
+class ClientError(Exception):
+    """The server answered with an error: `status` and its `detail`."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class Unreachable(Exception):
+    """The server could not be reached, or the connection dropped."""
+
+
+class AnswerLost(Unreachable):
+    """A request was sent, and the connection dropped before its answer: it
+    may have been done (a build made, say)."""
+
+
+class OutputFailed(Exception):
+    """The log (or `what` else) could not be written where it goes: a closed
+    pipe, a full disk. Not the connection's fault: nothing to reconnect for."""
+
+    def __init__(self, error, what="the log"):
+        super().__init__(error.strerror or str(error))
+        self.error, self.what = error, what
+
+
+class Client:
+    """buildserver's REST API over http.client.
+
+    :param url: the server, e.g. http://127.0.0.1:8000
+    :param token: sent as `Authorization: Token ...`
+    """
+
+    def __init__(self, url, token, timeout=30.0):
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"the server URL must start with http:// or https://, not {url!r}")
+        if "@" in parts.netloc:  # (not echoed: it may hold a password)
+            raise ValueError("the server URL must not hold a user name or password; "
+                             "the token goes in BUILDSERVER_TOKEN or --token")
+        if not parts.hostname:
+            raise ValueError(f"the server URL names no host: {url!r}")
+        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._scheme, self._netloc, self._base = parts.scheme, parts.netloc, parts.path.rstrip("/")
+        self.token, self.timeout = token, timeout
+        import http.client  # here, not at the top: the server never needs it
+        if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ValueError("the token holds characters no token has (spaces, line breaks, ...)")
+        try:  # what http.client would refuse only when it sends the first request
+            parts.port, (parts.hostname or "").encode("idna"), self._base.encode("ascii")
+        except (UnicodeError, ValueError) as e:
+            raise ValueError(f"{url!r} is not a server URL: {e}") from None
+        # What a connection that drops mid-answer raises (IncompleteRead,
+        # RemoteDisconnected and BadStatusLine are HTTPExceptions).
+        self._dropped = (OSError, EOFError, http.client.HTTPException)
+
+    def _connect(self, timeout):
+        import http.client
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._netloc, timeout=timeout)
+
+    def _open(self, method, path, body=None, timeout=None, accept="application/json"):
+        """An open response, or ClientError/Unreachable."""
+        headers = {"Accept": accept}
+        if self.token:
+            headers["Authorization"] = f"Token {self.token}"
+        if body is not None:
+            body = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn = self._connect(self.timeout if timeout is None else timeout)
+        try:
+            conn.request(method, self._base + path, body=body, headers=headers)
+        except self._dropped as e:
+            conn.close()
+            raise Unreachable(f"cannot reach {self.url}: {e}") from None
+        try:
+            response = conn.getresponse()
+        except self._dropped as e:
+            conn.close()
+            lost = AnswerLost if method == "POST" else Unreachable  # (the others may be sent again)
+            raise lost(f"{method} {self.url}{path} got no answer: {e}") from None
+        if response.status >= 300:  # a redirect too: to https://, say (the URL to give instead)
+            try:
+                data = response.read()
+            except self._dropped:
+                data = b""
+            conn.close()
+            if method == "POST" and response.status in (502, 504):  # buildserver sends neither
+                raise AnswerLost(f"{method} {self.url}{path}: {response.status} {response.reason}"
+                                 " from a proxy, which got no answer in time")
+            raise ClientError(response.status, _error_detail(response, data, self.url + path, path))
+        return conn, response
+
+    def call(self, method, path, body=None):
+        """One request; the decoded JSON answer."""
+        conn, response = self._open(method, path, body)
+        try:
+            return json.loads(response.read())
+        except self._dropped + (ValueError,) as e:  # ValueError: not JSON, an answer cut short
+            lost = AnswerLost if method == "POST" else Unreachable
+            raise lost(f"the connection to {self.url} broke: {e}") from None
+        finally:
+            conn.close()
+
+    def stream_log(self, build_path, offset, out, follow=True):
+        """Copy the log from byte `offset` to `out` as it arrives; returns the
+        offset reached. Raises Unreachable with `.offset` when the connection drops."""
+        query = f"?offset={offset}" + ("&follow=1" if follow else "")
+        try:
+            # A follow that hears nothing for `timeout` connects again: the server
+            # says nothing while a build is quiet, and the link may have died.
+            conn, response = self._open("GET", f"{build_path}/logs{query}", accept="text/plain")
+        except Unreachable as e:
+            e.offset, e.got_through = offset, False
+            raise
+        try:
+            while True:
+                data = response.read1(65536)
+                if not data:
+                    if response.length:  # it ended before the length it announced
+                        raise EOFError(f"the answer ended {response.length} bytes short")
+                    return offset
+                try:
+                    out.write(data)
+                    out.flush()
+                except OSError as e:
+                    raise OutputFailed(e) from None
+                offset += len(data)
+        except self._dropped as e:
+            error = Unreachable(f"the connection to {self.url} dropped: {e}")
+            error.offset, error.got_through = offset, True
+            raise error from None
+        finally:
+            conn.close()
+
+    def follow(self, build_path, out, offset=0):
+        """Follow a build's log to `out` until the build is final, reconnecting
+        (from the last byte received) for up to RECONNECT_SECONDS, also while
+        the server or a proxy answers 502, 503 or 504 (a restart), counted
+        from the last time it got through; returns the build. While the
+        server has too many followers (503) but answers for the build, it
+        waits for as long as the build runs."""
+        give_up_at, pause = None, 0.2
+        while True:
+            try:
+                offset = self.stream_log(build_path, offset, out)
+                build = self.call("GET", build_path)
+                if build["last_status"] in FINAL and offset >= build["log_size"]:
+                    return build
+                give_up_at = None
+            except (Unreachable, ClientError) as e:
+                if isinstance(e, ClientError) and e.status not in GATEWAY_ERRORS:
+                    raise
+                if getattr(e, "got_through", False):  # dropped after it streamed: a new outage
+                    give_up_at, pause = None, 0.2
+                offset = getattr(e, "offset", offset)
+                if isinstance(e, ClientError) and e.status == 503:
+                    with contextlib.suppress(Unreachable, ClientError):
+                        self.call("GET", build_path)  # it answers: a full cap, no outage
+                        give_up_at = None  # (a final build's log is no follower's)
+                now = time.monotonic()
+                give_up_at = give_up_at or now + RECONNECT_SECONDS
+                if now >= give_up_at:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+
+def _error_detail(response, data, url, path):
+    """What an error answer says: its detail and the reason for each field, or
+    where a redirect of the request for `url` (the server's URL and `path`) points."""
+    if 300 <= response.status < 400:
+        if not response.getheader("Location"):
+            return f"{response.reason}, to nowhere"
+        location = urllib.parse.urljoin(url, response.getheader("Location"))
+        if not location.endswith(path) or location == url:
+            return f"{response.reason}: it points to {location}"
+        return (f"{response.reason}: it points to {location}; give "
+                f"{location[:len(location) - len(path)]} as the server URL")
+    try:
+        body = json.loads(data)
+        detail, errors = body["detail"], body.get("errors") or {}
+        return detail + "".join(f"\n  {field}: {reason}" for field, reason in errors.items()
+                                if str(reason) not in detail)  # (not the sentence again)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        text = data.decode("utf-8", "replace").strip()
+        if text.startswith("<"):  # a proxy's page, most likely
+            return f"{response.reason} (an HTML page, not buildserver's answer: from a proxy?)"
+        return text or response.reason
+
+
+def _project_spec(spec):
+    user, _, project = spec.partition("/")
+    if not (valid_name(user) and valid_name(project)):
+        raise argparse.ArgumentTypeError(f"expected USER/PROJECT, got {spec!r}")
+    return spec
+
+
+def _env_pair(text):
+    name, sep, value = text.partition("=")
+    if not sep or not conforms(name, FIELDS["env"]["propertyNames"]):
+        raise argparse.ArgumentTypeError(f"expected NAME=value, got {text!r}")
+    return name, value
+
+
+def client_exit_code(build):
+    """0 if the build succeeded, its own exit code if it failed with one, else
+    1 (a stopped build too, whatever its shell's code on the way out)."""
+    if build["last_status"] == "succeeded":
+        return 0
+    code = build.get("exit_code") if build["last_status"] == "failed" else None
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def _ago(stamp, now=None):
+    if not stamp:
+        return "-"
+    seconds = ((now or datetime.datetime.now(datetime.timezone.utc)) - parse_iso(stamp)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{max(0, int(seconds))} s ago"
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text):
+    """Text from the server as a terminal may show it: control characters
+    (which could set its clipboard, or rewrite the lines above) and
+    bidirectional ones written out as <U+001B>, as the dashboard shows them."""
+    return CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(text))
+
+
+def _table(rows, header):
+    rows = [[_printable(cell) for cell in row] for row in rows]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [header] + rows)
+
+
+def _describe(build, statuses, code):
+    lines = [f"build {build['id']} of {build['project']}: {build['last_status']}"
+             + (f" (exit code {build['exit_code']})" if build["exit_code"] is not None else "")]
+    for key in ("name", "user", "command", "tags", "created_at", "started_at", "finished_at"):
+        value = build[key]
+        if key == "tags":
+            value = ", ".join(value) or None
+        elif key.endswith("_at") and value:
+            value = f"{value} ({_ago(value)})"
+        lines.append(f"  {key.replace('_at', '').replace('_', ' '):<9} {value if value is not None else '-'}")
+    lines.append(f"  {'duration':<9} {_duration(build['duration'])}")
+    lines.append(f"  {'log':<9} {build['log_size']} bytes" + (" (truncated)" if build["truncated"] else ""))
+    recorded = [code["commit"], code["branch"] and f"on {code['branch']}", code["git_url"],
+                code["is_dirty"] and "(dirty)"]
+    lines.append(f"  {'code':<9} {' '.join(filter(None, recorded)) or '-'}")
+    lines.append("  history")
+    for s in statuses:
+        lines.append(f"    {s['created_at']}  {s['status']:<9}  {s['message'] or ''}".rstrip())
+    return "\n".join(map(_printable, lines))
+
+
+def run_client(args):
+    """The client commands; returns the exit code."""
+    token = args.token or _env("token", "")
+    if not token:  # (the server's 401 would tell of an HTTP header)
+        return _fail("no token: set BUILDSERVER_TOKEN, or give --token", 2)
+    try:
+        client = Client(args.url, token)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
+        return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
+    for stream in (sys.stdout, sys.stderr):  # a name a Latin-1 terminal cannot show: d\u2713
+        if stream is not None:
+            stream.reconfigure(errors="backslashreplace")
+    project = "/api/v1/" + urllib.parse.quote(args.project)
+    try:
+        if args.command == "run":
+            return _run_build(client, project, args)
+        if args.command == "builds":
+            query = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+            page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
+            if args.json:
+                _say(json.dumps(page_, indent=2))
+            else:
+                _say(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
+                               _ago(b["created_at"]), _duration(b["duration"]),
+                               ",".join(b["tags"]) or "-"] for b in page_["results"]],
+                             ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]))
+            return 0
+        if args.command == "status":
+            build_id = args.id
+            if build_id is None:
+                latest = client.call("GET", f"{project}/builds?limit=1")["results"]
+                if not latest:
+                    return _fail(f"{args.project} has no builds yet", 1)
+                build_id = latest[0]["id"]
+            path = f"{project}/builds/{build_id}"
+            build = client.call("GET", path)
+            statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
+            code = client.call("GET", f"{path}/coderef")
+            _say(json.dumps({**build, "statuses": statuses, "code_reference": code}, indent=2)
+                 if args.json else _describe(build, statuses, code))
+            return 0
+        path = f"{project}/builds/{args.id}"
+        if args.command == "stop":
+            build = client.call("POST", f"{path}/stop")
+            _say(json.dumps(build, indent=2) if args.json else
+                 f"build {build['id']} of {build['project']}: {build['last_status']}")
+            return 0
+        if args.command == "logs":
+            if args.follow:
+                client.follow(path, sys.stdout.buffer)
+            else:
+                client.stream_log(path, 0, sys.stdout.buffer, follow=False)
+            return 0
+    except ClientError as e:
+        code = EXIT_REFUSED if e.status in (401, 403, 429) else \
+            EXIT_UNREACHABLE if e.status in GATEWAY_ERRORS else 1  # 429: too many bad tokens
+        return _fail(f"the server says ({e.status}): {e.detail}", code)
+    except AnswerLost as e:
+        return _fail(f"{e}; it may have been done", EXIT_UNKNOWN)
+    except Unreachable as e:
+        return _fail(str(e), EXIT_UNREACHABLE)
+    except (OutputFailed, BrokenPipeError) as e:
+        return _output_failed(getattr(e, "error", e), getattr(e, "what", "the output"))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    raise AssertionError(args.command)
+
+
+def _say(text):
+    """Print `text` now: output that cannot be written (a full disk) is then
+    the command's failure to write (EXIT_OUTPUT_FAILED), seen in time."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputFailed(e, "the output") from None
+
+
+def _output_failed(error, what):
+    """The exit for output that cannot be written: quietly, as a tool ended by
+    SIGPIPE, when the reader went away (`| head`); else saying why."""
+    if isinstance(error, BrokenPipeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)  # so exiting does not flush into the pipe
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OUTPUT_CLOSED
+    return _fail(f"cannot write {what}: {error.strerror or error}", EXIT_OUTPUT_FAILED)
+
+
+def _run_build(client, project, args):
+    """`run`: create a build, follow its log, exit with its result."""
+    body = {"command": args.command_, "name": args.name, "timeout": args.timeout,
+            "env": dict(args.env) if args.env else None, "tags": args.tag}
+    code = {"commit": args.commit, "branch": args.branch, "git_url": args.git_url}
+    code = {k: v for k, v in code.items() if v is not None}
+    try:  # checked before the build exists: it is recorded just after its creation
+        validate(code, CODE_REFERENCE)
+    except ApiError as e:
+        return _fail("; ".join(f"--{name.replace('_', '-')} {reason.removesuffix(', or null')}"
+                               for name, reason in e.errors.items()), 2)
+    if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
+        raise OutputFailed(OSError("standard error is closed"), "the log")
+    if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
+        signal.signal(signal.SIGTERM, _terminated)
+    made = None
+    try:
+        # Only what was given: an empty command or a zero timeout is the server's to refuse.
+        with _signals_held(args.stop_on_interrupt):  # (one that comes meanwhile stops the build)
+            build = made = client.call("POST", f"{project}/builds",
+                                       {k: v for k, v in body.items() if v is not None})
+            path = f"{project}/builds/{build['id']}"
+            _note(f"build {build['id']}: {client.url}{path}")
+        if code:
+            client.call("POST", f"{path}/coderef", code)
+        if args.no_follow:
+            _say(json.dumps(build, indent=2) if args.json else build["id"])
+            return 0
+        # With --json, standard output holds the build's JSON alone.
+        out = _LineKeeper((sys.stderr if args.json else sys.stdout).buffer)
+        build = client.follow(path, out)
+    except (Unreachable, ClientError) as e:
+        if isinstance(e, ClientError) and (made is None or e.status not in GATEWAY_ERRORS):
+            raise  # refused
+        if made is None and not isinstance(e, AnswerLost):
+            raise  # nothing was made
+        return _fail(f"{e}\n{_whereabouts(made, args.project)}", EXIT_UNKNOWN)
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        code = EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+        if made is None:
+            _note(f"interrupted while the build was being made: {_whereabouts(None, args.project)}")
+            return code
+        if not (args.stop_on_interrupt or _ask(f"\nStop build {made['id']}? [y/N] ")):
+            _note(f"build {made['id']} runs on; stop it with: {sys.argv[0]} stop "
+                  f"{args.project} {made['id']}")
+            return code
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
+        try:
+            client.call("POST", f"{path}/stop")
+            _note(f"build {made['id']}: stop requested")
+        except (Unreachable, ClientError) as e:
+            _note(f"build {made['id']}: its stop could not be asked for ({e}); it may run on")
+        return code
+    # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
+    if args.json:
+        _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
+    why = "" if build["last_status"] == "succeeded" else _why(client, path)
+    _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}{why}")
+    return client_exit_code(build)
+
+
+def _whereabouts(build, project):
+    """What is known of a build whose outcome `run` cannot tell."""
+    if build is None:
+        return (f"the build may have been made: see `{sys.argv[0]} builds {project}` "
+                "before you run it again")
+    return (f"build {build['id']} was made, and may still run: see `{sys.argv[0]} status "
+            f"{project} {build['id']}`")
+
+
+def _why(client, path):
+    """ (what its last status says), when it says something; best effort."""
+    with contextlib.suppress(Unreachable, ClientError, KeyError, TypeError):
+        last = client.call("GET", f"{path}/statuses?limit=1000")["results"][-1]
+        if last["message"]:
+            return f" ({_printable(last['message'])})"
+    return ""
+
+
+@contextlib.contextmanager
+def _signals_held(hold):
+    """SIGINT and SIGTERM wait (if `hold`) until the block is done."""
+    if not hold:
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+class _LineKeeper:
+    """A binary output that remembers whether what went through it ends a line."""
+
+    def __init__(self, out):
+        self.out, self.ends_line = out, True
+
+    def write(self, data):
+        if data:
+            self.ends_line = data.endswith(b"\n")
+        return self.out.write(data)
+
+    def flush(self):
+        self.out.flush()
+
+    def apart_on(self, stream):
+        """A newline to start a line on `stream` with, if it writes where
+        this output left one open; the line written there is then ended."""
+        if self.ends_line or not _same_place(self.out, stream):
+            return ""
+        self.ends_line = True
+        return "\n"
+
+
+def _same_place(out, err):
+    """Whether text on `err` lands right after what `out` wrote: one file, or
+    two terminals (most likely one screen)."""
+    try:
+        a, b = os.fstat(out.fileno()), os.fstat(err.fileno())
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (out.isatty() and err.isatty())
+    except (AttributeError, OSError, ValueError):  # closed, or no file (a test's StringIO)
+        return False
+
+
+class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` takes it
+    """SIGTERM, to `run --stop-on-interrupt`."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _note(text):
+    """Say `text` on standard error, if it can be written: a note, not output
+    (a full disk there must not change the exit code, nor end the follow).
+    As a terminal may show it: what a server, a proxy or the network said
+    may hold escapes."""
+    if sys.stderr is not None:  # (print(file=None) would write to standard output)
+        with contextlib.suppress(OSError):
+            print("\n".join(map(_printable, text.split("\n"))), file=sys.stderr, flush=True)
+
+
+def _ask(question):
+    if sys.stderr is None or not (sys.stdin and sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    try:  # asked on standard error: standard output holds the log (or JSON) alone
+        sys.stderr.write(question)
+        sys.stderr.flush()
+        return input().strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+def _client_parsers(commands):
+    """The client commands' arguments."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=_env("url", "http://127.0.0.1:8000"),
+                        help="the server (env BUILDSERVER_URL; default %(default)s)")
+    common.add_argument("--token", help="your token; better set BUILDSERVER_TOKEN, which "
+                                        "stays out of shell history and ps")
+    scripted = argparse.ArgumentParser(add_help=False, parents=[common])
+    scripted.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    def add(name, text, json_too=True, **more):
+        return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                   parents=[scripted if json_too else common], **more)
+
+    r = add("run", "trigger a build, follow its log, and exit with its result "
+                   "(with --json the log goes to standard error)", epilog=RUN_EXIT_CODES,
+            formatter_class=_KeepsTables)
+    r.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    r.add_argument("--command", dest="command_", metavar="CMD",
+                   help="the shell command (default: the project's)")
+    r.add_argument("--env", type=_env_pair, action="append", metavar="NAME=VALUE",
+                   help="an environment variable for the build (repeatable)")
+    r.add_argument("--name", help="the build's name")
+    r.add_argument("--tag", action="append", help="a tag (repeatable)")
+    r.add_argument("--timeout", type=int, help="seconds before the build is stopped and fails")
+    r.add_argument("--commit", metavar="SHA", help="the git commit the build is made from "
+                                                   "(recorded as its code reference)")
+    r.add_argument("--branch", help="the git branch, recorded as the build's code reference")
+    r.add_argument("--git-url", metavar="URL", help="the repository, recorded likewise")
+    r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
+    r.add_argument("--stop-on-interrupt", action="store_true",
+                   help="on Ctrl-C, or SIGTERM, stop the build without asking")
+    s = add("status", "a build's fields and status history (default: the latest build)")
+    s.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    s.add_argument("id", nargs="?", type=int, help="the build's id")
+    lg = add("logs", "print a build's log (as it is: no --json)", json_too=False)
+    lg.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    lg.add_argument("id", type=int)
+    lg.add_argument("--follow", "-f", action="store_true", help="until the build ends")
+    st = add("stop", "stop a build")
+    st.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    st.add_argument("id", type=int)
+    b = add("builds", "list a project's builds, newest first")
+    b.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
+    b.add_argument("--status", help="only these statuses, comma-separated")
+    b.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+SERVER_COMMANDS = ("serve", "adduser", "token", "backup")
+CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
+
+
+def _env(name, default):
+    return os.environ.get(f"BUILDSERVER_{name.upper()}", default)
+
+
+def _positive(kind, most=None, least=0):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:  # (argparse would say "invalid parse value")
+            raise argparse.ArgumentTypeError(
+                f"must be a {'whole ' if kind is int else ''}number: {text}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}: {text}" if least
+                                             else f"must not be negative: {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}: {text}")
+        return value
+    return parse
+
+
+def _ip_address(text):
+    """An IP address (waitress compares it with the connection's; "*" would
+    trust everyone, and a host name would never match)."""
+    import ipaddress
+    if not text:
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an IP address, like 127.0.0.1: {text}") \
+            from None
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless it has none (an empty one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default == "" else super()._get_help_string(action)
+
+
+class _KeepsTables(argparse.HelpFormatter):
+    """Text wrapped as usual, but for a table (lines indented), kept as it is."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n  " in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="buildserver.py", description=__doc__.split("\n")[0],
+                                formatter_class=_Defaults,
+                                epilog="Without a command it serves: `buildserver.py --port 9000` "
+                                       "is `buildserver.py serve --port 9000` (see serve --help).")
+    p.add_argument("--version", action="version", version=__version__)
+    commands = p.add_subparsers(dest="command", metavar="COMMAND")
+    s = commands.add_parser("serve", help="run the server (the default command)",
+                            formatter_class=_Defaults,
+                            description="Run the server. Every flag can also be set with "
+                                        "BUILDSERVER_<FLAG>, e.g. BUILDSERVER_PORT=9000.")
+    s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
+    s.add_argument("--port", type=_positive(int, 65535), default=_env("port", "8000"),
+                   help="port to listen on (0: any free port)")
+    _data_dir_option(s, "folder of the database and the build workspaces")
+    s.add_argument("--workers", type=_positive(int, 256), default=_env("workers", "2"),
+                   help="builds run at once (0: none run, they wait scheduled)")
+    s.add_argument("--threads", type=_positive(int, 1024, least=4), default=_env("threads", "32"),
+                   help="HTTP threads (at least 4); log followers may use all but a reserve")
+    s.add_argument("--stop-grace", type=_positive(float, 86400), default=_env("stop_grace", "10"),
+                   help="seconds between SIGTERM and SIGKILL when a build is stopped")
+    s.add_argument("--max-log-bytes", type=_positive(int, 2 ** 40),
+                   default=_env("max_log_bytes", str(100 * MiB)),
+                   help="bytes of log kept per build; later output is dropped")
+    s.add_argument("--auth-burst", type=_positive(int, 10 ** 6), default=_env("auth_burst", "30"),
+                   help="failed authentications per client address and minute before "
+                        "the address gets 429 (0: no limit)")
+    s.add_argument("--trusted-proxy", metavar="ADDRESS", type=_ip_address,
+                   default=_env("trusted_proxy", ""),
+                   help="the reverse proxy's address (e.g. 127.0.0.1): its X-Forwarded-For, "
+                        "-Proto, -Host and -Port headers are believed")
+    for name, text in (("adduser", "create a user and print its token"),
+                       ("token", "give a user a new token (the old ones stop working)")):
+        c = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                formatter_class=_Defaults)
+        c.add_argument("name", help="the user's name")
+        if name == "adduser":
+            c.add_argument("--admin", action="store_true", help="may act in every namespace")
+        _data_dir_option(c, "folder of the database")
+    b = commands.add_parser("backup", help="copy the database safely, even while it serves",
+                            formatter_class=_Defaults,
+                            description="Copy the database with SQLite's online backup, "
+                                        "consistent even while the server writes to it.")
+    b.add_argument("dest", help="the file to write (replaced if it exists)")
+    _data_dir_option(b, "folder of the database")
+    _client_parsers(commands)
+    return p
+
+
+def _data_dir_option(parser, text):
+    def folder(path):
+        if not path:
+            raise argparse.ArgumentTypeError("must name a folder, not be empty")
+        return path
+    parser.add_argument("--data-dir", type=folder, default=_env("data_dir", "./buildserver-data"),
+                        help=text)
+
+
+def with_command(argv):
+    """`argv` with its command first: `serve` unless it names another."""
+    commands = SERVER_COMMANDS + CLIENT_COMMANDS
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
+        return ["serve"] + argv
+    return argv
+
+
+def serve_as_module():
+    """Replace this process with a fresh Python that runs this file as a
+    module; returns only when it cannot.
+
+    CPython keeps the syntax tree of the script it was started with until the
+    script ends: for `python buildserver.py` that is the server's whole life,
+    and about 6 MB of this file's tree. A module's tree is freed once it is
+    compiled. The process keeps its pid, files and environment (systemd sees
+    nothing); it costs one more start of Python.
+    """
+    started_as = getattr(sys, "orig_argv", [])  # (3.10+) e.g. python3 -X utf8 <file> serve
+    options = started_as[1:len(started_as) - len(sys.argv)]
+    if (not sys.executable or bottle is None or started_as[-len(sys.argv):] != sys.argv
+            or os.path.abspath(sys.argv[0]) != os.path.abspath(__file__)
+            or not all(o.startswith("-") or (i and options[i - 1] in ("-X", "-W"))
+                       for i, o in enumerate(options))):
+        return  # not python itself running this file (embedded, runpy, coverage run)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [sys.executable, *options, "-c", MODULE_LAUNCHER,
+                                  os.path.abspath(__file__), *sys.argv[1:]])
+
+
+def _no_database(db_path):
+    """Why there is no database this user can use at `db_path`, or None."""
+    try:
+        os.stat(db_path)
+    except FileNotFoundError:
+        return f"there is no database at {db_path}"
+    except OSError as e:  # a data folder private to the server's user, say
+        return f"cannot reach the database at {db_path} ({e.strerror}): run this as its owner"
+    return None
+
+
+def backup(db_path, dest):
+    """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
+    if missing := _no_database(db_path):
+        return _fail(missing, 2)
+    if os.path.isdir(dest) or dest.endswith(os.sep):
+        return _fail(f"{dest} is a folder: name the file to write, e.g. "
+                     f"{os.path.join(dest, DB_FILE)}", 2)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
+        return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
+    lock = os.path.join(os.path.dirname(db_path), SERVE_LOCK)
+    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+                     + [lock]):
+        # The copy would replace the file a running server writes (what it
+        # answered for afterwards would be lost), or the lock that keeps a
+        # second server off its data folder.
+        return _fail(f"{dest} is the database itself (or one of its files): "
+                     "name a file outside the data folder", 2)
+    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
+        # The copy replaces what is there: /dev/null or /dev/stdout would be
+        # replaced by a file for every user, a link by a copy.
+        return _fail(f"{dest} is not a file (a device, a pipe or a link, say): "
+                     "name a file to write, or a new one", 2)
+    # A copy of its own beside the destination (0600, like the database),
+    # named after this process: a backup running at the same time has another,
+    # and the next backup removes what a killed one left.
+    partial = f"{dest}.{os.getpid()}.partial"
+    _remove_dead_copies(dest)
+    _remove_copy(partial)
+    _create_private(partial)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
+    try:
+        source = sqlite3.connect(db_path, timeout=30)
+        try:
+            target = sqlite3.connect(partial)
+            try:
+                source.backup(target)
+                check = target.execute("PRAGMA integrity_check").fetchone()[0]
+            finally:
+                target.close()
+        finally:
+            source.close()
+        if check != "ok":
+            return _fail(f"the copy failed its integrity check: {check}", 1)
+        _mark_as_backup(partial)
+        os.replace(partial, dest)
+    except sqlite3.Error as e:  # a full disk at the destination, say
+        return _fail(f"the copy to {dest} failed: {e}", 1)
+    finally:
+        _remove_copy(partial)
+    print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
+    return 0
+
+
+def _mark_as_backup(path):
+    """Write into the copy at `path` when it was taken (see Store.backup_taken)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
+        copy.execute("BEGIN IMMEDIATE")
+        copy.execute("CREATE TABLE IF NOT EXISTS backup_taken (taken_at TEXT NOT NULL)")
+        copy.execute("DELETE FROM backup_taken")
+        copy.execute("INSERT INTO backup_taken (taken_at) VALUES (?)", (now_iso(),))
+        copy.execute("COMMIT")
+
+
+def _names_one_of(path, others):
+    """Whether `path` names one of `others`, through any link or relative path."""
+    real = os.path.realpath(path)
+    for other in others:
+        if real == os.path.realpath(other):
+            return True
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, other):  # a hard link
+                return True
+    return False
+
+
+def _remove_copy(partial):
+    """A partial backup, with the files SQLite keeps beside it."""
+    for path in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _remove_dead_copies(dest):
+    """The partial copies to `dest` whose backup process is gone (killed)."""
+    import glob
+    for path in glob.glob(glob.escape(dest) + ".*.partial"):
+        pid = path[len(dest) + 1:-len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove_copy(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        pass
+    return True
+
+
+def manage_users(args):
+    """`adduser` and `token`: the token is the last line of standard output."""
+    if not valid_name(args.name):
+        return _fail(f"{args.name!r} is not a valid user name: use 1 to 64 letters, digits, "
+                     "'_' or '-', starting with a letter or digit", 2)
+    if args.name in RESERVED_USERNAMES:
+        return _fail(f"{args.name!r} cannot be a user name: /api/v1/{args.name} is an endpoint", 2)
+    db_path = os.path.join(args.data_dir, DB_FILE)
+    if args.command == "token" and (missing := _no_database(db_path)):  # a mistyped --data-dir
+        return _fail(missing, 2)
+    _make_private_dir(args.data_dir)
+    new = not os.path.exists(db_path)
+    db = Database(db_path)
+    try:
+        db.migrate()
+        store = Store(db)
+        if new:  # a server that runs elsewhere (--data-dir forgotten) would refuse its token
+            _note(f"buildserver: there was no database in {os.path.abspath(args.data_dir)}: "
+                  "made a new one (a server on another --data-dir will not know this user)")
+        # The token is shown first, then recorded: one that cannot be shown is
+        # never made, and a print that blocks (a paused terminal) holds no lock.
+        token = fresh_token()
+        if args.command == "adduser":
+            same = store.user_named_any_case(args.name)
+            if same is not None:  # (a name differing only in case would share a folder)
+                return _fail(f"the user {same['name']!r} exists already", 2)
+            _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''} "
+                        f"in {os.path.abspath(args.data_dir)}. Its token, shown only now:", token)
+            if store.create_user(args.name, is_admin=args.admin, token=token) is None:
+                return _fail(f"the user {args.name!r} was made meanwhile by another command; "
+                             "the token above was not recorded", 2)
+        else:
+            user = store.user_by_name(args.name)
+            if user is None:
+                return _fail(f"there is no user {args.name!r}", 2)
+            _show_token(f"New token for {args.name!r}; the earlier ones no longer work:", token)
+            store.new_token(user["id"], token)
+        return 0
+    except OutputFailed as e:
+        return _fail(f"cannot show {e.what}: {e}", EXIT_OUTPUT_FAILED)
+    finally:
+        db.close()
+
+
+def _show_token(*lines):
+    """Print a token before it is recorded, or raise OutputFailed: no token
+    exists that nobody saw."""
+    try:
+        if sys.stdout is None:  # closed (`>&-`): print() would say nothing
+            raise OSError("standard output is closed")
+        print(*lines, sep="\n", flush=True)
+    except OSError as e:
+        raise OutputFailed(e, "the token") from None
+
+
+def _fail(message, code):
+    """Say why on standard error; returns `code`."""
+    _note(f"buildserver: {message}")
+    return code
+
+
+def main(argv=None):
+    argv = with_command(sys.argv[1:] if argv is None else list(argv))
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            # A line per request: skip what the format never shows (the logging
+            # HOWTO's "Optimization": caller lookup, thread and process names).
+            logging._srcfile = None
+            logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+            if bottle is None:
+                return _fail("the server needs bottle and waitress: "
+                             "pip install -r requirements.txt", 1)
+            config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
+                            workers=args.workers, threads=args.threads,
+                            stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes,
+                            auth_burst=args.auth_burst, trusted_proxy=args.trusted_proxy)
+            return serve(config)
+        if args.command in CLIENT_COMMANDS:
+            return run_client(args)
+        if args.command == "backup":
+            return backup(os.path.join(args.data_dir, DB_FILE), args.dest)
+        return manage_users(args)
+    except SchemaError as e:
+        return _fail(str(e), 1)
+    except sqlite3.Error as e:
+        return _fail(f"cannot use the database in {args.data_dir}: {e}", 1)
+    except OSError as e:
+        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+
+
+MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
+    "import os, sys, importlib.machinery as m, importlib.util as u; "
+    "sys.argv[0] = sys.argv.pop(1); l = m.SourceFileLoader('buildserver', sys.argv[0]); "
+    "sys.path[:1] = [os.path.dirname(sys.argv[0])] if sys.path[:1] == [''] else sys.path[:1]; "
+    "b = sys.modules['buildserver'] = u.module_from_spec(u.spec_from_loader(l.name, l)); "
+    "l.exec_module(b); sys.exit(b.main())")
 
 
 if __name__ == "__main__":
