@@ -621,14 +621,7 @@ class Database:
     def migrate(self, schema_path=SCHEMA_PATH):
         """Bring the file up to the newest `-- migration N` of schema.sql."""
         _create_private(self.path)
-        try:
-            with open(schema_path, encoding="utf-8") as f:
-                script = f.read()
-        except OSError as e:
-            raise SchemaError(f"cannot read {schema_path} ({e.strerror}); "
-                              "schema.sql must sit beside buildserver.py") from None
-        parts = re.split(r"^-- migration (\d+)\s*$", script, flags=re.M)
-        migrations = {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
+        migrations = read_migrations(schema_path)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -771,6 +764,18 @@ def _file_size(path):
         return os.path.getsize(path)
     except OSError:
         return 0
+
+
+def read_migrations(schema_path=SCHEMA_PATH):
+    """{N: SQL} of schema.sql's `-- migration N` parts."""
+    try:
+        with open(schema_path, encoding="utf-8") as f:
+            script = f.read()
+    except OSError as e:
+        raise SchemaError(f"cannot read {schema_path} ({e.strerror}); "
+                          "schema.sql must sit beside buildserver.py") from None
+    parts = re.split(r"^-- migration (\d+)\s*$", script, flags=re.M)
+    return {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
 
 
 def _statements(script):
@@ -6253,6 +6258,11 @@ def manage_users(args):
         return _fail(missing, 2)
     _make_private_dir(args.data_dir)
     new = not os.path.exists(db_path)
+    if not new and _served(args.data_dir) and _version(db_path) < max(read_migrations()):
+        # An older server's: upgraded under it, the file would be refused at its next start.
+        return _fail(f"a server of an older buildserver is using {args.data_dir}: upgrade it "
+                     "first (this would upgrade its database under it), or use its own "
+                     "buildserver.py", 1)
     db = Database(db_path)
     try:
         db.migrate()
@@ -6283,6 +6293,26 @@ def manage_users(args):
         return _fail(f"cannot show {e.what}: {e}", EXIT_OUTPUT_FAILED)
     finally:
         db.close()
+
+
+def _served(data_dir):
+    """Whether a server holds the data folder (its serve.lock)."""
+    import fcntl
+    try:
+        with open(os.path.join(data_dir, SERVE_LOCK), "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # none: no server ever started there
+        pass
+    return False
+
+
+def _version(db_path):
+    """The schema version of the database file at `db_path`."""
+    with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(db_path)}?mode=ro",
+                                            uri=True, timeout=30)) as conn:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
 def _show_token(*lines):

@@ -2558,6 +2558,24 @@ def test_an_empty_data_folder_is_a_usage_error(args):
     assert done.returncode == 2 and "--data-dir: must name a folder" in done.stderr, done.stderr
 
 
+def test_adduser_and_token_do_not_upgrade_a_database_an_older_server_is_using(tmp_path):
+    # Run between copying a new version in and restarting the server, they
+    # upgraded its database under it: the older server's next start refused it.
+    import fcntl
+    data = tmp_path / "d"
+    assert cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
+    with contextlib.closing(sqlite3.connect(data / "buildserver.db")) as db:
+        db.executescript("DROP TABLE backup_taken; PRAGMA user_version = 8;")  # as before 9
+    with open(data / "serve.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as that server holds it
+        for args in (["token", "carol"], ["adduser", "dave"]):
+            done = cli(*args, "--data-dir", str(data))
+            assert done.returncode == 1 and "older buildserver is using" in done.stderr, done
+            assert user_version(data / "buildserver.db") == 8
+    assert cli("token", "carol", "--data-dir", str(data)).returncode == 0  # stopped: upgraded
+    assert user_version(data / "buildserver.db") == max(schema_migrations())
+
+
 def test_a_database_this_user_cannot_write_or_reach_is_said_so(tmp_path):
     # "... is not a SQLite database", or "there is no database at ...": it was there.
     data = tmp_path / "d"
