@@ -1132,24 +1132,21 @@ class Store:
         return row and row[0]
 
     def end_restored(self, taken_at):
-        """End the managed builds that waited or ran when the backup was taken,
-        and forget that it was one (at the first start on a restored copy)."""
+        """End the managed builds that waited when the backup was taken, and
+        forget that it was one (at the first start on a restored copy). Not
+        those made since: an older release, restored onto, kept the mark."""
+        message = (f"not run: the database was restored from a backup taken at {taken_at}, "
+                   "while this build waited (it may have run since)")
         with self.db.write() as c:
-            for row in c.execute("SELECT id, last_status FROM builds WHERE is_managed = 1"
-                                 " AND last_status IN (SELECT value FROM json_each(?))",
-                                 (json.dumps(ACTIVE),)).fetchall():
-                status, message = ("stopped", "not run: the database was restored from a backup "
-                                   f"taken at {taken_at}, while this build waited (it may have "
-                                   "run since)") if row[1] in ("created", "scheduled") else \
-                    ("failed", f"interrupted: the database was restored from a backup taken "
-                               f"at {taken_at}, while this build ran")
-                if status in TRANSITIONS[row[1]]:
-                    self._set_status(c, row[0], status, message, now_iso())
+            for (build_id,) in c.execute(
+                    "SELECT id FROM builds WHERE is_managed = 1 AND created_at <= ?"
+                    " AND last_status IN ('created', 'scheduled')", (taken_at,)).fetchall():
+                self._set_status(c, build_id, "stopped", message, now_iso())
             c.execute("DELETE FROM backup_taken")
 
     def managed_builds(self, statuses):
         """Managed builds in `statuses`, oldest first."""
-        return self.db.all("SELECT id, uuid, pgid, pg_started, last_status FROM builds"
+        return self.db.all("SELECT id, uuid, pgid, pg_started, last_status, created_at FROM builds"
                            " WHERE is_managed = 1"
                            " AND last_status IN (SELECT value FROM json_each(?)) ORDER BY id",
                            (json.dumps(list(statuses)),))
@@ -1717,13 +1714,16 @@ class Runner:
                 _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
             self._kill_groups_of_ended_builds()
         self.store.take_over(me, _running_since(me), namespace)
+        taken_at = self.store.backup_taken()
         for row in left:
-            self.store.transition(row["id"], "failed",
-                                  "interrupted: the server restarted while it ran")
+            restored = taken_at is not None and row["created_at"] <= taken_at
+            self.store.transition(row["id"], "failed", (
+                f"interrupted: the database was restored from a backup taken at {taken_at}, "
+                "while this build ran") if restored else
+                "interrupted: the server restarted while it ran")
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
         if live:  # nor at any later start of this copy
             self.store.forget_processes()
-        taken_at = self.store.backup_taken()
         if taken_at is not None:
             self.store.end_restored(taken_at)
             log.warning("this database was restored from a backup taken at %s: the builds "
@@ -1746,7 +1746,8 @@ class Runner:
         if before is None:
             return False
         pid, started, its_namespace = before
-        if its_namespace is not None and its_namespace != namespace:  # (None: not recorded)  # another container's, say: no telling, nor killing
+        # Another container's, say: no telling, nor killing (None: not recorded, 465c72c).
+        if its_namespace is not None and its_namespace != namespace:
             log.warning("the server that last used this database ran in another pid namespace: "
                         "the processes of its builds are left alone")
             return True
@@ -2009,7 +2010,7 @@ class Runner:
                 if escaped and now < job.grace_ends:
                     # A group it made still runs (with the pipe, most likely) and has
                     # the rest of the grace: the build is not over until it ends.
-                    drain_until = job.grace_ends
+                    drain_until = min(job.grace_ends, now + DRAIN_SECONDS)  # (then again)
                 elif escaped:
                     for group in escaped:
                         _killpg(group, signal.SIGKILL)
@@ -2478,8 +2479,8 @@ def int_param(name, default, low, high):
         return default
     value = whole_number(raw, 19)
     if value is None or not low <= value <= high:
-        raise ApiError(400, f"The query parameter {name} must be a whole number"
-                            f" from {low} to {high}.", errors={name: f"must be a whole number from {low} to {high}"})
+        reason = f"must be a whole number from {low} to {high}"
+        raise ApiError(400, f"The query parameter {name} {reason}.", errors={name: reason})
     return int(raw)
 
 
@@ -6154,13 +6155,13 @@ def backup(db_path, dest):
                      f"{os.path.join(dest, DB_FILE)}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
-    lock = os.path.join(os.path.dirname(db_path), SERVE_LOCK)
-    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
-                     + [lock]):
-        # The copy would replace the file a running server writes (what it
-        # answered for afterwards would be lost), or the lock that keeps a
-        # second server off its data folder.
+    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]):
+        # The copy would replace the file a running server writes: what it
+        # answered for afterwards would be lost.
         return _fail(f"{dest} is the database itself (or one of its files): "
+                     "name a file outside the data folder", 2)
+    if _names_one_of(dest, [os.path.join(os.path.dirname(db_path), SERVE_LOCK)]):
+        return _fail(f"{dest} is the lock that keeps a second server off the data folder: "
                      "name a file outside the data folder", 2)
     if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
         # The copy replaces what is there: /dev/null or /dev/stdout would be

@@ -7916,7 +7916,8 @@ def test_a_backup_onto_the_database_itself_is_refused_and_changes_nothing(server
         done = subprocess.run([sys.executable, SCRIPT, "backup", dest, "--data-dir",
                                server.data_dir], capture_output=True, text=True, timeout=60,
                               cwd=str(tmp_path))
-        assert done.returncode == 2 and "is the database itself" in done.stderr, (dest, done)
+        assert done.returncode == 2 and "name a file outside the data folder" in done.stderr, \
+            (dest, done)
     assert api(server, "POST", "/api/v1/admin", {"name": "after"})[0] == 201
     assert api(server, "GET", "/api/v1/admin/after")[0] == 200
     second = run_cli("serve", "--port", "0", "--data-dir", server.data_dir)
@@ -7948,13 +7949,43 @@ def test_a_restored_backup_ends_the_builds_that_waited_or_ran_instead_of_running
         assert ended[waiting["id"]]["last_status"] == "stopped", ended
         assert ended[running["id"]]["last_status"] == "failed", ended
         assert ended[unmanaged["id"]]["last_status"] == "created", ended  # not the server's
-        history = api(again, "GET", f"{builds}/{waiting['id']}/statuses")[1]["results"]
-        assert "restored from a backup" in history[-1]["message"], history
-        assert len(history) == 3, history  # created, scheduled, stopped: once
+        for build in (waiting, running):
+            history = api(again, "GET", f"{builds}/{build['id']}/statuses")[1]["results"]
+            assert "restored from a backup" in history[-1]["message"], history
+            assert sum("restored" in (h["message"] or "") for h in history) == 1, history
         made = api(again, "POST", builds, {"command": "echo new"})[1]  # the queue works
         assert server_final_build(again, f"{builds}/{made['id']}")["last_status"] == "succeeded"
         again.stop()
     assert not os.path.exists(restored / "workspaces" / "admin" / "deploys"), "it ran again"
+
+
+def test_a_restore_mark_an_older_release_kept_ends_no_build_made_after_the_backup(
+        server_factory, tmp_path):
+    # An older release ignores the mark: a build made on the restored file by
+    # it, before this release's first start, was ended as if it had waited.
+    server = server_factory("--workers", "0")
+    assert api(server, "POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    copy = tmp_path / "copy.db"
+    assert run_cli("backup", str(copy), "--data-dir", server.data_dir).returncode == 0
+    restored = tmp_path / "restored"
+    restored.mkdir(mode=0o700)
+    shutil.copy(copy, restored / "buildserver.db")
+    with contextlib.closing(sqlite3.connect(restored / "buildserver.db")) as db:
+        db.execute("UPDATE backup_taken SET taken_at = '2026-01-01T00:00:00.000000Z'")
+        db.commit()  # (as if made then: every build there came after)
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        assert db.execute("SELECT count(*) FROM backup_taken").fetchone()[0] == 1
+    again = server_factory("--workers", "0", data_dir=restored)
+    again.token = server.token
+    made = api(again, "POST", "/api/v1/admin/app/builds", {"command": "true"})[1]
+    again.stop()
+    with contextlib.closing(sqlite3.connect(restored / "buildserver.db")) as db:
+        db.execute("INSERT INTO backup_taken VALUES ('2026-01-01T00:00:00.000000Z')")
+        db.commit()  # the mark, as the older release left it
+    third = server_factory("--workers", "1", data_dir=restored)
+    third.token = server.token
+    ran = server_final_build(third, f"/api/v1/admin/app/builds/{made['id']}")
+    assert ran["last_status"] == "succeeded", ran
 
 
 def make_bad_database(path, kind):
