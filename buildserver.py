@@ -266,7 +266,7 @@ POLYAXON_NULLABLE = frozenset({
     "content", "definition", "resources", "ttl", "is_clone", "dockerfile", "backend"})
 
 def _is_text(value):
-    """A str that is valid Unicode: JSON's "\ud800" (a lone surrogate) is not."""
+    """A str that is valid Unicode: JSON's "\\ud800" (a lone surrogate) is not."""
     if not isinstance(value, str):
         return False
     try:
@@ -372,18 +372,22 @@ def _sqlite_failed(error, codes, words):
     return isinstance(error, sqlite3.OperationalError) and any(w in str(error) for w in words)
 
 
+# SQLite's primary result codes (the sqlite3 module names them from Python 3.11 on).
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = \
+    5, 6, 8, 10, 13, 14
+
+
 def unavailable(error):
     """Whether an error is SQLite's, from the machine (a full disk, an I/O
     error, a lock held past the busy timeout), not from a bug."""
-    return _sqlite_failed(error, (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
-                                  sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
-                                  sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN),
+    return _sqlite_failed(error, (SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR,
+                                  SQLITE_FULL, SQLITE_CANTOPEN),
                           ("disk", "locked", "readonly", "unable to open"))
 
 
 def _busy(error):
     """Whether SQLite refused a lock (another connection holds it)."""
-    return _sqlite_failed(error, (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED), ("locked",))
+    return _sqlite_failed(error, (SQLITE_BUSY, SQLITE_LOCKED), ("locked",))
 
 
 class LogClosed(Exception):

@@ -6,9 +6,11 @@ a process boundary (runner, stop, timeouts, crash recovery, following).
 Every wait is a loop with a deadline.
 """
 
+import ast
 import collections
 import contextlib
 import errno
+import glob
 import http.client
 import http.server
 import importlib.util
@@ -6693,6 +6695,29 @@ def test_a_token_that_waits_to_be_printed_holds_up_no_write_of_the_server(server
     token = shown.strip().splitlines()[-1].decode()
     assert server.json("GET", "/api/v1/users", token=token) == (200, {
         "username": "dave", "is_admin": False, "email": None, "is_superuser": False})
+
+
+def test_the_file_holds_nothing_that_an_older_or_newer_python_it_runs_on_refuses():
+    # Python 3.13 encodes docstrings as UTF-8 when it compiles: one holding a
+    # lone surrogate ("\\ud800") kept the file from compiling at all. And the
+    # sqlite3 module names SQLite's result codes from 3.11 on: on 3.9 and 3.10
+    # every database error became an AttributeError (a worker thread died).
+    tree = ast.parse(open(SCRIPT, encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            node.value.encode("utf-8")  # (raises on a lone surrogate)
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "sqlite3"}
+    assert not {name for name in used if name.startswith("SQLITE_")}, used
+    others = [shutil.which(f"python3.{minor}") for minor in (9, 10, 12, 13)] + [
+        python for python in glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3"))
+        if int(python.split("/versions/3.")[1].split(".")[0]) >= 9]  # those here, from 3.9
+    for python in filter(None, others):
+        if subprocess.run([python, "-c", "pass"], capture_output=True).returncode == 0:
+            done = subprocess.run([python, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
+                                   "import buildserver"], capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, (python, done.stderr)
 
 
 def test_the_help_says_that_serve_is_the_default_command():
