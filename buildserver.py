@@ -1719,12 +1719,12 @@ class Runner:
             self._kill_groups_of_ended_builds()
         self.store.take_over(me, _running_since(me), namespace)
         taken_at = self.store.backup_taken()
+        restored = (f"interrupted: the database was restored from a backup taken at {taken_at}, "
+                    "while this build ran")
         for row in left:
-            restored = taken_at is not None and row["created_at"] <= taken_at
-            self.store.transition(row["id"], "failed", (
-                f"interrupted: the database was restored from a backup taken at {taken_at}, "
-                "while this build ran") if restored else
-                "interrupted: the server restarted while it ran")
+            self.store.transition(row["id"], "failed", restored if taken_at is not None and
+                                  row["created_at"] <= taken_at else
+                                  "interrupted: the server restarted while it ran")
             log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
         if live:  # nor at any later start of this copy
             self.store.forget_processes()
@@ -5801,7 +5801,7 @@ def _run_build(client, project, args):
         raise OutputFailed(OSError("standard error is closed"), "the log")
     if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
         signal.signal(signal.SIGTERM, _terminated)
-    made = None
+    made = path = None
     try:
         # Only what was given: an empty command or a zero timeout is the server's to refuse.
         with _signals_held(args.stop_on_interrupt):  # (one that comes meanwhile stops the build)
@@ -5824,27 +5824,32 @@ def _run_build(client, project, args):
             raise  # nothing was made
         return _fail(f"{e}\n{_whereabouts(made, args.project)}", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
-        code = EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
-        if made is None:
-            _note(f"interrupted while the build was being made: {_whereabouts(None, args.project)}")
-            return code
-        if not (args.stop_on_interrupt or _ask(f"\nStop build {made['id']}? [y/N] ")):
-            _note(f"build {made['id']} runs on; stop it with: {sys.argv[0]} stop "
-                  f"{args.project} {made['id']}")
-            return code
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
-        try:
-            client.call("POST", f"{path}/stop")
-            _note(f"build {made['id']}: stop requested")
-        except (Unreachable, ClientError) as e:
-            _note(f"build {made['id']}: its stop could not be asked for ({e}); it may run on")
-        return code
+        _interrupted(client, args, made, path)
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
     if args.json:
         _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
     why = "" if build["last_status"] == "succeeded" else _why(client, path)
     _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}{why}")
     return client_exit_code(build)
+
+
+def _interrupted(client, args, build, path):
+    """After Ctrl-C or SIGTERM to `run`: stop `build` (at `path`; None: not
+    made yet, or not known to be) if told or asked to, and say what became of it."""
+    if build is None:
+        _note(f"interrupted while the build was being made: {_whereabouts(None, args.project)}")
+        return
+    if not (args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] ")):
+        _note(f"build {build['id']} runs on; stop it with: {sys.argv[0]} stop "
+              f"{args.project} {build['id']}")
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
+    try:
+        client.call("POST", f"{path}/stop")
+        _note(f"build {build['id']}: stop requested")
+    except (Unreachable, ClientError) as e:
+        _note(f"build {build['id']}: its stop could not be asked for ({e}); it may run on")
 
 
 def _whereabouts(build, project):
