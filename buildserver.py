@@ -5804,11 +5804,10 @@ def _run_build(client, project, args):
     made = path = None
     try:
         # Only what was given: an empty command or a zero timeout is the server's to refuse.
-        with _signals_held(args.stop_on_interrupt):  # (one that comes meanwhile stops the build)
-            build = made = client.call("POST", f"{project}/builds",
-                                       {k: v for k, v in body.items() if v is not None})
-            path = f"{project}/builds/{build['id']}"
-            _note(f"build {build['id']}: {client.url}{path}")
+        build = made = client.call("POST", f"{project}/builds",
+                                   {k: v for k, v in body.items() if v is not None})
+        path = f"{project}/builds/{build['id']}"
+        _note(f"build {build['id']}: {client.url}{path}")
         if code:
             client.call("POST", f"{path}/coderef", code)
         if args.no_follow:
@@ -5868,20 +5867,6 @@ def _why(client, path):
         if last["message"]:
             return f" ({_printable(last['message'])})"
     return ""
-
-
-@contextlib.contextmanager
-def _signals_held(hold):
-    """SIGINT and SIGTERM wait (if `hold`) until the block is done."""
-    if not hold:
-        yield
-        return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 class _LineKeeper:

@@ -6526,9 +6526,10 @@ def test_a_sigterm_while_a_create_loses_its_answer_says_the_build_may_have_been_
     assert b"may have been made" in err and b"builds admin/app" in err, err
 
 
-def test_a_sigterm_while_the_build_is_created_still_stops_it(served):
-    # --stop-on-interrupt took effect once the create had answered: a CI job
-    # cancelled meanwhile ended `run` at once, and its build ran on, its id unsaid.
+def test_a_sigterm_while_the_build_is_created_says_it_may_have_been_made(served):
+    # A CI job cancelled while the create waited for its answer ended `run`
+    # saying nothing, its build running and its id unsaid. (Holding the signal
+    # until the id is known made some later signals go unseen for 30 s.)
     proxy = FaultyProxy(served.port)
     proxy.set("slow")
     try:
@@ -6546,10 +6547,9 @@ def test_a_sigterm_while_the_build_is_created_still_stops_it(served):
             run.kill()
     finally:
         proxy.close()
+        served.json("POST", "/api/v1/admin/app/builds/1/stop")
     assert run.returncode == buildserver.EXIT_TERMINATED, err
-    assert b"stop requested" in err, err
-    build = served.json("GET", "/api/v1/admin/app/builds/1")[1]
-    assert build["last_status"] in ("stopping", "stopped"), build
+    assert b"may have been made" in err and b"builds admin/app" in err, err
 
 
 def test_the_client_prints_what_a_terminal_of_another_encoding_cannot_show_escaped(served):
