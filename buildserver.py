@@ -2231,14 +2231,18 @@ def _watch_exit(pid, job):
     job.wake()
 
 
-def _group_alive(pgid):
+def _alive(pid, kill=os.kill):
+    """Whether process `pid` exists (with kill=os.killpg: process group), ours or not."""
     try:
-        os.killpg(pgid, 0)
+        kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's
         pass
     return True
+
+
+_group_alive = functools.partial(_alive, kill=os.killpg)
 
 
 def _killpg(pgid, sig):
@@ -6229,16 +6233,6 @@ def _remove_dead_copies(dest):
         pid = path[len(dest) + 1:-len(".partial")]
         if pid.isdigit() and not _alive(int(pid)):
             _remove_copy(path)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        pass
-    return True
 
 
 def manage_users(args):
