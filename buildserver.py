@@ -2989,25 +2989,23 @@ def authenticate(store, throttle):
     return user
 
 
-def token_required(app):
+def token_required(handler):
     """Decorator: authenticate, then allow a user only inside their own namespace
     (admins everywhere). Access is checked before existence: a 403 never tells
-    whether a project or build exists. The handler gets the user first."""
-    def decorate(handler):
-        @functools.wraps(handler)
-        def wrapper(**params):
-            if params.get("username") in RESERVED_USERNAMES and \
-                    bottle.request.route.rule.startswith("/api/v1/<username>"):  # /api/v1/health/x
-                raise ApiError(404, _no_endpoint(bottle.request.path))
-            user = authenticate(app.store, app.throttle)
-            username = params.get("username")
-            if username is not None and not user["is_admin"] and username != user["name"]:
-                raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
-            if bottle.request.route.config.get("bodiless"):
-                refuse_body()
-            return handler(user, **params)
-        return wrapper
-    return decorate
+    whether a project or build exists. The handler gets the user after the App."""
+    @functools.wraps(handler)
+    def wrapper(app, **params):
+        username = params.get("username")
+        if username in RESERVED_USERNAMES and \
+                bottle.request.route.rule.startswith("/api/v1/<username>"):  # /api/v1/health/x
+            raise ApiError(404, _no_endpoint(bottle.request.path))
+        user = authenticate(app.store, app.throttle)
+        if username is not None and not user["is_admin"] and username != user["name"]:
+            raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
+        if bottle.request.route.config.get("bodiless"):
+            refuse_body()
+        return handler(app, user, **params)
+    return wrapper
 
 
 # Lookups that own their 404s ------------------------------------------------------
@@ -3038,450 +3036,485 @@ def _build(app, username, project_name, build_id):
     return build
 
 
-# Handlers ------------------------------------------------------------------------
+def still_there(row):
+    """`row`, re-read after a write; None means a delete won the race."""
+    if row is None:
+        raise ApiError(404, DELETED_MEANWHILE)
+    return row
+
+
+# Handlers --------------------------------------------------------------------
+# Each takes the App first; those behind @token_required take the user next.
+
+def dashboard(app):
+    """The web dashboard (an HTML page; it asks for a token)."""
+    page, headers = DASHBOARD_PAGE
+    for name, value in headers.items():
+        bottle.response.set_header(name, value)
+    return page
+
+
+def health(app):
+    """Whether the server answers, and its database is still in its file
+    (no token needed)."""
+    if app.db.replaced():
+        raise ApiError(503, "The database file was deleted or replaced while the server "
+                            "ran: stop the server before you put a database back.")
+    return {"status": "ok"}
+
+
+def openapi(app):
+    """This API as an OpenAPI 3.1 document (no token needed)."""
+    return OPENAPI_DOCUMENT
+
+
+@token_required
+def whoami(app, user):
+    """Who the token belongs to (Polyaxon's "get user": its client needs
+    `email`, which no user here has, and reads `is_superuser`)."""
+    admin = bool(user["is_admin"])
+    return {"username": user["name"], "is_admin": admin, "email": None, "is_superuser": admin}
+
+
+@token_required
+def list_projects(app, user, username):
+    """The user's projects, by name."""
+    owner = _owner(app, username)
+    limit, offset = page_params()
+    count, rows = app.store.projects(owner["id"], limit, offset)
+    return page(count, [project_json(r) for r in rows], limit, offset)
+
+
+@token_required
+def create_project(app, user, username):
+    """Create a project; its command, env and timeout are its builds' defaults."""
+    owner = _owner(app, username)
+    fields = validate(read_json(), PROJECT_CREATE, required=("name",))
+    taken = app.store.create_project(owner["id"], fields)
+    if taken is not None:
+        differs = "" if taken == fields["name"] else \
+            f" by {taken!r} (names differing only in case would share a workspace folder)"
+        raise ApiError(400, f"The project name {fields['name']!r} is taken{differs}.",
+                       errors={"name": "is taken"})
+    return created(project_json(app.store.project(username, fields["name"])))
+
+
+@token_required
+def get_project(app, user, username, project_name):
+    """One project, with its builds' count and its last build."""
+    return project_json(_project(app, username, project_name))
+
+
+@token_required
+def patch_project(app, user, username, project_name):
+    """Change a project's description, command, env or timeout."""
+    project = _project(app, username, project_name)
+    fields = validate(read_json(empty_ok=True), PROJECT_PATCH)
+    if fields:
+        app.store.update_project(project["id"], fields)
+    return project_json(still_there(app.store.project(username, project_name)))
+
+
+@token_required
+def delete_project(app, user, username, project_name):
+    """Delete a project with all its builds, statuses, logs and workspaces
+    (running builds are stopped first)."""
+    project = _project(app, username, project_name)
+    message = f"stopped by {user['name']}: project deleted"
+    for last_round in (False, False, False, True):
+        stop_all(app, app.store.active_builds(project["id"]), message)
+        # Nothing starts in here, and no namesake is made before its
+        # workspaces are set aside. A build that started while the stops
+        # were waited for is stopped first: deleted, its row could not
+        # tell the next start to end what a crash left of it.
+        with app.store.db.write():
+            if not last_round and app.store.runs_builds(project["id"]):
+                continue
+            if not app.store.delete_project(project["id"]):
+                raise ApiError(404, DELETED_MEANWHILE)
+            aside = _set_aside(app.config.workspaces, username, project_name)
+            break
+    app.runner.stop_project(project["id"], message, wait=app.config.stop_grace + 5)
+    if aside is not None:  # (none if no build ever started there)
+        _in_background(_remove, aside)
+    return {"detail": f"Deleted the project {username}/{project_name}."}
+
+
+def stop_all(app, build_ids, message):
+    """Stop the builds and wait for those running to end; 503 when too many
+    requests wait already (see App.waiting), before anything is stopped.
+    (One that starts meanwhile is waited for too, outside the slots.)"""
+    waiting = any(app.runner.running(build_id) for build_id in build_ids)
+    if waiting and not app.waiting.acquire(blocking=False):
+        raise ApiError(503, "Too many requests are waiting for builds to end; "
+                            "try again shortly.", headers={"Retry-After": "5"})
+    try:
+        for build_id in build_ids:
+            app.runner.stop(build_id, message)
+        for build_id in build_ids:  # each already has its SIGTERM: wait for them together
+            app.runner.stop(build_id, message, wait=app.config.stop_grace + 5, whole=True)
+    finally:
+        if waiting:
+            app.waiting.release()
+
+
+@token_required
+def list_builds(app, user, username, project_name):
+    """The project's builds, newest first; ?status=a,b filters on last_status."""
+    project = _project(app, username, project_name)
+    limit, offset = page_params()
+    wanted = [s for s in (query_param("status") or "").split(",") if s]
+    unknown = [s for s in wanted if s not in TRANSITIONS]
+    if unknown:
+        raise ApiError(400, f"Unknown status {unknown[0]!r}; statuses are "
+                            f"{', '.join(STATUSES)}.", errors={"status": "unknown status"})
+    count, rows = still_there(app.store.builds(project["id"], wanted, limit, offset))
+    return page(count, [build_json(r) for r in rows], limit, offset)
+
+
+@token_required
+def create_build(app, user, username, project_name):
+    """Create a build; a managed one (the default) is scheduled to run.
+    command, env and timeout default to the project's (env is merged)."""
+    project = _project(app, username, project_name)
+    fields = validate(read_json(empty_ok=True), BUILD_CREATE, tolerated=POLYAXON_NULLABLE)
+    fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
+    most = FIELDS["env"]["maxProperties"]
+    if len(fields["env"]) > most:
+        raise ApiError(400, f"With the project's, the build's env would hold "
+                            f"{len(fields['env'])} pairs; a build holds at most {most}.",
+                       errors={"env": f"at most {most} pairs with the project's"})
+    fields.setdefault("timeout", project["timeout"])
+    fields["command"] = fields.get("command") or project["command"]
+    fields["is_managed"] = fields.get("is_managed") is not False  # Polyaxon sends null
+    if fields["is_managed"] and not fields["command"]:
+        raise ApiError(400, "There is no command to run: give one, or set the project's.",
+                       errors={"command": "is required (the project has none)"})
+    return start_build(app, project, user, fields)
+
+
+def start_build(app, project, user, fields, restarted_from=None):
+    def make(running=False):
+        return app.store.create_build(project["id"], user["name"], fields, restarted_from,
+                                  running)
+    build = app.runner.create(make) if fields.get("is_managed", True) else make()
+    return created(build_json(still_there(build)))
+
+
+@token_required
+def invalidate_builds(app, user, username, project_name):
+    """Polyaxon's invalidate of a project's builds: nothing to do (see
+    invalidate_build)."""
+    project = _project(app, username, project_name)
+    return {"detail": f"Nothing to invalidate in {project['owner']}/{project['name']}: "
+                      "builds are never reused."}
+
+
+@token_required
+def bookmarked_builds(app, user, username):
+    """The bookmarked builds of the user's projects, newest first, as
+    Polyaxon lists bookmarks: each result is {"content_object": build}."""
+    owner = _owner(app, username)
+    limit, offset = page_params()
+    count, rows = app.store.bookmarked_builds(owner["id"], limit, offset)
+    return page(count, [{"content_object": build_json(r)} for r in rows], limit, offset)
+
+
+@token_required
+def get_build(app, user, username, project_name, build_id):
+    """One build."""
+    return build_body(_build(app, username, project_name, build_id))
+
+
+@token_required
+def patch_build(app, user, username, project_name, build_id):
+    """Change a build's name, description or tags."""
+    build = _build(app, username, project_name, build_id)
+    fields = validate(read_json(empty_ok=True), BUILD_PATCH)
+    if fields:
+        app.store.update_build(build["id"], fields)
+    return build_json(still_there(app.store.build(build["id"])))
+
+
+def set_bookmark(app, username, project_name, build_id, bookmarked):
+    build = _build(app, username, project_name, build_id)
+    app.store.bookmark(build["id"], bookmarked)
+    return build_json(still_there(app.store.build(build["id"])))
+
+
+@token_required
+def bookmark_build(app, user, username, project_name, build_id):
+    """Bookmark a build: its `bookmarked` turns true."""
+    return set_bookmark(app, username, project_name, build_id, True)
+
+
+@token_required
+def unbookmark_build(app, user, username, project_name, build_id):
+    """Remove a build's bookmark."""
+    return set_bookmark(app, username, project_name, build_id, False)
+
+
+@token_required
+def get_code_reference(app, user, username, project_name, build_id):
+    """The code the build was made from, as recorded by POST (all null until then)."""
+    build = _build(app, username, project_name, build_id)
+    reference = json.loads(build["code_reference"] or "{}")
+    return {name: reference.get(name) for name in CODE_REFERENCE}
+
+
+@token_required
+def set_code_reference(app, user, username, project_name, build_id):
+    """Record the code the build was made from (replacing any before)."""
+    build = _build(app, username, project_name, build_id)
+    fields = validate(read_json(empty_ok=True), CODE_REFERENCE)
+    reference = {name: fields.get(name) for name in CODE_REFERENCE}
+    app.store.update_build(build["id"], {"code_reference": reference})
+    return created(reference)
+
+
+@token_required
+def invalidate_build(app, user, username, project_name, build_id):
+    """Polyaxon's invalidate, answered with the build unchanged: builds are
+    never reused here, so there is nothing to invalidate."""
+    return build_json(_build(app, username, project_name, build_id))
+
+
+@token_required
+def heartbeat(app, user, username, project_name, build_id):
+    """The heartbeat Polyaxon's tracking client sends while it runs a build:
+    answered, not recorded (a build's status says whether it runs)."""
+    _build(app, username, project_name, build_id)
+    return {"status": "ok"}
+
+
+@token_required
+def delete_build(app, user, username, project_name, build_id):
+    """Delete a build with its statuses, log and workspace (stopped first)."""
+    build = _build(app, username, project_name, build_id)
+    stop_all(app, [build["id"]], f"stopped by {user['name']}: build deleted")
+    with app.store.db.write():  # as for a project: a namesake's build never loses its workspace
+        if not app.store.delete_build(build["id"]):
+            raise ApiError(404, DELETED_MEANWHILE)
+        aside = _set_aside(app.config.workspaces, username, project_name, str(build["number"]))
+    if aside is not None:  # (none if no build ever started there)
+        _in_background(_remove, aside)
+    return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}
+
+
+@token_required
+def stop_build(app, user, username, project_name, build_id):
+    """Stop a build: at once if it has not started, else SIGTERM then SIGKILL.
+    A finished build is answered unchanged."""
+    build = _build(app, username, project_name, build_id)
+    # Most builds obey SIGTERM at once, and the others get SIGKILL after the
+    # grace: wait a moment, so the answer says `stopped` (or `stopping`);
+    # not when too many requests wait already (see App.waiting).
+    waiting = app.runner.running(build["id"]) and app.waiting.acquire(blocking=False)
+    try:
+        app.runner.stop(build["id"], f"stopped by {user['name']}",
+                    wait=STOP_ANSWER_SECONDS if waiting else 0.0, told=1.0)
+    finally:
+        if waiting:
+            app.waiting.release()
+    return build_json(still_there(app.store.build(build["id"])))
+
+
+@token_required
+def restart_build(app, user, username, project_name, build_id):
+    """A new build with the same command, env, timeout, name and tags."""
+    build = _build(app, username, project_name, build_id)
+    project = _project(app, username, project_name)
+    fields = {"command": build["command"], "env": json.loads(build["env"]),
+              "timeout": build["timeout"], "name": build["name"],
+              "tags": json.loads(build["tags"]), "is_managed": bool(build["is_managed"])}
+    return start_build(app, project, user, fields, restarted_from=build["number"])
+
+
+@token_required
+def list_statuses(app, user, username, project_name, build_id):
+    """A build's status history, oldest first."""
+    build = _build(app, username, project_name, build_id)
+    limit, offset = page_params()
+    count, rows = app.store.statuses(build["id"], limit, offset)
+    return page(count, [status_json(r, build["number"]) for r in rows], limit, offset)
+
+
+@token_required
+def report_status(app, user, username, project_name, build_id):
+    """Report a status of an unmanaged build, as the status machine allows."""
+    build = _build(app, username, project_name, build_id)
+    fields = validate(read_json(), STATUS_REPORT, required=("status",))
+    if build["is_managed"]:
+        raise ApiError(400, "This build is managed: the server reports its statuses.")
+    message = "\n".join(filter(None, (fields.get("message"), fields.get("traceback")))) or None
+    entry = app.store.transition(build["id"], fields["status"], message)
+    if entry is None:
+        current = still_there(app.store.build(build["id"]))["last_status"]
+        raise ApiError(400, f"A build cannot go from {current} to {fields['status']}.",
+                       errors={"status": f"not allowed after {current}"})
+    return created(status_json(entry, build["number"]))
+
+
+@token_required
+def get_status(app, user, username, project_name, build_id, status_id):
+    """One status entry, by its number within the build or its uuid."""
+    build = _build(app, username, project_name, build_id)
+    number = whole_number(status_id)
+    entry = None
+    if _is_status_id(status_id):
+        entry = app.store.status(build["id"], number=number, uuid=status_id.lower())
+    if entry is None:
+        raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
+    return status_json(entry, build["number"])
+
+
+@token_required
+def get_logs(app, user, username, project_name, build_id):
+    """A build's log: raw text (streamed; ?follow=1 until the build ends) or a
+    JSON page. ?offset and ?limit count bytes, ?tail lines."""
+    build = _build(app, username, project_name, build_id)
+    request = bottle.request
+    follow = flag_param("follow")  # text only: it wins over an Accept (HTTPie's) for JSON
+    fmt = query_param("format") or (
+        "json" if not follow and prefers_json(request.environ.get("HTTP_ACCEPT", ""))
+        else "text")
+    if fmt not in ("text", "json"):
+        raise ApiError(400, "The query parameter format must be text or json.",
+                       errors={"format": "must be text or json"})
+    if follow and fmt == "json":
+        raise ApiError(400, "follow works with the text format only.",
+                       errors={"follow": "needs format=text"})
+    size, final = build["log_size"], build["last_status"] in FINAL
+    offset = int_param("offset", 0, 0, 2 ** 62)
+    tail = int_param("tail", None, 0, 10 ** 7)
+    if tail is not None:  # the last lines, of those from offset on
+        offset = max(offset, app.store.tail_offset(build["id"], size, tail))
+    if fmt == "json":
+        limit = min(int_param("limit", LOG_JSON_DEFAULT, 1, 2 ** 62), LOG_JSON_MAX)
+        return log_page(app.store, build, min(offset, size), limit, size, final)
+    limit = int_param("limit", None, 1, 2 ** 62)
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    bottle.response.set_header("X-Log-Size", str(size))
+    bottle.response.set_header("X-More-Data", "false" if final else "true")
+    if not follow or final:
+        start = min(offset, size)
+        end = size if limit is None else min(size, start + limit)
+        bottle.response.set_header("Content-Length", str(end - start))
+        return LogFile(app.store, build, start, end)
+    if not app.waiting.acquire(blocking=False):
+        raise ApiError(503, "Too many log followers (or stops and deletes waiting for "
+                            "builds) at once; try again shortly.",
+                       headers={"Retry-After": "5"})
+    end = float("inf") if limit is None else offset + limit
+    return LogStream(app.store, app.bus, build, offset, end, request.environ,
+                     on_close=app.waiting.release)
+
+
+def log_page(store, build, offset, limit, size, final):
+    end = min(size, offset + limit)
+    data = store.log_bytes(build["id"], build["uuid"], offset, end)
+    if data and _utf8_boundary(data) == 0:
+        # The limit ends inside the first character: send it whole, or the
+        # page would be empty and its next_offset would never move on.
+        end = min(size, offset + _utf8_length(data[0]))
+        data = store.log_bytes(build["id"], build["uuid"], offset, end)
+    if not (final and end == size):  # the rest of a character may still come
+        data = data[:_utf8_boundary(data)]
+    if not final and b"\n" in data:
+        data = data[:data.rfind(b"\n") + 1]  # whole lines while more may come
+    next_offset = offset + len(data)
+    return {"job": build["number"], "offset": offset, "next_offset": next_offset,
+            "size": size, "complete": final and next_offset == size,
+            "truncated": bool(build["truncated"]),
+            "text": data.decode("utf-8", "replace")}
+
+
+@token_required
+def append_logs(app, user, username, project_name, build_id):
+    """Append the body to an unmanaged build's log (a JSON string's text,
+    or raw bytes)."""
+    build = _build(app, username, project_name, build_id)
+    body = read_body(LOG_BODY_LIMIT)
+    if build["is_managed"]:
+        raise ApiError(400, "This build is managed: the server captures its log.")
+    if build["last_status"] in FINAL:
+        raise ApiError(400, f"The build is {build['last_status']}: its log is closed.")
+    if bottle.request.content_type.split(";")[0].strip() == "application/json":
+        body = _json_log_text(body)
+    try:  # checked again as it is written: a status report may have come meanwhile
+        size, _ = still_there(app.store.append_log(build["id"], body, app.config.max_log_bytes))
+    except LogClosed as e:
+        raise ApiError(400, f"The build is {e}: its log is closed.") from None
+    return {"size": size}
+
+
+# The routing table -----------------------------------------------------------
+
+BUILD_PATH = "/api/v1/<username>/<project_name>/builds/<build_id>"
+ROUTES = [
+    Route("GET", "/", dashboard, answer=(200, "HTML")),
+    Route("GET", "/api/v1/health", health, answer=(200, "Health")),
+    Route("GET", "/api/v1/openapi.json", openapi, answer=(200, "OpenAPI")),
+    Route("GET", "/api/v1/users", whoami, answer=(200, "User")),
+    Route("GET", "/api/v1/bookmarks/<username>/builds", bookmarked_builds, query=PAGE_QUERY,
+          answer=(200, "BookmarkPage")),
+    Route("GET", "/api/v1/<username>", list_projects, query=PAGE_QUERY,
+          answer=(200, "ProjectPage")),
+    Route("POST", "/api/v1/<username>", create_project, body=(PROJECT_CREATE, ["name"]),
+          answer=(201, "Project")),
+    Route("GET", "/api/v1/<username>/<project_name>", get_project, answer=(200, "Project")),
+    Route("PATCH", "/api/v1/<username>/<project_name>", patch_project,
+          body=(PROJECT_PATCH, []), answer=(200, "Project")),
+    Route("DELETE", "/api/v1/<username>/<project_name>", delete_project),
+    Route("GET", "/api/v1/<username>/<project_name>/builds", list_builds,
+          query=BUILDS_QUERY, answer=(200, "BuildPage")),
+    Route("POST", "/api/v1/<username>/<project_name>/builds", create_build,
+          body=({**BUILD_CREATE, **{name: {"type": "null", "description": "ignored"}
+                                    for name in sorted(POLYAXON_NULLABLE)}}, []),
+          answer=(201, "Build")),
+    Route("POST", "/api/v1/<username>/<project_name>/builds/invalidate", invalidate_builds),
+    Route("GET", BUILD_PATH, get_build, answer=(200, "Build")),
+    Route("PATCH", BUILD_PATH, patch_build, body=(BUILD_PATCH, []), answer=(200, "Build")),
+    Route("DELETE", BUILD_PATH, delete_build),
+    Route("POST", BUILD_PATH, stop_build, answer=(200, "Build")),
+    Route("POST", BUILD_PATH + "/stop", stop_build, answer=(200, "Build")),
+    Route("POST", BUILD_PATH + "/restart", restart_build, answer=(201, "Build")),
+    Route("GET", BUILD_PATH + "/statuses", list_statuses, query=PAGE_QUERY,
+          answer=(200, "StatusPage")),
+    Route("POST", BUILD_PATH + "/statuses", report_status, body=(STATUS_REPORT, ["status"]),
+          answer=(201, "Status")),
+    Route("GET", BUILD_PATH + "/statuses/<status_id>", get_status, answer=(200, "Status")),
+    Route("GET", BUILD_PATH + "/logs", get_logs, query=LOG_QUERY, answer=(200, "LogText")),
+    Route("POST", BUILD_PATH + "/logs", append_logs, body="log", answer=(200, "LogSize")),
+    Route("POST", BUILD_PATH + "/bookmark", bookmark_build, answer=(200, "Build")),
+    Route("DELETE", BUILD_PATH + "/unbookmark", unbookmark_build, answer=(200, "Build")),
+    Route("GET", BUILD_PATH + "/coderef", get_code_reference, answer=(200, "CodeReference")),
+    Route("POST", BUILD_PATH + "/coderef", set_code_reference, body=(CODE_REFERENCE, []),
+          answer=(201, "CodeReference")),
+    Route("POST", BUILD_PATH + "/invalidate", invalidate_build, answer=(200, "Build")),
+    Route("POST", BUILD_PATH + "/_heartbeat", heartbeat, answer=(200, "Health")),
+]
+OPENAPI_DOCUMENT = openapi_document(ROUTES)
+
 
 def make_routes(app):
-    """Bottle routes for `app`: handlers, then the routing table."""
-    store, runner, config = app.store, app.runner, app.config
-    authorized = token_required(app)
-
-    page_html, page_headers = DASHBOARD_HTML.encode(), dashboard_headers(DASHBOARD_HTML)
-
-    def dashboard():
-        """The web dashboard (an HTML page; it asks for a token)."""
-        for name, value in page_headers.items():
-            bottle.response.set_header(name, value)
-        return page_html
-
-    def health():
-        """Whether the server answers, and its database is still in its file
-        (no token needed)."""
-        if app.db.replaced():
-            raise ApiError(503, "The database file was deleted or replaced while the server "
-                                "ran: stop the server before you put a database back.")
-        return {"status": "ok"}
-
-    def openapi():
-        """This API as an OpenAPI 3.1 document (no token needed)."""
-        return document
-
-    @authorized
-    def whoami(user):
-        """Who the token belongs to (Polyaxon's "get user": its client needs
-        `email`, which no user here has, and reads `is_superuser`)."""
-        admin = bool(user["is_admin"])
-        return {"username": user["name"], "is_admin": admin, "email": None, "is_superuser": admin}
-
-    @authorized
-    def list_projects(user, username):
-        """The user's projects, by name."""
-        owner = _owner(app, username)
-        limit, offset = page_params()
-        count, rows = store.projects(owner["id"], limit, offset)
-        return page(count, [project_json(r) for r in rows], limit, offset)
-
-    @authorized
-    def create_project(user, username):
-        """Create a project; its command, env and timeout are its builds' defaults."""
-        owner = _owner(app, username)
-        fields = validate(read_json(), PROJECT_CREATE, required=("name",))
-        taken = store.create_project(owner["id"], fields)
-        if taken is not None:
-            differs = "" if taken == fields["name"] else \
-                f" by {taken!r} (names differing only in case would share a workspace folder)"
-            raise ApiError(400, f"The project name {fields['name']!r} is taken{differs}.",
-                           errors={"name": "is taken"})
-        return created(project_json(store.project(username, fields["name"])))
-
-    @authorized
-    def get_project(user, username, project_name):
-        """One project, with its builds' count and its last build."""
-        return project_json(_project(app, username, project_name))
-
-    @authorized
-    def patch_project(user, username, project_name):
-        """Change a project's description, command, env or timeout."""
-        project = _project(app, username, project_name)
-        fields = validate(read_json(empty_ok=True), PROJECT_PATCH)
-        if fields:
-            store.update_project(project["id"], fields)
-        return project_json(still_there(store.project(username, project_name)))
-
-    @authorized
-    def delete_project(user, username, project_name):
-        """Delete a project with all its builds, statuses, logs and workspaces
-        (running builds are stopped first)."""
-        project = _project(app, username, project_name)
-        message = f"stopped by {user['name']}: project deleted"
-        for last_round in (False, False, False, True):
-            stop_all(store.active_builds(project["id"]), message)
-            # Nothing starts in here, and no namesake is made before its
-            # workspaces are set aside. A build that started while the stops
-            # were waited for is stopped first: deleted, its row could not
-            # tell the next start to end what a crash left of it.
-            with store.db.write():
-                if not last_round and store.runs_builds(project["id"]):
-                    continue
-                if not store.delete_project(project["id"]):
-                    raise ApiError(404, DELETED_MEANWHILE)
-                aside = _set_aside(config.workspaces, username, project_name)
-                break
-        runner.stop_project(project["id"], message, wait=config.stop_grace + 5)
-        if aside is not None:  # (none if no build ever started there)
-            _in_background(_remove, aside)
-        return {"detail": f"Deleted the project {username}/{project_name}."}
-
-    def still_there(row):
-        """`row`, re-read after a write; None means a delete won the race."""
-        if row is None:
-            raise ApiError(404, DELETED_MEANWHILE)
-        return row
-
-    def stop_all(build_ids, message):
-        """Stop the builds and wait for those running to end; 503 when too many
-        requests wait already (see App.waiting), before anything is stopped.
-        (One that starts meanwhile is waited for too, outside the slots.)"""
-        waiting = any(runner.running(build_id) for build_id in build_ids)
-        if waiting and not app.waiting.acquire(blocking=False):
-            raise ApiError(503, "Too many requests are waiting for builds to end; "
-                                "try again shortly.", headers={"Retry-After": "5"})
-        try:
-            for build_id in build_ids:
-                runner.stop(build_id, message)
-            for build_id in build_ids:  # each already has its SIGTERM: wait for them together
-                runner.stop(build_id, message, wait=config.stop_grace + 5, whole=True)
-        finally:
-            if waiting:
-                app.waiting.release()
-
-    @authorized
-    def list_builds(user, username, project_name):
-        """The project's builds, newest first; ?status=a,b filters on last_status."""
-        project = _project(app, username, project_name)
-        limit, offset = page_params()
-        wanted = [s for s in (query_param("status") or "").split(",") if s]
-        unknown = [s for s in wanted if s not in TRANSITIONS]
-        if unknown:
-            raise ApiError(400, f"Unknown status {unknown[0]!r}; statuses are "
-                                f"{', '.join(STATUSES)}.", errors={"status": "unknown status"})
-        count, rows = still_there(store.builds(project["id"], wanted, limit, offset))
-        return page(count, [build_json(r) for r in rows], limit, offset)
-
-    @authorized
-    def create_build(user, username, project_name):
-        """Create a build; a managed one (the default) is scheduled to run.
-        command, env and timeout default to the project's (env is merged)."""
-        project = _project(app, username, project_name)
-        fields = validate(read_json(empty_ok=True), BUILD_CREATE, tolerated=POLYAXON_NULLABLE)
-        fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
-        most = FIELDS["env"]["maxProperties"]
-        if len(fields["env"]) > most:
-            raise ApiError(400, f"With the project's, the build's env would hold "
-                                f"{len(fields['env'])} pairs; a build holds at most {most}.",
-                           errors={"env": f"at most {most} pairs with the project's"})
-        fields.setdefault("timeout", project["timeout"])
-        fields["command"] = fields.get("command") or project["command"]
-        fields["is_managed"] = fields.get("is_managed") is not False  # Polyaxon sends null
-        if fields["is_managed"] and not fields["command"]:
-            raise ApiError(400, "There is no command to run: give one, or set the project's.",
-                           errors={"command": "is required (the project has none)"})
-        return start_build(project, user, fields)
-
-    def start_build(project, user, fields, restarted_from=None):
-        def make(running=False):
-            return store.create_build(project["id"], user["name"], fields, restarted_from,
-                                      running)
-        build = runner.create(make) if fields.get("is_managed", True) else make()
-        return created(build_json(still_there(build)))
-
-    @authorized
-    def invalidate_builds(user, username, project_name):
-        """Polyaxon's invalidate of a project's builds: nothing to do (see
-        invalidate_build)."""
-        project = _project(app, username, project_name)
-        return {"detail": f"Nothing to invalidate in {project['owner']}/{project['name']}: "
-                          "builds are never reused."}
-
-    @authorized
-    def bookmarked_builds(user, username):
-        """The bookmarked builds of the user's projects, newest first, as
-        Polyaxon lists bookmarks: each result is {"content_object": build}."""
-        owner = _owner(app, username)
-        limit, offset = page_params()
-        count, rows = store.bookmarked_builds(owner["id"], limit, offset)
-        return page(count, [{"content_object": build_json(r)} for r in rows], limit, offset)
-
-    @authorized
-    def get_build(user, username, project_name, build_id):
-        """One build."""
-        return build_body(_build(app, username, project_name, build_id))
-
-    @authorized
-    def patch_build(user, username, project_name, build_id):
-        """Change a build's name, description or tags."""
-        build = _build(app, username, project_name, build_id)
-        fields = validate(read_json(empty_ok=True), BUILD_PATCH)
-        if fields:
-            store.update_build(build["id"], fields)
-        return build_json(still_there(store.build(build["id"])))
-
-    def set_bookmark(username, project_name, build_id, bookmarked):
-        build = _build(app, username, project_name, build_id)
-        store.bookmark(build["id"], bookmarked)
-        return build_json(still_there(store.build(build["id"])))
-
-    @authorized
-    def bookmark_build(user, username, project_name, build_id):
-        """Bookmark a build: its `bookmarked` turns true."""
-        return set_bookmark(username, project_name, build_id, True)
-
-    @authorized
-    def unbookmark_build(user, username, project_name, build_id):
-        """Remove a build's bookmark."""
-        return set_bookmark(username, project_name, build_id, False)
-
-    @authorized
-    def get_code_reference(user, username, project_name, build_id):
-        """The code the build was made from, as recorded by POST (all null until then)."""
-        build = _build(app, username, project_name, build_id)
-        reference = json.loads(build["code_reference"] or "{}")
-        return {name: reference.get(name) for name in CODE_REFERENCE}
-
-    @authorized
-    def set_code_reference(user, username, project_name, build_id):
-        """Record the code the build was made from (replacing any before)."""
-        build = _build(app, username, project_name, build_id)
-        fields = validate(read_json(empty_ok=True), CODE_REFERENCE)
-        reference = {name: fields.get(name) for name in CODE_REFERENCE}
-        store.update_build(build["id"], {"code_reference": reference})
-        return created(reference)
-
-    @authorized
-    def invalidate_build(user, username, project_name, build_id):
-        """Polyaxon's invalidate, answered with the build unchanged: builds are
-        never reused here, so there is nothing to invalidate."""
-        return build_json(_build(app, username, project_name, build_id))
-
-    @authorized
-    def heartbeat(user, username, project_name, build_id):
-        """The heartbeat Polyaxon's tracking client sends while it runs a build:
-        answered, not recorded (a build's status says whether it runs)."""
-        _build(app, username, project_name, build_id)
-        return {"status": "ok"}
-
-    @authorized
-    def delete_build(user, username, project_name, build_id):
-        """Delete a build with its statuses, log and workspace (stopped first)."""
-        build = _build(app, username, project_name, build_id)
-        stop_all([build["id"]], f"stopped by {user['name']}: build deleted")
-        with store.db.write():  # as for a project: a namesake's build never loses its workspace
-            if not store.delete_build(build["id"]):
-                raise ApiError(404, DELETED_MEANWHILE)
-            aside = _set_aside(config.workspaces, username, project_name, str(build["number"]))
-        if aside is not None:  # (none if no build ever started there)
-            _in_background(_remove, aside)
-        return {"detail": f"Deleted build {build['number']} of {username}/{project_name}."}
-
-    @authorized
-    def stop_build(user, username, project_name, build_id):
-        """Stop a build: at once if it has not started, else SIGTERM then SIGKILL.
-        A finished build is answered unchanged."""
-        build = _build(app, username, project_name, build_id)
-        # Most builds obey SIGTERM at once, and the others get SIGKILL after the
-        # grace: wait a moment, so the answer says `stopped` (or `stopping`);
-        # not when too many requests wait already (see App.waiting).
-        waiting = runner.running(build["id"]) and app.waiting.acquire(blocking=False)
-        try:
-            runner.stop(build["id"], f"stopped by {user['name']}",
-                        wait=STOP_ANSWER_SECONDS if waiting else 0.0, told=1.0)
-        finally:
-            if waiting:
-                app.waiting.release()
-        return build_json(still_there(store.build(build["id"])))
-
-    @authorized
-    def restart_build(user, username, project_name, build_id):
-        """A new build with the same command, env, timeout, name and tags."""
-        build = _build(app, username, project_name, build_id)
-        project = _project(app, username, project_name)
-        fields = {"command": build["command"], "env": json.loads(build["env"]),
-                  "timeout": build["timeout"], "name": build["name"],
-                  "tags": json.loads(build["tags"]), "is_managed": bool(build["is_managed"])}
-        return start_build(project, user, fields, restarted_from=build["number"])
-
-    @authorized
-    def list_statuses(user, username, project_name, build_id):
-        """A build's status history, oldest first."""
-        build = _build(app, username, project_name, build_id)
-        limit, offset = page_params()
-        count, rows = store.statuses(build["id"], limit, offset)
-        return page(count, [status_json(r, build["number"]) for r in rows], limit, offset)
-
-    @authorized
-    def report_status(user, username, project_name, build_id):
-        """Report a status of an unmanaged build, as the status machine allows."""
-        build = _build(app, username, project_name, build_id)
-        fields = validate(read_json(), STATUS_REPORT, required=("status",))
-        if build["is_managed"]:
-            raise ApiError(400, "This build is managed: the server reports its statuses.")
-        message = "\n".join(filter(None, (fields.get("message"), fields.get("traceback")))) or None
-        entry = store.transition(build["id"], fields["status"], message)
-        if entry is None:
-            current = still_there(store.build(build["id"]))["last_status"]
-            raise ApiError(400, f"A build cannot go from {current} to {fields['status']}.",
-                           errors={"status": f"not allowed after {current}"})
-        return created(status_json(entry, build["number"]))
-
-    @authorized
-    def get_status(user, username, project_name, build_id, status_id):
-        """One status entry, by its number within the build or its uuid."""
-        build = _build(app, username, project_name, build_id)
-        number = whole_number(status_id)
-        entry = None
-        if _is_status_id(status_id):
-            entry = store.status(build["id"], number=number, uuid=status_id.lower())
-        if entry is None:
-            raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
-        return status_json(entry, build["number"])
-
-    @authorized
-    def get_logs(user, username, project_name, build_id):
-        """A build's log: raw text (streamed; ?follow=1 until the build ends) or a
-        JSON page. ?offset and ?limit count bytes, ?tail lines."""
-        build = _build(app, username, project_name, build_id)
-        request = bottle.request
-        follow = flag_param("follow")  # text only: it wins over an Accept (HTTPie's) for JSON
-        fmt = query_param("format") or (
-            "json" if not follow and prefers_json(request.environ.get("HTTP_ACCEPT", ""))
-            else "text")
-        if fmt not in ("text", "json"):
-            raise ApiError(400, "The query parameter format must be text or json.",
-                           errors={"format": "must be text or json"})
-        if follow and fmt == "json":
-            raise ApiError(400, "follow works with the text format only.",
-                           errors={"follow": "needs format=text"})
-        size, final = build["log_size"], build["last_status"] in FINAL
-        offset = int_param("offset", 0, 0, 2 ** 62)
-        tail = int_param("tail", None, 0, 10 ** 7)
-        if tail is not None:  # the last lines, of those from offset on
-            offset = max(offset, store.tail_offset(build["id"], size, tail))
-        if fmt == "json":
-            limit = min(int_param("limit", LOG_JSON_DEFAULT, 1, 2 ** 62), LOG_JSON_MAX)
-            return log_page(build, min(offset, size), limit, size, final)
-        limit = int_param("limit", None, 1, 2 ** 62)
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        bottle.response.set_header("X-Log-Size", str(size))
-        bottle.response.set_header("X-More-Data", "false" if final else "true")
-        if not follow or final:
-            start = min(offset, size)
-            end = size if limit is None else min(size, start + limit)
-            bottle.response.set_header("Content-Length", str(end - start))
-            return LogFile(store, build, start, end)
-        if not app.waiting.acquire(blocking=False):
-            raise ApiError(503, "Too many log followers (or stops and deletes waiting for "
-                                "builds) at once; try again shortly.",
-                           headers={"Retry-After": "5"})
-        end = float("inf") if limit is None else offset + limit
-        return LogStream(store, app.bus, build, offset, end, request.environ,
-                         on_close=app.waiting.release)
-
-    def log_page(build, offset, limit, size, final):
-        end = min(size, offset + limit)
-        data = store.log_bytes(build["id"], build["uuid"], offset, end)
-        if data and _utf8_boundary(data) == 0:
-            # The limit ends inside the first character: send it whole, or the
-            # page would be empty and its next_offset would never move on.
-            end = min(size, offset + _utf8_length(data[0]))
-            data = store.log_bytes(build["id"], build["uuid"], offset, end)
-        if not (final and end == size):  # the rest of a character may still come
-            data = data[:_utf8_boundary(data)]
-        if not final and b"\n" in data:
-            data = data[:data.rfind(b"\n") + 1]  # whole lines while more may come
-        next_offset = offset + len(data)
-        return {"job": build["number"], "offset": offset, "next_offset": next_offset,
-                "size": size, "complete": final and next_offset == size,
-                "truncated": bool(build["truncated"]),
-                "text": data.decode("utf-8", "replace")}
-
-    @authorized
-    def append_logs(user, username, project_name, build_id):
-        """Append the body to an unmanaged build's log (a JSON string's text,
-        or raw bytes)."""
-        build = _build(app, username, project_name, build_id)
-        body = read_body(LOG_BODY_LIMIT)
-        if build["is_managed"]:
-            raise ApiError(400, "This build is managed: the server captures its log.")
-        if build["last_status"] in FINAL:
-            raise ApiError(400, f"The build is {build['last_status']}: its log is closed.")
-        if bottle.request.content_type.split(";")[0].strip() == "application/json":
-            body = _json_log_text(body)
-        try:  # checked again as it is written: a status report may have come meanwhile
-            size, _ = still_there(store.append_log(build["id"], body, config.max_log_bytes))
-        except LogClosed as e:
-            raise ApiError(400, f"The build is {e}: its log is closed.") from None
-        return {"size": size}
-
-    B = "/api/v1/<username>/<project_name>/builds/<build_id>"
-    routes = [
-        Route("GET", "/", dashboard, answer=(200, "HTML")),
-        Route("GET", "/api/v1/health", health, answer=(200, "Health")),
-        Route("GET", "/api/v1/openapi.json", openapi, answer=(200, "OpenAPI")),
-        Route("GET", "/api/v1/users", whoami, answer=(200, "User")),
-        Route("GET", "/api/v1/bookmarks/<username>/builds", bookmarked_builds, query=PAGE_QUERY,
-              answer=(200, "BookmarkPage")),
-        Route("GET", "/api/v1/<username>", list_projects, query=PAGE_QUERY,
-              answer=(200, "ProjectPage")),
-        Route("POST", "/api/v1/<username>", create_project, body=(PROJECT_CREATE, ["name"]),
-              answer=(201, "Project")),
-        Route("GET", "/api/v1/<username>/<project_name>", get_project, answer=(200, "Project")),
-        Route("PATCH", "/api/v1/<username>/<project_name>", patch_project,
-              body=(PROJECT_PATCH, []), answer=(200, "Project")),
-        Route("DELETE", "/api/v1/<username>/<project_name>", delete_project),
-        Route("GET", "/api/v1/<username>/<project_name>/builds", list_builds,
-              query=BUILDS_QUERY, answer=(200, "BuildPage")),
-        Route("POST", "/api/v1/<username>/<project_name>/builds", create_build,
-              body=({**BUILD_CREATE, **{name: {"type": "null", "description": "ignored"}
-                                        for name in sorted(POLYAXON_NULLABLE)}}, []),
-              answer=(201, "Build")),
-        Route("POST", "/api/v1/<username>/<project_name>/builds/invalidate", invalidate_builds),
-        Route("GET", B, get_build, answer=(200, "Build")),
-        Route("PATCH", B, patch_build, body=(BUILD_PATCH, []), answer=(200, "Build")),
-        Route("DELETE", B, delete_build),
-        Route("POST", B, stop_build, answer=(200, "Build")),
-        Route("POST", B + "/stop", stop_build, answer=(200, "Build")),
-        Route("POST", B + "/restart", restart_build, answer=(201, "Build")),
-        Route("GET", B + "/statuses", list_statuses, query=PAGE_QUERY,
-              answer=(200, "StatusPage")),
-        Route("POST", B + "/statuses", report_status, body=(STATUS_REPORT, ["status"]),
-              answer=(201, "Status")),
-        Route("GET", B + "/statuses/<status_id>", get_status, answer=(200, "Status")),
-        Route("GET", B + "/logs", get_logs, query=LOG_QUERY, answer=(200, "LogText")),
-        Route("POST", B + "/logs", append_logs, body="log", answer=(200, "LogSize")),
-        Route("POST", B + "/bookmark", bookmark_build, answer=(200, "Build")),
-        Route("DELETE", B + "/unbookmark", unbookmark_build, answer=(200, "Build")),
-        Route("GET", B + "/coderef", get_code_reference, answer=(200, "CodeReference")),
-        Route("POST", B + "/coderef", set_code_reference, body=(CODE_REFERENCE, []),
-              answer=(201, "CodeReference")),
-        Route("POST", B + "/invalidate", invalidate_build, answer=(200, "Build")),
-        Route("POST", B + "/_heartbeat", heartbeat, answer=(200, "Health")),
-    ]
-    document = openapi_document(routes)
+    """A Bottle application that serves ROUTES for `app`."""
     web = bottle.Bottle()
     # Fixed paths that a path with parameters would match too: without these,
     # POST /api/v1/health would be create_project for a user called "health",
     # and GET .../builds/invalidate a build called "invalidate". (First: Bottle
     # tries the routes with parameters in the order they were added.)
-    paths = {r.path for r in routes}
+    paths = {r.path for r in ROUTES}
     for path in sorted(p for p in paths if _shadowed(p, paths)):
-        allowed = _allowed(r.method for r in routes if r.path == path)
+        allowed = _allowed(r.method for r in ROUTES if r.path == path)
         others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
                   if m not in allowed]
         web.route(path, others, _answering(app, functools.partial(_not_allowed, allowed)))
-    for route in routes:
+    for route in ROUTES:
         web.route(route.path, route.method, _answering(app, route.handler),
                   bodiless=route.method != "GET" and route.body is None)
     web.default_error_handler = _error_page
-    web.routes_table = routes
+    web.routes_table = ROUTES
     return web
 
 
@@ -3502,7 +3535,7 @@ def _allowed(methods):
     return sorted(methods)
 
 
-def _not_allowed(allowed, **params):
+def _not_allowed(allowed, app, **params):
     raise ApiError(405, f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}.",
                    headers={"Allow": ",".join(allowed)})
 
@@ -3521,7 +3554,7 @@ def _answering(app, handler):
         try:
             if app.closing:
                 raise ApiError(503, "The server is shutting down.", headers={"Retry-After": "5"})
-            result = handler(**params)
+            result = handler(app, **params)
         except ApiError as e:
             response.status = e.status
             for name, value in e.headers.items():
@@ -4941,6 +4974,9 @@ def dashboard_headers(page):
             " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
             " frame-ancestors 'none'"),
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+DASHBOARD_PAGE = DASHBOARD_HTML.encode(), dashboard_headers(DASHBOARD_HTML)
 
 
 ###############################################################################
