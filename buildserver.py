@@ -92,6 +92,8 @@ STATUSES = tuple(TRANSITIONS)
 FINAL = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
 ACTIVE = tuple(s for s in STATUSES if s not in FINAL)  # created, scheduled, running, stopping
 DELETED_MEANWHILE = "It was deleted while this request ran."
+# What the server tells each build's command about it (a build's env cannot set them).
+BUILD_VARIABLES = ("BUILD_ID", "BUILD_UUID", "BUILD_PROJECT", "BUILD_USER", "BUILD_WORKSPACE")
 
 JSON_BODY_LIMIT = 1 * MiB
 LONE_SURROGATE = ("The request body has a \\u escape that is not a character "
@@ -211,12 +213,16 @@ FIELDS = {
                 "description": "a non-empty shell command of at most 65536 bytes (UTF-8), "
                                "without NUL bytes"},
     # exec takes a NAME=value of up to 128 KiB with its NUL: 256 + 1 + 130814 + 1.
+    # The server sets BUILD_ID and its kin last: a build's own would never be seen.
     "env": {"type": ["object", "null"], "maxProperties": 100,
-            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "maxLength": 256},
+            "propertyNames": {"pattern": "^(?!(%s)$)[A-Za-z_][A-Za-z0-9_]*$"
+                                         % "|".join(BUILD_VARIABLES), "maxLength": 256},
             "additionalProperties": {"type": "string", "pattern": "^[^\\u0000]*$",
                                      "x-maxBytes": 128 * KiB - 258},
             "description": "an object of at most 100 NAME: \"value\" strings, names like PATH "
-                           "or MY_VAR of at most 256 characters, values under 128 KiB (UTF-8)"},
+                           "or MY_VAR of at most 256 characters, values under 128 KiB (UTF-8); "
+                           "not " + ", ".join(BUILD_VARIABLES[:-1]) + " or "
+                           + BUILD_VARIABLES[-1] + ", which the server sets"},
     "timeout": {"type": ["integer", "null"], "minimum": 1, "maximum": 604800,
                 "description": "whole seconds from 1 to 604800, or null for no limit"},
     "name": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,128}$",
@@ -2193,9 +2199,9 @@ def _in_background(function, *args):
 def _build_env(build, workspace):
     env = dict(os.environ)
     env.update(json.loads(build["env"]))
-    env.update(BUILD_ID=str(build["number"]), BUILD_UUID=build["uuid"],
-               BUILD_PROJECT=f"{build['owner']}/{build['project_name']}",
-               BUILD_USER=build["user"], BUILD_WORKSPACE=workspace)
+    env.update(zip(BUILD_VARIABLES, (
+        str(build["number"]), build["uuid"], f"{build['owner']}/{build['project_name']}",
+        build["user"], workspace)))
     return env
 
 
@@ -3507,7 +3513,8 @@ def make_routes(app):
     paths = {r.path for r in ROUTES}
     for path in sorted(p for p in paths if _shadowed(p, paths)):
         allowed = _allowed(r.method for r in ROUTES if r.path == path)
-        others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+        # ANY: Bottle's own 405 would name every method routed here.
+        others = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "ANY")
                   if m not in allowed]
         web.route(path, others, _answering(app, functools.partial(_not_allowed, allowed)))
     for route in ROUTES:
@@ -5664,6 +5671,8 @@ def _project_spec(spec):
 
 def _env_pair(text):
     name, sep, value = text.partition("=")
+    if name in BUILD_VARIABLES:
+        raise argparse.ArgumentTypeError(f"the server sets {name} itself")
     if not sep or not conforms(name, FIELDS["env"]["propertyNames"]):
         raise argparse.ArgumentTypeError(f"expected NAME=value, got {text!r}")
     return name, value

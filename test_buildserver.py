@@ -2052,6 +2052,29 @@ def test_a_build_env_past_100_pairs_with_the_projects_is_400_and_stores_nothing(
     assert len(body["env"]) == 100 and body["env"]["P0"] == "mine"
 
 
+@pytest.mark.parametrize("name", [
+    "BUILD_ID", "BUILD_UUID", "BUILD_PROJECT", "BUILD_USER", "BUILD_WORKSPACE"])
+def test_an_env_that_names_a_variable_the_server_sets_is_400_and_stores_nothing(
+        web, alice, populated, name):
+    # The server sets BUILD_ID and its kin last: the build's own value was
+    # stored and shown, but never what its command saw.
+    before = snapshot(web, alice, populated)
+    for method, path in (("POST", populated + "/builds"), ("PATCH", populated),
+                         ("POST", "/api/v1/alice")):
+        body = {"env": {"MINE": "x", name: "mine"}, "is_managed": False} \
+            if path.endswith("/builds") else {"env": {name: "mine"}}
+        if method == "POST" and not path.endswith("/builds"):
+            body["name"] = "other"
+        error = assert_error(call(web, method, path, alice, body), 400, "env")
+        assert f"not BUILD_ID, BUILD_UUID, BUILD_PROJECT, BUILD_USER or BUILD_WORKSPACE, " \
+               f"which the server sets" in error["errors"]["env"], error
+    assert snapshot(web, alice, populated) == before
+    assert ok(call(web, "GET", "/api/v1/alice", alice))["count"] == 1
+    for allowed in (name.lower(), name + "_X", "X" + name):  # only the names themselves
+        ok(call(web, "POST", populated + "/builds", alice,
+                {"env": {allowed: "mine"}, "is_managed": False}), 201)
+
+
 BAD_QUERIES = [
     ("", "limit=abc", "limit"), ("", "limit=0", "limit"), ("", "limit=1001", "limit"),
     ("", "limit=-5", "limit"), ("", "limit=1.5", "limit"), ("", "offset=-1", "offset"),
@@ -5795,6 +5818,13 @@ def test_run_streams_the_log_and_exits_0_on_success(served):
     assert first == f"build 1: http://{served.host}:{served.port}/api/v1/admin/app/builds/1"
 
 
+def test_run_refuses_an_env_the_server_would_override_before_it_makes_a_build(served):
+    result = client(served, "run", "admin/app", "--env", "BUILD_ID=7")
+    assert result.returncode == 2, result.stderr
+    assert b"--env: the server sets BUILD_ID itself" in result.stderr, result.stderr
+    assert served.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 0
+
+
 def test_run_uses_the_projects_command_env_name_tags_and_timeout(served):
     result = client(served, "run", "admin/app", "--env", "A=1", "--env", "B=two words",
                     "--name", "nightly", "--tag", "x", "--tag", "y", "--timeout", "60",
@@ -8718,12 +8748,21 @@ def test_the_document_says_that_it_needs_no_token(web):
 @pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/users", "/api/v1/openapi.json",
                                   "/api/v1/bookmarks/alice/builds"])
 def test_a_fixed_route_answers_405_to_the_methods_it_has_not(web, alice, path):
-    for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+    # TRACE and made-up methods too: Bottle's own 405 named every method
+    # routed at the path, those that answer 405 included.
+    for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND", "FOO"):
         res = web.request(path, method=method, headers=auth(alice), expect_errors=True)
         assert res.status_int == 405, (method, res.status_int, res.body)
-        allowed = res.headers["Allow"].split(",")
-        assert "POST" not in allowed and {"GET", "HEAD"} <= set(allowed), method
-        assert res.json["detail"] == f"{method} is not allowed here; use {', '.join(allowed)}."
+        assert res.headers["Allow"] == "GET,HEAD", method
+        assert res.json["detail"] == f"{method} is not allowed here; use GET, HEAD."
+
+
+def test_a_made_up_method_on_a_fixed_path_among_parameters_names_only_its_own(web, alice,
+                                                                               populated):
+    for method in ("TRACE", "FOO"):
+        res = call(web, method, populated + "/builds/invalidate", alice)
+        assert_error(res, 405)
+        assert res.headers["Allow"] == "POST", method
 
 
 ###############################################################################
