@@ -3063,6 +3063,8 @@ def dashboard(app):
 def health(app):
     """Whether the server answers, and its database is still in its file
     (no token needed)."""
+    if app.closing:
+        raise shutting_down()
     if app.db.replaced():
         raise ApiError(503, "The database file was deleted or replaced while the server "
                             "ran: stop the server before you put a database back.")
@@ -3407,6 +3409,8 @@ def get_logs(app, user, username, project_name, build_id):
         end = size if limit is None else min(size, start + limit)
         bottle.response.set_header("Content-Length", str(end - start))
         return LogFile(app.store, build, start, end)
+    if app.closing:
+        raise shutting_down()
     if not app.waiting.acquire(blocking=False):
         raise ApiError(503, "Too many log followers (or stops and deletes waiting for "
                             "builds) at once; try again shortly.",
@@ -3547,6 +3551,10 @@ def _not_allowed(allowed, app, **params):
                    headers={"Allow": ",".join(allowed)})
 
 
+def shutting_down():
+    return ApiError(503, "The server is shutting down.", headers={"Retry-After": "5"})
+
+
 def created(body):
     bottle.response.status = 201
     return body
@@ -3559,8 +3567,10 @@ def _answering(app, handler):
         response = bottle.response
         response.set_header("X-Content-Type-Options", "nosniff")  # a log is text, whatever it holds
         try:
-            if app.closing:
-                raise ApiError(503, "The server is shutting down.", headers={"Retry-After": "5"})
+            # Reads are answered to the end: a client whose follow ended with
+            # the shutdown's stop asks next how its build ended.
+            if app.closing and bottle.request.method not in ("GET", "HEAD"):
+                raise shutting_down()
             result = handler(app, **params)
         except ApiError as e:
             response.status = e.status
@@ -5059,14 +5069,13 @@ def serve(config):
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", config.data_dir, config.workers)
     _return_startup_memory()
-    listening = True
     # waitress's own run(), but stoppable: signal handlers run here, between polls.
+    # It listens on while the builds are stopped: a client (or a proxy) whose
+    # follow ended with its build's stop reads next how it ended (see _answering).
     while not finished.is_set():
-        if app.closing and listening:
-            server.del_channel()
-            server.socket.close()
-            listening = False
         wasyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
+    server.del_channel()
+    server.socket.close()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(  # followers' last bytes still on their way
             c.total_outbufs_len for c in list(server.active_channels.values())):

@@ -5818,6 +5818,38 @@ def test_run_streams_the_log_and_exits_0_on_success(served):
     assert first == f"build 1: http://{served.host}:{served.port}/api/v1/admin/app/builds/1"
 
 
+def test_run_whose_server_shuts_down_says_its_build_was_stopped_and_exits_1(served):
+    # The follow ended with the shutdown's stop; the read of how the build
+    # ended got 503 "shutting down", which run rode out for a minute and then
+    # exited 76, "may still run", for a build that was stopped.
+    proc = start_client(served, "run", "admin/app", "--command", "echo started; exec sleep 60")
+    assert proc.stdout.readline() == b"started\n"
+    served.signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.decode().splitlines()[-1] == "build 1: stopped (stopped: the server shut down)", err
+    assert served.wait(timeout=30) == 0
+
+
+def test_a_server_shutting_down_answers_reads_and_refuses_the_rest(web, app, alice, populated):
+    app.closing = True  # what a signal does first
+    assert ok(call(web, "GET", populated + "/builds/1", alice))["id"] == 1
+    log = call(web, "GET", populated + "/builds/1/logs", alice)
+    assert log.body == b"first line\nsecond line\n"
+    for method, path, status in (("POST", populated + "/builds", 503),
+                                 ("PATCH", populated, 503),
+                                 ("GET", "/api/v1/health", 503),
+                                 ("GET", populated + "/builds/1/logs?follow=1", 503),
+                                 ("GET", populated + "/builds/2/logs?follow=1", 200)):  # final
+        res = call(web, method, path, alice, *(() if method == "GET" else ({},)))
+        assert res.status_int == status, (method, path, res.body)
+        if status == 503:
+            assert res.json["detail"] == "The server is shutting down."
+            assert res.headers["Retry-After"] == "5"
+    app.closing = False
+    assert ok(call(web, "GET", populated, alice))["builds_count"] == 2
+
+
 def test_run_refuses_an_env_the_server_would_override_before_it_makes_a_build(served):
     result = client(served, "run", "admin/app", "--env", "BUILD_ID=7")
     assert result.returncode == 2, result.stderr
