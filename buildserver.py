@@ -6207,7 +6207,9 @@ def backup(db_path, dest):
                      f"{os.path.join(dest, DB_FILE)}", 2)
     if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
-    if _names_one_of(dest, [db_path + suffix for suffix in ("", "-wal", "-shm", "-journal")]):
+    # SQLite keeps its -wal and -shm beside the database a link leads to.
+    if _names_one_of(dest, [base + suffix for base in (db_path, os.path.realpath(db_path))
+                            for suffix in ("", "-wal", "-shm", "-journal")]):
         # The copy would replace the file a running server writes: what it
         # answered for afterwards would be lost.
         return _fail(f"{dest} is the database itself (or one of its files): "

@@ -8337,6 +8337,30 @@ def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
     assert (tmp_path / "elsewhere.db").read_bytes() == b"kept"
 
 
+def test_a_backup_onto_the_files_beside_a_linked_database_is_refused(server_factory, tmp_path):
+    # A database linked to another disk has its -wal and -shm beside the link's
+    # target: a backup written there replaced the live -wal (a crash then lost
+    # committed builds), or vanished when the server closed.
+    data, disk = tmp_path / "data", tmp_path / "disk"
+    first = server_factory(data_dir=data)
+    token = first.token
+    first.stop()
+    disk.mkdir()
+    os.rename(data / "buildserver.db", disk / "buildserver.db")
+    os.symlink(disk / "buildserver.db", data / "buildserver.db")
+    server = server_factory(data_dir=data)
+    server.token = token
+    assert api(server, "POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    wal = disk / "buildserver.db-wal"
+    assert wal.exists() and not (data / "buildserver.db-wal").exists()
+    for dest in (wal, disk / "buildserver.db-shm", disk / "buildserver.db"):
+        before = dest.read_bytes()
+        done = run_cli("backup", str(dest), "--data-dir", str(data))
+        assert done.returncode == 2 and "is the database itself" in done.stderr, done.stderr
+        assert dest.read_bytes() == before
+    assert api(server, "GET", "/api/v1/admin/app")[0] == 200
+
+
 def test_a_backup_taken_while_the_server_writes_is_whole_and_holds_earlier_builds(
         server_factory, tmp_path):
     server = server_factory("--workers", "0")
