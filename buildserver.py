@@ -404,6 +404,12 @@ class SchemaError(Exception):
     """The database file is not one this version of buildserver can use."""
 
 
+def _file_uri(path, mode):
+    """SQLite's URI for the file at `path`, whatever bytes its name holds
+    (a name that is not UTF-8 too)."""
+    return f"file:{urllib.parse.quote(os.fsencode(os.path.abspath(path)))}?mode={mode}"
+
+
 class Database:
     """SQLite connections: a reader per thread, and one writer connection that
     threads take turns on.
@@ -433,7 +439,7 @@ class Database:
         self.path = path
         # mode=rw: once the file is gone (deleted while the server runs), a
         # new connection fails instead of making a new, empty database.
-        self._uri = "file:" + urllib.parse.quote(os.fsencode(os.path.abspath(path))) + "?mode=rw"
+        self._uri = _file_uri(path, "rw")
         self._file = None  # the file's (device, inode) once migrated
         self._told_replaced = False
         self._local = threading.local()
@@ -6355,8 +6361,8 @@ def _served(data_dir):
 
 def _version(db_path):
     """The schema version of the database file at `db_path`."""
-    with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(db_path)}?mode=ro",
-                                            uri=True, timeout=30)) as conn:
+    with contextlib.closing(sqlite3.connect(_file_uri(db_path, "ro"), uri=True,
+                                            timeout=30)) as conn:
         return conn.execute("PRAGMA user_version").fetchone()[0]
 
 

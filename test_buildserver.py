@@ -5373,6 +5373,20 @@ def test_a_database_whose_path_is_not_utf8_opens(tmp_path):
     assert os.listdir(folder)[0] == "buildserver.db"
 
 
+def test_token_and_adduser_work_beside_a_server_whose_folder_is_not_utf8(server_factory,
+                                                                         tmp_path):
+    # With a server running they read the database's version, through a URI
+    # that quoted the path as text: a UnicodeEncodeError traceback.
+    data = os.path.join(tmp_path, os.fsdecode(b"d\xff"))
+    server = server_factory(data_dir=data)
+    for args in (["token", "admin"], ["adduser", "carol"]):
+        done = subprocess.run([sys.executable, SCRIPT, *args, "--data-dir", data],
+                              capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.split()[-1].decode()
+        assert api(server, "GET", "/api/v1/users", token=token)[0] == 200
+
+
 def test_the_servers_maintenance_says_when_its_database_file_is_gone(config, caplog):
     with served_here(config) as (application, server):
         os.remove(config.db_path)
