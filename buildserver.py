@@ -76,6 +76,7 @@ log = logging.getLogger("buildserver")
 
 KiB, MiB = 1024, 1024 * 1024
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+SCHEMA_VERSION = 9  # schema.sql's newest migration, the one this file is written for
 
 # The status machine, the one source of truth for the runner and for statuses
 # reported by whatever runs an unmanaged build.
@@ -636,8 +637,8 @@ class Database:
 
     def migrate(self, schema_path=SCHEMA_PATH):
         """Bring the file up to the newest `-- migration N` of schema.sql."""
-        _create_private(self.path)
         migrations = read_migrations(schema_path)
+        _create_private(self.path)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -791,7 +792,13 @@ def read_migrations(schema_path=SCHEMA_PATH):
         raise SchemaError(f"cannot read {schema_path} ({e.strerror}); "
                           "schema.sql must sit beside buildserver.py") from None
     parts = re.split(r"^-- migration (\d+)\s*$", script, flags=re.M)
-    return {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
+    migrations = {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
+    if max(migrations, default=0) != SCHEMA_VERSION:  # one file of the two was replaced
+        raise SchemaError(
+            f"{schema_path} is from another release than buildserver.py (its newest "
+            f"migration is {max(migrations, default=0)}, buildserver.py's is {SCHEMA_VERSION}): "
+            "copy buildserver.py and schema.sql together")
+    return migrations
 
 
 def _statements(script):
@@ -6309,7 +6316,7 @@ def manage_users(args):
         return _fail(missing, 2)
     _make_private_dir(args.data_dir)
     new = not os.path.exists(db_path)
-    if not new and _served(args.data_dir) and _version(db_path) < max(read_migrations()):
+    if not new and _served(args.data_dir) and _version(db_path) < SCHEMA_VERSION:
         # An older server's: upgraded under it, the file would be refused at its next start.
         return _fail(f"a server of an older buildserver is using {args.data_dir}: upgrade it "
                      "first (this would upgrade its database under it), or use its own "

@@ -6915,6 +6915,41 @@ def schema_migrations():
     return {int(n): sql for n, sql in zip(parts[1::2], parts[2::2])}
 
 
+@pytest.mark.parametrize("release", ["older", "newer"])
+def test_a_schema_sql_of_another_release_is_named_as_the_file_to_replace(tmp_path, release):
+    # An upgrade that copied buildserver.py alone: "no such table:
+    # server_process", or "written by a newer buildserver" about its own file.
+    data = tmp_path / "data"
+    assert run_cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
+    before = (data / "buildserver.db").read_bytes()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(SCRIPT, copy / "buildserver.py")
+    newest = max(schema_migrations())
+    with open(buildserver.SCHEMA_PATH, encoding="utf-8") as f:
+        schema = f.read()
+    if release == "older":
+        schema = schema[:schema.index(f"-- migration {newest}\n")]
+    else:
+        schema += f"\n-- migration {newest + 1}\nCREATE TABLE later (id INTEGER);\n"
+    (copy / "schema.sql").write_text(schema, encoding="utf-8")
+    for args in (["serve", "--port", "0"], ["adduser", "dave"], ["token", "carol"]):
+        done = subprocess.run([sys.executable, str(copy / "buildserver.py"), *args,
+                               "--data-dir", str(data)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stderr == (f"buildserver: {copy / 'schema.sql'} is from another release "
+                               f"than buildserver.py (its newest migration is "
+                               f"{newest - 1 if release == 'older' else newest + 1}, "
+                               f"buildserver.py's is {newest}): copy buildserver.py and "
+                               "schema.sql together\n"), args
+    assert (data / "buildserver.db").read_bytes() == before
+    fresh = tmp_path / "fresh"
+    done = subprocess.run([sys.executable, str(copy / "buildserver.py"), "adduser", "erin",
+                           "--data-dir", str(fresh)], capture_output=True, timeout=60)
+    assert done.returncode == 1 and not (fresh / "buildserver.db").exists(), done.stderr
+
+
 def run_cli(*args, timeout=30):
     """`python buildserver.py ARGS`; the CompletedProcess, text mode."""
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
