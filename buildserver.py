@@ -117,6 +117,7 @@ SHUTDOWN_STALL_SECONDS = 3.0   # ... unless their client takes nothing for this 
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
+MEMBERS_SECONDS = 0.1        # how often a stopped shell's group is checked while it cleans up
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
@@ -1973,13 +1974,13 @@ class Runner:
         if exit_fd is not None:
             poller.register(exit_fd, select.POLLIN)
         view, filled, dropping, eof = None, 0, False, False
-        flush_at = kill_at = drain_until = seek_at = None
+        flush_at = kill_at = drain_until = seek_at = members_at = None
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
         signalled = escaped_killed = False
-        while not (eof and job.exited):
+        while not (eof and job.exited and kill_at is None):
             now = time.monotonic()
-            deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at,
+            deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at, members_at,
                                      None if signalled else timeout_at) if t is not None]
             wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
             for fd, _ in poller.poll(wait_ms):
@@ -2012,8 +2013,15 @@ class Runner:
                 job.told.set()
             if kill_at is not None and now >= kill_at:
                 _killpg(proc.pid, signal.SIGKILL)
-                kill_at = None
-            if job.exited and drain_until is None:
+                kill_at = members_at = None
+            if job.exited and kill_at is not None and now >= (members_at or now):
+                # A stop's SIGTERM ended the shell at once, but dash runs a command
+                # as its child: what is left in its group has the rest of the grace.
+                if _others_in_group(proc.pid):
+                    members_at = now + MEMBERS_SECONDS
+                else:
+                    kill_at = members_at = None
+            if job.exited and drain_until is None and kill_at is None:
                 # The shell is gone: whatever it left in its group goes too. Its
                 # exit decided how the build ends: a stop or timeout while the
                 # last output drains comes too late.
@@ -2341,6 +2349,18 @@ def _groups_escaped(session, build_uuid):
         return set()
     return {group for pid, group, in_session in _processes()
             if in_session == session != group and _carries(pid, build_uuid)}
+
+
+def _others_in_group(group):
+    """Whether a live process besides its leader is in process group `group`
+    (Linux; elsewhere none is seen)."""
+    if not os.path.isdir("/proc/self"):
+        return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(pid)
+        if len(fields) > 2 and int(fields[2]) == group != int(pid) and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _stat(pid):

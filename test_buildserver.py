@@ -3721,6 +3721,34 @@ def test_a_build_ignoring_sigterm_is_killed_after_the_grace_period(configured):
     wait_gone(marker)
 
 
+CLEANS_UP = ("import signal, sys, time\n"
+             "def cleanup(*_):\n"
+             "    print('cleaning up', flush=True); time.sleep(0.5)\n"
+             "    print('cleaned up', flush=True); sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, cleanup); print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+
+
+@pytest.mark.parametrize("ending", ["stop", "timeout"])
+def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configured,
+                                                                          ending):
+    # dash runs `python3 x.py` as its child: the SIGTERM ended the shell at once,
+    # and its end killed the group, the child in the middle of its cleanup.
+    web, alice, project = configured(stop_grace=30.0)
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(CLEANS_UP)}; echo after"
+    build = post_build(web, alice, project, {"command": command,
+                                             "timeout": 2 if ending == "timeout" else None})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    if ending == "stop":
+        ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=30)
+    assert build_log(web, alice, project, build["id"]) == b"ready\ncleaning up\ncleaned up\n"
+    assert done["last_status"] == ("stopped" if ending == "stop" else "failed")
+    assert status_history(web, alice, project, build["id"])[-1]["message"] == (
+        "stopped by alice" if ending == "stop" else "timed out after 2 s")
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
 # GNU timeout puts itself and its command in a process group of their own: a
 # stop or timeout that signalled the shell's group alone left them running
 # after the build had ended (and their worker had taken the next build).
