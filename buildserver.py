@@ -1978,7 +1978,7 @@ class Runner:
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
         signalled = escaped_killed = False
-        while not (eof and job.exited and kill_at is None):
+        while not (eof and job.exited):
             now = time.monotonic()
             deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at, members_at,
                                      None if signalled else timeout_at) if t is not None]
@@ -2014,12 +2014,16 @@ class Runner:
             if kill_at is not None and now >= kill_at:
                 _killpg(proc.pid, signal.SIGKILL)
                 kill_at = members_at = None
-            if job.exited and kill_at is not None and now >= (members_at or now):
+            if job.exited and not eof and kill_at is not None:
                 # A stop's SIGTERM ended the shell at once, but dash runs a command
-                # as its child: what is left in its group has the rest of the grace.
-                if _others_in_group(proc.pid):
+                # as its child: while what is left in its group holds the output,
+                # it has the rest of the grace. (Looked for only if the output
+                # goes on: most groups end with their shell.)
+                if members_at is None:
                     members_at = now + MEMBERS_SECONDS
-                else:
+                elif now >= members_at and _others_in_group(proc.pid):
+                    members_at = now + MEMBERS_SECONDS
+                elif now >= members_at:
                     kill_at = members_at = None
             if job.exited and drain_until is None and kill_at is None:
                 # The shell is gone: whatever it left in its group goes too. Its
