@@ -3241,7 +3241,7 @@ def create_build(app, user, username, project_name):
 def start_build(app, project, user, fields, restarted_from=None):
     def make(running=False):
         return app.store.create_build(project["id"], user["name"], fields, restarted_from,
-                                  running)
+                                      running)
     build = app.runner.create(make) if fields.get("is_managed", True) else make()
     return created(build_json(still_there(build)))
 
@@ -3357,7 +3357,7 @@ def stop_build(app, user, username, project_name, build_id):
     waiting = app.runner.running(build["id"]) and app.waiting.acquire(blocking=False)
     try:
         app.runner.stop(build["id"], f"stopped by {user['name']}",
-                    wait=STOP_ANSWER_SECONDS if waiting else 0.0, told=1.0)
+                        wait=STOP_ANSWER_SECONDS if waiting else 0.0, told=1.0)
     finally:
         if waiting:
             app.waiting.release()
