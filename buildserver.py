@@ -1144,10 +1144,13 @@ class Store:
         with self.db.write() as c:
             c.execute("UPDATE builds SET pgid = NULL, pg_started = NULL WHERE pgid IS NOT NULL")
 
-    def sessions(self, uuids):
-        """{uuid: the session its shell led} of the builds with these uuids that ran here."""
+    def sessions(self, uuids, project_id=None):
+        """{uuid: the session its shell led} of the builds with these uuids that
+        ran here (of one project, if given)."""
         return dict(self.db.all("SELECT uuid, pgid FROM builds WHERE pgid IS NOT NULL AND uuid IN"
-                                " (SELECT value FROM json_each(?))", (json.dumps(list(uuids)),)))
+                                " (SELECT value FROM json_each(?1))"
+                                " AND (?2 IS NULL OR project_id = ?2)",
+                                (json.dumps(list(uuids)), project_id)))
 
     def backup_taken(self):
         """When `backup` copied this file, if it is such a copy (restored) not
@@ -1736,7 +1739,7 @@ class Runner:
         if not live:  # first, reading alone: a disk too full to write must not keep them running
             for row in left:
                 _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
-            self._kill_groups_of_ended_builds()
+            self.kill_groups_of_ended_builds()
         self.store.take_over(me, _running_since(me), namespace)
         taken_at = self.store.backup_taken()
         restored = (f"interrupted: the database was restored from a backup taken at {taken_at}, "
@@ -1753,10 +1756,14 @@ class Runner:
             log.warning("this database was restored from a backup taken at %s: the builds "
                         "that waited or ran then are ended, not run again", taken_at)
 
-    def _kill_groups_of_ended_builds(self):
-        """Kill what is left inside the sessions of builds that had ended."""
+    def kill_groups_of_ended_builds(self, project_id=None, uuid=None):
+        """Kill what is left inside the sessions of builds that had ended (of
+        one project, or the build with `uuid`, if given): each start does, and
+        each delete, whose rows would have told the next start where to look."""
         carried = _groups_by_build()
-        sessions = self.store.sessions(carried) if carried else {}
+        if uuid is not None:
+            carried = {uuid: carried[uuid]} if uuid in carried else {}
+        sessions = self.store.sessions(carried, project_id) if carried else {}
         ended = {group for uuid, session in sessions.items()
                  for group, in_session in carried[uuid] if in_session == session}
         for group in ended:
@@ -2850,6 +2857,7 @@ class App:
         self.waiting = threading.BoundedSemaphore(config.max_waiting)
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
+        self.deleting = set()  # the ids of the projects being deleted
         self.bottle = make_routes(self)
 
     def __call__(self, environ, start_response):
@@ -3166,19 +3174,28 @@ def delete_project(app, user, username, project_name):
     (running builds are stopped first)."""
     project = _project(app, username, project_name)
     message = f"stopped by {user['name']}: project deleted"
-    for last_round in (False, False, False, True):
-        stop_all(app, app.store.active_builds(project["id"]), message)
-        # Nothing starts in here, and no namesake is made before its
-        # workspaces are set aside. A build that started while the stops
-        # were waited for is stopped first: deleted, its row could not
-        # tell the next start to end what a crash left of it.
-        with app.store.db.write():
-            if not last_round and app.store.runs_builds(project["id"]):
-                continue
-            if not app.store.delete_project(project["id"]):
-                raise ApiError(404, DELETED_MEANWHILE)
-            aside = _set_aside(app.config.workspaces, username, project_name)
-            break
+    app.deleting.add(project["id"])  # no build starts in it meanwhile (see start_build)
+    try:
+        for last_round in (False, False, False, True):
+            stop_all(app, app.store.active_builds(project["id"]), message)
+            app.runner.kill_groups_of_ended_builds(project_id=project["id"])
+            # Nothing starts in here, and no namesake is made before its
+            # workspaces are set aside. A build that started while the stops
+            # were waited for is stopped first: deleted, its row could not
+            # tell the next start to end what a crash left of it.
+            with app.store.db.write():
+                if app.store.runs_builds(project["id"]):
+                    if last_round:
+                        raise ApiError(503, "Builds of the project kept starting while it "
+                                            "was deleted; nothing was deleted, try again.",
+                                       headers={"Retry-After": "5"})
+                    continue
+                if not app.store.delete_project(project["id"]):
+                    raise ApiError(404, DELETED_MEANWHILE)
+                aside = _set_aside(app.config.workspaces, username, project_name)
+                break
+    finally:
+        app.deleting.discard(project["id"])
     app.runner.stop_project(project["id"], message, wait=app.config.stop_grace + 5)
     if aside is not None:  # (none if no build ever started there)
         _in_background(_remove, aside)
@@ -3239,6 +3256,10 @@ def create_build(app, user, username, project_name):
 
 
 def start_build(app, project, user, fields, restarted_from=None):
+    if project["id"] in app.deleting:
+        raise ApiError(409, f"The project {project['owner']}/{project['name']} is being "
+                            "deleted.")
+
     def make(running=False):
         return app.store.create_build(project["id"], user["name"], fields, restarted_from,
                                       running)
@@ -3337,6 +3358,7 @@ def delete_build(app, user, username, project_name, build_id):
     """Delete a build with its statuses, log and workspace (stopped first)."""
     build = _build(app, username, project_name, build_id)
     stop_all(app, [build["id"]], f"stopped by {user['name']}: build deleted")
+    app.runner.kill_groups_of_ended_builds(uuid=build["uuid"])
     with app.store.db.write():  # as for a project: a namesake's build never loses its workspace
         if not app.store.delete_build(build["id"]):
             raise ApiError(404, DELETED_MEANWHILE)

@@ -5711,7 +5711,7 @@ def test_a_failed_start_leaves_queued_builds_scheduled(server_factory, tmp_path)
     assert statuses == ["created", "scheduled"] * 2  # nothing ran, nothing was stopped
 
 
-def test_a_build_claimed_while_its_project_is_deleted_does_not_run_on(server_factory):
+def test_a_build_asked_for_while_its_project_is_deleted_is_refused(server_factory):
     server = server_factory("--stop-grace", "2", "--workers", "2")
     project_path = admin_project(server)
     status, stubborn = server.json("POST", project_path + "/builds",
@@ -5724,11 +5724,10 @@ def test_a_build_claimed_while_its_project_is_deleted_does_not_run_on(server_fac
     wait_until(lambda: server.json("GET", f"{project_path}/builds/1")[1]["last_status"]
                == "stopping", message="the delete to stop build 1")
     status, late = server.json("POST", project_path + "/builds", {"command": "sleep 77"})
-    assert status == 201
+    assert (status, late["detail"]) == (409, "The project admin/app is being deleted.")
     deleting.join(30)
     assert deleted == [200]
     assert server.json("GET", project_path)[0] == 404
-    wait_gone(f"BUILD_UUID={late['uuid']}")
     wait_gone(f"BUILD_UUID={stubborn['uuid']}")
 
 
@@ -5766,40 +5765,6 @@ def test_a_delete_that_waited_never_deletes_what_took_the_place_of_what_it_looke
     wait_gone(f"BUILD_UUID={old['uuid']}")
 
 
-def test_a_crash_while_a_delete_waits_for_a_build_started_meanwhile_leaves_it_to_the_restart(
-        server_factory, tmp_path):
-    # The delete deleted the rows once the first build had ended, then waited
-    # for the one started meanwhile: killed then, the server left it running
-    # with no row that could tell the next start about it.
-    data_dir = tmp_path / "crashed"
-    server, _, first = serving_a_running_build(server_factory, data_dir, "--stop-grace", "3",
-                                               "--workers", "2",
-                                               command="trap '' TERM; echo ready; sleep 60")
-    project_path = "/api/v1/admin/app"
-
-    def delete():
-        with contextlib.suppress(OSError, http.client.HTTPException):  # the server dies
-            server.json("DELETE", project_path)
-    deleting = threading.Thread(target=delete, daemon=True)
-    deleting.start()
-    wait_until(lambda: server.json("GET", f"{project_path}/builds/1")[1]["last_status"]
-               == "stopping", message="the delete to stop build 1")
-    status, late = server.json("POST", project_path + "/builds",
-                               {"command": "trap '' TERM; echo ready; sleep 77"})
-    assert status == 201
-    wait_gone(f"BUILD_UUID={first['uuid']}")  # its grace is over: the delete goes on
-    time.sleep(0.5)
-    assert pids_with_marker(f"BUILD_UUID={late['uuid']}")
-    server.proc.kill()
-    server.wait()
-    deleting.join(30)
-    restarted = server_factory("--stop-grace", "3", data_dir=data_dir)
-    restarted.token = server.token
-    wait_gone(f"BUILD_UUID={late['uuid']}")
-    assert server_final_build(restarted, f"{project_path}/builds/{late['id']}")[
-        "last_status"] == "failed"
-
-
 def test_a_crash_during_the_grace_of_an_ended_builds_other_group_leaves_it_to_the_restart(
         server_factory, tmp_path):
     # The build read `stopped` while the `timeout` group it made had the rest of
@@ -5822,6 +5787,68 @@ def test_a_crash_during_the_grace_of_an_ended_builds_other_group_leaves_it_to_th
     restarted.token = server.token
     wait_gone(f"BUILD_UUID={build['uuid']}")
     assert restarted.json("GET", path)[1]["last_status"] == "stopped"  # as it was
+
+
+def test_a_project_deleted_while_builds_keep_coming_leaves_no_build_running_unrecorded(
+        server_factory, tmp_path):
+    # Creates kept starting builds while the delete waited for its stops: its
+    # last round deleted the rows anyway, and a crash in the stop that came
+    # after left a running build no start could find.
+    data_dir = tmp_path / "deleting"
+    server = server_factory("--workers", "2", "--stop-grace", "2", data_dir=data_dir)
+    status, _ = server.json("POST", "/api/v1/admin", {"name": "app",
+                                                      "command": "trap '' TERM; sleep 60"})
+    assert status == 201
+    uuids = [server.json("POST", "/api/v1/admin/app/builds", {})[1]["uuid"]]
+    wait_until(lambda: server.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"]
+               == "running", message="build 1 to run")
+    deleted = []
+    deleting = threading.Thread(target=lambda: deleted.append(
+        server.json("DELETE", "/api/v1/admin/app", timeout=60)))
+    deleting.start()
+    refusals = []
+    while deleting.is_alive():
+        if server.json("GET", "/api/v1/admin/app")[0] == 404:
+            server.proc.kill()  # the rows are gone: nothing of theirs may run now
+            break
+        status, body = server.json("POST", "/api/v1/admin/app/builds", {})
+        if status == 201:
+            uuids.append(body["uuid"])
+        elif status == 409:
+            refusals.append(body["detail"])
+        time.sleep(0.05)
+    deleting.join(timeout=60)
+    assert refusals and refusals[0] == "The project admin/app is being deleted."
+    assert not deleted or deleted[0][0] == 200  # (none if the crash came first)
+    server.proc.kill()
+    server.wait()
+    restarted = server_factory(data_dir=data_dir)
+    restarted.token = server.token
+    for uuid in uuids:
+        wait_gone(f"BUILD_UUID={uuid}")
+    assert restarted.json("GET", "/api/v1/admin/app")[0] == 404
+
+
+@pytest.mark.parametrize("delete", ["build", "project"])
+def test_a_delete_kills_the_groups_an_ended_build_left(server_factory, delete):
+    # Left until the next start, which finds them by the build's row: once
+    # the row was deleted, they ran on in the deleted workspace for good.
+    server = server_factory()
+    project_path = admin_project(server)
+    leaves = (f"{shlex.quote(sys.executable)} -c 'import os; os.setpgid(0, 0); "
+              "os.execvp(\"sleep\", [\"sleep\", \"300\"])' >/dev/null 2>&1 & "
+              "sleep 0.5; echo started")
+    _, build = server.json("POST", project_path + "/builds", {"command": leaves})
+    path = f"{project_path}/builds/{build['id']}"
+    marker = f"BUILD_UUID={build['uuid']}"
+    try:
+        assert server_final_build(server, path)["last_status"] == "succeeded"
+        assert pids_with_marker(marker)  # its own group: the build's end left it
+        status, _ = server.json("DELETE", path if delete == "build" else project_path)
+        assert status == 200
+        wait_gone(marker)
+    finally:
+        kill_marked(marker)
 
 
 ###############################################################################
