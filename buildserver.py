@@ -6306,6 +6306,8 @@ def backup(db_path, dest):
         os.replace(partial, dest)
     except sqlite3.Error as e:  # a full disk at the destination, say
         return _fail(f"the copy to {dest} failed: {e}", 1)
+    except KeyboardInterrupt:
+        return _fail(f"interrupted: {dest} was not written", EXIT_INTERRUPTED)
     finally:
         _remove_copy(partial)
     print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")

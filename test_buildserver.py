@@ -8441,6 +8441,28 @@ def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
     assert (tmp_path / "elsewhere.db").read_bytes() == b"kept"
 
 
+def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
+    # It ended in a KeyboardInterrupt traceback (SIGTERM was already quiet).
+    data = tmp_path / "data"
+    assert run_cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
+    with contextlib.closing(sqlite3.connect(data / "buildserver.db")) as db, db:
+        db.execute("CREATE TABLE bulk (b BLOB)")  # a copy that takes a while
+        db.executemany("INSERT INTO bulk VALUES (randomblob(1048576))", [()] * 300)
+    dest = tmp_path / "copy.db"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "backup", str(dest), "--data-dir",
+                             str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    partial = tmp_path / f"copy.db.{proc.pid}.partial"
+    wait_until(lambda: partial.exists() and partial.stat().st_size or proc.poll() is not None,
+               interval=0.002, message="the copy to begin")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the copy was done before the interrupt came")
+    assert (proc.returncode, err) == (130, f"buildserver: interrupted: {dest} was not written\n")
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
 def test_a_backup_onto_the_files_beside_a_linked_database_is_refused(server_factory, tmp_path):
     # A database linked to another disk has its -wal and -shm beside the link's
     # target: a backup written there replaced the live -wal (a crash then lost
