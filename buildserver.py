@@ -42,6 +42,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -5127,6 +5128,10 @@ def serve(config):
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", config.data_dir, config.workers)
+    if not (config.trusted_proxy or _loopback(server.effective_host)):
+        log.warning("listening beyond this machine over plain HTTP: tokens, which run "
+                    "commands here, travel unencrypted; put a TLS proxy in front (README, "
+                    "\"Security and operations\")")
     _return_startup_memory()
     # waitress's own run(), but stoppable: signal handlers run here, between polls.
     # It listens on while the builds are stopped: a client (or a proxy) whose
@@ -5144,6 +5149,13 @@ def serve(config):
     app.close()
     log.info("stopped")
     return 0
+
+
+def _loopback(address):
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a name
+        return False
 
 
 def _one_address(host):

@@ -8441,6 +8441,18 @@ def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
     assert (tmp_path / "elsewhere.db").read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False),
+                                          ("localhost", False)])
+def test_a_server_listening_beyond_this_machine_warns_that_tokens_travel_unencrypted(
+        server_factory, host, warned):
+    server = server_factory("--host", host)
+    assert server.json("GET", "/api/v1/health")[0] == 200
+    wait_until(lambda: any("GET /api/v1/health" in line for line in server.stderr_lines),
+               message="the request's log line, which comes after the start's")
+    assert any("listening beyond this machine over plain HTTP" in line
+               for line in server.stderr_lines) == warned, server.stderr_lines
+
+
 def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
     # It ended in a KeyboardInterrupt traceback (SIGTERM was already quiet).
     data = tmp_path / "data"
