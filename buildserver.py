@@ -40,6 +40,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import ipaddress
@@ -755,7 +756,10 @@ def _create_private(path):
 
 def _make_private_dir(path):
     """The data folder, made readable by its owner alone if it is new."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file: say what is wrong with it (it said "File exists")
+        raise NotADirectoryError(errno.ENOTDIR, "Not a folder", path) from None
 
 
 def _warn_if_open(*paths):
@@ -1746,10 +1750,10 @@ class Runner:
         restored = (f"interrupted: the database was restored from a backup taken at {taken_at}, "
                     "while this build ran")
         for row in left:
-            self.store.transition(row["id"], "failed", restored if taken_at is not None and
-                                  row["created_at"] <= taken_at else
-                                  "interrupted: the server restarted while it ran")
-            log.warning("%s was interrupted by a server restart", self.store.label(row["id"]))
+            message = restored if taken_at is not None and row["created_at"] <= taken_at else \
+                "interrupted: the server restarted while it ran"
+            self.store.transition(row["id"], "failed", message)
+            log.warning("%s failed: %s", self.store.label(row["id"]), message)
         if live:  # nor at any later start of this copy
             self.store.forget_processes()
         if taken_at is not None:
@@ -1948,7 +1952,8 @@ class Runner:
         except OSError as e:  # no such folder, no file descriptors left, ...
             if read_fd is not None:
                 os.close(read_fd)
-            self._finish(job, "failed", f"could not start: {e.strerror or e}")
+            where = f": {e.filename}" if e.filename and e.filename != "/bin/sh" else ""
+            self._finish(job, "failed", f"could not start: {e.strerror or e}{where}")
             return
         finally:
             if write_fd is not None:
@@ -5127,7 +5132,7 @@ def serve(config):
     app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
-    log.info("serving %s with %d workers", config.data_dir, config.workers)
+    log.info("serving %s with %d workers", os.path.abspath(config.data_dir), config.workers)
     if not (config.trusted_proxy or _loopback(server.effective_host)):
         log.warning("listening beyond this machine over plain HTTP: tokens, which run "
                     "commands here, travel unencrypted; put a TLS proxy in front (README, "
@@ -6264,6 +6269,8 @@ def _no_database(db_path):
         os.stat(db_path)
     except FileNotFoundError:
         return f"there is no database at {db_path}"
+    except NotADirectoryError:
+        return f"there is no database at {db_path}: {os.path.dirname(db_path)} is no folder"
     except OSError as e:  # a data folder private to the server's user, say
         return f"cannot reach the database at {db_path} ({e.strerror}): run this as its owner"
     return None

@@ -3294,7 +3294,8 @@ def test_a_build_that_cannot_start_fails_with_the_reason_and_the_worker_runs_on(
     entries = ok(web.get(f"{project}/builds/{build['id']}/statuses", headers=auth(alice)))
     assert [e["status"] for e in entries["results"]] == ["created", "scheduled", "running",
                                                           "failed"]
-    assert entries["results"][-1]["message"] == "could not start: Not a directory"
+    assert entries["results"][-1]["message"] == "could not start: Not a directory: " + \
+        os.path.join(config.workspaces, "alice", "app", str(build["id"]))  # (it said not where)
     os.remove(os.path.join(config.workspaces, "alice", "app"))
     build = post_build(web, alice, project, {"command": "echo ran"})
     assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
@@ -8037,11 +8038,14 @@ def test_a_data_folder_that_cannot_be_made_gets_a_one_line_message(tmp_path, com
     assert blocker.read_bytes() == b"a regular file where a folder should be\n"
 
 
-def test_a_data_folder_that_is_a_file_gets_a_one_line_message(tmp_path):
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["adduser", "alice"],
+                                     ["token", "alice"], ["backup", "copy.db"]])
+def test_a_data_folder_that_is_a_file_gets_a_one_line_message(tmp_path, command):
     blocker = tmp_path / "data"
     blocker.write_bytes(b"not a folder\n")
-    assert_clear_failure(run_cli("serve", "--port", "0", "--data-dir", str(blocker)),
-                         re.escape(str(blocker)))
+    done = run_cli(*command, "--data-dir", str(blocker))
+    assert_clear_failure(done, re.escape(str(blocker)))
+    assert "File exists" not in done.stderr and "its owner" not in done.stderr  # (it said so)
     assert blocker.read_bytes() == b"not a folder\n"
 
 
