@@ -8943,6 +8943,7 @@ def test_the_document_says_that_it_needs_no_token(web):
     assert document["paths"]["/api/v1/users"]["get"]["security"] == [{"token": []}]
 
 
+@pytest.mark.filterwarnings("ignore::webtest.lint.WSGIWarning")  # (made-up methods)
 @pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/users", "/api/v1/openapi.json",
                                   "/api/v1/bookmarks/alice/builds"])
 def test_a_fixed_route_answers_405_to_the_methods_it_has_not(web, alice, path):
@@ -8955,6 +8956,7 @@ def test_a_fixed_route_answers_405_to_the_methods_it_has_not(web, alice, path):
         assert res.json["detail"] == f"{method} is not allowed here; use GET, HEAD."
 
 
+@pytest.mark.filterwarnings("ignore::webtest.lint.WSGIWarning")  # (made-up methods)
 def test_a_made_up_method_on_a_fixed_path_among_parameters_names_only_its_own(web, alice,
                                                                                populated):
     for method in ("TRACE", "FOO"):
