@@ -2032,12 +2032,10 @@ class Runner:
                 # as its child: while what is left in its group holds the output,
                 # it has the rest of the grace. (Looked for only if the output
                 # goes on: most groups end with their shell.)
-                if members_at is None:
-                    members_at = now + MEMBERS_SECONDS
-                elif now >= members_at and _others_in_group(proc.pid):
+                if members_at is None or now >= members_at and _others_in_group(proc.pid):
                     members_at = now + MEMBERS_SECONDS
                 elif now >= members_at:
-                    kill_at = members_at = None
+                    kill_at = members_at = None  # nothing left in it to wait for
             if job.exited and drain_until is None and kill_at is None:
                 # The shell is gone: whatever it left in its group goes too. Its
                 # exit decided how the build ends: a stop or timeout while the
