@@ -119,7 +119,7 @@ SHUTDOWN_STALL_SECONDS = 3.0   # ... unless their client takes nothing for this 
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
-MEMBERS_SECONDS = 0.1        # how often a stopped shell's group is checked while it cleans up
+MEMBERS_SECONDS = 0.05       # how often a stopped shell's group is checked while it cleans up
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
@@ -1960,15 +1960,17 @@ class Runner:
                 os.close(write_fd)
         exit_fd = None
         job.pgid = proc.pid
+        emptied = False
         try:
             self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))
             exit_fd = _exit_notifier(proc.pid, job)
-            self._supervise(job, proc, read_fd, exit_fd)
+            emptied = self._supervise(job, proc, read_fd, exit_fd)
         finally:
             os.close(read_fd)
             if exit_fd is not None:
                 os.close(exit_fd)
-            _killpg(proc.pid, signal.SIGKILL)
+            if not emptied:
+                _killpg(proc.pid, signal.SIGKILL)
             returncode = proc.wait()
         if returncode == 0:
             status, message = "succeeded", "exit code 0"
@@ -1980,7 +1982,8 @@ class Runner:
 
     def _supervise(self, job, proc, out_fd, exit_fd):
         """Capture output, honour stop and timeout, and return once the shell
-        has exited and its process group is gone (or the pipe has gone quiet)."""
+        has exited and its process group is gone (or the pipe has gone quiet):
+        True if the shell is reaped and its group was seen empty."""
         poller = select.poll()
         poller.register(out_fd, select.POLLIN)
         poller.register(job._wake_r, select.POLLIN)
@@ -1990,11 +1993,12 @@ class Runner:
         flush_at = kill_at = drain_until = seek_at = members_at = None
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
-        signalled = escaped_killed = False
-        while not (eof and job.exited):
+        signalled = escaped_killed = emptied = False
+        while not (eof and job.exited and kill_at is None):
             now = time.monotonic()
             deadlines = [t for t in (flush_at, kill_at, drain_until, seek_at, members_at,
-                                     None if signalled else timeout_at) if t is not None]
+                                     None if signalled or job.finishing else timeout_at)
+                         if t is not None]
             wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
             for fd, _ in poller.poll(wait_ms):
                 if fd == out_fd:
@@ -2027,21 +2031,21 @@ class Runner:
             if kill_at is not None and now >= kill_at:
                 _killpg(proc.pid, signal.SIGKILL)
                 kill_at = members_at = None
-            if job.exited and not eof and kill_at is not None:
+            if job.exited and kill_at is not None and now >= (members_at or now):
                 # A stop's SIGTERM ended the shell at once, but dash runs a command
-                # as its child: while what is left in its group holds the output,
-                # it has the rest of the grace. (Looked for only if the output
-                # goes on: most groups end with their shell.)
-                if members_at is None or now >= members_at and _others_in_group(proc.pid):
+                # as its child: what is left in its group has the rest of the grace.
+                if _group_emptied(proc):
+                    kill_at = members_at = None
+                    emptied = True
+                else:
                     members_at = now + MEMBERS_SECONDS
-                elif now >= members_at:
-                    kill_at = members_at = None  # nothing left in it to wait for
             if job.exited and drain_until is None and kill_at is None:
                 # The shell is gone: whatever it left in its group goes too. Its
                 # exit decided how the build ends: a stop or timeout while the
                 # last output drains comes too late.
                 job.finish()
-                _killpg(proc.pid, signal.SIGKILL)
+                if not emptied:  # (an emptied group's id may be another's by now)
+                    _killpg(proc.pid, signal.SIGKILL)
                 drain_until = now + DRAIN_SECONDS
                 seek_at = now + ESCAPED_SEARCH_DELAY  # other groups may hold the pipe open
             if seek_at is not None and now >= seek_at:
@@ -2068,6 +2072,7 @@ class Runner:
                 filled, flush_at = 0, None
         if filled:
             self._flush(job, view[:filled])
+        return emptied
 
     def _flush(self, job, data):
         """Store the buffered output; returns whether output is now being dropped."""
@@ -2287,6 +2292,14 @@ def _alive(pid, kill=os.kill):
 _group_alive = functools.partial(_alive, kill=os.killpg)
 
 
+def _group_emptied(proc):
+    """Whether nothing is left in the process group that `proc`, which has
+    exited, led. It is reaped first: its zombie counted as a member. (A
+    group's id stays its own only while a member does.)"""
+    proc.poll()
+    return not _group_alive(proc.pid)
+
+
 def _killpg(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -2364,18 +2377,6 @@ def _groups_escaped(session, build_uuid):
         return set()
     return {group for pid, group, in_session in _processes()
             if in_session == session != group and _carries(pid, build_uuid)}
-
-
-def _others_in_group(group):
-    """Whether a live process besides its leader is in process group `group`
-    (Linux; elsewhere none is seen)."""
-    if not os.path.isdir("/proc/self"):
-        return False
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        fields = _stat(pid)
-        if len(fields) > 2 and int(fields[2]) == group != int(pid) and fields[0] != b"Z":
-            return True
-    return False
 
 
 def _stat(pid):

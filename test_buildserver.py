@@ -3730,23 +3730,32 @@ CLEANS_UP = ("import signal, sys, time\n"
              "time.sleep(60)\n")
 
 
-@pytest.mark.parametrize("ending", ["stop", "timeout"])
-def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configured,
-                                                                          ending):
+@pytest.mark.parametrize("ending, elsewhere", [("stop", False), ("timeout", False),
+                                               ("stop", True)])
+def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configured, config,
+                                                                          ending, elsewhere):
     # dash runs `python3 x.py` as its child: the SIGTERM ended the shell at once,
-    # and its end killed the group, the child in the middle of its cleanup.
+    # and its end killed the group, the child in the middle of its cleanup. (Its
+    # output sent elsewhere, the group was killed once the shell had ended.)
     web, alice, project = configured(stop_grace=30.0)
-    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(CLEANS_UP)}; echo after"
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(CLEANS_UP)}"
+    command += " >out.txt 2>&1; echo after" if elsewhere else "; echo after"
     build = post_build(web, alice, project, {"command": command,
-                                             "timeout": 2 if ending == "timeout" else None})
-    wait_for_log(web, alice, project, build["id"], b"ready")
+                                             "timeout": 5 if ending == "timeout" else None})
+    out = os.path.join(config.workspaces, "alice", "app", str(build["id"]), "out.txt")
+    if elsewhere:
+        wait_until(lambda: os.path.exists(out) and open(out, "rb").read() == b"ready\n",
+                   message="the command to be ready")
+    else:
+        wait_for_log(web, alice, project, build["id"], b"ready")
     if ending == "stop":
         ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
     done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=30)
-    assert build_log(web, alice, project, build["id"]) == b"ready\ncleaning up\ncleaned up\n"
+    said = open(out, "rb").read() if elsewhere else build_log(web, alice, project, build["id"])
+    assert said == b"ready\ncleaning up\ncleaned up\n"
     assert done["last_status"] == ("stopped" if ending == "stop" else "failed")
     assert status_history(web, alice, project, build["id"])[-1]["message"] == (
-        "stopped by alice" if ending == "stop" else "timed out after 2 s")
+        "stopped by alice" if ending == "stop" else "timed out after 5 s")
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
