@@ -1551,6 +1551,7 @@ class Job:
         self.exited = False         # the shell has exited (not yet reaped)
         self.pgid = None            # its shell's process group, once started
         self.grace_ends = None      # once SIGTERM is sent (a stop, a timeout): SIGKILL then
+        self.signalled_tick = None  # when, in clock ticks since boot (see _terminate_older)
         self.told = threading.Event()  # a stop is recorded (`stopping`), or it has ended
         self.done = threading.Event()
         self.gone = threading.Event()  # done, and the groups it made besides its own are gone
@@ -1905,8 +1906,7 @@ class Runner:
         while time.monotonic() < job.grace_ends:
             if time.monotonic() >= search_at:  # once a second: a live parent may make more
                 fresh = find() - ended
-                for group in fresh:
-                    _killpg(group, signal.SIGTERM)
+                _terminate_older(fresh, job.signalled_tick)
                 ended |= fresh
                 search_at = time.monotonic() + 1.0
             if not any(map(_group_alive, ended)):
@@ -2023,6 +2023,7 @@ class Runner:
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 signalled = True
                 kill_at = job.grace_ends = now + self.config.stop_grace
+                job.signalled_tick = _boot_ticks()
                 seek_at = now + ESCAPED_SEARCH_DELAY  # unless the shell and its pipe end first
                 self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
@@ -2051,9 +2052,12 @@ class Runner:
             if seek_at is not None and now >= seek_at:
                 seek_at = None
                 if not eof:  # (not at once: most builds' output ends within the delay)
-                    for group in _groups_escaped(proc.pid, job.build["uuid"]):
-                        # as its own group: a stop's grace goes on, an end is an end
-                        _killpg(group, signal.SIGTERM if signalled else signal.SIGKILL)
+                    escaped = _groups_escaped(proc.pid, job.build["uuid"])
+                    if signalled:  # as its own group: a stop's grace goes on
+                        _terminate_older(escaped, job.signalled_tick)
+                    else:  # an end is an end
+                        for group in escaped:
+                            _killpg(group, signal.SIGKILL)
             if drain_until is not None and now >= drain_until:
                 escaped = _groups_escaped(proc.pid, job.build["uuid"]) \
                     if signalled and not escaped_killed else set()
@@ -2290,6 +2294,22 @@ def _alive(pid, kill=os.kill):
 
 
 _group_alive = functools.partial(_alive, kill=os.killpg)
+
+
+def _boot_ticks():
+    """Now, in clock ticks since boot: what /proc says a process started at."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def _terminate_older(groups, tick):
+    """SIGTERM the process groups whose leader started before `tick` (a
+    stop's SIGTERM, in clock ticks since boot; one whose leader is gone counts
+    as older). Those made since, by a cleanup (`timeout 60 upload`), had no
+    SIGTERM coming: the grace's end kills them with the rest."""
+    for group in groups:
+        started = _start_time(group)
+        if started is None or int(started) < tick:
+            _killpg(group, signal.SIGTERM)
 
 
 def _group_emptied(proc):

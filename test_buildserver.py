@@ -3759,6 +3759,21 @@ def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configu
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+def test_a_group_a_cleanup_makes_after_the_stop_gets_no_sigterm_of_its_own(configured):
+    # A bounded upload in the trap (`timeout` makes a group of its own) got the
+    # SIGTERM meant for the groups the build had made before the stop.
+    web, alice, project = configured(stop_grace=30.0)
+    build = post_build(web, alice, project, {"command": (
+        "trap 'echo cleaning; timeout 20 sh -c \"sleep 1; echo uploaded\"; echo rc=$?; exit 1'"
+        " TERM; echo ready; sleep 100 & wait")})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=30)
+    assert build_log(web, alice, project, build["id"]) == b"ready\ncleaning\nuploaded\nrc=0\n"
+    assert done["last_status"] == "stopped"
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
 # GNU timeout puts itself and its command in a process group of their own: a
 # stop or timeout that signalled the shell's group alone left them running
 # after the build had ended (and their worker had taken the next build).
