@@ -116,6 +116,7 @@ FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this lo
 SHUTDOWN_SECONDS = 10.0      # a shutdown waits this long for requests that wait on builds
 FOLLOW_SHUTDOWN_SECONDS = 8.0  # of which followers have this long for the rest
 SHUTDOWN_STALL_SECONDS = 3.0   # ... unless their client takes nothing for this long
+SHUTDOWN_LINGER_SECONDS = 1.0  # then reads are answered this long, if there were followers
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
@@ -2882,6 +2883,7 @@ class App:
         self.waiting = threading.BoundedSemaphore(config.max_waiting)
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
+        self.waited_on = False  # (see shutdown)
         self.deleting = set()  # the ids of the projects being deleted
         self.bottle = make_routes(self)
 
@@ -2917,13 +2919,18 @@ class App:
         return body
 
     def shutdown(self, timeout=None):
-        """Refuse new requests, stop the builds (followers get their last
-        output), then end the followers; True if they all ended in `timeout`."""
+        """Refuse writes and waits, stop the builds (followers get their last
+        output), then end the followers; True if they all ended in `timeout`.
+        Sets `waited_on`: whether requests were waiting on builds."""
         self.closing = True
+        # Holding every slot (none is left for another): those free before
+        # the builds stop first, which tells whether any request waited.
+        free = sum(self.waiting.acquire(blocking=False) for _ in range(self.config.max_waiting))
+        self.waited_on = free < self.config.max_waiting
         self.runner.shutdown()
         self.bus.close()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _ in range(self.config.max_waiting):  # holding every slot: none is left
+        for _ in range(self.config.max_waiting - free):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.waiting.acquire(timeout=remaining):
                 return False
@@ -5162,6 +5169,11 @@ def serve(config):
     # follow ended with its build's stop reads next how it ended (see _answering).
     while not finished.is_set():
         wasyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
+    # Followers have had their builds' ends: their clients ask next how those
+    # ended, through a proxy a round trip or two later.
+    linger_until = time.monotonic() + (SHUTDOWN_LINGER_SECONDS if app.waited_on else 0)
+    while time.monotonic() < linger_until:
+        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
     server.del_channel()
     server.socket.close()
     deadline = time.monotonic() + 5

@@ -5912,14 +5912,23 @@ def test_run_streams_the_log_and_exits_0_on_success(served):
     assert first == f"build 1: http://{served.host}:{served.port}/api/v1/admin/app/builds/1"
 
 
-def test_run_whose_server_shuts_down_says_its_build_was_stopped_and_exits_1(served):
+@pytest.mark.parametrize("through", ["loopback", "a proxy 30 ms away"])
+def test_run_whose_server_shuts_down_says_its_build_was_stopped_and_exits_1(served, through):
     # The follow ended with the shutdown's stop; the read of how the build
-    # ended got 503 "shutting down", which run rode out for a minute and then
-    # exited 76, "may still run", for a build that was stopped.
-    proc = start_client(served, "run", "admin/app", "--command", "echo started; exec sleep 60")
+    # ended got 503 "shutting down" (then, through a proxy, the server had
+    # already gone), which run rode out for a minute and then exited 76,
+    # "may still run", for a build that was stopped.
+    args = ["run", "admin/app", "--command", "echo started; exec sleep 60"]
+    if through != "loopback":
+        proxy = FaultyProxy(served.port)
+        proxy.set("far")
+        args += ["--url", proxy.url]
+    proc = start_client(served, *args)
     assert proc.stdout.readline() == b"started\n"
     served.signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
+    if through != "loopback":
+        proxy.close()
     assert proc.returncode == 1, err
     assert err.decode().splitlines()[-1] == "build 1: stopped (stopped: the server shut down)", err
     assert served.wait(timeout=30) == 0
@@ -6428,7 +6437,8 @@ class FaultyProxy:
     - "cut answers": new connections close 10 bytes into their answer's body;
     - "refuse": every connection is closed, and each new one at once;
     - "gateway": new connections get nginx's HTML 502 (its server restarts);
-    - "slow": answers on new connections come 3 s late.
+    - "slow": answers on new connections come 3 s late;
+    - "far": new connections, and all they carry, take 30 ms each way.
     A connection gone silent stays so when the mode changes back to "pass"."""
 
     GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 157"
@@ -6471,8 +6481,11 @@ class FaultyProxy:
                         near.sendall(self.GATEWAY)
                     near.close()
                     continue
+                if mode == "far":
+                    time.sleep(0.03)
                 far = socket.create_connection(("127.0.0.1", self.port))
-                threading.Thread(target=self._pipe, args=(near, far, near), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(near, far, near, mode),
+                                 daemon=True).start()
                 threading.Thread(target=self._pipe, args=(far, near, near, mode),
                                  daemon=True).start()
 
@@ -6492,8 +6505,8 @@ class FaultyProxy:
                     near.shutdown(socket.SHUT_RDWR)
                     near.close()
                     return
-                if mode == "slow":
-                    time.sleep(3)
+                if mode in ("slow", "far"):
+                    time.sleep(3 if mode == "slow" else 0.03)
                 sink.sendall(data)
 
     def close(self):
