@@ -1151,11 +1151,12 @@ class Store:
             c.execute("UPDATE builds SET pgid = NULL, pg_started = NULL WHERE pgid IS NOT NULL")
 
     def sessions(self, uuids, project_id=None):
-        """{uuid: the session its shell led} of the builds with these uuids that
-        ran here (of one project, if given)."""
+        """{uuid: the session its shell led} of the ended builds with these
+        uuids that ran here (of one project, if given)."""
         return dict(self.db.all("SELECT uuid, pgid FROM builds WHERE pgid IS NOT NULL AND uuid IN"
                                 " (SELECT value FROM json_each(?1))"
-                                " AND (?2 IS NULL OR project_id = ?2)",
+                                " AND (?2 IS NULL OR project_id = ?2)"
+                                " AND last_status IN ('succeeded', 'failed', 'stopped')",
                                 (json.dumps(list(uuids)), project_id)))
 
     def backup_taken(self):
@@ -2884,7 +2885,8 @@ class App:
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
         self.waited_on = False  # (see shutdown)
-        self.deleting = set()  # the ids of the projects being deleted
+        self.deleting = collections.Counter()  # project id: deletes of it under way
+        self._deleting_lock = threading.Lock()
         self.bottle = make_routes(self)
 
     def __call__(self, environ, start_response):
@@ -2935,6 +2937,20 @@ class App:
             if not self.waiting.acquire(timeout=remaining):
                 return False
         return True
+
+    @contextlib.contextmanager
+    def deleting_project(self, project_id):
+        """While a delete of the project runs, no build starts in it (see
+        start_build); a second delete's end does not end the first's."""
+        with self._deleting_lock:
+            self.deleting[project_id] += 1
+        try:
+            yield
+        finally:
+            with self._deleting_lock:
+                self.deleting[project_id] -= 1
+                if not self.deleting[project_id]:
+                    del self.deleting[project_id]
 
     def close(self):
         """Shut down and close the database (after the HTTP threads are done)."""
@@ -3206,15 +3222,17 @@ def delete_project(app, user, username, project_name):
     (running builds are stopped first)."""
     project = _project(app, username, project_name)
     message = f"stopped by {user['name']}: project deleted"
-    app.deleting.add(project["id"])  # no build starts in it meanwhile (see start_build)
-    try:
-        for last_round in (False, False, False, True):
+    with app.deleting_project(project["id"]):
+        for last_round in (False, False, False, True):  # four rounds; the last gives up
+            # Its builds stop, and what ended ones left goes: the next start
+            # would find that by the rows about to go.
             stop_all(app, app.store.active_builds(project["id"]), message)
             app.runner.kill_groups_of_ended_builds(project_id=project["id"])
             # Nothing starts in here, and no namesake is made before its
             # workspaces are set aside. A build that started while the stops
-            # were waited for is stopped first: deleted, its row could not
-            # tell the next start to end what a crash left of it.
+            # were waited for (its create came just before the 409s) is
+            # stopped first: deleted, its row could not tell the next start
+            # to end what a crash left of it.
             with app.store.db.write():
                 if app.store.runs_builds(project["id"]):
                     if last_round:
@@ -3226,8 +3244,6 @@ def delete_project(app, user, username, project_name):
                     raise ApiError(404, DELETED_MEANWHILE)
                 aside = _set_aside(app.config.workspaces, username, project_name)
                 break
-    finally:
-        app.deleting.discard(project["id"])
     app.runner.stop_project(project["id"], message, wait=app.config.stop_grace + 5)
     if aside is not None:  # (none if no build ever started there)
         _in_background(_remove, aside)
@@ -3288,7 +3304,7 @@ def create_build(app, user, username, project_name):
 
 
 def start_build(app, project, user, fields, restarted_from=None):
-    if project["id"] in app.deleting:
+    if app.deleting[project["id"]]:
         raise ApiError(409, f"The project {project['owner']}/{project['name']} is being "
                             "deleted.")
 

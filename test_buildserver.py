@@ -5854,6 +5854,63 @@ def test_a_project_deleted_while_builds_keep_coming_leaves_no_build_running_unre
     assert restarted.json("GET", "/api/v1/admin/app")[0] == 404
 
 
+def test_a_project_delete_that_keeps_meeting_started_builds_gives_up_and_deletes_nothing(
+        configured):
+    # Creates that came just before the 409s: the last of four rounds deleted
+    # the rows all the same while one ran (a crash then left it running for good).
+    web, alice, project = configured(stop_grace=0.2, workers=4)
+    app = web.app
+    row = app.store.project("alice", "app")
+    user = app.store.user_by_name("alice")
+    fields = {"command": "sleep 60", "env": {}, "timeout": None, "is_managed": True}
+    deleting, started = threading.Event(), []
+
+    def keep_starting():  # as creates past the check would, one at a time
+        while deleting.is_set():
+            started.append(app.runner.create(lambda running=False: app.store.create_build(
+                row["id"], user["name"], fields, None, running)))
+            time.sleep(0.01)
+    deleting.set()
+    starter = threading.Thread(target=keep_starting)
+    starter.start()
+    try:
+        wait_until(lambda: started, message="a build to start")
+        res = web.delete(project, headers=auth(alice), expect_errors=True)
+    finally:
+        deleting.clear()
+        starter.join(timeout=30)
+    assert res.status_int == 503, res.body
+    assert res.json["detail"] == ("Builds of the project kept starting while it was deleted; "
+                                  "nothing was deleted, try again.")
+    assert ok(web.get(project, headers=auth(alice)))["builds_count"] == len(started)
+    ok(web.delete(project, headers=auth(alice)))  # once they stop coming
+    for build in started:
+        wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
+def test_one_deletes_end_leaves_another_under_way_its_409s_and_running_builds_alone(configured):
+    # A second delete that failed (503: too many waiting) took the project's
+    # mark away while the first still ran; and the first's search for what
+    # ended builds left killed one that had started meanwhile.
+    web, alice, project = configured(stop_grace=1.0)
+    app = web.app
+    build = post_build(web, alice, project, {"command": "echo ready; sleep 60"})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    row = app.store.project("alice", "app")
+    with app.deleting_project(row["id"]):  # the first
+        with app.deleting_project(row["id"]):  # the second
+            pass
+        res = web.post_json(project + "/builds", {}, headers=auth(alice), expect_errors=True)
+        assert res.status_int == 409, res.body
+        app.runner.kill_groups_of_ended_builds(project_id=row["id"])
+        assert ok(web.get(f"{project}/builds/{build['id']}", headers=auth(alice)))[
+            "last_status"] == "running"
+        assert pids_with_marker(f"BUILD_UUID={build['uuid']}")
+    assert post_build(web, alice, project, {"is_managed": False})["id"] == build["id"] + 1
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    wait_gone(f"BUILD_UUID={build['uuid']}")
+
+
 @pytest.mark.parametrize("delete", ["build", "project"])
 def test_a_delete_kills_the_groups_an_ended_build_left(server_factory, delete):
     # Left until the next start, which finds them by the build's row: once
@@ -5861,8 +5918,9 @@ def test_a_delete_kills_the_groups_an_ended_build_left(server_factory, delete):
     server = server_factory()
     project_path = admin_project(server)
     leaves = (f"{shlex.quote(sys.executable)} -c 'import os; os.setpgid(0, 0); "
+              "open(\"grouped\", \"w\").close(); "
               "os.execvp(\"sleep\", [\"sleep\", \"300\"])' >/dev/null 2>&1 & "
-              "sleep 0.5; echo started")
+              "while [ ! -e grouped ]; do sleep 0.01; done; echo started")
     _, build = server.json("POST", project_path + "/builds", {"command": leaves})
     path = f"{project_path}/builds/{build['id']}"
     marker = f"BUILD_UUID={build['uuid']}"
