@@ -1764,13 +1764,13 @@ class Runner:
             log.warning("this database was restored from a backup taken at %s: the builds "
                         "that waited or ran then are ended, not run again", taken_at)
 
-    def kill_groups_of_ended_builds(self, project_id=None, uuid=None):
+    def kill_groups_of_ended_builds(self, project_id=None, build_uuid=None):
         """Kill what is left inside the sessions of builds that had ended (of
-        one project, or the build with `uuid`, if given): each start does, and
+        one project, or the build with `build_uuid`, if given): each start does, and
         each delete, whose rows would have told the next start where to look."""
         carried = _groups_by_build()
-        if uuid is not None:
-            carried = {uuid: carried[uuid]} if uuid in carried else {}
+        if build_uuid is not None:
+            carried = {build_uuid: carried[build_uuid]} if build_uuid in carried else {}
         sessions = self.store.sessions(carried, project_id) if carried else {}
         ended = {group for uuid, session in sessions.items()
                  for group, in_session in carried[uuid] if in_session == session}
@@ -3406,7 +3406,7 @@ def delete_build(app, user, username, project_name, build_id):
     """Delete a build with its statuses, log and workspace (stopped first)."""
     build = _build(app, username, project_name, build_id)
     stop_all(app, [build["id"]], f"stopped by {user['name']}: build deleted")
-    app.runner.kill_groups_of_ended_builds(uuid=build["uuid"])
+    app.runner.kill_groups_of_ended_builds(build_uuid=build["uuid"])
     with app.store.db.write():  # as for a project: a namesake's build never loses its workspace
         if not app.store.delete_build(build["id"]):
             raise ApiError(404, DELETED_MEANWHILE)
