@@ -4108,7 +4108,7 @@ function fail(e, v) {
 /** A refresh in the background: its success clears what a failed one said
  * (the server is back), a 401 signs out, and leaving the page says nothing. */
 function refreshed(loading, v) {
-  return loading.then(() => notify(''), e => {
+  return loading.then(() => { if (!v.signal.aborted) notify(''); }, e => {
     if (e.status === 401) return signOut(EXPIRED);
     if (e.name !== 'AbortError' && !v.signal.aborted) notify(e.message);
   });
@@ -4260,6 +4260,7 @@ async function projectsPage(v, user, q) {
     current = query;
     const offset = offsetOf(query);
     const data = await api(`${path}?limit=${PAGE}&offset=${offset}`);
+    if (query !== current) return;   // another page was asked for meanwhile: its answer wins
     active = data.results.some(p => p.last_build && !FINAL.has(p.last_build.last_status));
     const key = JSON.stringify(data);
     if (key === seen) return;
@@ -4270,7 +4271,7 @@ async function projectsPage(v, user, q) {
 
   try { await load(q); } catch (e) { return fail(e, v); }
   if (v.signal.aborted) return;
-  v.update = query => load(query).catch(e => fail(e, v));
+  v.update = query => refreshed(load(query), v);   // a failure says so, and keeps what was typed
   show(
     h('h1', {tabindex: -1}, user === me.username ? 'Your projects' : `Projects of ${user}`),
     me.is_admin ? namespaceForm(user) : null,
@@ -4364,6 +4365,7 @@ async function projectPage(v, user, name, q) {
     boxes.forEach(b => { b.checked = statuses.includes(b.value); });
     const url = `${path}/builds?limit=${PAGE}&offset=${offset}` + (statuses.length ? `&status=${statuses.join(',')}` : '');
     const data = await api(url);
+    if (query !== current) return;   // another page or filter was asked for meanwhile: its answer wins
     active = data.results.some(b => !FINAL.has(b.last_status));
     const key = JSON.stringify(data);
     if (key === seen) return;
@@ -4374,7 +4376,7 @@ async function projectPage(v, user, name, q) {
 
   try { [project] = await Promise.all([api(path), load(q)]); } catch (e) { return fail(e, v); }
   if (v.signal.aborted) return;
-  v.update = query => load(query).catch(e => fail(e, v));
+  v.update = query => refreshed(load(query), v);   // a failure says so, and keeps what was typed
   show(
     h('h1', {tabindex: -1}, project.name),
     project.description ? h('p', {class: 'muted'}, project.description) : null,
@@ -4534,11 +4536,20 @@ async function buildPage(v, user, name, id) {
     if (!inflight) {
       let got = null;
       inflight = refreshed(Promise.all([api(path), api(`${path}/statuses?limit=1000`)])
-        .then(([b, s]) => { build = got = b; statuses = s.results; render(); }), v)
+        .then(([b, s]) => { build = got = b; statuses = s.results; render(); }, gone), v)
         .then(() => got)
         .finally(() => { inflight = null; });
     }
     return inflight;
+  }
+
+  /** Deleted meanwhile (a 404): nothing more to ask about it, or to do to it. */
+  function gone(e) {
+    if (e.status !== 404) throw e;   // (said by refreshed)
+    v.ctl.abort();   // the log's follow and the refreshes end
+    stop.disabled = restart.disabled = mark.disabled = true;
+    status.replaceChildren(h('span', {class: 'muted'}, 'deleted'));
+    notify(e.message);
   }
 
   async function stopBuild() {
@@ -4546,6 +4557,7 @@ async function buildPage(v, user, name, id) {
     status.replaceChildren(badge('stopping'));   // the answer waits up to 2 s for the build to end
     try {
       build = await api(`${path}/stop`, {method: 'POST'});
+      notify('');   // what a failed try said is past
       render();
       refresh();
     } catch (e) {
@@ -4560,6 +4572,7 @@ async function buildPage(v, user, name, id) {
     try {
       build = await (build.bookmarked ? api(`${path}/unbookmark`, {method: 'DELETE'})
                                       : api(`${path}/bookmark`, {method: 'POST'}));
+      notify('');   // what a failed try said is past
       render();
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
@@ -5067,6 +5080,10 @@ async function start() {
   window.addEventListener('hashchange', route);
   document.getElementById('forget').addEventListener('click', () =>
     signOut('Token forgotten: this browser no longer keeps it.', true));
+  // Forgotten in another tab: this one signs out too (it held the token in memory).
+  window.addEventListener('storage', e => {
+    if (e.key === TOKEN_KEY && !e.newValue && token) signOut('Token forgotten in another tab.', true);
+  });
   if (!token) return showLogin();
   try {
     me = await api(ME_PATH, {signal: null});

@@ -9474,6 +9474,107 @@ def test_builds_are_paged_and_filtered_by_status(page, dash):
     expect(rows.first).to_contain_text("#5")
 
 
+def test_a_list_answer_that_comes_after_a_newer_ask_is_dropped(page, dash):
+    # Older answer, drawn last: the address and the ticked filter said failed,
+    # the list showed the builds of every status, until the next refresh.
+    dash.project("racing")
+    for status in ("succeeded", "failed", "succeeded"):
+        build = dash.api("POST", "/alice/racing/builds", {"is_managed": False})
+        for step in ("running", status):
+            dash.api("POST", f"/alice/racing/builds/{build['id']}/statuses", {"status": step})
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/racing")
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(3)
+    held = []
+    page.route(re.compile(r".*/builds\?limit=20&offset=0$"), lambda r: held.append(r))  # held
+    page.evaluate("location.hash = '#/alice/racing?offset=0'")  # the unfiltered list, asked again
+    for _ in range(300):  # (the page's events are handled only while it is waited on)
+        if held:
+            break
+        page.wait_for_timeout(50)
+    page.get_by_label("failed").check()
+    expect(rows).to_have_count(1)
+    held[0].continue_()  # the older answer comes now
+    page.wait_for_timeout(500)  # (what it would have drawn, it would have drawn by now)
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("✗failed")
+    page.unroute(re.compile(r".*/builds\?limit=20&offset=0$"))
+
+
+def test_a_filter_clicked_while_the_server_is_away_keeps_the_page_and_what_was_typed(
+        page, dash, open_page):
+    # The whole page was replaced by "Something went wrong", the typed command lost.
+    open_page.allowed.append("net::ERR_FAILED")
+    dash.project("typed")
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/typed")
+    page.get_by_text("Options: command, environment, name, tags").click()
+    page.get_by_label("Command").fill("make deploy")
+    page.route("**/builds?*status=failed*", lambda route: route.abort())
+    page.get_by_label("failed").check()
+    expect(page.locator("#notice")).to_contain_text("The server cannot be reached")
+    expect(page.get_by_label("Command")).to_have_value("make deploy")
+    page.unroute("**/builds?*status=failed*")
+    page.get_by_label("failed").uncheck()
+    expect(page.locator("#notice")).to_be_empty()  # it answers again
+
+
+def test_a_notice_of_a_failed_try_goes_once_the_same_action_succeeds(page, dash, open_page):
+    open_page.allowed.append("net::ERR_FAILED")
+    dash.project("retried")
+    build = dash.api("POST", "/alice/retried/builds", {"is_managed": False})
+    dash.api("POST", f"/alice/retried/builds/{build['id']}/statuses", {"status": "stopped"})
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/retried/builds/{build['id']}")
+    page.route("**/bookmark", lambda route: route.abort())
+    page.locator("#bookmark").click()
+    expect(page.locator("#notice")).to_contain_text("Could not change the bookmark")
+    page.unroute("**/bookmark")
+    page.locator("#bookmark").click()
+    expect(page.locator("#bookmark")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#notice")).to_be_empty()
+
+
+def test_a_build_deleted_while_its_page_is_open_is_shown_deleted_with_nothing_to_do(
+        page, dash, open_page):
+    # It kept its last status, with Stop enabled, and asked every 5 s for ever.
+    open_page.allowed.append("status of 404")
+    dash.project("vanishing")
+    build = dash.api("POST", "/alice/vanishing/builds", {"is_managed": False})
+    open_page.allowed.append("net::ERR_FAILED")
+    sign_in(page, dash)
+    page.clock.install()
+    page.route("**/logs?follow=1*", lambda route: route.abort())  # it learns by its refreshes
+    page.goto(dash.url + f"/#/alice/vanishing/builds/{build['id']}")
+    expect(status_of(page)).to_have_text("○created")
+    page.wait_for_timeout(500)  # (its follow has failed, and waits on the page's clock)
+    dash.api("DELETE", f"/alice/vanishing/builds/{build['id']}")
+    page.clock.run_for(6000)  # a refresh
+    expect(status_of(page)).to_have_text("deleted")
+    expect(page.locator("#notice")).to_contain_text("There is no build")
+    for button in ("#stop", "#restart", "#bookmark"):
+        expect(page.locator(button)).to_be_disabled()
+    asked = []
+    page.on("request", lambda r: asked.append(r.url))
+    page.clock.run_for(30000)
+    assert [u for u in asked if "/vanishing/" in u] == []  # nothing more to ask
+
+
+def test_forgetting_the_token_in_one_tab_signs_the_others_out(browser, dash):
+    context = browser.new_context()
+    try:
+        first, second = context.new_page(), context.new_page()
+        sign_in(first, dash)
+        second.goto(dash.url + "/")
+        expect(second.locator("#who-name")).to_have_text("alice")
+        first.get_by_role("button", name="Forget token").click()
+        expect(second.locator("#token")).to_be_visible()
+        expect(second.locator("#login-error")).to_contain_text("Token forgotten in another tab")
+    finally:
+        context.close()
+
+
 def test_times_on_a_page_left_open_grow_older(page, dash):
     dash.project("aging")
     dash.api("POST", "/alice/aging/builds", {"is_managed": False})
