@@ -6542,7 +6542,8 @@ class FaultyProxy:
                 if mode == "far":
                     time.sleep(0.03)
                 far = socket.create_connection(("127.0.0.1", self.port))
-                threading.Thread(target=self._pipe, args=(near, far, near, mode),
+                threading.Thread(target=self._pipe,  # (requests are only delayed)
+                                 args=(near, far, near, "far" if mode == "far" else "pass"),
                                  daemon=True).start()
                 threading.Thread(target=self._pipe, args=(far, near, near, mode),
                                  daemon=True).start()
