@@ -120,7 +120,7 @@ SHUTDOWN_LINGER_SECONDS = 1.0  # then reads are answered this long, if there wer
 DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's group is killed
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
-MEMBERS_SECONDS = 0.05       # how often a stopped shell's group is checked while it cleans up
+MEMBERS_SECONDS = 0.005      # a stopped shell's group is checked again after this, then less often
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
@@ -1992,7 +1992,7 @@ class Runner:
         if exit_fd is not None:
             poller.register(exit_fd, select.POLLIN)
         view, filled, dropping, eof = None, 0, False, False
-        flush_at = kill_at = drain_until = seek_at = members_at = None
+        flush_at = kill_at = drain_until = seek_at = members_at = members_wait = None
         timeout = job.build["timeout"]
         timeout_at = time.monotonic() + timeout if timeout else None
         signalled = escaped_killed = emptied = False
@@ -2040,8 +2040,9 @@ class Runner:
                 if _group_emptied(proc):
                     kill_at = members_at = None
                     emptied = True
-                else:
-                    members_at = now + MEMBERS_SECONDS
+                else:  # looked at less often as it goes on: a look may read all of /proc
+                    members_wait = min(1.0, 2 * members_wait) if members_at else MEMBERS_SECONDS
+                    members_at = now + members_wait
             if job.exited and drain_until is None and kill_at is None:
                 # The shell is gone: whatever it left in its group goes too. Its
                 # exit decided how the build ends: a stop or timeout while the
@@ -2315,11 +2316,25 @@ def _terminate_older(groups, tick):
 
 
 def _group_emptied(proc):
-    """Whether nothing is left in the process group that `proc`, which has
+    """Whether nothing lives on in the process group that `proc`, which has
     exited, led. It is reaped first: its zombie counted as a member. (A
-    group's id stays its own only while a member does.)"""
+    group's id stays its own only while a member does.) Members that have
+    ended may wait for init to reap them, seconds in some containers: those
+    count as gone (Linux; elsewhere they count until reaped)."""
     proc.poll()
-    return not _group_alive(proc.pid)
+    return not _group_alive(proc.pid) or not _lives_in_group(proc.pid)
+
+
+def _lives_in_group(group):
+    """Whether a process that has not ended is in process group `group`
+    (Linux /proc; elsewhere, as far as can be told, one is)."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(pid)
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _killpg(pgid, sig):

@@ -3759,6 +3759,29 @@ def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configu
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+# Runs the server as the child of a process that adopts orphans and never reaps
+# them, as some containers' first process does: what ends stays a zombie.
+NEGLIGENT_INIT = ("import ctypes, os, signal, sys; "
+                  "ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0); "  # a subreaper
+                  "pid = os.fork()\n"
+                  "if pid == 0: os.execv(sys.argv[1], sys.argv[1:])\n"
+                  "signal.signal(signal.SIGTERM, lambda *a: os.kill(pid, signal.SIGTERM))\n"
+                  "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
+
+
+def test_a_stopped_builds_processes_that_ended_unreaped_do_not_hold_it_stopping(server_factory):
+    # The shell's group counted its zombies: under a first process slow to
+    # reap (this machine's took 2 s) every stop waited for it, or the grace.
+    server = server_factory("--stop-grace", "60",
+                            wrap=(sys.executable, "-c", NEGLIGENT_INIT))
+    project_path = admin_project(server)
+    _, build = server.json("POST", project_path + "/builds", {"command": "echo ready; sleep 60"})
+    path = f"{project_path}/builds/{build['id']}"
+    server_wait_for_log(server, path, b"ready")
+    status, stopped = server.json("POST", path + "/stop")
+    assert (status, stopped["last_status"]) == (200, "stopped")  # (it waits 2 s at most)
+
+
 def test_a_group_a_cleanup_makes_after_the_stop_gets_no_sigterm_of_its_own(configured):
     # A bounded upload in the trap (`timeout` makes a group of its own) got the
     # SIGTERM meant for the groups the build had made before the stop.
