@@ -5661,6 +5661,52 @@ class OutputFailed(Exception):
         self.error, self.what = error, what
 
 
+class _SignalWatch:
+    """Lets Ctrl-C or SIGTERM end a blocking read at once. CPython runs a
+    signal's handler between bytecodes: a signal that comes after the last
+    of them and before a socket read begins waited until the read ended (a
+    quiet build's follow: its 30 s timeout). Its C handler writes to a
+    wakeup pipe; a thread waiting on that shuts the socket being read, the
+    read returns, and the handler runs."""
+
+    def __init__(self):
+        self.sock, self.watching = None, False
+
+    @contextlib.contextmanager
+    def interrupt(self, sock):
+        """While `sock` is read: a signal shuts it."""
+        self._watch()
+        self.sock = sock
+        try:
+            yield
+        finally:
+            self.sock = None
+
+    def _watch(self):
+        if self.watching:
+            return
+        try:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread: a read keeps to its timeout
+            return
+        self.watching = True
+        threading.Thread(target=self._shut_on_signal, args=(r,), name="signals",
+                         daemon=True).start()
+
+    def _shut_on_signal(self, r):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # main's
+        while os.read(r, 512):
+            sock = self.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_SIGNALS = _SignalWatch()
+
+
 class Client:
     """buildserver's REST API over http.client.
 
@@ -5751,18 +5797,19 @@ class Client:
             e.offset, e.got_through = offset, False
             raise
         try:
-            while True:
-                data = response.read1(65536)
-                if not data:
-                    if response.length:  # it ended before the length it announced
-                        raise EOFError(f"the answer ended {response.length} bytes short")
-                    return offset
-                try:
-                    out.write(data)
-                    out.flush()
-                except OSError as e:
-                    raise OutputFailed(e) from None
-                offset += len(data)
+            with _SIGNALS.interrupt(conn.sock):
+                while True:
+                    data = response.read1(65536)
+                    if not data:
+                        if response.length:  # it ended before the length it announced
+                            raise EOFError(f"the answer ended {response.length} bytes short")
+                        return offset
+                    try:
+                        out.write(data)
+                        out.flush()
+                    except OSError as e:
+                        raise OutputFailed(e) from None
+                    offset += len(data)
         except self._dropped as e:
             error = Unreachable(f"the connection to {self.url} dropped: {e}")
             error.offset, error.got_through = offset, True
