@@ -3162,7 +3162,7 @@ def still_there(row):
 
 def dashboard(app):
     """The web dashboard (an HTML page; it asks for a token)."""
-    page, headers = DASHBOARD_PAGE
+    page, headers = DASHBOARD_PAGE  # (made with the page, below)
     for name, value in headers.items():
         bottle.response.set_header(name, value)
     return page
@@ -3319,6 +3319,8 @@ def create_build(app, user, username, project_name):
 
 
 def start_build(app, project, user, fields, restarted_from=None):
+    """Make a build of `project` from validated `fields` (a create's, or a
+    restart's copy) and answer 201 with it; a managed one goes to the runner."""
     if app.deleting[project["id"]]:
         raise ApiError(409, f"The project {project['owner']}/{project['name']} is being "
                             "deleted.")
@@ -3366,6 +3368,7 @@ def patch_build(app, user, username, project_name, build_id):
 
 
 def set_bookmark(app, username, project_name, build_id, bookmarked):
+    """Bookmark a build or take its bookmark away; answer with the build."""
     build = _build(app, username, project_name, build_id)
     app.store.bookmark(build["id"], bookmarked)
     return build_json(still_there(app.store.build(build["id"])))
@@ -3543,6 +3546,8 @@ def get_logs(app, user, username, project_name, build_id):
 
 
 def log_page(store, build, offset, limit, size, final):
+    """A JSON page of the log from `offset`: whole characters, and whole lines
+    while more may come (see get_logs)."""
     end = min(size, offset + limit)
     data = store.log_bytes(build["id"], build["uuid"], offset, end)
     if data and _utf8_boundary(data) == 0:
@@ -3668,7 +3673,7 @@ def _allowed(methods):
     return sorted(methods)
 
 
-def _not_allowed(allowed, app, **params):
+def _not_allowed(allowed, _app, **params):
     raise ApiError(405, f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}.",
                    headers={"Allow": ",".join(allowed)})
 
