@@ -2330,11 +2330,7 @@ def _lives_in_group(group):
     (Linux /proc; elsewhere, as far as can be told, one is)."""
     if not os.path.isdir("/proc/self"):
         return True
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        fields = _stat(pid)
-        if len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return any(in_group == group for _, in_group, _ in _processes())
 
 
 def _killpg(pgid, sig):
@@ -2459,10 +2455,11 @@ def _group_members(pgid):
 
 
 def _processes():
-    """(pid, process group, session) of every live process (Linux /proc)."""
+    """(pid, process group, session) of every live process (Linux /proc): not
+    those that ended, waiting to be reaped."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         fields = _stat(pid)
-        if len(fields) > 3:
+        if len(fields) > 3 and fields[0] not in (b"Z", b"X"):
             yield pid, int(fields[2]), int(fields[3])
 
 

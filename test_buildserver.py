@@ -2066,8 +2066,8 @@ def test_an_env_that_names_a_variable_the_server_sets_is_400_and_stores_nothing(
         if method == "POST" and not path.endswith("/builds"):
             body["name"] = "other"
         error = assert_error(call(web, method, path, alice, body), 400, "env")
-        assert f"not BUILD_ID, BUILD_UUID, BUILD_PROJECT, BUILD_USER or BUILD_WORKSPACE, " \
-               f"which the server sets" in error["errors"]["env"], error
+        assert "not BUILD_ID, BUILD_UUID, BUILD_PROJECT, BUILD_USER or BUILD_WORKSPACE, " \
+               "which the server sets" in error["errors"]["env"], error
     assert snapshot(web, alice, populated) == before
     assert ok(call(web, "GET", "/api/v1/alice", alice))["count"] == 1
     for allowed in (name.lower(), name + "_X", "X" + name):  # only the names themselves
@@ -3769,15 +3769,12 @@ NEGLIGENT_INIT = ("import ctypes, os, signal, sys; "
                   "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
 
 
-def test_a_stopped_builds_processes_that_ended_unreaped_do_not_hold_it_stopping(server_factory):
+def test_a_stopped_builds_processes_that_ended_unreaped_do_not_hold_it_stopping(
+        server_factory, tmp_path):
     # The shell's group counted its zombies: under a first process slow to
     # reap (this machine's took 2 s) every stop waited for it, or the grace.
-    server = server_factory("--stop-grace", "60",
-                            wrap=(sys.executable, "-c", NEGLIGENT_INIT))
-    project_path = admin_project(server)
-    _, build = server.json("POST", project_path + "/builds", {"command": "echo ready; sleep 60"})
-    path = f"{project_path}/builds/{build['id']}"
-    server_wait_for_log(server, path, b"ready")
+    server, path, _ = serving_a_running_build(server_factory, tmp_path / "d", "--stop-grace", "60",
+                                              wrap=(sys.executable, "-c", NEGLIGENT_INIT))
     status, stopped = server.json("POST", path + "/stop")
     assert (status, stopped["last_status"]) == (200, "stopped")  # (it waits 2 s at most)
 
@@ -4769,12 +4766,9 @@ def test_a_restart_that_cannot_write_the_database_still_kills_what_the_crash_lef
     # It recorded itself first, a write: on a full disk (or a read-only
     # database) it exited at once, and the builds ran on unsupervised.
     data_dir = tmp_path / "crashed"
-    server = server_factory(data_dir=data_dir)
-    project_path = admin_project(server)
-    status, build = server.json("POST", project_path + "/builds", {"command": "echo up; sleep 60"})
+    server, path, build = serving_a_running_build(server_factory, data_dir)
     marker = f"BUILD_UUID={build['uuid']}"
     try:
-        server_wait_for_log(server, f"{project_path}/builds/{build['id']}", b"up")
         server.proc.kill()
         server.wait()
         with unwritable(str(data_dir / "buildserver.db")):
@@ -4786,8 +4780,7 @@ def test_a_restart_that_cannot_write_the_database_still_kills_what_the_crash_lef
             wait_gone(marker)
         restarted = server_factory(data_dir=data_dir)
         restarted.token = server.token
-        ended = server_final_build(restarted, f"{project_path}/builds/{build['id']}")
-        assert ended["last_status"] == "failed"
+        assert server_final_build(restarted, path)["last_status"] == "failed"
     finally:
         kill_marked(marker)
 
@@ -4872,12 +4865,9 @@ def test_a_database_migrated_by_the_first_release_of_migration_8_starts_and_kill
     # added to it later, in place: a file it migrated said 8 all the same, and
     # no start could use it ("no such column: pid_namespace").
     data_dir = tmp_path / "first8"
-    server = server_factory(data_dir=data_dir)
-    project_path = admin_project(server)
-    _, build = server.json("POST", project_path + "/builds", {"command": "echo up; sleep 60"})
+    server, path, build = serving_a_running_build(server_factory, data_dir)
     marker = f"BUILD_UUID={build['uuid']}"
     try:
-        server_wait_for_log(server, f"{project_path}/builds/{build['id']}", b"up")
         server.proc.kill()  # as that release, killed: it recorded no namespace
         server.wait()
         with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
@@ -4886,8 +4876,7 @@ def test_a_database_migrated_by_the_first_release_of_migration_8_starts_and_kill
             db.commit()
         restarted = server_factory(data_dir=data_dir)
         restarted.token = server.token
-        assert server_final_build(restarted, f"{project_path}/builds/{build['id']}")[
-            "last_status"] == "failed"
+        assert server_final_build(restarted, path)["last_status"] == "failed"
         wait_gone(marker)  # (no namespace recorded is no other container's)
         with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
             assert db.execute("PRAGMA user_version").fetchone()[0] == 9
