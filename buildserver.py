@@ -1554,6 +1554,7 @@ class Job:
         self.pgid = None            # its shell's process group, once started
         self.grace_ends = None      # once SIGTERM is sent (a stop, a timeout): SIGKILL then
         self.signalled_tick = None  # when, in clock ticks since boot (see _terminate_older)
+        self.member_fd = None       # after a stop, a pidfd of what is left in its group
         self.told = threading.Event()  # a stop is recorded (`stopping`), or it has ended
         self.done = threading.Event()
         self.gone = threading.Event()  # done, and the groups it made besides its own are gone
@@ -1580,11 +1581,24 @@ class Job:
             if self._wake_w is not None:
                 os.write(self._wake_w, b".")
 
+    def watch_member(self, pid):
+        """A pidfd that turns readable when process `pid`, left in the
+        build's group after a stop, ends (None without pidfds, or if it has)."""
+        with contextlib.suppress(AttributeError, OSError):
+            self.member_fd = os.pidfd_open(pid)
+        return self.member_fd
+
+    def unwatch_member(self):
+        os.close(self.member_fd)
+        self.member_fd = None
+
     def close(self):
         with self._lock:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_w = None
+        if self.member_fd is not None:
+            self.unwatch_member()
 
 
 SHUT_DOWN = ("stopped", "stopped: the server shut down")  # how a shutdown ends a running build
@@ -2016,6 +2030,10 @@ class Runner:
                 elif fd == exit_fd:
                     job.exited = True
                     poller.unregister(exit_fd)
+                elif fd == job.member_fd:  # what was left of the group may all be gone
+                    poller.unregister(fd)
+                    job.unwatch_member()
+                    members_at = now
                 else:
                     os.read(job._wake_r, 4096)
             now = time.monotonic()
@@ -2037,10 +2055,13 @@ class Runner:
             if job.exited and kill_at is not None and now >= (members_at or now):
                 # A stop's SIGTERM ended the shell at once, but dash runs a command
                 # as its child: what is left in its group has the rest of the grace.
-                if _group_emptied(proc):
+                left = _left_in_group(proc)
+                if not left and left is not None:
                     kill_at = members_at = None
                     emptied = True
-                else:  # looked at less often as it goes on: a look may read all of /proc
+                else:  # woken when one ends; else looked at less often as it goes on
+                    if left and job.member_fd is None and job.watch_member(left[0]):
+                        poller.register(job.member_fd, select.POLLIN)
                     members_wait = min(1.0, 2 * members_wait) if members_at else MEMBERS_SECONDS
                     members_at = now + members_wait
             if job.exited and drain_until is None and kill_at is None:
@@ -2315,22 +2336,19 @@ def _terminate_older(groups, tick):
             _killpg(group, signal.SIGTERM)
 
 
-def _group_emptied(proc):
-    """Whether nothing lives on in the process group that `proc`, which has
-    exited, led. It is reaped first: its zombie counted as a member. (A
-    group's id stays its own only while a member does.) Members that have
-    ended may wait for init to reap them, seconds in some containers: those
-    count as gone (Linux; elsewhere they count until reaped)."""
+def _left_in_group(proc):
+    """The pids of what lives on in the process group that `proc`, which
+    has exited, led: [] if nothing, None if something does but there is no
+    telling what (not Linux). `proc` is reaped first: its zombie counted as
+    a member. (A group's id stays its own only while a member does.) Members
+    that have ended may wait for init to reap them, seconds in some
+    containers: those count as gone (Linux; elsewhere until reaped)."""
     proc.poll()
-    return not _group_alive(proc.pid) or not _lives_in_group(proc.pid)
-
-
-def _lives_in_group(group):
-    """Whether a process that has not ended is in process group `group`
-    (Linux /proc; elsewhere, as far as can be told, one is)."""
+    if not _group_alive(proc.pid):
+        return []
     if not os.path.isdir("/proc/self"):
-        return True
-    return any(in_group == group for _, in_group, _ in _processes())
+        return None
+    return [int(pid) for pid in _group_members(proc.pid)]
 
 
 def _killpg(pgid, sig):
@@ -2464,11 +2482,21 @@ def _processes():
 
 
 def _read(path):
+    """The bytes of a file, b"" if it cannot be read. (Without a file
+    object: a look through /proc reads a hundred small files.)"""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return b""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 64 * KiB):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 ###############################################################################
