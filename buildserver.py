@@ -3517,10 +3517,10 @@ def report_status(app, user, username, project_name, build_id):
 def get_status(app, user, username, project_name, build_id, status_id):
     """One status entry, by its number within the build or its uuid."""
     build = _build(app, username, project_name, build_id)
-    number = whole_number(status_id)
+    number, uuid = whole_number(status_id), _status_uuid(status_id)
     entry = None
-    if _is_status_id(status_id):
-        entry = app.store.status(build["id"], number=number, uuid=status_id.lower())
+    if number is not None or uuid is not None:
+        entry = app.store.status(build["id"], number=number, uuid=uuid)
     if entry is None:
         raise ApiError(404, f"Build {build['number']} has no status {status_id}.")
     return status_json(entry, build["number"])
@@ -3795,7 +3795,16 @@ def _methods_that_answer(request, methods):
 
 def _is_status_id(text):
     """A status's number within its build, or its uuid."""
-    return whole_number(text) is not None or re.fullmatch(r"[0-9a-fA-F]{32}", text) is not None
+    return whole_number(text) is not None or _status_uuid(text) is not None
+
+
+UUID_RE = re.compile(r"[0-9a-f]{8}(-?)[0-9a-f]{4}\1[0-9a-f]{4}\1[0-9a-f]{4}\1[0-9a-f]{12}", re.I)
+
+
+def _status_uuid(text):
+    """A uuid as statuses store it (32 hex digits, lower case), from that or
+    its usual hyphenated form (8-4-4-4-12), in either case; else None."""
+    return text.replace("-", "").lower() if UUID_RE.fullmatch(text) else None
 
 
 def _json_log_text(body):

@@ -38,6 +38,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -947,6 +948,16 @@ def test_a_status_is_found_by_its_uuid_in_capitals_too(web, alice, project):
     entry = ok(call(web, "POST", project + "/builds/1/statuses", alice, {"status": "running"}), 201)
     found = ok(call(web, "GET", f"{project}/builds/1/statuses/{entry['uuid'].upper()}", alice))
     assert found["uuid"] == entry["uuid"]
+
+
+def test_a_status_is_found_by_its_uuid_with_hyphens_but_not_half_hyphenated(web, alice, project):
+    unmanaged(web, alice, project)
+    entry = ok(call(web, "POST", project + "/builds/1/statuses", alice, {"status": "running"}), 201)
+    hyphenated = str(uuid.UUID(entry["uuid"]))
+    found = ok(call(web, "GET", f"{project}/builds/1/statuses/{hyphenated.upper()}", alice))
+    assert found["uuid"] == entry["uuid"]
+    half = hyphenated.replace("-", "", 1)
+    assert_error(call(web, "GET", f"{project}/builds/1/statuses/{half}", alice), 404)
 
 
 @pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE"])
@@ -5861,8 +5872,8 @@ def test_a_project_deleted_while_builds_keep_coming_leaves_no_build_running_unre
     server.wait()
     restarted = server_factory(data_dir=data_dir)
     restarted.token = server.token
-    for uuid in uuids:
-        wait_gone(f"BUILD_UUID={uuid}")
+    for build_uuid in uuids:
+        wait_gone(f"BUILD_UUID={build_uuid}")
     assert restarted.json("GET", "/api/v1/admin/app")[0] == 404
 
 
