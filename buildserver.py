@@ -409,6 +409,10 @@ class SchemaError(Exception):
     """The database file is not one this version of buildserver can use."""
 
 
+class UnsafeDataFolder(Exception):
+    """Something in the data folder would aim the server out of it."""
+
+
 def _file_uri(path, mode):
     """SQLite's URI for the file at `path`, whatever bytes its name holds
     (a name that is not UTF-8 too)."""
@@ -2150,6 +2154,18 @@ SET_ASIDE = ".deleted-"
 _WORKSPACES = {}
 
 
+def _make_workspaces(path):
+    """The workspaces folder, made if new. A link in its place is refused: a
+    build may have made it (`mv workspaces x; ln -s /elsewhere workspaces`),
+    and builds would run, and deletes remove, wherever it points."""
+    if os.path.islink(path):
+        raise UnsafeDataFolder(
+            f"{path} is a link (to {os.readlink(path)}), not a folder: a build may have "
+            "made it. Remove it (the server makes a new folder); to keep workspaces on "
+            "another disk, move the whole data folder there")
+    os.makedirs(path, exist_ok=True)
+
+
 def _within(workspaces, *names):
     """Whether no folder above workspace `names` (under `workspaces`) is a
     link, nor `workspaces` another folder than at the start: a build may have
@@ -2910,7 +2926,7 @@ class App:
     def __init__(self, config):
         self.config = config
         _make_private_dir(config.data_dir)
-        os.makedirs(config.workspaces, exist_ok=True)
+        _make_workspaces(config.workspaces)
         _WORKSPACES[config.workspaces] = _file_identity(config.workspaces)
         _in_background(_remove_set_aside, config.workspaces)
         self.db = Database(config.db_path, background_checkpoints=True)
@@ -6646,7 +6662,7 @@ def main(argv=None):
         if args.command == "backup":
             return backup(os.path.join(args.data_dir, DB_FILE), args.dest)
         return manage_users(args)
-    except SchemaError as e:
+    except (SchemaError, UnsafeDataFolder) as e:
         return _fail(str(e), 1)
     except sqlite3.Error as e:
         return _fail(f"cannot use the database in {args.data_dir}: {e}", 1)

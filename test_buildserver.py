@@ -3173,6 +3173,26 @@ def test_a_build_that_puts_a_link_in_place_of_the_workspaces_folder_aims_nothing
     assert (outside / "alice" / "app" / "keep.txt").read_text() == "mine"
 
 
+def test_a_restart_over_a_link_in_place_of_the_workspaces_folder_refuses_to_start(
+        configured, config, tmp_path):
+    # The next start took the link's target for the workspaces folder: it
+    # removed what it took for deleted workspaces there, and the next builds
+    # ran and the next deletes removed there.
+    web, alice, project = configured()
+    outside = tmp_path / "outside"
+    (outside / ".deleted-keep").mkdir(parents=True)
+    (outside / ".deleted-keep" / "precious").write_text("mine")
+    moved = post_build(web, alice, project, {"command": (
+        f"cd ../../../.. && mv workspaces moved && ln -s {outside} workspaces")})
+    assert final_build(web, alice, f"{project}/builds/{moved['id']}")["last_status"] == "succeeded"
+    web.app.close()
+    done = run_cli("serve", "--port", "0", "--data-dir", config.data_dir)
+    assert_clear_failure(done, re.escape(config.workspaces) + r" is a link \(to " +
+                         re.escape(str(outside)), "a build may have made it")
+    assert (outside / ".deleted-keep" / "precious").read_text() == "mine"
+    assert sorted(os.listdir(outside)) == [".deleted-keep"]
+
+
 @pytest.mark.parametrize("delete", ["/builds/1", ""])
 def test_a_running_unmanaged_build_deleted_ends_for_the_log_bus(web, app, alice, project,
                                                                   delete):
