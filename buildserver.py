@@ -4019,7 +4019,9 @@ ol.timeline { list-style: none; margin: 0 0 0 .75rem; padding: 0; border-left: 2
 // #/alice/app/builds/3), talking to /api/v1 with the token kept in localStorage.
 // Every piece of API data reaches the page through textContent, never as HTML.
 
-const API = new URL('api/v1', document.baseURI).pathname;   // works behind a path prefix too
+// Behind a path prefix too. Slashes collapsed: at "//" it read "//api/v1", a
+// host named "api" to fetch(), which would have been sent the token.
+const API = new URL('api/v1', document.baseURI).pathname.replace(/\/{2,}/g, '/');
 const ME_PATH = '/users';                                       // {"username", "is_admin"}
 const TOKEN_KEY = 'buildserver.token';
 const PAGE = 20;                 // list items per page

@@ -9243,6 +9243,19 @@ def log_of(page):
 
 # The page, scenario by scenario ------------------------------------------------
 
+@pytest.mark.parametrize("slashes", ["//", "///"])
+def test_the_page_at_doubled_slashes_talks_to_its_own_server(page, dash, slashes):
+    # Its API's path read "//api/v1", to fetch() a host named "api": only
+    # the page's CSP kept the token from going there.
+    hosts = []
+    page.on("request", lambda r: hosts.append(urllib.parse.urlsplit(r.url).netloc))
+    page.goto(dash.url + slashes)
+    page.locator("#token").fill(dash.alice)
+    page.locator("#token").press("Enter")
+    expect(page.locator("#who-name")).to_have_text("alice")
+    assert set(hosts) == {urllib.parse.urlsplit(dash.url).netloc}
+
+
 def test_a_wrong_token_gets_a_clear_message_and_the_right_one_lists_projects(page, dash, open_page):
     # Chromium itself logs every 4xx answer to fetch(); a page cannot silence that.
     open_page.allowed.append("console error: Failed to load resource: the server responded "
