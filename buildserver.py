@@ -2282,7 +2282,12 @@ def _in_background(function, *args):
 
 
 def _build_env(build, workspace):
-    env = dict(os.environ)
+    """The server's environment but for its own settings (BUILDSERVER_*: a
+    token exported for the client would reach every user's builds, and a
+    build that runs a buildserver would get this one's data folder), then
+    the project's and build's env, then BUILD_VARIABLES."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("BUILDSERVER_")}
     env.update(json.loads(build["env"]))
     env.update(zip(BUILD_VARIABLES, (
         str(build["number"]), build["uuid"], f"{build['owner']}/{build['project_name']}",

@@ -3027,6 +3027,19 @@ def test_build_environment_merges_server_project_and_build_env(web, alice, admin
     assert env["BUILD_WORKSPACE"] == workspace
 
 
+def test_the_servers_own_settings_and_token_do_not_reach_builds_unless_their_env_says(
+        web, alice, project, monkeypatch):
+    # A token exported for the client went to every user's builds (and logs).
+    monkeypatch.setenv("BUILDSERVER_TOKEN", "the-admins-token")
+    monkeypatch.setenv("BUILDSERVER_DATA_DIR", "/the/servers/data")
+    build = post_build(web, alice, project, {
+        "command": "echo ${BUILDSERVER_TOKEN-none} ${BUILDSERVER_DATA_DIR-none} $BUILDSERVER_URL",
+        "env": {"BUILDSERVER_URL": "http://127.0.0.1:8000"}})
+    assert final_build(web, alice, f"{project}/builds/{build['id']}")["last_status"] == \
+        "succeeded"
+    assert build_log(web, alice, project, build["id"]) == b"none none http://127.0.0.1:8000\n"
+
+
 def test_an_env_value_at_the_limit_reaches_the_build(web, alice, project):
     # The limits are exec's own: a NAME=value of 128 KiB with its NUL.
     name, value = "N" * 256, "\u00e9" * ((128 * 1024 - 258) // 2)  # 130814 bytes of UTF-8
