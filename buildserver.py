@@ -4728,7 +4728,9 @@ function timeline(statuses) {
 // follow stream brings; "Load earlier" prepends the LOG_PAGE bytes before `start`.
 // Whole lines go into groups of small blocks that the browser lays out only when
 // they are on screen (content-visibility), so a long log stays fast; the line
-// still being written is redrawn as it grows. While the reader follows the end,
+// still being written is redrawn as it grows, but for one past 64 KiB: that is
+// drawn as it comes, in pieces (inline, they read as one line; a "\r" that
+// writes the line again empties them). While the reader follows the end,
 // at most LOG_KEEP bytes stay in the page. A reader scrolled up keeps what they
 // read: the page grows to LOG_HOLD bytes, then holds newer output back undrawn
 // (its last LOG_KEEP bytes or so) until they come back down, when it replaces the page.
@@ -4740,7 +4742,7 @@ class LogView {
     this.start = 0;                // log offset of the first byte in the page
     this.end = 0;                  // log offset after the last byte received
     this.shown = 0;                // bytes in the groups
-    this.groups = [];              // [{el, bytes}], oldest first
+    this.groups = [];              // [{el, bytes, open}], oldest first; open: a piece of a line not ended
     this.pending = [];             // bytes received, not drawn yet
     this.open = new Uint8Array(0); // the last line, until its newline comes
     this.held = false;             // output waits in `pending` while the reader is up the page
@@ -4748,7 +4750,7 @@ class LogView {
     this.onOutput = this.onEnd = () => null;
     this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.controls()});
     this.empty = h('span', {class: 'note'}, 'No output yet.');
-    this.openEl = h('div');
+    this.openEl = h('span');       // inline: the rest of a line drawn in pieces continues them
     this.pre.append(this.empty, this.openEl);
     this.live = h('span', {class: 'live', id: 'live', hidden: true}, 'live');
     this.earlierBtn = h('button', {type: 'button', id: 'earlier', class: 'small', hidden: true, onclick: () => this.earlier()});
@@ -4871,9 +4873,26 @@ class LogView {
       this.start = this.end - (raw.length - skip);
       raw = raw.subarray(skip);
     }
-    let cut = raw.lastIndexOf(10) + 1;   // whole lines (a newline byte never sits inside a character)
-    if (raw.length - cut > 64 * 1024) cut = charBoundary(raw);   // a huge line: draw what there is
-    if (cut) this.addGroup(new TextDecoder().decode(raw.subarray(0, cut)), cut, this.ansi, null);
+    const lines = raw.lastIndexOf(10) + 1;   // whole lines (a newline byte never sits inside a character)
+    const cut = raw.length - lines > 64 * 1024 ? charBoundary(raw) : lines;   // a huge line: draw what there is
+    let at = 0;
+    const draw = (to, piece) => {   // raw's bytes [at, to): whole lines, or a piece of a huge line
+      if (to <= at) return;
+      const text = new TextDecoder().decode(raw.subarray(at, to));
+      if (piece) this.addPiece(text, to - at); else this.addGroup(text, to - at, this.ansi, null);
+      at = to;
+    };
+    const last = this.groups[this.groups.length - 1];
+    if (last && last.open) {   // the line drawn in pieces goes on
+      const end = raw.indexOf(10) + 1 || raw.length;
+      // A lone "\r" (see ansiNodes: not of "\r\n", nor the last, which waits for what follows) writes it anew.
+      if (/\r(?!\r*\n)[^]/.test(this.ansi.carry + new TextDecoder().decode(raw.subarray(0, end)))) {
+        for (let i = this.groups.length - 1; i >= 0 && this.groups[i].open; i--) this.groups[i].el.replaceChildren();
+      }
+      draw(Math.min(end, cut), true);
+    }
+    draw(lines, false);
+    draw(cut, true);
     this.open = raw.slice(cut);
     this.openEl.replaceChildren(ansiNodes(new TextDecoder().decode(this.open, {stream: true}), {...this.ansi}, true));
     if (follow) {
@@ -4914,6 +4933,14 @@ class LogView {
     this.shown = 0;
     this.start = this.end - this.waiting();
     this.flush();
+  }
+
+  /** A piece of a huge line, at the end: inline, so that it continues the pieces before it. */
+  addPiece(text, bytes) {
+    const el = h('span', {}, ansiNodes(text, this.ansi, true));
+    this.pre.insertBefore(el, this.openEl);
+    this.groups.push({el, bytes, open: !text.endsWith('\n')});
+    this.shown += bytes;
   }
 
   /** Lines of text as a group of blocks of at most 200 lines, before `next` (null: at the end). */

@@ -9761,6 +9761,75 @@ def test_a_line_longer_than_a_page_is_shown_and_loaded_whole(page, dash):
     assert log_of(page).text_content() == "x" * 300000 + "\n"
 
 
+def visual_lines(page):
+    """How many lines the text of the log takes on screen (a block starts one)."""
+    return log_of(page).evaluate(
+        "e => { const w = document.createTreeWalker(e, NodeFilter.SHOW_TEXT), r = document.createRange(),"
+        " tops = new Set(); while (w.nextNode()) { r.selectNodeContents(w.currentNode);"
+        " for (const b of r.getClientRects()) tops.add(Math.round(b.top)); } return tops.size; }")
+
+
+def test_a_huge_line_that_comes_live_reads_as_one_line_as_after_a_reload(page, dash, tmp_path):
+    # The page draws 64 KiB of a line without its newline at most undrawn; each
+    # part drawn (and then its rest) went into a block of its own: one line read
+    # as several, with "Wrap lines" off.
+    go = tmp_path / "go"
+    line = "x\u20ac" * 50000  # 200 kB, in characters of 1 and 3 bytes, in 4 writes
+    dash.project("huge", command=python_command(
+        "import sys, time\nfor _ in range(4):\n"
+        "    sys.stdout.buffer.write(b'x\\xe2\\x82\\xac' * 12500); sys.stdout.flush(); time.sleep(0.2)")
+        + f"; while [ ! -e {go} ]; do sleep 0.05; done; echo; echo end")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/huge/builds")
+    page.goto(dash.url + f"/#/alice/huge/builds/{build['id']}")
+    page.locator("#wrap").uncheck()
+    expect(log_of(page)).to_have_text(re.compile("^(x\u20ac){50000}$"))  # all of it, drawn
+    assert visual_lines(page) == 1
+    go.touch()
+    expect(status_of(page)).to_have_text("✓succeeded")
+    expect(log_of(page)).to_contain_text("end")
+    assert log_of(page).text_content() == line + "\nend\n"
+    assert visual_lines(page) == 2
+    height = log_of(page).evaluate("e => e.scrollHeight")  # (no blank line either)
+    page.reload()
+    page.locator("#wrap").uncheck()
+    expect(log_of(page)).to_contain_text("end")
+    assert log_of(page).text_content() == line + "\nend\n"
+    assert visual_lines(page) == 2
+    assert log_of(page).evaluate("e => e.scrollHeight") == height
+
+
+def test_a_progress_bar_past_64_kib_shows_only_its_last_state_live_as_after_a_reload(
+        page, dash, tmp_path):
+    # Parts of its line drawn before its newline came stayed when "\r" wrote
+    # the line again: stale bars above the last one, until a reload.
+    go = tmp_path / "go"
+    dash.project("progress", command=(
+        "printf '\\033[32m'; for j in $(seq 0 14); do for i in $(seq $((j*1000+1)) $((j*1000+1000))); do "
+        "printf '\\rprogress %d' $i; done; sleep 0.1; done; "  # 214 kB in 1.5 s, in green
+        f"while [ ! -e {go} ]; do sleep 0.05; done; printf '\\033[0m\\n'; echo done"))
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/progress/builds")
+    page.goto(dash.url + f"/#/alice/progress/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("progress 15000")
+    assert log_of(page).text_content() == "progress 15000"
+    assert visual_lines(page) == 1
+    go.touch()
+    expect(status_of(page)).to_have_text("✓succeeded")
+    expect(log_of(page)).to_contain_text("done")
+    assert log_of(page).text_content() == "progress 15000\ndone\n"
+    assert visual_lines(page) == 2
+    height = log_of(page).evaluate("e => e.scrollHeight")
+    bar = log_of(page).locator("span[style]", has_text=re.compile("^progress 15000$"))
+    assert bar.evaluate("e => getComputedStyle(e).color") == "rgb(95, 211, 141)"  # still green
+    page.reload()
+    expect(log_of(page)).to_contain_text("done")
+    assert log_of(page).text_content() == "progress 15000\ndone\n"
+    assert visual_lines(page) == 2
+    assert log_of(page).evaluate("e => e.scrollHeight") == height
+    assert bar.evaluate("e => getComputedStyle(e).color") == "rgb(95, 211, 141)"
+
+
 @pytest.mark.parametrize("width", [375, 1280])
 def test_a_long_name_or_description_wraps_instead_of_widening_the_page(open_page, dash, width):
     # "of alice/NNN…" and a description with a long URL pushed the page sideways.
