@@ -5894,8 +5894,7 @@ class Client:
                             raise EOFError(f"the answer ended {response.length} bytes short")
                         return offset
                     try:
-                        out.write(data)
-                        out.flush()
+                        _write_fully(out, data)
                     except OSError as e:
                         raise OutputFailed(e) from None
                     offset += len(data)
@@ -6124,13 +6123,58 @@ def _say(text):
         raise OutputFailed(e, "the output") from None
 
 
+def _write_fully(out, data):
+    """Write and flush all of `data` to the binary stream `out`. A pipe made
+    non-blocking by whatever shares it (a CI runner) takes part of it, or
+    nothing: wait for room, or the rest would be lost without a word."""
+    while data:
+        try:
+            written = out.write(data)  # None: nothing (an unbuffered stream)
+        except BlockingIOError as e:  # (a buffered stream; it took some)
+            written = e.characters_written
+            _wait_for_room(out)
+        if written is None:
+            _wait_for_room(out)
+        data = data[written or 0:]
+    while True:
+        try:
+            return out.flush()
+        except BlockingIOError:
+            _wait_for_room(out)
+
+
+def _wait_for_room(out):
+    select.select([], [out], [])
+
+
+def _settle_output():
+    """Flush standard output and error before exiting; one that cannot take
+    what it holds (a full disk, `2>/dev/full`) is pointed at /dev/null, or
+    Python's own flush at exit would fail again and make the exit code 120.
+    (The failure was told, or, on standard error, is no failure.)"""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # ValueError: closed
+            _to_devnull(stream)
+        except AttributeError:  # None: closed when it started (`>&-`)
+            pass
+
+
+def _to_devnull(stream):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
 def _output_failed(error, what):
     """The exit for output that cannot be written: quietly, as a tool ended by
     SIGPIPE, when the reader went away (`| head`); else saying why."""
     if isinstance(error, BrokenPipeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)  # so exiting does not flush into the pipe
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _to_devnull(sys.stdout)  # so exiting does not flush into the pipe
         return EXIT_OUTPUT_CLOSED
     return _fail(f"cannot write {what}: {error.strerror or error}", EXIT_OUTPUT_FAILED)
 
@@ -6231,6 +6275,9 @@ class _LineKeeper:
 
     def flush(self):
         self.out.flush()
+
+    def fileno(self):
+        return self.out.fileno()
 
     def apart_on(self, stream):
         """A newline to start a line on `stream` with, if it writes where
@@ -6702,6 +6749,8 @@ def main(argv=None):
         return _fail(f"cannot use the database in {args.data_dir}: {e}", 1)
     except OSError as e:
         return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+    finally:
+        _settle_output()
 
 
 MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>

@@ -22,6 +22,7 @@ import random
 import re
 import resource
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -55,6 +56,11 @@ import buildserver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "buildserver.py")
+
+# Commands run here as on most machines, whose standard streams are buffered:
+# with PYTHONUNBUFFERED (which some set) a full disk fails otherwise, and these
+# tests missed that the client then exited 120.
+os.environ.pop("PYTHONUNBUFFERED", None)
 
 
 ###############################################################################
@@ -6350,6 +6356,33 @@ def test_a_stopped_build_exits_1_whatever_its_shell_exits_with(served):
     assert served.json("POST", "/api/v1/admin/app/builds/1/stop")[0] == 200
     assert proc.wait(30) == 1
     assert served.json("GET", "/api/v1/admin/app/builds/1")[1]["exit_code"] == 7
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_log_into_a_pipe_made_non_blocking_arrives_whole(served, unbuffered):
+    # A CI runner may share a pipe it made non-blocking: the client's writes
+    # then took part of the log, or none of it, and the rest was lost (exit 0).
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    env = {**os.environ, "BUILDSERVER_URL": f"http://{served.host}:{served.port}",
+           "BUILDSERVER_TOKEN": served.token, **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})}
+    proc = subprocess.Popen([sys.executable, SCRIPT, "run", "admin/app", "--command",
+                             "seq 200000"], stdout=write_fd, stderr=subprocess.PIPE, env=env)
+    os.close(write_fd)
+    try:  # nothing read until the build ended: the pipe was full long before
+        wait_until(lambda: served.json("GET", "/api/v1/admin/app/builds/1")[1].get(
+            "last_status") == "succeeded", timeout=30)
+        chunks = []
+        while select.select([read_fd], [], [], 30)[0]:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        os.close(read_fd)
+        proc.kill()
+    assert b"".join(chunks) == "".join(f"{n}\n" for n in range(1, 200001)).encode()
 
 
 def test_standard_error_that_cannot_be_written_changes_nothing_of_a_run(served):
