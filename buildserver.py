@@ -2037,7 +2037,8 @@ class Runner:
                 elif fd == job.member_fd:  # what was left of the group may all be gone
                     poller.unregister(fd)
                     job.unwatch_member()
-                    members_at = now
+                    if kill_at is not None:  # (not once the grace is over: a look
+                        members_at = now     # then would come due for ever)
                 else:
                     os.read(job._wake_r, 4096)
             now = time.monotonic()
@@ -2495,10 +2496,11 @@ def _group_members(pgid):
 
 def _processes():
     """(pid, process group, session) of every live process (Linux /proc): not
-    those that ended, waiting to be reaped."""
+    those that ended, waiting to be reaped. (A process whose main thread
+    ended reads as ended, "Z", while its other threads run on.)"""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         fields = _stat(pid)
-        if len(fields) > 3 and fields[0] not in (b"Z", b"X"):
+        if len(fields) > 17 and (fields[0] not in (b"Z", b"X") or int(fields[17]) > 1):
             yield pid, int(fields[2]), int(fields[3])
 
 

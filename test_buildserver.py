@@ -3809,6 +3809,33 @@ def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configu
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+MAIN_THREAD_ENDS = ("import ctypes, os, signal, threading, time\n"
+                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+                    "open('member.pid', 'w').write(str(os.getpid()))\n"
+                    "ctypes.CDLL(None).pthread_exit(None)\n")
+
+
+def test_a_member_whose_main_thread_ended_has_the_grace_and_then_is_killed(configured, config):
+    # Its main thread gone, it read as ended ("Z") while a thread ran on: the
+    # stop ended the build at once and nothing ever killed it.
+    web, alice, project = configured(stop_grace=1.0)
+    build = post_build(web, alice, project, {
+        "command": f"{shlex.quote(sys.executable)} -c {shlex.quote(MAIN_THREAD_ENDS)} & wait"})
+    pid_file = os.path.join(config.workspaces, "alice", "app", str(build["id"]), "member.pid")
+    pid = int(wait_until(lambda: os.path.exists(pid_file) and open(pid_file).read()))
+
+    def thread_of_member():
+        return [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+    thread = wait_until(lambda: open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z" and
+                        thread_of_member())[0]
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert done["last_status"] == "stopped"
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}/task/{thread}"),
+               message="the member's thread to be killed")
+
+
 # Runs the server as the child of a process that adopts orphans and never reaps
 # them, as some containers' first process does: what ends stays a zombie.
 NEGLIGENT_INIT = ("import ctypes, os, signal, sys; "
@@ -5077,6 +5104,26 @@ def backed_up_into(server, staging):
                            "--data-dir", server.data_dir], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return staging
+
+
+def test_a_grace_that_ends_while_the_output_drains_leaves_the_runner_idle(
+        server_factory, tmp_path):
+    # The member's end, seen once the grace's SIGKILL came, set a look due that
+    # nothing cleared: the runner polled without waiting (100% of a core) until
+    # the drain gave up, a second, while a daemon it made held the output.
+    server, path, build = serving_a_running_build(
+        server_factory, tmp_path / "d", "--stop-grace", "0.3", command=(
+            "sh -c 'trap \"\" TERM; echo ready; sleep 60' & setsid sleep 5 & wait"))
+    try:
+        def ticks():  # the server's CPU time so far, in clock ticks
+            with open(f"/proc/{server.proc.pid}/stat") as f:
+                return sum(map(int, f.read().rsplit(") ", 1)[1].split()[11:13]))
+        before = ticks()
+        assert server.json("POST", path + "/stop")[0] == 200
+        wait_until(lambda: server.json("GET", path)[1]["last_status"] == "stopped")
+        assert ticks() - before < os.sysconf("SC_CLK_TCK") * 0.3  # idle: 1-2 ticks here
+    finally:
+        kill_marked(f"BUILD_UUID={build['uuid']}")
 
 
 def test_a_copy_leaves_alone_the_builds_of_a_live_server_in_another_pid_namespace(
