@@ -6181,16 +6181,23 @@ def _output_failed(error, what):
     return _fail(f"cannot write {what}: {error.strerror or error}", EXIT_OUTPUT_FAILED)
 
 
+RUN_FLAGS = {"tags": "tag"}  # the create's fields that `run` takes by another name
+
+
 def _run_build(client, project, args):
     """`run`: create a build, follow its log, exit with its result."""
     body = {"command": args.command_, "name": args.name, "timeout": args.timeout,
             "env": dict(args.env) if args.env else None, "tags": args.tag}
     code = {"commit": args.commit, "branch": args.branch, "git_url": args.git_url}
     code = {k: v for k, v in code.items() if v is not None}
-    try:  # checked before the build exists: it is recorded just after its creation
+    try:  # checked before the build exists (the code reference is recorded just
+        # after its creation), and as the command line: bytes that are no UTF-8
+        # would reach the server as escapes the user never typed
+        validate({k: v for k, v in body.items() if v is not None}, BUILD_CREATE)
         validate(code, CODE_REFERENCE)
     except ApiError as e:
-        return _fail("; ".join(f"--{name.replace('_', '-')} {reason.removesuffix(', or null')}"
+        return _fail("; ".join(f"--{RUN_FLAGS.get(name, name).replace('_', '-')} "
+                               f"{reason.removesuffix(', or null')}"
                                for name, reason in e.errors.items()), 2)
     if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
         raise OutputFailed(OSError("standard error is closed"), "the log")

@@ -6254,6 +6254,18 @@ def test_run_records_the_git_commit_branch_and_url_it_is_given(served):
     assert served.json("GET", "/api/v1/admin/app")[1]["builds_count"] == 1  # none made
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["--command", b"echo \xff"], b"--command"), (["--env", b"A=\xe9t\xe9"], b"--env"),
+    (["--tag", b"caf\xe9"], b"--tag"), (["--name", b"x\xff"], b"--name")])
+def test_run_refuses_text_that_is_no_utf8_as_its_command_line(served, args, flag):
+    # It became escapes the user never typed ("a lone surrogate"), refused by
+    # the server as a request's fault: exit 1, not a wrong command line's 2.
+    refused = client(served, "run", "admin/app", *args)
+    assert refused.returncode == 2 and refused.stderr.startswith(b"buildserver: " + flag)
+    assert b"surrogate" not in refused.stderr
+    assert served.json("GET", "/api/v1/admin/app")[1]["builds_count"] == 0  # none made
+
+
 def test_status_logs_stop_and_builds_human_and_json(served):
     assert client(served, "run", "admin/app", "--command", "echo hi; exit 2",
                   "--name", "first").returncode == 2
