@@ -51,6 +51,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -6220,10 +6221,12 @@ def _run_build(client, project, args):
         build = client.follow(path, out)
     except (Unreachable, ClientError) as e:
         if isinstance(e, ClientError) and (made is None or e.status not in GATEWAY_ERRORS):
+            if made is not None:  # (a token replaced meanwhile): a script must not run it again
+                e.detail += f"\n{_whereabouts(made, args)}"
             raise  # refused
         if made is None and not isinstance(e, AnswerLost):
             raise  # nothing was made
-        return _fail(f"{e}\n{_whereabouts(made, args.project)}", EXIT_UNKNOWN)
+        return _fail(f"{e}\n{_whereabouts(made, args)}", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
         _interrupted(client, args, made, path)
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
@@ -6239,11 +6242,11 @@ def _interrupted(client, args, build, path):
     """After Ctrl-C or SIGTERM to `run`: stop `build` (at `path`; None: not
     made yet, or not known to be) if told or asked to, and say what became of it."""
     if build is None:
-        _note(f"interrupted while the build was being made: {_whereabouts(None, args.project)}")
+        _note(f"interrupted while the build was being made: {_whereabouts(None, args)}")
         return
     if not (args.stop_on_interrupt or _ask(f"\nStop build {build['id']}? [y/N] ")):
-        _note(f"build {build['id']} runs on; stop it with: {sys.argv[0]} stop "
-              f"{args.project} {build['id']}")
+        _note(f"build {build['id']} runs on; stop it with: "
+              f"{_again(args, 'stop', args.project, str(build['id']))}")
         return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
     try:
@@ -6253,13 +6256,22 @@ def _interrupted(client, args, build, path):
         _note(f"build {build['id']}: its stop could not be asked for ({e}); it may run on")
 
 
-def _whereabouts(build, project):
+def _whereabouts(build, args):
     """What is known of a build whose outcome `run` cannot tell."""
     if build is None:
-        return (f"the build may have been made: see `{sys.argv[0]} builds {project}` "
+        return (f"the build may have been made: see `{_again(args, 'builds', args.project)}` "
                 "before you run it again")
-    return (f"build {build['id']} was made, and may still run: see `{sys.argv[0]} status "
-            f"{project} {build['id']}`")
+    return (f"build {build['id']} was made, and may still run: see "
+            f"`{_again(args, 'status', args.project, str(build['id']))}`")
+
+
+def _again(args, *words):
+    """A command line to paste for another client command: this file as it
+    was run (through python3 unless it can run itself), and a --url that
+    the environment does not give."""
+    me = [sys.argv[0]] if os.access(sys.argv[0], os.X_OK) else ["python3", sys.argv[0]]
+    url = ["--url", args.url] if args.url != _env("url", DEFAULT_URL) else []
+    return shlex.join([*me, *words, *url])
 
 
 def _why(client, path):
@@ -6339,7 +6351,7 @@ def _ask(question):
 def _client_parsers(commands):
     """The client commands' arguments."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=_env("url", "http://127.0.0.1:8000"),
+    common.add_argument("--url", default=_env("url", DEFAULT_URL),
                         help="the server (env BUILDSERVER_URL; default %(default)s)")
     common.add_argument("--token", help="your token; better set BUILDSERVER_TOKEN, which "
                                         "stays out of shell history and ps")
@@ -6389,6 +6401,7 @@ def _client_parsers(commands):
 ###############################################################################
 
 SERVER_COMMANDS = ("serve", "adduser", "token", "backup")
+DEFAULT_URL = "http://127.0.0.1:8000"
 CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
 
 

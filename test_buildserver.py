@@ -6939,19 +6939,50 @@ def test_a_client_throttled_for_its_bad_tokens_exits_as_refused(server_factory):
     assert codes == [buildserver.EXIT_REFUSED] * 4, codes  # 401, 401, then 429s
 
 
-def test_run_interrupted_without_a_terminal_says_the_build_runs_on(served):
+def test_run_interrupted_without_a_terminal_says_the_build_runs_on_and_how_to_stop_it(
+        served):
     # Ctrl-C (SIGINT) with no terminal to ask on leaves the build running:
-    # it said nothing, and the build's id had scrolled away.
-    run = start_client(served, "run", "admin/app", "--command", "echo up; sleep 30")
+    # it said nothing, and the build's id had scrolled away. Then the command
+    # it said could not be pasted: the file is no program (Permission denied),
+    # and the server named by --url was left out.
+    env = {**os.environ, "BUILDSERVER_TOKEN": served.token}
+    env.pop("BUILDSERVER_URL", None)
+    run = subprocess.Popen([sys.executable, SCRIPT, "run", "admin/app", "--url",
+                            f"http://{served.host}:{served.port}", "--command",
+                            "echo up; sleep 30"], env=env, stderr=subprocess.PIPE)
     try:
         server_wait_for_log(served, "/api/v1/admin/app/builds/1", b"up")
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=60)
         assert run.returncode == buildserver.EXIT_INTERRUPTED, err
-        assert b"build 1 runs on; stop it with: " in err and b"stop admin/app 1" in err, err
+        said = err.decode().strip().splitlines()[-1]
+        assert said.startswith("build 1 runs on; stop it with: "), err
+        pasted = subprocess.run(said.split(": ", 1)[1], shell=True, env=env, cwd=HERE,
+                                capture_output=True, timeout=60)
+        assert pasted.returncode == 0, pasted.stderr
+        assert served.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"] in (
+            "stopping", "stopped")
     finally:
         run.kill()
         served.json("POST", "/api/v1/admin/app/builds/1/stop")
+
+
+def test_run_whose_token_is_replaced_while_it_follows_says_the_build_was_made(served):
+    # It said only the server's 401: a wrapper that tries again on 77 would
+    # have run the build (a deploy) twice.
+    go = os.path.join(served.data_dir, "workspaces", "admin", "app", "1", "go")
+    run = start_client(served, "run", "admin/app", "--command",
+                       "echo up; while [ ! -e go ]; do sleep 0.05; done")
+    try:
+        server_wait_for_log(served, "/api/v1/admin/app/builds/1", b"up")
+        replaced = run_cli("token", "admin", "--data-dir", served.data_dir)
+        assert replaced.returncode == 0, replaced.stderr
+        open(go, "w").close()
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == buildserver.EXIT_REFUSED, err
+        assert b"(401)" in err and b"build 1 was made, and may still run" in err, err
+    finally:
+        run.kill()
 
 
 def without_output(stdout, *args):
