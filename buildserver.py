@@ -5583,6 +5583,7 @@ def _channel_class():
         _gone_callback = None
         _to_drain = None  # bytes of a refused body still to drop before closing
         _draining = False  # the answer is sent, and the connection half-closed
+        _spoken = False  # the client has sent something
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -5656,6 +5657,11 @@ def _channel_class():
             self._tell_gone()
 
         def received(self, data):
+            if not self._spoken:
+                self._spoken = True
+                if data[:1] == b"\x16":  # a TLS handshake: https:// to this plain HTTP port
+                    self.handle_close()  # said at once: it would wait for a head in vain
+                    return False
             began = self.head_began or time.monotonic()
             try:
                 return super().received(data)
@@ -5847,7 +5853,9 @@ class Client:
             conn.request(method, self._base + path, body=body, headers=headers)
         except self._dropped as e:
             conn.close()
-            raise Unreachable(f"cannot reach {self.url}: {e}") from None
+            import ssl  # (loaded with http.client)
+            hint = " (is it a plain http:// server?)" if isinstance(e, ssl.SSLError) else ""
+            raise Unreachable(f"cannot reach {self.url}: {e}{hint}") from None
         try:
             response = conn.getresponse()
         except self._dropped as e:

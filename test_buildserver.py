@@ -6967,6 +6967,17 @@ def test_run_interrupted_without_a_terminal_says_the_build_runs_on_and_how_to_st
         served.json("POST", "/api/v1/admin/app/builds/1/stop")
 
 
+def test_https_to_the_plain_http_port_is_refused_at_once_with_a_hint(served):
+    # The server waited for a request head that a TLS handshake never ends,
+    # and the client for its handshake: 30 s, then "The handshake operation
+    # timed out".
+    done = client(served, "builds", "admin/app", "--url",
+                  f"https://{served.host}:{served.port}")
+    assert done.returncode == buildserver.EXIT_UNREACHABLE
+    assert b"(is it a plain http:// server?)" in done.stderr, done.stderr
+    assert served.json("GET", "/api/v1/health")[0] == 200  # (it serves on)
+
+
 def test_run_whose_token_is_replaced_while_it_follows_says_the_build_was_made(served):
     # It said only the server's 401: a wrapper that tries again on 77 would
     # have run the build (a deploy) twice.
