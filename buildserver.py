@@ -6214,7 +6214,7 @@ def _run_build(client, project, args):
         signal.signal(signal.SIGTERM, _terminated)
     made = path = None
     try:
-        # Only what was given: an empty command or a zero timeout is the server's to refuse.
+        # Only what was given (an empty command is refused, not taken for none).
         build = made = client.call("POST", f"{project}/builds",
                                    {k: v for k, v in body.items() if v is not None})
         path = f"{project}/builds/{build['id']}"
