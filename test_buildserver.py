@@ -6567,9 +6567,14 @@ def test_an_error_the_server_sends_reaches_the_terminal_without_its_control_char
 
 
 def test_a_refused_field_is_explained_with_the_servers_reason(served):
+    # (A value refused on its own is refused before it is sent: exit 2.)
     done = client(served, "run", "admin/app", "--command", "true", "--name", "x" * 200)
+    assert done.returncode == 2 and b"--name must be 1 to 128" in done.stderr, done.stderr
+    env = {f"V{n}": "x" for n in range(100)}
+    assert served.json("PATCH", "/api/v1/admin/app", {"env": env})[0] == 200
+    done = client(served, "run", "admin/app", "--command", "true", "--env", "ONE_MORE=x")
     assert done.returncode == 1
-    assert b"name: " in done.stderr and b"128" in done.stderr, done.stderr
+    assert b"\n  env: at most 100 pairs with the project's" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("url", ["", "http://", "http://someone:s3cret@127.0.0.1:1"])
