@@ -2038,8 +2038,9 @@ class Runner:
                 elif fd == job.member_fd:  # what was left of the group may all be gone
                     poller.unregister(fd)
                     job.unwatch_member()
-                    if kill_at is not None:  # (not once the grace is over: a look
-                        members_at = now     # then would come due for ever)
+                    # (Not once the grace is over: that look would come due for ever.)
+                    if kill_at is not None:
+                        members_at = now
                 else:
                     os.read(job._wake_r, 4096)
             now = time.monotonic()
@@ -2062,7 +2063,7 @@ class Runner:
                 # A stop's SIGTERM ended the shell at once, but dash runs a command
                 # as its child: what is left in its group has the rest of the grace.
                 left = _left_in_group(proc)
-                if not left and left is not None:
+                if left == []:
                     kill_at = members_at = None
                     emptied = True
                 else:  # woken when one ends; else looked at less often as it goes on
@@ -2420,8 +2421,19 @@ def _is_the_builds(pgid, started, build_uuid):
 
 def _carries(pid, build_uuid):
     """Whether process `pid`'s environment holds the build's BUILD_UUID."""
-    environ = b"\0" + _read(f"/proc/{pid}/environ") + b"\0"
-    return f"\0BUILD_UUID={build_uuid}\0".encode() in environ
+    return f"\0BUILD_UUID={build_uuid}\0".encode() in b"\0" + _environ(pid) + b"\0"
+
+
+def _environ(pid):
+    """Process `pid`'s environment (Linux /proc): a thread's when its main
+    thread has ended, which can no longer be read from."""
+    environ = _read(f"/proc/{pid}/environ")
+    if not environ:
+        with contextlib.suppress(OSError):
+            for thread in os.listdir(f"/proc/{pid}/task"):
+                if environ := _read(f"/proc/{pid}/task/{thread}/environ"):
+                    break
+    return environ
 
 
 def _groups_carrying(build_uuid):
@@ -2436,7 +2448,7 @@ def _groups_by_build():
     found = collections.defaultdict(set)
     if os.path.isdir("/proc/self"):
         for pid, group, session in _processes():
-            uuids = [entry[11:] for entry in _read(f"/proc/{pid}/environ").split(b"\0")
+            uuids = [entry[11:] for entry in _environ(pid).split(b"\0")
                      if entry.startswith(b"BUILD_UUID=")]
             if uuids and group != os.getpgrp():
                 found[uuids[0].decode("ascii", "replace")].add((group, session))
@@ -4888,8 +4900,7 @@ class LogView {
     const last = this.groups[this.groups.length - 1];
     if (last && last.open) {   // the line drawn in pieces goes on
       const end = raw.indexOf(10) + 1 || raw.length;
-      // A lone "\r" (see ansiNodes: not of "\r\n", nor the last, which waits for what follows) writes it anew.
-      if (/\r(?!\r*\n)[^]/.test(this.ansi.carry + new TextDecoder().decode(raw.subarray(0, end)))) {
+      if (rewritesLine(this.ansi.carry + new TextDecoder().decode(raw.subarray(0, end), {stream: true}))) {
         for (let i = this.groups.length - 1; i >= 0 && this.groups[i].open; i--) this.groups[i].el.replaceChildren();
       }
       draw(Math.min(end, cut), true);
@@ -5152,6 +5163,12 @@ function styledText(text, st) {
   if (st.italic) span.style.fontStyle = 'italic';
   if (st.underline) span.style.textDecoration = 'underline';
   return span;
+}
+
+/** Whether `text` rewrites its line: a lone "\r", as ansiNodes sees one (not
+ * of a "\r\n", nor the last character, which waits for what follows). */
+function rewritesLine(text) {
+  return /\r(?!\r*\n)[^]/.test(text);
 }
 
 /** Log text as nodes (when `draw`), advancing the ANSI state `st`. */
@@ -5713,6 +5730,7 @@ def _url_host(host):
 EXIT_UNREACHABLE = 75   # the server cannot be reached (EX_TEMPFAIL)
 EXIT_UNKNOWN = 76       # a request went, its answer was lost: it may have been done (EX_PROTOCOL)
 EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
+DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143   # SIGTERM, to `run --stop-on-interrupt`
 EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
@@ -5840,6 +5858,14 @@ class Client:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._netloc, timeout=timeout)
 
+    def _tls_hint(self, error):
+        """What a handshake that failed may mean (the server closes one at once)."""
+        if self._scheme == "https":
+            import ssl  # (there, as http.client's HTTPS is)
+            if isinstance(error, (ssl.SSLError, ConnectionResetError)):
+                return " (is it a plain http:// server?)"
+        return ""
+
     def _open(self, method, path, body=None, timeout=None, accept="application/json"):
         """An open response, or ClientError/Unreachable."""
         headers = {"Accept": accept}
@@ -5853,9 +5879,7 @@ class Client:
             conn.request(method, self._base + path, body=body, headers=headers)
         except self._dropped as e:
             conn.close()
-            import ssl  # (loaded with http.client)
-            hint = " (is it a plain http:// server?)" if isinstance(e, ssl.SSLError) else ""
-            raise Unreachable(f"cannot reach {self.url}: {e}{hint}") from None
+            raise Unreachable(f"cannot reach {self.url}: {e}{self._tls_hint(e)}") from None
         try:
             response = conn.getresponse()
         except self._dropped as e:
@@ -6055,6 +6079,8 @@ def _describe(build, statuses, code):
 
 def run_client(args):
     """The client commands; returns the exit code."""
+    if flag := _not_text(args):  # it would reach the server as escapes never typed
+        return _fail(f"{flag} holds bytes that are no UTF-8 text", 2)
     token = args.token or _env("token", "")
     if not token:  # (the server's 401 would tell of an HTTP header)
         return _fail("no token: set BUILDSERVER_TOKEN, or give --token", 2)
@@ -6123,15 +6149,32 @@ def run_client(args):
     raise AssertionError(args.command)
 
 
+def _not_text(args):
+    """The first option whose value holds bytes that are no UTF-8 (Python
+    keeps them as lone surrogates), as its flag; else None."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if any(isinstance(part, str) and not _is_text(part)
+                   for part in (item if isinstance(item, tuple) else [item])):
+                return "--" + name.rstrip("_").replace("_", "-")
+    return None
+
+
 def _say(text):
     """Print `text` now: output that cannot be written (a full disk) is then
     the command's failure to write (EXIT_OUTPUT_FAILED), seen in time."""
     try:
-        print(text, flush=True)
+        _print_fully(sys.stdout, text)
     except BrokenPipeError:
         raise
     except OSError as e:
         raise OutputFailed(e, "the output") from None
+
+
+def _print_fully(stream, text):
+    """print(text) to the text stream `stream`, all of it (see _write_fully)."""
+    stream.flush()
+    _write_fully(stream.buffer, f"{text}\n".encode(stream.encoding, stream.errors))
 
 
 def _write_fully(out, data):
@@ -6140,13 +6183,14 @@ def _write_fully(out, data):
     nothing: wait for room, or the rest would be lost without a word."""
     while data:
         try:
-            written = out.write(data)  # None: nothing (an unbuffered stream)
-        except BlockingIOError as e:  # (a buffered stream; it took some)
-            written = e.characters_written
-            _wait_for_room(out)
+            written = out.write(data)  # None: none of it (an unbuffered stream)
+        except BlockingIOError as e:  # (a buffered stream: some of it, maybe)
+            written = None
+            data = data[e.characters_written:]
         if written is None:
             _wait_for_room(out)
-        data = data[written or 0:]
+        else:
+            data = data[written:]
     while True:
         try:
             return out.flush()
@@ -6155,7 +6199,7 @@ def _write_fully(out, data):
 
 
 def _wait_for_room(out):
-    select.select([], [out], [])
+    select.select([], [out], [])  # no timeout: as a blocking write, it waits for its reader
 
 
 def _settle_output():
@@ -6164,12 +6208,12 @@ def _settle_output():
     Python's own flush at exit would fail again and make the exit code 120.
     (The failure was told, or, on standard error, is no failure.)"""
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # closed when it started (`>&-`)
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # ValueError: closed
             _to_devnull(stream)
-        except AttributeError:  # None: closed when it started (`>&-`)
-            pass
 
 
 def _to_devnull(stream):
@@ -6190,7 +6234,7 @@ def _output_failed(error, what):
     return _fail(f"cannot write {what}: {error.strerror or error}", EXIT_OUTPUT_FAILED)
 
 
-RUN_FLAGS = {"tags": "tag"}  # the create's fields that `run` takes by another name
+RUN_FLAG_OF_FIELD = {"tags": "tag"}  # the create's fields that `run` takes by another name
 
 
 def _run_build(client, project, args):
@@ -6200,12 +6244,11 @@ def _run_build(client, project, args):
     code = {"commit": args.commit, "branch": args.branch, "git_url": args.git_url}
     code = {k: v for k, v in code.items() if v is not None}
     try:  # checked before the build exists (the code reference is recorded just
-        # after its creation), and as the command line: bytes that are no UTF-8
-        # would reach the server as escapes the user never typed
+        # after its creation), as the command line
         validate({k: v for k, v in body.items() if v is not None}, BUILD_CREATE)
         validate(code, CODE_REFERENCE)
     except ApiError as e:
-        return _fail("; ".join(f"--{RUN_FLAGS.get(name, name).replace('_', '-')} "
+        return _fail("; ".join(f"--{RUN_FLAG_OF_FIELD.get(name, name).replace('_', '-')} "
                                f"{reason.removesuffix(', or null')}"
                                for name, reason in e.errors.items()), 2)
     if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
@@ -6277,9 +6320,10 @@ def _again(args, *words):
     """A command line to paste for another client command: this file as it
     was run (through python3 unless it can run itself), and a --url that
     the environment does not give."""
-    me = [sys.argv[0]] if os.access(sys.argv[0], os.X_OK) else ["python3", sys.argv[0]]
+    me = sys.argv[0]
+    runs_itself = os.sep in me and os.access(me, os.X_OK) or shutil.which(me) == me
     url = ["--url", args.url] if args.url != _env("url", DEFAULT_URL) else []
-    return shlex.join([*me, *words, *url])
+    return shlex.join([*([] if runs_itself else ["python3"]), me, *words, *url])
 
 
 def _why(client, path):
@@ -6340,9 +6384,9 @@ def _note(text):
     (a full disk there must not change the exit code, nor end the follow).
     As a terminal may show it: what a server, a proxy or the network said
     may hold escapes."""
-    if sys.stderr is not None:  # (print(file=None) would write to standard output)
+    if sys.stderr is not None:
         with contextlib.suppress(OSError):
-            print("\n".join(map(_printable, text.split("\n"))), file=sys.stderr, flush=True)
+            _print_fully(sys.stderr, "\n".join(map(_printable, text.split("\n"))))
 
 
 def _ask(question):
@@ -6409,7 +6453,6 @@ def _client_parsers(commands):
 ###############################################################################
 
 SERVER_COMMANDS = ("serve", "adduser", "token", "backup")
-DEFAULT_URL = "http://127.0.0.1:8000"
 CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
 
 

@@ -3836,6 +3836,23 @@ def test_a_member_whose_main_thread_ended_has_the_grace_and_then_is_killed(confi
                message="the member's thread to be killed")
 
 
+def test_a_group_it_made_whose_leaders_main_thread_ended_goes_with_the_build(configured, config):
+    # Found by its BUILD_UUID, which the leader's environ no longer shows once
+    # its main thread ended: it ran on, holding the build's output, for good.
+    web, alice, project = configured(stop_grace=1.0)
+    own_group = "import os; os.setpgid(0, 0)\n" + MAIN_THREAD_ENDS
+    build = post_build(web, alice, project, {
+        "command": f"{shlex.quote(sys.executable)} -c {shlex.quote(own_group)} & "
+                   "while [ ! -e member.pid ]; do sleep 0.05; done; sleep 0.5; exit 3"})
+    pid_file = os.path.join(config.workspaces, "alice", "app", str(build["id"]), "member.pid")
+    pid = int(wait_until(lambda: os.path.exists(pid_file) and open(pid_file).read()))
+    threads = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert (done["last_status"], done["exit_code"]) == ("failed", 3)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}/task/{t}") for t in threads),
+               message="the group's thread to be killed")
+
+
 # Runs the server as the child of a process that adopts orphans and never reaps
 # them, as some containers' first process does: what ends stays a zombie.
 NEGLIGENT_INIT = ("import ctypes, os, signal, sys; "
@@ -6443,6 +6460,45 @@ def test_a_log_into_a_pipe_made_non_blocking_arrives_whole(served, unbuffered):
         os.close(read_fd)
         proc.kill()
     assert b"".join(chunks) == "".join(f"{n}\n" for n in range(1, 200001)).encode()
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_output_into_a_full_pipe_made_non_blocking_waits_for_room(served, unbuffered):
+    # Only the log waited: a command's answer (builds, status, run's last
+    # line) exited 74, "write could not complete without blocking".
+    assert client(served, "run", "admin/app", "--command", "true").returncode == 0
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += os.write(write_fd, b"." * 4096)
+    env = {**os.environ, "BUILDSERVER_URL": f"http://{served.host}:{served.port}",
+           "BUILDSERVER_TOKEN": served.token, **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})}
+    procs = [subprocess.Popen([sys.executable, SCRIPT, *args], stdout=write_fd,
+                              stderr=write_fd if args[0] == "run" else subprocess.PIPE, env=env)
+             for args in (["status", "admin/app", "1", "--json"],
+                          ["run", "admin/app", "--command", "exit 3"])]
+    os.close(write_fd)
+    try:
+        # Nothing read for a while: what does not wait for room has given up
+        # by then (on a busy machine perhaps not yet, and this passes anyway).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            for proc in procs:
+                proc.wait(3)
+        chunks = []
+        while select.select([read_fd], [], [], 30)[0]:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert [proc.wait(30) for proc in procs] == [0, 3]
+    finally:
+        os.close(read_fd)
+        for proc in procs:
+            proc.kill()
+    said = b"".join(chunks)[filler:]
+    assert b'"last_status": "succeeded"' in said and b"build 2: failed (exit code 3)" in said
 
 
 def test_standard_error_that_cannot_be_written_changes_nothing_of_a_run(served):
