@@ -4004,6 +4004,7 @@ ol.timeline { list-style: none; margin: 0 0 0 .75rem; padding: 0; border-left: 2
 .logbox:focus-visible { outline-offset: 1px; }
 .logbox .note { color: #8b96a5; font-style: italic; }
 .logbox .lines { content-visibility: auto; }
+.logbox .piece, .logbox .open { display: inline-block; vertical-align: top; }
 #latest { position: absolute; right: 1rem; bottom: .75rem; box-shadow: 0 2px 8px rgba(0, 0, 0, .35); }
 #earlier { margin-bottom: .5rem; }
 
@@ -4744,8 +4745,9 @@ function timeline(statuses) {
 // Whole lines go into groups of small blocks that the browser lays out only when
 // they are on screen (content-visibility), so a long log stays fast; the line
 // still being written is redrawn as it grows, but for one past 64 KiB: that is
-// drawn as it comes, in pieces (inline, they read as one line; a "\r" that
-// writes the line again empties them). While the reader follows the end,
+// drawn as it comes, in pieces (inline blocks, which read as one line with
+// wrapping off and are laid out once each; a "\r" that writes the line again
+// empties them). While the reader follows the end,
 // at most LOG_KEEP bytes stay in the page. A reader scrolled up keeps what they
 // read: the page grows to LOG_HOLD bytes, then holds newer output back undrawn
 // (its last LOG_KEEP bytes or so) until they come back down, when it replaces the page.
@@ -4761,11 +4763,13 @@ class LogView {
     this.pending = [];             // bytes received, not drawn yet
     this.open = new Uint8Array(0); // the last line, until its newline comes
     this.held = false;             // output waits in `pending` while the reader is up the page
+    this.bottomTop = null;         // scrollTop when last taken to the end (see following)
+    this.growth = new ResizeObserver(() => { if (this.following() && !this.atBottom()) this.toBottom(); });
     this.ansi = ansiState();
     this.onOutput = this.onEnd = () => null;
     this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.controls()});
     this.empty = h('span', {class: 'note'}, 'No output yet.');
-    this.openEl = h('span');       // inline: the rest of a line drawn in pieces continues them
+    this.openEl = h('span', {class: 'open'});   // inline: it continues a line drawn in pieces
     this.pre.append(this.empty, this.openEl);
     this.live = h('span', {class: 'live', id: 'live', hidden: true}, 'live');
     this.earlierBtn = h('button', {type: 'button', id: 'earlier', class: 'small', hidden: true, onclick: () => this.earlier()});
@@ -4786,6 +4790,22 @@ class LogView {
     return b.scrollHeight - b.scrollTop - b.clientHeight < 40;
   }
 
+  /** At the end, or not scrolled up since it was taken there: a block drawn
+   * there may have grown past its estimate (wrapped lines), leaving it short
+   * (and the browser's scroll anchoring may have moved it down). */
+  following() { return this.atBottom() || this.pre.scrollTop >= this.bottomTop; }
+
+  toBottom() {
+    this.pre.scrollTop = this.pre.scrollHeight;
+    this.bottomTop = this.pre.scrollTop;
+  }
+
+  /** Follow the last group as it is drawn: it may grow past its estimate. */
+  watchEnd(el) {
+    if (this.watched) this.growth.unobserve(this.watched);
+    this.growth.observe(this.watched = el);
+  }
+
   say(text) { this.pre.append(h('span', {class: 'note'}, `\n${text}\n`)); }
 
   /** Show the last LOG_PAGE bytes; returns whether that is the whole, final log. */
@@ -4801,7 +4821,7 @@ class LogView {
     this.start = page.offset + skip;
     this.end = page.next_offset;
     this.addGroup(text, this.end - this.start, this.ansi, null);
-    this.pre.scrollTop = this.pre.scrollHeight;
+    this.toBottom();
     this.controls();
     return page.complete;
   }
@@ -4875,7 +4895,7 @@ class LogView {
   flush() {
     this.scheduled = false;
     if (!this.pending.length) return;
-    const follow = !this.groups.length || this.atBottom();
+    const follow = !this.groups.length || this.following();
     if (!follow && (this.held || this.shown + this.waiting() > LOG_HOLD)) return this.hold();
     let raw = concat([this.open, ...this.pending]);
     this.pending = [];
@@ -4918,7 +4938,7 @@ class LogView {
         this.shown -= old.bytes;
         this.start += old.bytes;
       }
-      this.pre.scrollTop = this.pre.scrollHeight;
+      this.toBottom();
     }
     this.controls();
   }
@@ -4951,9 +4971,10 @@ class LogView {
 
   /** A piece of a huge line, at the end: inline, so that it continues the pieces before it. */
   addPiece(text, bytes) {
-    const el = h('span', {}, ansiNodes(text, this.ansi, true));
+    const el = h('span', {class: 'piece'}, ansiNodes(text, this.ansi, true));
     this.pre.insertBefore(el, this.openEl);
     this.groups.push({el, bytes, open: !text.endsWith('\n')});
+    this.watchEnd(el);
     this.shown += bytes;
   }
 
@@ -4979,6 +5000,7 @@ class LogView {
     } else {
       this.pre.insertBefore(el, this.openEl);
       this.groups.push(group);
+      this.watchEnd(el);
     }
     this.shown += bytes;
   }
@@ -4988,7 +5010,7 @@ class LogView {
     if (this.end > 0) this.empty.remove();
     this.earlierBtn.hidden = this.start <= 0;
     this.earlierBtn.textContent = `↑ Load earlier output (${bytes(this.start)} not shown)`;
-    this.latestBtn.hidden = this.atBottom();
+    this.latestBtn.hidden = this.following();
     this.latestBtn.textContent = this.held ? `↓ Latest output (${bytes(this.end - this.start - this.shown)} more)`
                                            : '↓ Latest output';
   }

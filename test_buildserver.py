@@ -9965,6 +9965,26 @@ def visual_lines(page):
         " for (const b of r.getClientRects()) tops.add(Math.round(b.top)); } return tops.size; }")
 
 
+def test_a_followed_log_of_wrapped_lines_stays_at_its_end(page, dash, tmp_path):
+    # A block was estimated at a row per line: drawn wrapped, it grew past the
+    # view, which then read as "scrolled up" and stopped following for good.
+    go = tmp_path / "go"
+    dash.project("wrapped", command=(
+        "for i in $(seq 300); do printf '%s %0300d\\n' $i 0; sleep 0.01; done; "
+        f"while [ ! -e {go} ]; do sleep 0.05; done; echo end"))
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/wrapped/builds")
+    page.goto(dash.url + f"/#/alice/wrapped/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("300 000")
+    go.touch()
+    expect(status_of(page)).to_have_text("✓succeeded")
+    expect(log_of(page)).to_contain_text("end")
+    page.wait_for_function("() => { const b = document.getElementById('log');"
+                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
+                           timeout=5000)
+    expect(page.locator("#latest")).to_be_hidden()
+
+
 def test_a_huge_line_that_comes_live_reads_as_one_line_as_after_a_reload(page, dash, tmp_path):
     # The page draws 64 KiB of a line without its newline at most undrawn; each
     # part drawn (and then its rest) went into a block of its own: one line read
