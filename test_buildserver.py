@@ -7040,6 +7040,39 @@ def test_https_to_the_plain_http_port_is_refused_at_once_with_a_hint(served):
     assert served.json("GET", "/api/v1/health")[0] == 200  # (it serves on)
 
 
+@pytest.mark.parametrize("executable", [False, True])
+def test_runs_hint_can_be_pasted_where_it_was_run_as_python3_buildserver_py(served, tmp_path,
+                                                                            executable):
+    # Run as `python3 buildserver.py` with the file executable, it said
+    # `buildserver.py stop ...`: "not found", as no folder on PATH holds it.
+    shutil.copy(SCRIPT, tmp_path / "buildserver.py")
+    shutil.copy(os.path.join(HERE, "schema.sql"), tmp_path / "schema.sql")
+    os.chmod(tmp_path / "buildserver.py", 0o755 if executable else 0o644)
+    env = {**os.environ, "BUILDSERVER_URL": f"http://{served.host}:{served.port}",
+           "BUILDSERVER_TOKEN": served.token}
+    run = subprocess.Popen([sys.executable, "buildserver.py", "run", "admin/app", "--command",
+                            "echo up; sleep 30"], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        server_wait_for_log(served, "/api/v1/admin/app/builds/1", b"up")
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        said = err.decode().strip().splitlines()[-1]
+        assert said.startswith("build 1 runs on; stop it with: python3 buildserver.py stop"), err
+        pasted = subprocess.run(said.split(": ", 1)[1], shell=True, env=env, cwd=tmp_path,
+                                capture_output=True, timeout=60)
+        assert pasted.returncode == 0, pasted.stderr
+    finally:
+        run.kill()
+        served.json("POST", "/api/v1/admin/app/builds/1/stop")
+
+
+def test_a_client_option_that_is_no_utf8_is_a_wrong_command_line(served):
+    # `builds --status` ended in a traceback (UnicodeEncodeError), exit 1.
+    done = client(served, "builds", "admin/app", "--status", b"f\xff")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == b"buildserver: --status holds bytes that are no UTF-8 text\n"
+
+
 def test_run_whose_token_is_replaced_while_it_follows_says_the_build_was_made(served):
     # It said only the server's 401: a wrapper that tries again on 77 would
     # have run the build (a deploy) twice.
