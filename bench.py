@@ -832,7 +832,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smaller sizes and fewer repeats: under a minute")
+                    help="smaller sizes and fewer repeats: seconds, not a minute")
     ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     ap.add_argument("--only", metavar="NAMES", default=",".join(SCENARIOS),
                     help="comma-separated scenarios to run")
