@@ -2447,10 +2447,13 @@ def _groups_by_build():
     that carry one (Linux; elsewhere none)."""
     found = collections.defaultdict(set)
     if os.path.isdir("/proc/self"):
+        ours = os.getpgrp()
         for pid, group, session in _processes():
+            if group in (0, ours):  # 0: the kernel's threads
+                continue
             uuids = [entry[11:] for entry in _environ(pid).split(b"\0")
                      if entry.startswith(b"BUILD_UUID=")]
-            if uuids and group != os.getpgrp():
+            if uuids:
                 found[uuids[0].decode("ascii", "replace")].add((group, session))
     return found
 
