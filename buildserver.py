@@ -79,7 +79,7 @@ log = logging.getLogger("buildserver")
 
 KiB, MiB = 1024, 1024 * 1024
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
-SCHEMA_VERSION = 9  # schema.sql's newest migration, the one this file is written for
+SCHEMA_VERSION = 10  # schema.sql's newest migration, the one this file is written for
 
 # The status machine, the one source of truth for the runner and for statuses
 # reported by whatever runs an unmanaged build.

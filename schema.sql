@@ -147,12 +147,16 @@ INSERT INTO project_ids SELECT coalesce(max(id), 0) + 1 FROM projects;
 CREATE TABLE server_process (pid INTEGER NOT NULL, started TEXT, pid_namespace TEXT);
 
 -- migration 9
--- Migration 8 was first released without
+-- No change of its own. Migration 8 was first released without
 -- server_process.pid_namespace (in 465c72c), and a file that release made
 -- says version 8 all the same: a start adds the column where it is missing
 -- (Database._migrate). This number makes that release refuse a file it
 -- would misread, as every older one refuses a newer file.
--- And when `backup` made the file: written into the copy alone, so that the
+
+-- migration 10
+-- When `backup` made the file: written into the copy alone, so that the
 -- first start on it (a restore) ends the builds that waited or ran then,
--- instead of running them again (they may have run since).
+-- instead of running them again (they may have run since). (First added to
+-- migration 9 in place, after 54f2a08 had released it: a file that release
+-- made says 9 without this table, hence IF NOT EXISTS.)
 CREATE TABLE IF NOT EXISTS backup_taken (taken_at TEXT NOT NULL);
