@@ -2428,7 +2428,7 @@ def _environ(pid):
     """Process `pid`'s environment (Linux /proc): a thread's when its main
     thread has ended, which can no longer be read from."""
     environ = _read(f"/proc/{pid}/environ")
-    if not environ:
+    if not environ and _stat(pid)[:1] == [b"Z"]:
         with contextlib.suppress(OSError):
             for thread in os.listdir(f"/proc/{pid}/task"):
                 if environ := _read(f"/proc/{pid}/task/{thread}/environ"):
@@ -4748,9 +4748,9 @@ function timeline(statuses) {
 // Whole lines go into groups of small blocks that the browser lays out only when
 // they are on screen (content-visibility), so a long log stays fast; the line
 // still being written is redrawn as it grows, but for one past 64 KiB: that is
-// drawn as it comes, in pieces (inline blocks, which read as one line with
-// wrapping off and are laid out once each; a "\r" that writes the line again
-// empties them). While the reader follows the end,
+// drawn as it comes, in pieces (inline blocks, laid out once each: with
+// wrapping off they read as one line, with it on each starts a row, until a
+// reload; a "\r" that writes the line again empties them). While the reader follows the end,
 // at most LOG_KEEP bytes stay in the page. A reader scrolled up keeps what they
 // read: the page grows to LOG_HOLD bytes, then holds newer output back undrawn
 // (its last LOG_KEEP bytes or so) until they come back down, when it replaces the page.
@@ -4766,22 +4766,26 @@ class LogView {
     this.pending = [];             // bytes received, not drawn yet
     this.open = new Uint8Array(0); // the last line, until its newline comes
     this.held = false;             // output waits in `pending` while the reader is up the page
-    this.bottomTop = null;         // scrollTop when last taken to the end (see following)
-    this.growth = new ResizeObserver(() => { if (this.following() && !this.atBottom()) this.toBottom(); });
+    this.pinned = true;            // following the end, until the reader scrolls up (see scrolled)
+    this.lastTop = 0;              // scrollTop when last seen
+    this.growth = new ResizeObserver(() => { if (this.pinned && !this.atBottom()) this.toBottom(); });
     this.ansi = ansiState();
     this.onOutput = this.onEnd = () => null;
-    this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.controls()});
+    this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.scrolled()});
     this.empty = h('span', {class: 'note'}, 'No output yet.');
     this.openEl = h('span', {class: 'open'});   // inline: it continues a line drawn in pieces
     this.pre.append(this.empty, this.openEl);
     this.live = h('span', {class: 'live', id: 'live', hidden: true}, 'live');
     this.earlierBtn = h('button', {type: 'button', id: 'earlier', class: 'small', hidden: true, onclick: () => this.earlier()});
     this.latestBtn = h('button', {type: 'button', id: 'latest', class: 'small', hidden: true, onclick: () => {
-      this.pre.scrollTop = this.pre.scrollHeight;
+      this.toBottom();
       this.pre.focus({preventScroll: true});
     }});
-    const wrap = h('input', {type: 'checkbox', id: 'wrap', checked: true,
-                             onchange: () => this.pre.classList.toggle('nowrap', !wrap.checked)});
+    const wrap = h('input', {type: 'checkbox', id: 'wrap', checked: true, onchange: () => {
+      const following = this.following();
+      this.pre.classList.toggle('nowrap', !wrap.checked);
+      if (following) this.toBottom();   // (else the browser keeps the line read in view)
+    }});
     this.element = h('section', {'aria-labelledby': 'log-h'},
       h('div', {class: 'loghead'}, h('h2', {id: 'log-h'}, 'Log'), this.live,
         h('div', {class: 'opts'}, h('label', {}, wrap, ' Wrap lines'))),
@@ -4793,14 +4797,23 @@ class LogView {
     return b.scrollHeight - b.scrollTop - b.clientHeight < 40;
   }
 
-  /** At the end, or not scrolled up since it was taken there: a block drawn
-   * there may have grown past its estimate (wrapped lines), leaving it short
-   * (and the browser's scroll anchoring may have moved it down). */
-  following() { return this.atBottom() || this.pre.scrollTop >= this.bottomTop; }
+  /** At the end, or taken there and not scrolled up since: a block drawn
+   * there may have grown past its estimate (wrapped lines), leaving it short. */
+  following() { return this.pinned || this.atBottom(); }
 
   toBottom() {
     this.pre.scrollTop = this.pre.scrollHeight;
-    this.bottomTop = this.pre.scrollTop;
+    this.pinned = true;
+    this.lastTop = this.pre.scrollTop;
+  }
+
+  /** The reader scrolled (or the browser did, keeping what they read in view). */
+  scrolled() {
+    const top = this.pre.scrollTop;
+    if (this.atBottom()) this.pinned = true;
+    else if (top < this.lastTop) this.pinned = false;   // up: reading
+    this.lastTop = top;
+    this.controls();
   }
 
   /** Follow the last group as it is drawn: it may grow past its estimate. */
@@ -5040,6 +5053,8 @@ class LogView {
       // taken up to the join, to what they asked for (which following would trim).
       const added = this.pre.scrollHeight - height;
       this.pre.scrollTop = following ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
+      this.pinned = false;   // (up there, they asked for it)
+      this.lastTop = this.pre.scrollTop;
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
       if (e.name !== 'AbortError') notify(`Could not load earlier output: ${e.message}`);
@@ -6115,9 +6130,6 @@ def run_client(args):
         return _fail(str(e), 2)
     if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
         return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
-    for stream in (sys.stdout, sys.stderr):  # a name a Latin-1 terminal cannot show: d\u2713
-        if stream is not None:
-            stream.reconfigure(errors="backslashreplace")
     project = "/api/v1/" + urllib.parse.quote(args.project)
     try:
         if args.command == "run":
@@ -6198,6 +6210,8 @@ def _say(text):
 
 def _print_fully(stream, text):
     """print(text) to the text stream `stream`, all of it (see _write_fully)."""
+    if not hasattr(stream, "buffer"):  # (a StringIO, say: embedded)
+        return print(text, file=stream, flush=True)
     stream.flush()
     _write_fully(stream.buffer, f"{text}\n".encode(stream.encoding, stream.errors))
 
@@ -6210,8 +6224,8 @@ def _write_fully(out, data):
         try:
             written = out.write(data)  # None: none of it (an unbuffered stream)
         except BlockingIOError as e:  # (a buffered stream: some of it, maybe)
-            written = None
             data = data[e.characters_written:]
+            written = None  # (so: wait)
         if written is None:
             _wait_for_room(out)
         else:
@@ -6346,7 +6360,7 @@ def _again(args, *words):
     was run (through python3 unless it can run itself), and a --url that
     the environment does not give."""
     me = sys.argv[0]
-    runs_itself = os.sep in me and os.access(me, os.X_OK) or shutil.which(me) == me
+    runs_itself = (os.sep in me and os.access(me, os.X_OK)) or shutil.which(me) == me
     url = ["--url", args.url] if args.url != _env("url", DEFAULT_URL) else []
     return shlex.join([*([] if runs_itself else ["python3"]), me, *words, *url])
 
@@ -6820,6 +6834,9 @@ def _fail(message, code):
 def main(argv=None):
     argv = with_command(sys.argv[1:] if argv is None else list(argv))
     args = parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a name a Latin-1 terminal cannot show: d\u2713
+        with contextlib.suppress(AttributeError):  # (None, or no text file: embedded)
+            stream.reconfigure(errors="backslashreplace")
     try:
         if args.command == "serve":
             logging.basicConfig(stream=sys.stderr, level=logging.INFO,

@@ -8432,6 +8432,20 @@ def assert_clear_failure(done, *patterns):
         assert re.search(pattern, message), (pattern, message)
 
 
+def test_adduser_on_a_terminal_that_cannot_show_the_folders_name_still_shows_the_token(
+        tmp_path):
+    # Only the client commands escaped what the terminal cannot show: adduser
+    # ended in a UnicodeEncodeError, with its database made and no user.
+    data_dir = tmp_path / "d\u00e9\u2713"
+    done = cli("adduser", "bob", "--data-dir", str(data_dir), env={"PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    assert "d\\xe9\\u2713" in done.stdout and "Traceback" not in done.stderr
+    token = done.stdout.strip().splitlines()[-1]
+    with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
+        assert db.execute("SELECT count(*) FROM users WHERE name = 'bob'").fetchone()[0] == 1
+    assert len(token) > 20
+
+
 @pytest.mark.parametrize("command", [["serve", "--port", "0"], ["adduser", "alice"],
                                      ["token", "alice"], ["backup", "copy.db"]])
 def test_a_data_folder_that_cannot_be_made_gets_a_one_line_message(tmp_path, command):
@@ -10193,6 +10207,51 @@ def test_load_earlier_while_following_a_fast_log_shows_what_it_loaded(page, dash
     numbers = numbers_in(page)
     assert first - 1 in numbers and numbers == list(range(numbers[0], numbers[-1] + 1))
     expect(page.locator("#latest")).to_be_visible()
+
+
+def at_end(page):
+    return log_of(page).evaluate("b => b.scrollHeight - b.scrollTop - b.clientHeight < 40")
+
+
+def test_load_earlier_on_a_running_build_leaves_the_reader_at_the_join(page, dash, tmp_path):
+    # Taken up to the join, the reader was taken back to the end at once (the
+    # page counted them as following while below where the end had been).
+    go = tmp_path / "go"
+    dash.project("join", command=f"seq -f '%0100g' 10000; "
+                                 f"while [ ! -e {go} ]; do sleep 0.05; done; echo after")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/join/builds")
+    path = f"/alice/join/builds/{build['id']}"
+    wait_until(lambda: dash.api("GET", path)["log_size"] == 10000 * 101)  # (opened on its tail)
+    page.goto(dash.url + "/#" + path)
+    expect(log_of(page)).to_contain_text("0" * 95 + "10000\n")
+    first = log_of(page).text_content().split("\n")[1]
+    page.locator("#earlier").click()
+    expect(log_of(page)).to_contain_text(f"{int(first) - 1:0100d}\n{first}\n")
+    go.touch()
+    expect(log_of(page)).to_contain_text("after")
+    expect(page.locator("#latest")).to_be_visible()
+    assert not at_end(page)
+
+
+def test_wrapping_turned_on_up_the_page_leaves_the_reader_where_they_read(page, dash, tmp_path):
+    # The taller text moved the view down (the browser keeps the line read in
+    # view), and that was taken for following: to the end.
+    go = tmp_path / "go"
+    dash.project("rewrap", command=f"for i in $(seq 600); do printf '%s %0300d\\n' $i 0; done; "
+                                   f"while [ ! -e {go} ]; do sleep 0.05; done; echo after")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/rewrap/builds")
+    page.goto(dash.url + f"/#/alice/rewrap/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("600 000")
+    page.locator("#wrap").uncheck()
+    log_of(page).evaluate("b => { b.scrollTop = b.scrollHeight - b.clientHeight - 600; }")
+    expect(page.locator("#latest")).to_be_visible()
+    page.locator("#wrap").check()
+    go.touch()
+    expect(log_of(page)).to_contain_text("after")
+    expect(page.locator("#latest")).to_be_visible()
+    assert not at_end(page)
 
 
 def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_show_safely(
