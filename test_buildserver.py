@@ -6008,11 +6008,14 @@ def test_a_project_delete_that_keeps_meeting_started_builds_gives_up_and_deletes
         configured):
     # Creates that came just before the 409s: the last of four rounds deleted
     # the rows all the same while one ran (a crash then left it running for good).
-    web, alice, project = configured(stop_grace=0.2, workers=4)
+    # Each round waits out the grace of builds that ignore SIGTERM: however
+    # busy the machine, more start meanwhile, each on a worker of its own.
+    web, alice, project = configured(stop_grace=0.5, workers=12)
     app = web.app
     row = app.store.project("alice", "app")
     user = app.store.user_by_name("alice")
-    fields = {"command": "sleep 60", "env": {}, "timeout": None, "is_managed": True}
+    fields = {"command": "trap '' TERM; sleep 60", "env": {}, "timeout": None,
+              "is_managed": True}
     deleting, started = threading.Event(), []
 
     def keep_starting():  # as creates past the check would, one at a time
