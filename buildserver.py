@@ -2067,7 +2067,7 @@ class Runner:
                     kill_at = members_at = None
                     emptied = True
                 else:  # woken when one ends; else looked at less often as it goes on
-                    if left and job.member_fd is None and job.watch_member(left[0]):
+                    if left and job.member_fd is None and job.watch_member(left[0]) is not None:
                         poller.register(job.member_fd, select.POLLIN)
                     members_wait = min(1.0, 2 * members_wait) if members_at else MEMBERS_SECONDS
                     members_at = now + members_wait
@@ -4750,8 +4750,8 @@ function timeline(statuses) {
 // still being written is redrawn as it grows, but for one past 64 KiB: that is
 // drawn as it comes, in pieces (inline blocks, laid out once each: with
 // wrapping off they read as one line, with it on each starts a row, until a
-// reload; a "\r" that writes the line again empties them). While the reader follows the end,
-// at most LOG_KEEP bytes stay in the page. A reader scrolled up keeps what they
+// reload; a "\r" that writes the line again empties them). While the reader
+// follows the end (see following), at most LOG_KEEP bytes stay in the page. A reader scrolled up keeps what they
 // read: the page grows to LOG_HOLD bytes, then holds newer output back undrawn
 // (its last LOG_KEEP bytes or so) until they come back down, when it replaces the page.
 
@@ -4773,7 +4773,7 @@ class LogView {
     this.onOutput = this.onEnd = () => null;
     this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.scrolled()});
     this.empty = h('span', {class: 'note'}, 'No output yet.');
-    this.openEl = h('span', {class: 'open'});   // inline: it continues a line drawn in pieces
+    this.openEl = h('span', {class: 'open'});   // an inline block: it continues a line in pieces
     this.pre.append(this.empty, this.openEl);
     this.live = h('span', {class: 'live', id: 'live', hidden: true}, 'live');
     this.earlierBtn = h('button', {type: 'button', id: 'earlier', class: 'small', hidden: true, onclick: () => this.earlier()});
@@ -4985,7 +4985,7 @@ class LogView {
     this.flush();
   }
 
-  /** A piece of a huge line, at the end: inline, so that it continues the pieces before it. */
+  /** A piece of a huge line, at the end: an inline block, continuing the pieces before it. */
   addPiece(text, bytes) {
     const el = h('span', {class: 'piece'}, ansiNodes(text, this.ansi, true));
     this.pre.insertBefore(el, this.openEl);
