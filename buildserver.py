@@ -4008,6 +4008,7 @@ ol.timeline { list-style: none; margin: 0 0 0 .75rem; padding: 0; border-left: 2
 .logbox .note { color: #8b96a5; font-style: italic; }
 .logbox .lines { content-visibility: auto; }
 .logbox .piece, .logbox .open { display: inline-block; vertical-align: top; }
+.logbox .open { overflow-anchor: none; }  /* kept in view, it took a reader up the page back down */
 #latest { position: absolute; right: 1rem; bottom: .75rem; box-shadow: 0 2px 8px rgba(0, 0, 0, .35); }
 #earlier { margin-bottom: .5rem; }
 
@@ -4775,6 +4776,7 @@ class LogView {
     this.empty = h('span', {class: 'note'}, 'No output yet.');
     this.openEl = h('span', {class: 'open'});   // an inline block: it continues a line in pieces
     this.pre.append(this.empty, this.openEl);
+    this.growth.observe(this.pre);   // a box made shorter (the window) leaves a follower short too
     this.live = h('span', {class: 'live', id: 'live', hidden: true}, 'live');
     this.earlierBtn = h('button', {type: 'button', id: 'earlier', class: 'small', hidden: true, onclick: () => this.earlier()});
     this.latestBtn = h('button', {type: 'button', id: 'latest', class: 'small', hidden: true, onclick: () => {
@@ -4811,7 +4813,7 @@ class LogView {
   scrolled() {
     const top = this.pre.scrollTop;
     if (this.atBottom()) this.pinned = true;
-    else if (top < this.lastTop) this.pinned = false;   // up: reading
+    else if (top < this.lastTop - 2) this.pinned = false;   // up: reading (not a box made shorter)
     this.lastTop = top;
     this.controls();
   }

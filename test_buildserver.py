@@ -10257,6 +10257,53 @@ def test_wrapping_turned_on_up_the_page_leaves_the_reader_where_they_read(page, 
     assert not at_end(page)
 
 
+def test_a_reader_up_the_page_while_a_huge_line_arrives_stays_there(page, dash, tmp_path):
+    # The browser kept the end of the line being drawn in view (scroll
+    # anchoring), which brought the reader back down to it within a second.
+    go = tmp_path / "go"
+    dash.project("anchor", command=python_command(
+        "import os, sys, time\nfor i in range(300): print('line %d' % i, 'y' * 100)\n"
+        "k = 0\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    sys.stdout.write('%06d' % k + 'z' * 2042); sys.stdout.flush(); time.sleep(0.02)\n"
+        "    k += 1\n"
+        "print(); print('end')"))
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/anchor/builds")
+    page.goto(dash.url + f"/#/alice/anchor/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("000150z", timeout=30_000)  # in pieces by now
+    log_of(page).scroll_into_view_if_needed()
+    box = log_of(page).bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -300)
+    expect(page.locator("#latest")).to_be_visible()
+    page.wait_for_timeout(1500)  # more of the line, drawn while the reader is up
+    expect(page.locator("#latest")).to_be_visible()
+    assert not at_end(page)
+    go.touch()
+
+
+def test_a_follower_whose_window_gets_shorter_keeps_following(page, dash, tmp_path):
+    # The shorter box moved the view up a pixel, which read as the reader
+    # scrolling up: new lines came out of sight.
+    go = tmp_path / "go"
+    dash.project("shrink", command=f"seq 1 2000; i=0; while [ ! -e {go} ]; do "
+                                   "i=$((i+1)); echo more $i; sleep 0.1; done; echo end")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/shrink/builds")
+    page.goto(dash.url + f"/#/alice/shrink/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("more 2\n")
+    page.set_viewport_size({"width": 1280, "height": 500})
+    text = log_of(page).text_content()
+    expect(log_of(page)).not_to_have_text(text)  # more came since
+    go.touch()
+    expect(log_of(page)).to_contain_text("end")
+    expect(page.locator("#latest")).to_be_hidden()
+    page.wait_for_function("() => { const b = document.getElementById('log');"
+                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
+                           timeout=5000)
+
+
 def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_show_safely(
         page, dash):
     dash.project("bars", command=(
