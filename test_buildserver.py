@@ -4953,52 +4953,32 @@ def test_a_stop_waits_out_no_grace_for_a_daemon_that_left_with_the_output(server
         kill_marked(f"BUILD_UUID={build['uuid']}")
 
 
-def test_a_database_of_the_release_whose_migration_9_had_no_backup_mark_starts_and_recovers(
-        server_factory, tmp_path):
-    # 54f2a08's migration 9 made no backup_taken table, which was added to it
-    # later, in place: no start could use a file that release made ("no such
-    # table: backup_taken"), and its builds stayed running.
-    data_dir = tmp_path / "first9"
+# Files of releases that shipped a migration later changed in place: each
+# said its version all the same, and no start could use it, its builds left
+# running. 465c72c made migration 8 without server_process.pid_namespace ("no
+# such column"); 54f2a08 made migration 9 without backup_taken ("no such table").
+@pytest.mark.parametrize("as_that_release, made_good", [
+    ("ALTER TABLE server_process DROP COLUMN pid_namespace; PRAGMA user_version = 8;",
+     "SELECT pid_namespace IS NOT NULL FROM server_process"),
+    ("DROP TABLE backup_taken; PRAGMA user_version = 9;",
+     "SELECT count(*) = 0 FROM backup_taken")])
+def test_a_database_of_a_release_whose_migration_changed_later_starts_and_kills_leftovers(
+        server_factory, tmp_path, as_that_release, made_good):
+    data_dir = tmp_path / "older"
     server, path, build = serving_a_running_build(server_factory, data_dir)
     marker = f"BUILD_UUID={build['uuid']}"
     try:
-        server.proc.kill()
+        server.proc.kill()  # killed: 465c72c recorded no namespace either
         server.wait()
         with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
-            db.executescript("DROP TABLE backup_taken; PRAGMA user_version = 9;")
-        restarted = server_factory(data_dir=data_dir)
-        restarted.token = server.token
-        assert server_final_build(restarted, path)["last_status"] == "failed"
-        wait_gone(marker)
-        with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == buildserver.SCHEMA_VERSION
-            assert db.execute("SELECT count(*) FROM backup_taken").fetchone()[0] == 0
-    finally:
-        kill_marked(marker)
-
-
-def test_a_database_migrated_by_the_first_release_of_migration_8_starts_and_kills_leftovers(
-        server_factory, tmp_path):
-    # 465c72c made migration 8 without server_process.pid_namespace, which was
-    # added to it later, in place: a file it migrated said 8 all the same, and
-    # no start could use it ("no such column: pid_namespace").
-    data_dir = tmp_path / "first8"
-    server, path, build = serving_a_running_build(server_factory, data_dir)
-    marker = f"BUILD_UUID={build['uuid']}"
-    try:
-        server.proc.kill()  # as that release, killed: it recorded no namespace
-        server.wait()
-        with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
-            db.execute("ALTER TABLE server_process DROP COLUMN pid_namespace")
-            db.execute("PRAGMA user_version = 8")
-            db.commit()
+            db.executescript(as_that_release)
         restarted = server_factory(data_dir=data_dir)
         restarted.token = server.token
         assert server_final_build(restarted, path)["last_status"] == "failed"
         wait_gone(marker)  # (no namespace recorded is no other container's)
         with contextlib.closing(sqlite3.connect(data_dir / "buildserver.db")) as db:
             assert db.execute("PRAGMA user_version").fetchone()[0] == buildserver.SCHEMA_VERSION
-            assert db.execute("SELECT pid_namespace FROM server_process").fetchone()[0]
+            assert db.execute(made_good).fetchone()[0]
     finally:
         kill_marked(marker)
 
