@@ -6123,6 +6123,8 @@ def run_client(args):
     """The client commands; returns the exit code."""
     if flag := _not_text(args):  # it would reach the server as escapes never typed
         return _fail(f"{flag} holds bytes that are no UTF-8 text", 2)
+    if args.token == "":  # `--token "$TOKEN"` of an unset variable: not the environment's
+        return _fail("--token is empty", 2)
     token = args.token or _env("token", "")
     if not token:  # (the server's 401 would tell of an HTTP header)
         return _fail("no token: set BUILDSERVER_TOKEN, or give --token", 2)
@@ -6325,7 +6327,7 @@ def _run_build(client, project, args):
     # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
     if args.json:
         _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
-    why = "" if build["last_status"] == "succeeded" else _why(client, path)
+    why = "" if build["last_status"] == "succeeded" else _why(client, path, build["last_status"])
     _note(f"{out.apart_on(sys.stderr)}build {build['id']}: {build['last_status']}{why}")
     return client_exit_code(build)
 
@@ -6367,12 +6369,14 @@ def _again(args, *words):
     return shlex.join([*([] if runs_itself else ["python3"]), me, *words, *url])
 
 
-def _why(client, path):
-    """ (what its last status says), when it says something; best effort."""
-    with contextlib.suppress(Unreachable, ClientError, KeyError, TypeError):
+def _why(client, path, status):
+    """ (what its last status says), when it says something; best effort.
+    (Not its `status: ` again, as a shutdown's `stopped: the server shut down`.)"""
+    with contextlib.suppress(Unreachable, ClientError, KeyError, TypeError, AttributeError):
         last = client.call("GET", f"{path}/statuses?limit=1000")["results"][-1]
-        if last["message"]:
-            return f" ({_printable(last['message'])})"
+        said = (last["message"] or "").removeprefix(f"{status}: ")
+        if said:
+            return f" ({_printable(said)})"
     return ""
 
 

@@ -6121,7 +6121,7 @@ def test_run_whose_server_shuts_down_says_its_build_was_stopped_and_exits_1(serv
     if through != "loopback":
         proxy.close()
     assert proc.returncode == 1, err
-    assert err.decode().splitlines()[-1] == "build 1: stopped (stopped: the server shut down)", err
+    assert err.decode().splitlines()[-1] == "build 1: stopped (the server shut down)", err
     assert served.wait(timeout=30) == 0
 
 
@@ -6230,6 +6230,13 @@ def test_a_client_with_no_token_says_where_to_put_one(served, token):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr == "buildserver: no token: set BUILDSERVER_TOKEN, or give --token\n"
+
+
+def test_an_empty_token_option_is_refused_not_replaced_by_the_environments(served):
+    # `--token "$TOKEN"` of an unset variable acted with BUILDSERVER_TOKEN's token.
+    done = client(served, "run", "admin/app", "--token", "", "--command", "true")
+    assert (done.returncode, done.stderr) == (2, b"buildserver: --token is empty\n")
+    assert served.json("GET", "/api/v1/admin/app/builds")[1]["count"] == 0
 
 
 def test_status_shows_the_code_reference_that_run_recorded(served):
