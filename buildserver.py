@@ -4831,7 +4831,7 @@ class LogView {
     const from = Math.max(0, build.log_size - LOG_PAGE);
     const page = await api(`${this.path}/logs?format=json&offset=${from}&limit=${LOG_PAGE}`);
     if (!page.complete && !page.text.includes('\n')) {   // a line still being written: the stream brings it
-      this.start = this.end = page.offset;
+      this.start = this.end = await charStart(this.path, page.offset);
       return false;
     }
     const [skip, text] = page.offset > 0 ? await dropPartialLine(page.text, this.path, page.offset)
@@ -5036,9 +5036,9 @@ class LogView {
   /** Prepend the LOG_PAGE bytes before `start`, keeping what the reader sees in place. */
   async earlier() {
     const end = this.start;
-    const from = Math.max(0, end - LOG_PAGE);
     this.earlierBtn.disabled = true;
     try {
+      const from = await charStart(this.path, end - LOG_PAGE);
       let text = '', pos = from;
       while (pos < end) {   // a running build's page stops at a line's end: fetch the rest
         const page = await api(`${this.path}/logs?format=json&offset=${pos}&limit=${end - pos}`);
@@ -5099,6 +5099,17 @@ async function dropPartialLine(text, path, from) {
     if (raw.indexOf(10) >= 0) skip = raw.indexOf(10) + 1;
   }
   return [skip, text.slice(nl + 1)];
+}
+
+/** The offset of the first character of the log at `path` that starts at or
+ * after `offset` (0 if that is before the log's start): a page that began
+ * inside one would show its bytes as U+FFFD, and the page before it whole. */
+async function charStart(path, offset) {
+  if (offset <= 0) return 0;
+  const raw = await logBytes(path, offset, 3);
+  let stray = 0;
+  while (stray < raw.length && (raw[stray] & 0xc0) === 0x80) stray++;   // continuation bytes
+  return offset + stray;
 }
 
 /** At most `limit` of the stored bytes of the log at `path` from byte `offset`. */

@@ -10020,6 +10020,24 @@ def test_a_line_longer_than_a_page_is_shown_and_loaded_whole(page, dash):
     assert log_of(page).text_content() == "x" * 300000 + "\n"
 
 
+def test_a_long_line_of_wide_characters_still_being_written_loads_without_stray_bytes(page, dash):
+    # The page began at a byte offset inside a character: the view started
+    # with U+FFFD, and "Load earlier" showed the character whole as well.
+    dash.project("wide-live")
+    path = f"/alice/wide-live/builds/{dash.api('POST', '/alice/wide-live/builds', {'is_managed': False})['id']}"
+    dash.api("POST", path + "/statuses", {"status": "running"})
+    line = "€" * 100000  # 300 000 bytes, and 300 000 - 256 KiB falls inside a €
+    dash.api("POST", path + "/logs", line)
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text("€€€€")
+    assert "\ufffd" not in log_of(page).text_content()
+    load_all_of_the_log(page)
+    assert log_of(page).text_content() == line
+    dash.api("POST", path + "/logs", "\ndone\n")
+    expect(log_of(page)).to_have_text(line + "\ndone\n")
+
+
 def visual_lines(page):
     """How many lines the text of the log takes on screen (a block starts one)."""
     return log_of(page).evaluate(
