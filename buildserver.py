@@ -4784,9 +4784,10 @@ class LogView {
       this.pre.focus({preventScroll: true});
     }});
     const wrap = h('input', {type: 'checkbox', id: 'wrap', checked: true, onchange: () => {
-      const following = this.following();
+      const following = this.following(), read = following ? null : this.readAt();
       this.pre.classList.toggle('nowrap', !wrap.checked);
-      if (following) this.toBottom();   // (else the browser keeps the line read in view)
+      if (following) this.toBottom();
+      else if (read) this.keepInView(...read);   // (text made shorter can leave the view past its end)
     }});
     this.element = h('section', {'aria-labelledby': 'log-h'},
       h('div', {class: 'loghead'}, h('h2', {id: 'log-h'}, 'Log'), this.live,
@@ -4816,6 +4817,19 @@ class LogView {
     else if (top < this.lastTop - 2) this.pinned = false;   // up: reading (not a box made shorter)
     this.lastTop = top;
     this.controls();
+  }
+
+  /** The character at the top left of the box, and how far down the box it is (or null). */
+  readAt() {
+    const box = this.pre.getBoundingClientRect();
+    const at = caretAt(box.left + 8, box.top + 8);
+    return at && this.pre.contains(at.startContainer) ? [at, at.getBoundingClientRect().top - box.top] : null;
+  }
+
+  /** Scroll the character of `range` back to `down` pixels below the box's top. */
+  keepInView(range, down) {
+    this.pre.scrollTop += range.getBoundingClientRect().top - this.pre.getBoundingClientRect().top - down;
+    this.lastTop = this.pre.scrollTop;
   }
 
   /** Follow the last group as it is drawn: it may grow past its estimate. */
@@ -5110,6 +5124,23 @@ async function charStart(path, offset) {
   let stray = 0;
   while (stray < raw.length && (raw[stray] & 0xc0) === 0x80) stray++;   // continuation bytes
   return offset + stray;
+}
+
+/** A range holding the character at the point (x, y) of the window, or null. */
+function caretAt(x, y) {
+  let node, offset;
+  if (document.caretPositionFromPoint) {
+    const at = document.caretPositionFromPoint(x, y);
+    [node, offset] = at ? [at.offsetNode, at.offset] : [];
+  } else if (document.caretRangeFromPoint) {   // (Safari)
+    const at = document.caretRangeFromPoint(x, y);
+    [node, offset] = at ? [at.startContainer, at.startOffset] : [];
+  }
+  if (!node || node.nodeType !== Node.TEXT_NODE || !node.length) return null;
+  const range = document.createRange(), at = Math.min(offset, node.length - 1);
+  range.setStart(node, at);
+  range.setEnd(node, at + 1);
+  return range;
 }
 
 /** At most `limit` of the stored bytes of the log at `path` from byte `offset`. */

@@ -10264,6 +10264,31 @@ def test_wrapping_turned_on_up_the_page_leaves_the_reader_where_they_read(page, 
     assert not at_end(page)
 
 
+def first_line_in_view(page):
+    """The text of the log's line at the top of its box."""
+    return log_of(page).evaluate(
+        "b => { const r = b.getBoundingClientRect(), p = document.caretRangeFromPoint(r.left + 8, r.top + 8);"
+        " const t = p.startContainer.data || '', s = t.lastIndexOf('\\n', p.startOffset - 1) + 1;"
+        " const e = t.indexOf('\\n', s); return t.slice(s, e < 0 ? t.length : e); }")
+
+
+def test_wrapping_turned_off_up_the_page_leaves_the_reader_where_they_read(page, dash):
+    # The shorter text left the view past its end: the reader was taken there.
+    dash.project("unwrap", command="for i in $(seq 600); do printf '%s %0300d\\n' $i 0; done")
+    build = dash.final_build(f"/alice/unwrap/builds/{dash.api('POST', '/alice/unwrap/builds')['id']}")
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/unwrap/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("600 000")
+    log_of(page).evaluate("b => { b.scrollTop = b.scrollHeight * 0.6; }")
+    expect(page.locator("#latest")).to_be_visible()
+    read = int(wait_until(lambda: first_line_in_view(page), message="the lines drawn").split()[0])
+    page.locator("#wrap").uncheck()
+    page.wait_for_timeout(300)  # (any scroll the browser makes is done)
+    now = wait_until(lambda: first_line_in_view(page), message="the lines drawn")
+    assert abs(int(now.split()[0]) - read) <= 1, (read, now)
+    assert not at_end(page)
+
+
 def test_a_reader_up_the_page_while_a_huge_line_arrives_stays_there(page, dash, tmp_path):
     # The browser kept the end of the line being drawn in view (scroll
     # anchoring), which brought the reader back down to it within a second.
