@@ -5380,12 +5380,9 @@ def serve(config):
             threading.Thread(target=shut_down, name="shutdown").start()
 
     # Before any build starts, so that a signal always stops builds cleanly.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # SIGHUP: the terminal it ran in was closed; its builds, in sessions of
-    # their own, would outlive it unsupervised. Unless told to ignore it (nohup).
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, on_signal)
+    _take_stop_signals(on_signal)
+    if _early_signals:  # (it came while the server was being set up)
+        on_signal(_early_signals[0], None)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
         token = fresh_token()
         try:  # shown first: a token that cannot be shown leaves no admin
@@ -5426,6 +5423,28 @@ def serve(config):
     app.close()
     log.info("stopped")
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_early_signals = []  # those that came before serve() could act on them
+
+
+def _take_stop_signals(handler):
+    """Have `handler` take SIGTERM, SIGINT and SIGHUP. SIGHUP: the terminal
+    it ran in was closed; its builds, in sessions of their own, would outlive
+    it unsupervised. Unless told to ignore it (nohup)."""
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
+def _hold_stop_signals(hold):
+    """Keep stop signals pending (or no longer): one that came while this
+    process replaced itself (serve_as_module) or started would have ended it
+    before it could stop anything, where `serve` promises an exit of 0.
+    (A blocked signal stays pending across exec.)"""
+    with contextlib.suppress(AttributeError, OSError):  # (no pthread_sigmask)
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _loopback(address):
@@ -6887,6 +6906,8 @@ def main(argv=None):
             stream.reconfigure(errors="backslashreplace")
     try:
         if args.command == "serve":
+            _take_stop_signals(lambda signum, frame: _early_signals.append(signum))
+            _hold_stop_signals(False)  # (held while this process replaced itself)
             logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             # A line per request: skip what the format never shows (the logging
@@ -6926,5 +6947,6 @@ MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
 
 if __name__ == "__main__":
     if __spec__ is None and with_command(sys.argv[1:])[0] == "serve":  # a script, not -m
+        _hold_stop_signals(True)
         serve_as_module()
     sys.exit(main())

@@ -4998,6 +4998,25 @@ def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_
         server.stop()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_server_starts_ends_it_with_0(tmp_path, signum):
+    # A signal while the server replaced itself with a fresh Python (to run
+    # as a module) or set itself up ended it by the signal, or with a
+    # traceback, where SIGTERM and SIGINT promise an exit of 0.
+    proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir",
+                             str(tmp_path / "d")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: b"\0-c\0" in type(tmp_path)(f"/proc/{proc.pid}/cmdline").read_bytes(),
+                   interval=0.001, message="the fresh Python")
+        proc.send_signal(signum)  # while it starts: before its handlers are set
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"stopped" in err, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
                          ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_shutdown_signal_stops_running_builds_keeps_waiting_ones_and_flushes_followers(
