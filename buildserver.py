@@ -934,6 +934,9 @@ class Store:
     def project(self, owner, name):
         return self.db.one(PROJECT_SELECT + " WHERE u.name = ? AND p.name = ?", (owner, name))
 
+    def project_by_id(self, project_id):
+        return self.db.one(PROJECT_SELECT + " WHERE p.id = ?", (project_id,))
+
     def projects(self, owner_id, limit, offset):
         with self.db.snapshot():
             count = self.db.one("SELECT count(*) FROM projects WHERE owner_id = ?",
@@ -3292,7 +3295,8 @@ def patch_project(app, user, username, project_name):
     fields = validate(read_json(empty_ok=True), PROJECT_PATCH)
     if fields:
         app.store.update_project(project["id"], fields)
-    return project_json(still_there(app.store.project(username, project_name)))
+    # By its id: a namesake made meanwhile is another project, which this changed nothing of.
+    return project_json(still_there(app.store.project_by_id(project["id"])))
 
 
 @token_required
@@ -3465,6 +3469,7 @@ def set_code_reference(app, user, username, project_name, build_id):
     fields = validate(read_json(empty_ok=True), CODE_REFERENCE)
     reference = {name: fields.get(name) for name in CODE_REFERENCE}
     app.store.update_build(build["id"], {"code_reference": reference})
+    still_there(app.store.build(build["id"]))  # (else nothing was recorded)
     return created(reference)
 
 
@@ -3521,6 +3526,8 @@ def restart_build(app, user, username, project_name, build_id):
     """A new build with the same command, env, timeout, name and tags."""
     build = _build(app, username, project_name, build_id)
     project = _project(app, username, project_name)
+    if project["id"] != build["project_id"]:  # a namesake made since the build was looked up
+        raise ApiError(404, DELETED_MEANWHILE)
     fields = {"command": build["command"], "env": json.loads(build["env"]),
               "timeout": build["timeout"], "name": build["name"],
               "tags": json.loads(build["tags"]), "is_managed": bool(build["is_managed"])}

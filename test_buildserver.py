@@ -3373,6 +3373,66 @@ def test_a_build_whose_job_cannot_be_made_fails_even_if_stopped_meanwhile(
     assert entries["results"][-1]["message"] == "could not start: [Errno 24] Too many open files"
 
 
+def made_again_meanwhile(app, name="app"):
+    """Delete alice's project `name` and make a namesake of it, as another
+    client may while a request runs; returns the namesake's row."""
+    old = app.store.project("alice", name)
+    assert app.store.delete_project(old["id"])
+    assert app.store.create_project(old["owner_id"], {"name": name, "command": "echo new"}) is None
+    return app.store.project("alice", name)
+
+
+def test_a_patch_of_a_project_made_again_meanwhile_changes_neither_and_says_so(
+        web, alice, project, app, monkeypatch):
+    # It answered 200 with the namesake, which it had not changed: the change was lost.
+    update = app.store.update_project
+
+    def made_again_first(project_id, fields):
+        made_again_meanwhile(app)
+        return update(project_id, fields)
+    monkeypatch.setattr(app.store, "update_project", made_again_first)
+    answer = web.patch_json(project, {"timeout": 60}, headers=auth(alice), status=404)
+    assert answer.json["detail"] == buildserver.DELETED_MEANWHILE
+    monkeypatch.undo()
+    assert ok(web.get(project, headers=auth(alice)))["timeout"] is None
+
+
+def test_a_code_reference_of_a_build_deleted_meanwhile_is_not_said_to_be_recorded(
+        web, alice, project, app, monkeypatch):
+    build = post_build(web, alice, project, {"command": "true"})
+    path = f"{project}/builds/{build['id']}"
+    final_build(web, alice, path)
+    update = app.store.update_build
+
+    def deleted_first(build_id, fields):
+        app.store.delete_build(build_id)
+        return update(build_id, fields)
+    monkeypatch.setattr(app.store, "update_build", deleted_first)
+    answer = web.post_json(path + "/coderef", {"commit": "abcdef1"}, headers=auth(alice),
+                           status=404)
+    assert answer.json["detail"] == buildserver.DELETED_MEANWHILE
+
+
+def test_a_restart_whose_project_was_made_again_meanwhile_copies_nothing_into_the_new_one(
+        web, alice, project, app, monkeypatch):
+    # The namesake got a copy of a build of the deleted project, and ran its command.
+    build = post_build(web, alice, project, {"command": "echo from the old project"})
+    path = f"{project}/builds/{build['id']}"
+    final_build(web, alice, path)
+    build_at = app.store.build_at
+
+    def made_again_after(owner, name, number):
+        found = build_at(owner, name, number)
+        if found is not None:
+            made_again_meanwhile(app)
+        return found
+    monkeypatch.setattr(app.store, "build_at", made_again_after)
+    answer = web.post(path + "/restart", headers=auth(alice), status=404)
+    assert answer.json["detail"] == buildserver.DELETED_MEANWHILE
+    monkeypatch.undo()
+    assert ok(web.get(project + "/builds", headers=auth(alice)))["count"] == 0
+
+
 def idle_workers(app, count):
     wait_until(lambda: app.runner._idle == count, message=f"{count} idle workers")
 
