@@ -5357,7 +5357,7 @@ def serve(config):
     from waitress import wasyncore
 
     _make_private_dir(config.data_dir)
-    lock = open(os.path.join(config.data_dir, SERVE_LOCK), "w")
+    lock = open(_serve_lock(config.data_dir), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -6740,7 +6740,8 @@ def backup(db_path, dest):
         # answered for afterwards would be lost.
         return _fail(f"{dest} is the database itself (or one of its files): "
                      "name a file outside the data folder", 2)
-    if _names_one_of(dest, [os.path.join(os.path.dirname(db_path), SERVE_LOCK)]):
+    if _names_one_of(dest, [os.path.join(os.path.dirname(db_path), SERVE_LOCK),
+                            _serve_lock(os.path.dirname(db_path))]):
         return _fail(f"{dest} is the lock that keeps a second server off the data folder: "
                      "name a file outside the data folder", 2)
     if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
@@ -6852,7 +6853,11 @@ def manage_users(args):
                 return _fail(f"the user {same['name']!r} exists already", 2)
             _show_token(f"Created the user {args.name!r}{' (admin)' if args.admin else ''} "
                         f"in {os.path.abspath(args.data_dir)}. Its token, shown only now:", token)
-            if store.create_user(args.name, is_admin=args.admin, token=token) is None:
+            try:
+                made = store.create_user(args.name, is_admin=args.admin, token=token)
+            except sqlite3.Error as e:
+                return _fail(f"{_unrecorded(args.data_dir, e)}; the user was not made", 1)
+            if made is None:
                 return _fail(f"the user {args.name!r} was made meanwhile by another command; "
                              "the token above was not recorded", 2)
         else:
@@ -6860,7 +6865,10 @@ def manage_users(args):
             if user is None:
                 return _fail(f"there is no user {args.name!r}", 2)
             _show_token(f"New token for {args.name!r}; the earlier ones no longer work:", token)
-            store.new_token(user["id"], token)
+            try:
+                store.new_token(user["id"], token)
+            except sqlite3.Error as e:
+                return _fail(f"{_unrecorded(args.data_dir, e)}; the earlier ones still work", 1)
         return 0
     except OutputFailed as e:
         return _fail(f"cannot show {e.what}: {e}", EXIT_OUTPUT_FAILED)
@@ -6868,11 +6876,23 @@ def manage_users(args):
         db.close()
 
 
+def _unrecorded(data_dir, error):
+    """What to say when a token shown already could not be recorded (a full disk)."""
+    return f"cannot use the database in {data_dir}: {error}: the token above was not recorded"
+
+
+def _serve_lock(data_dir):
+    """The lock a server holds: beside the database a link there leads to (a
+    second data folder linked to it must not take the first for crashed)."""
+    return os.path.join(os.path.dirname(os.path.realpath(os.path.join(data_dir, DB_FILE))),
+                        SERVE_LOCK)
+
+
 def _served(data_dir):
     """Whether a server holds the data folder (its serve.lock)."""
     import fcntl
     try:
-        with open(os.path.join(data_dir, SERVE_LOCK), "rb") as lock:
+        with open(_serve_lock(data_dir), "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True

@@ -4961,6 +4961,36 @@ def test_a_start_that_cannot_write_beside_the_database_never_calls_it_no_databas
     assert refused.returncode == 1 and "is not a SQLite database" in refused.stderr, refused
 
 
+@pytest.mark.parametrize("command", ["adduser", "token"])
+def test_a_token_shown_but_not_recorded_on_a_full_disk_is_said_to_be_dead(tmp_path, command):
+    # The token was printed, then its write failed: the only word was the
+    # database's error, after "the earlier ones no longer work".
+    data_dir = str(tmp_path / "full")
+    server = Server(data_dir).start()
+    server.stop()  # (no -wal or -shm left)
+    one_page_may_be_written = lambda: resource.setrlimit(  # noqa: E731 (the -shm fits, a commit not)
+        resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))
+    name = "carol" if command == "adduser" else "admin"
+    done = subprocess.run([sys.executable, SCRIPT, command, name, "--data-dir", data_dir],
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=one_page_may_be_written)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done
+    assert "shown only now" in done.stdout or "New token" in done.stdout, done.stdout
+    said = {"adduser": "the token above was not recorded; the user was not made\n",
+            "token": "the token above was not recorded; the earlier ones still work\n"}[command]
+    assert done.stderr.startswith("buildserver: cannot use the database in ") and \
+        done.stderr.endswith(said), done.stderr
+    again = Server(data_dir).start()
+    try:
+        again.token = server.token
+        assert again.json("GET", "/api/v1/admin")[0] == 200  # the earlier token still works
+        assert again.json("GET", "/api/v1/carol")[0] == 404
+        printed = done.stdout.split()[-1]
+        assert again.json("GET", "/api/v1/admin", token=printed)[0] == 401
+    finally:
+        again.stop()
+
+
 NEW_GROUP = (  # `sh -c CMD` in a process group of its own, in the build's session (no setsid)
     "python3 -c 'import os, sys; os.setpgid(0, 0); os.execvp(\"sh\", [\"sh\", \"-c\", sys.argv[1]])'")
 
@@ -5195,6 +5225,21 @@ def serving_a_running_build(server_factory, data_dir, *args, wrap=(),
     path = f"{project_path}/builds/{build['id']}"
     server_wait_for_log(server, path, b"ready")
     return server, path, build
+
+
+def test_a_second_data_folder_whose_database_links_to_a_live_one_starts_no_server(
+        server_factory, tmp_path):
+    # Its serve.lock was its own: it started, took the live server for one
+    # that had crashed (after one start of its own), and killed its builds.
+    server, path, build = serving_a_running_build(server_factory, tmp_path / "live")
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    os.symlink(os.path.join(server.data_dir, "buildserver.db"), other / "buildserver.db")
+    for _ in range(2):
+        second = cli("serve", "--port", "0", "--data-dir", str(other))
+        assert second.returncode == 1 and "another server is using" in second.stderr, second
+    assert server.json("GET", path)[1]["last_status"] == "running"
+    assert cli("adduser", "carol", "--data-dir", str(other)).returncode == 0  # (as beside it)
 
 
 def backed_up_into(server, staging):
