@@ -861,12 +861,16 @@ def _whole_characters(stored, data, room):
     """How many bytes of `data` to keep, about `room`, so that the log, which
     ends with `stored`, ends with a whole UTF-8 character: fewer when one begun
     in `data` would be cut in two, up to 3 more when one begun in `stored`
-    would (what is stored may have been sent already: it stays)."""
+    would (what is stored may have been sent already: it stays), as far as
+    `data` continues it."""
     joined = stored + bytes(data[:room + 3])
     cut = _utf8_boundary(joined[:len(stored) + room])
     if cut >= len(stored):
         return cut - len(stored)
-    return min(len(data), cut + _utf8_length(joined[cut]) - len(stored))
+    keep, end = len(stored), min(len(joined), cut + _utf8_length(joined[cut]))
+    while keep < end and joined[keep] & 0xC0 == 0x80:  # continuation bytes
+        keep += 1
+    return keep - len(stored)
 
 
 def _utf8_boundary(data):

@@ -1714,6 +1714,9 @@ def test_log_past_max_log_bytes_is_truncated_with_one_line_saying_so(small_logs)
     ([b"x" * 62 + "\u20ac".encode()], b"x" * 62 + b"\n"),  # the cap fell inside the euro
     # ... begun in an earlier write, which may have been sent: it is finished
     ([b"x" * 62 + b"\xe2", b"\x82\xacmore"], b"x" * 62 + "\u20ac".encode() + b"\n"),
+    # ... but only by what continues it: these bytes begin characters of their own
+    ([b"x" * 63 + b"\xf0", b"AAAA"], b"x" * 63 + b"\xf0\n"),
+    ([b"x" * 62 + b"\xe2\x82", b"ABCD"], b"x" * 62 + b"\xe2\x82\n"),
     ([b"x" * 63 + b"\n", b"more"], b"x" * 63 + b"\n"),  # no empty line: the log ended one
     ([b"x" * 60 + b"abc\n", b"more"], b"x" * 60 + b"abc\n"),
     ([b"x" * 50 + b"\n" + b"y" * 10, b"yyyyy"], b"x" * 50 + b"\n" + b"y" * 13 + b"\n"),
