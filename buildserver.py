@@ -114,6 +114,7 @@ HEAD_SECONDS = 30.0          # a request's head (line and headers) must arrive w
                              # (the first one: from the connection's accept)
 FOLLOW_BACKLOG = 1 * MiB     # a follower's output waiting for its client, at most
 FOLLOW_STALL_SECONDS = 60.0  # a follower whose client takes nothing for this long ends
+ANSWER_STALL_SECONDS = 60.0  # so does any answer (checked every 30 s: closed within 90)
 SHUTDOWN_SECONDS = 10.0      # a shutdown waits this long for requests that wait on builds
 FOLLOW_SHUTDOWN_SECONDS = 8.0  # of which followers have this long for the rest
 SHUTDOWN_STALL_SECONDS = 3.0   # ... unless their client takes nothing for this long
@@ -5504,11 +5505,18 @@ def http_server(app, config):
         idle_channels_closed(now)
         app.db.replaced()
         app.throttle.forget_quiet()
-        overdue = time.monotonic() - HEAD_SECONDS
+        overdue, stalled = time.monotonic() - HEAD_SECONDS, now - ANSWER_STALL_SECONDS
         for channel in list(server.active_channels.values()):
             if channel.head_began is not None and channel.head_began < overdue and \
                     not channel.requests:  # (a head read ahead of an answer may wait)
                 channel.will_close = True  # a slow-loris: its head trickles in
+            elif channel.total_outbufs_len and channel.last_activity < stalled:
+                # Its client takes nothing of what waits for it (a log, say, held
+                # in memory or a temporary file): waitress closes a connection
+                # only once it can write to it, which would be never.
+                log.warning("a client took nothing of its answer for %.0f s: connection closed",
+                            now - channel.last_activity)
+                channel.handle_close()
     server.maintenance = maintenance
     dispatcher.set_thread_count(config.threads)  # once listening: no threads left on a failure
     return server

@@ -4596,6 +4596,47 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
             conn.close()
 
 
+@pytest.mark.parametrize("query", ["", "?format=json&limit=4194304"], ids=["text", "json"])
+def test_a_connection_whose_client_takes_nothing_of_a_log_is_closed(tmp_path, monkeypatch,
+                                                                     query):
+    # Only followers were cut off: a download or a JSON page (4 MiB of control
+    # bytes: 24 MiB of JSON) that its client never read held its memory, or a
+    # temporary file, for as long as the client liked.
+    monkeypatch.setattr(buildserver, "ANSWER_STALL_SECONDS", 1.0)
+    config = buildserver.Config(data_dir=str(tmp_path / "d"), port=0)
+    with served_here(config) as (app, server):
+        server.adj.cleanup_interval = 0.2
+        server.next_channel_cleanup = 0
+        address = ("127.0.0.1", server.effective_port)
+        token = app.store.create_user("root", is_admin=True)
+        api = http.client.HTTPConnection(*address, timeout=30)
+        headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+
+        def ask(method, path, body=b""):
+            api.request(method, path, body=body, headers=headers)
+            response = api.getresponse()
+            return response.status, response.read()
+        assert ask("POST", "/api/v1/root", b'{"name": "app"}')[0] == 201
+        assert ask("POST", "/api/v1/root/app/builds", b'{"is_managed": false}')[0] == 201
+        path = "/api/v1/root/app/builds/1"
+        for _ in range(8):
+            assert ask("POST", path + "/logs", b"\x01" * MiB)[0] == 200
+        stalled = socket.create_connection(address, timeout=30)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        stalled.sendall(f"GET {path}/logs{query} HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Token {token}\r\n\r\n".encode())
+        mine = stalled.getsockname()
+        wait_until(lambda: any(tuple(c.addr) == mine and c.total_outbufs_len
+                               for c in list(server.active_channels.values())),
+                   message="its answer to wait for it")
+        wait_until(lambda: all(tuple(c.addr) != mine
+                               for c in list(server.active_channels.values())),
+                   timeout=30, message="the server to close the stalled connection")
+        # A keep-alive connection with nothing waiting for it is no stalled one.
+        assert ask("GET", path)[0] == 200
+        stalled.close()
+
+
 def test_requests_one_after_another_are_served_by_the_thread_that_went_idle_last(tmp_path):
     # waitress alone wakes the thread idle longest, so that one client's
     # requests go round every thread, each with cold caches.
