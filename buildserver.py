@@ -6211,7 +6211,7 @@ def run_client(args):
     try:
         client = Client(args.url, token)
     except ValueError as e:
-        return _fail(str(e), 2)
+        return _fail(f"{e}{_from_where(args.url)}", 2)
     if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
         return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
     project = "/api/v1/" + urllib.parse.quote(args.project)
@@ -6581,13 +6581,43 @@ SERVER_COMMANDS = ("serve", "adduser", "token", "backup")
 CLIENT_COMMANDS = ("run", "status", "logs", "stop", "builds")
 
 
+class _FromEnvironment(str):
+    """A value read from the environment: what is wrong with it names the
+    variable (argparse names the option, which was never given)."""
+    variable = ""
+
+
 def _env(name, default):
-    return os.environ.get(f"BUILDSERVER_{name.upper()}", default)
+    variable = f"BUILDSERVER_{name.upper()}"
+    if variable not in os.environ:
+        return default
+    value = _FromEnvironment(os.environ[variable])
+    value.variable = variable
+    return value
+
+
+def _from_where(text):
+    """ (from BUILDSERVER_...) for a value read from the environment."""
+    return f" (from {text.variable})" if isinstance(text, _FromEnvironment) else ""
+
+
+def _says_where(parse):
+    """An argparse type whose errors name the variable a default came from."""
+    @functools.wraps(parse)
+    def parse_naming_its_source(text):
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}{_from_where(text)}") from None
+    return parse_naming_its_source
 
 
 def _positive(kind, most=None, least=0):
+    @_says_where
     def parse(text):
         try:
+            if not text.isascii():  # int() takes other scripts' digits: "１２" for 12
+                raise ValueError(text)
             value = kind(text)
         except ValueError:  # (argparse would say "invalid parse value")
             raise argparse.ArgumentTypeError(
@@ -6603,6 +6633,7 @@ def _positive(kind, most=None, least=0):
     return parse
 
 
+@_says_where
 def _ip_address(text):
     """An IP address (waitress compares it with the connection's; "*" would
     trust everyone, and a host name would never match)."""
@@ -6682,6 +6713,7 @@ def parser():
 
 
 def _data_dir_option(parser, text):
+    @_says_where
     def folder(path):
         if not path:
             raise argparse.ArgumentTypeError("must name a folder, not be empty")

@@ -2491,8 +2491,12 @@ def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_p
 
 
 @pytest.mark.parametrize("args, env, says", [
-    (["--workers", "abc"], {}, "--workers: must be a whole number: abc"),
-    ([], {"BUILDSERVER_STOP_GRACE": "soon"}, "--stop-grace: must be a number: soon"),
+    (["--workers", "abc"], {}, "--workers: must be a whole number: abc\n"),
+    # A systemd Environment= line: the option was never given, the variable was.
+    ([], {"BUILDSERVER_STOP_GRACE": "soon"},
+     "--stop-grace: must be a number: soon (from BUILDSERVER_STOP_GRACE)\n"),
+    ([], {"BUILDSERVER_TRUSTED_PROXY": "proxy"}, ": proxy (from BUILDSERVER_TRUSTED_PROXY)\n"),
+    (["--workers", "\uff11\uff12"], {}, "--workers: must be a whole number: \uff11\uff12\n"),
 ])
 def test_serve_says_what_a_flag_that_is_no_number_should_be(tmp_path, args, env, says):
     result = cli("serve", "--data-dir", str(tmp_path / "data"), *args, env=env)
