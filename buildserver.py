@@ -5444,9 +5444,10 @@ _early_signals = []  # those that came before serve() could act on them
 def _take_stop_signals(handler):
     """Have `handler` take SIGTERM, SIGINT and SIGHUP. SIGHUP: the terminal
     it ran in was closed; its builds, in sessions of their own, would outlive
-    it unsupervised. Unless told to ignore it (nohup)."""
+    it unsupervised. SIGINT and SIGHUP not when told to ignore them: `nohup`,
+    or a script's `&`, which keeps the terminal's Ctrl-C from its background."""
     for signum in STOP_SIGNALS:
-        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)
 
 

@@ -5121,14 +5121,16 @@ def test_a_database_of_a_release_whose_migration_changed_later_starts_and_kills_
         kill_marked(marker)
 
 
-def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_path):
-    server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGHUP,
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "script &"])
+def test_a_server_started_with_a_signal_ignored_keeps_running_on_it(tmp_path, signum):
+    # A script's `cmd &` ignores SIGINT: Ctrl-C in its terminal stopped the server.
+    server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signum,
                                                                      signal.SIG_IGN)).start()
     try:
         path = admin_project(server) + "/builds"
         status, build = server.json("POST", path, {"command": "echo up; sleep 30"})
         server_wait_for_log(server, f"{path}/{build['id']}", b"up")
-        server.signal(signal.SIGHUP)
+        server.signal(signum)
         time.sleep(0.5)  # (a shutdown would have begun: it refuses requests at once)
         assert server.proc.poll() is None
         assert server.json("GET", f"{path}/{build['id']}")[1]["last_status"] == "running"
