@@ -5409,10 +5409,15 @@ def serve(config):
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", os.path.abspath(config.data_dir), config.workers)
-    if not (config.trusted_proxy or _loopback(server.effective_host)):
+    beyond = not _loopback(server.effective_host)
+    if beyond and not config.trusted_proxy:
         log.warning("listening beyond this machine over plain HTTP: tokens, which run "
                     "commands here, travel unencrypted; put a TLS proxy in front (README, "
                     "\"Security and operations\")")
+    elif beyond and _loopback(config.trusted_proxy):
+        log.warning("listening beyond this machine, though the trusted proxy is on it (%s): "
+                    "clients can reach the server past it, over plain HTTP; listen on "
+                    "127.0.0.1", config.trusted_proxy)
     _return_startup_memory()
     # waitress's own run(), but stoppable: signal handlers run here, between polls.
     # It listens on while the builds are stopped: a client (or a proxy) whose

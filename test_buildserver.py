@@ -9028,16 +9028,22 @@ def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
     assert (tmp_path / "elsewhere.db").read_bytes() == b"kept"
 
 
-@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False),
-                                          ("localhost", False)])
+@pytest.mark.parametrize("args, warning", [
+    (["--host", "0.0.0.0"], "listening beyond this machine over plain HTTP"),
+    (["--host", "127.0.0.1"], None), (["--host", "localhost"], None),
+    # A proxy on this machine, which the server is reachable past
+    (["--host", "0.0.0.0", "--trusted-proxy", "127.0.0.1"],
+     "though the trusted proxy is on it (127.0.0.1): clients can reach the server past it"),
+    (["--host", "0.0.0.0", "--trusted-proxy", "10.1.2.3"], None),  # (a proxy elsewhere)
+    (["--host", "127.0.0.1", "--trusted-proxy", "127.0.0.1"], None)])
 def test_a_server_listening_beyond_this_machine_warns_that_tokens_travel_unencrypted(
-        server_factory, host, warned):
-    server = server_factory("--host", host)
+        server_factory, args, warning):
+    server = server_factory(*args)
     assert server.json("GET", "/api/v1/health")[0] == 200
     wait_until(lambda: any("GET /api/v1/health" in line for line in server.stderr_lines),
                message="the request's log line, which comes after the start's")
-    assert any("listening beyond this machine over plain HTTP" in line
-               for line in server.stderr_lines) == warned, server.stderr_lines
+    warned = [line for line in server.stderr_lines if "listening beyond this machine" in line]
+    assert (warning is None and not warned) or (warned and warning in warned[0]), warned
 
 
 def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
