@@ -6674,7 +6674,9 @@ def parser():
                                 formatter_class=_Defaults,
                                 epilog="Without a command it serves: `buildserver.py --port 9000` "
                                        "is `buildserver.py serve --port 9000` (see serve --help).")
-    p.add_argument("--version", action="version", version=__version__)
+    # The schema too: which files a release can use (see README, "Upgrading") goes by it.
+    p.add_argument("--version", action="version",
+                   version=f"{__version__} (database schema {SCHEMA_VERSION})")
     commands = p.add_subparsers(dest="command", metavar="COMMAND")
     s = commands.add_parser("serve", help="run the server (the default command)",
                             formatter_class=_Defaults,

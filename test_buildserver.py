@@ -2490,6 +2490,12 @@ def test_serve_refuses_a_bad_flag_with_exit_2_before_touching_the_data_dir(tmp_p
     assert not (tmp_path / "data").exists()
 
 
+def test_version_says_the_database_schema_which_upgrades_go_by():
+    done = cli("--version")
+    assert done.returncode == 0
+    assert done.stdout == f"{buildserver.__version__} (database schema {buildserver.SCHEMA_VERSION})\n"
+
+
 @pytest.mark.parametrize("args, env, says", [
     (["--workers", "abc"], {}, "--workers: must be a whole number: abc\n"),
     # A systemd Environment= line: the option was never given, the variable was.
