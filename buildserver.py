@@ -244,14 +244,24 @@ FIELDS = {
                 "description": "a string of at most 4096 characters, or null"},
     "traceback": {"type": ["string", "null"], "maxLength": 64 * KiB,
                   "description": "a string of at most 65536 characters, or null"},
+    # Polyaxon's tracking client sends these (how its image is built), which
+    # mean nothing here: taken, and dropped (see POLYAXON_DROPPED).
+    "backend": {"type": ["string", "null"], "maxLength": 256,
+                "description": "the name of a Polyaxon image builder (not kept), or null"},
+    "dockerfile": {"type": ["string", "null"], "maxLength": 64 * KiB,
+                   "description": "a Dockerfile of at most 65536 characters (not kept), or null"},
+    "merge": {"type": ["boolean", "null"],
+              "description": "true to add `tags` to the build's, false or null to replace them"},
 }
+POLYAXON_DROPPED = ("backend", "dockerfile")
 
 PROJECT_CREATE = {"name": FIELDS["project_name"], **{
     f: FIELDS[f] for f in ("description", "command", "env", "timeout")}}
 PROJECT_PATCH = {f: FIELDS[f] for f in ("description", "command", "env", "timeout")}
 BUILD_CREATE = {f: FIELDS[f] for f in (
-    "command", "env", "timeout", "name", "description", "tags", "is_managed")}
-BUILD_PATCH = {f: FIELDS[f] for f in ("name", "description", "tags")}
+    "command", "env", "timeout", "name", "description", "tags", "is_managed", "backend")}
+BUILD_PATCH = {f: FIELDS[f] for f in (
+    "name", "description", "tags", "merge", "backend", "dockerfile")}
 # Polyaxon's tracking client sends "" for what it could not find (a repository
 # without a remote, say): "" is null here, as everywhere.
 _COMMIT = {"type": ["string", "null"], "pattern": "^([0-9a-fA-F]{4,64})?$",
@@ -276,7 +286,7 @@ STATUS_REPORT = {f: FIELDS[f] for f in ("status", "message", "traceback")}
 POLYAXON_NULLABLE = frozenset({
     "id", "uuid", "unique_name", "user", "project", "build_job", "last_status",
     "created_at", "updated_at", "started_at", "finished_at", "pod_id", "total_run",
-    "content", "definition", "resources", "ttl", "is_clone", "dockerfile", "backend"})
+    "content", "definition", "resources", "ttl", "is_clone", "dockerfile"})
 
 def _is_text(value):
     """A str that is valid Unicode: JSON's "\\ud800" (a lone surrogate) is not."""
@@ -359,6 +369,11 @@ def validate(data, fields, required=(), tolerated=frozenset()):
     return {k: None if v == "" and conforms(None, fields[k]) else
             int(v) if isinstance(v, float) else v
             for k, v in data.items() if k in fields}
+
+
+def without_dropped(fields):
+    """Validated `fields` without those taken only for Polyaxon's client."""
+    return {k: v for k, v in fields.items() if k not in POLYAXON_DROPPED}
 
 
 def valid_name(name):
@@ -1085,6 +1100,21 @@ class Store:
 
     def update_build(self, build_id, fields):
         self._update("builds", build_id, fields, {"tags": [], "code_reference": {}})
+
+    def add_tags(self, build_id, tags):
+        """Add the tags a build lacks, after its own; False if it would then
+        have too many (nothing changes)."""
+        with self.db.write() as c:
+            row = c.execute("SELECT tags FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if row is None:
+                return True  # (gone: the answer's re-read says so)
+            have = json.loads(row[0] or "[]")
+            merged = have + [t for t in dict.fromkeys(tags) if t not in have]
+            if len(merged) > FIELDS["tags"]["maxItems"]:
+                return False
+            c.execute("UPDATE builds SET tags = ?, updated_at = ? WHERE id = ?",
+                      (json.dumps(merged), now_iso(), build_id))
+        return True
 
     def bookmark(self, build_id, bookmarked):
         """Mark or unmark a build (not a change to the build: updated_at stays)."""
@@ -3375,7 +3405,8 @@ def create_build(app, user, username, project_name):
     """Create a build; a managed one (the default) is scheduled to run.
     command, env and timeout default to the project's (env is merged)."""
     project = _project(app, username, project_name)
-    fields = validate(read_json(empty_ok=True), BUILD_CREATE, tolerated=POLYAXON_NULLABLE)
+    fields = without_dropped(validate(read_json(empty_ok=True), BUILD_CREATE,
+                                      tolerated=POLYAXON_NULLABLE))
     fields["env"] = {**json.loads(project["env"]), **(fields.get("env") or {})}
     most = FIELDS["env"]["maxProperties"]
     if len(fields["env"]) > most:
@@ -3434,7 +3465,12 @@ def get_build(app, user, username, project_name, build_id):
 def patch_build(app, user, username, project_name, build_id):
     """Change a build's name, description or tags."""
     build = _build(app, username, project_name, build_id)
-    fields = validate(read_json(empty_ok=True), BUILD_PATCH)
+    fields = without_dropped(validate(read_json(empty_ok=True), BUILD_PATCH))
+    if fields.pop("merge", None) and fields.get("tags"):  # (Polyaxon's log_tags)
+        if not app.store.add_tags(build["id"], fields.pop("tags")):
+            most = FIELDS["tags"]["maxItems"]
+            raise ApiError(400, f"With the build's, there would be more than {most} tags.",
+                           errors={"tags": f"at most {most} with the build's"})
     if fields:
         app.store.update_build(build["id"], fields)
     return build_json(still_there(app.store.build(build["id"])))
@@ -3471,7 +3507,11 @@ def get_code_reference(app, user, username, project_name, build_id):
 def set_code_reference(app, user, username, project_name, build_id):
     """Record the code the build was made from (replacing any before)."""
     build = _build(app, username, project_name, build_id)
-    fields = validate(read_json(empty_ok=True), CODE_REFERENCE)
+    # Polyaxon's client sends its reference's id too (null), and "HEAD" for
+    # the commits of a repository with none yet: null, as its "" is.
+    body = {name: None if CODE_REFERENCE.get(name) is _COMMIT and value == "HEAD" else value
+            for name, value in read_json(empty_ok=True).items()}
+    fields = validate(body, CODE_REFERENCE, tolerated={"id"})
     reference = {name: fields.get(name) for name in CODE_REFERENCE}
     app.store.update_build(build["id"], {"code_reference": reference})
     still_there(app.store.build(build["id"]))  # (else nothing was recorded)
@@ -3556,12 +3596,28 @@ def report_status(app, user, username, project_name, build_id):
     if build["is_managed"]:
         raise ApiError(400, "This build is managed: the server reports its statuses.")
     message = "\n".join(filter(None, (fields.get("message"), fields.get("traceback")))) or None
-    entry = app.store.transition(build["id"], fields["status"], message)
+    entry = _reported(app.store, build["id"], fields["status"], message)
     if entry is None:
         current = still_there(app.store.build(build["id"]))["last_status"]
         raise ApiError(400, f"A build cannot go from {current} to {fields['status']}.",
                        errors={"status": f"not allowed after {current}"})
     return created(status_json(entry, build["number"]))
+
+
+def _reported(store, build_id, status, message):
+    """Record a reported status (the entry, or None if the machine forbids
+    it). What runs the build may never read it back, as Polyaxon's tracking
+    client does not: its `stopped` from `running` goes through `stopping`, and
+    its `succeeded` after a stop was asked ends the build `stopped`, as a
+    managed build's exit does (else it would stay `stopping` for good)."""
+    entry = store.transition(build_id, status, message)
+    if entry is None and status == "stopped" and \
+            store.transition(build_id, "stopping", message, sources=("running",)):
+        entry = store.transition(build_id, "stopped", message, sources=("stopping",))
+    elif entry is None and status == "succeeded":
+        entry = store.transition(build_id, "stopped", message or "it succeeded after its stop "
+                                 "was asked", sources=("stopping",))
+    return entry
 
 
 @token_required

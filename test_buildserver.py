@@ -850,6 +850,54 @@ def test_build_create_ignores_the_null_fields_polyaxon_client_sends(idle):
     assert build["last_status"] == "scheduled" and build["tags"] == []
 
 
+def test_polyaxons_image_fields_are_taken_and_not_kept(idle):
+    # Its tracking client sends backend "other" with every create, and
+    # log_backend and log_dockerfile patch them: each was refused.
+    path = idle.project + "/builds"
+    build = ok(call(idle.web, "POST", path, idle.alice, {"backend": "other", "name": "b"}), 201)
+    patched = ok(call(idle.web, "PATCH", f"{path}/{build['id']}", idle.alice,
+                      {"backend": "kaniko", "dockerfile": "FROM scratch\n"}))
+    assert "backend" not in patched and "dockerfile" not in patched and patched["name"] == "b"
+    for bad in ({"backend": 3}, {"dockerfile": ["FROM x"]}):
+        assert_error(call(idle.web, "PATCH", f"{path}/{build['id']}", idle.alice, bad), 400,
+                     next(iter(bad)))
+
+
+def test_tags_patched_with_merge_are_added_to_the_builds(idle):
+    # Polyaxon's log_tags sends {"tags": [...], "merge": true}: "merge" was refused.
+    path = idle.project + "/builds"
+    build = ok(call(idle.web, "POST", path, idle.alice, {"tags": ["a", "b"]}), 201)
+    url = f"{path}/{build['id']}"
+    merged = ok(call(idle.web, "PATCH", url, idle.alice, {"tags": ["c", "a", "c"], "merge": True}))
+    assert merged["tags"] == ["a", "b", "c"]
+    assert ok(call(idle.web, "PATCH", url, idle.alice, {"tags": ["d"], "merge": False}))["tags"] \
+        == ["d"]
+    many = [f"t{i}" for i in range(20)]
+    assert_error(call(idle.web, "PATCH", url, idle.alice, {"tags": many, "merge": True}), 400,
+                 "tags")
+    assert ok(call(idle.web, "GET", url, idle.alice))["tags"] == ["d"]
+    assert_error(call(idle.web, "PATCH", url, idle.alice, {"tags": ["e"], "merge": "yes"}), 400,
+                 "merge")
+
+
+def test_a_tracker_that_reports_its_own_stop_or_its_end_after_one_ends_stopped(
+        web, alice, project):
+    # Polyaxon's tracking client never reads its build back: it reports
+    # `stopped` from `running`, and `succeeded` after its owner's stop.
+    for number, stop in ((1, False), (2, True)):
+        unmanaged(web, alice, project)
+        url = f"{project}/builds/{number}"
+        report(web, alice, url, "running")
+        if stop:
+            ok(call(web, "POST", url + "/stop", alice))
+        said = ok(call(web, "POST", url + "/statuses", alice,
+                       {"status": "succeeded" if stop else "stopped"}), 201)
+        assert said["status"] == "stopped"
+        history = ok(call(web, "GET", url + "/statuses", alice))["results"]
+        assert [e["status"] for e in history] == ["created", "running", "stopping", "stopped"]
+        assert [e["id"] for e in history] == [1, 2, 3, 4]
+
+
 def test_build_create_by_an_admin_records_the_admin_as_its_user(web, admin, alice, project):
     build = unmanaged(web, admin, project)
     assert build["user"] == "root" and build["project"] == "alice/app"
@@ -1196,6 +1244,11 @@ def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, pr
     second = {"commit": "ab12", "head": "ab12", "git_url": "", "branch": ""}
     assert ok(call(web, "POST", url, alice, second), 201) == \
         {"commit": "ab12", "head": "ab12", "branch": None, "git_url": None, "is_dirty": None}
+    # What the tracker sends from a repository with no commit yet, with the id of its schema.
+    fresh = {"id": None, "commit": "", "head": "HEAD", "branch": "HEAD", "git_url": None,
+             "is_dirty": False}
+    assert ok(call(web, "POST", url, alice, fresh), 201) == \
+        {"commit": None, "head": None, "branch": "HEAD", "git_url": None, "is_dirty": False}
     assert_error(call(web, "POST", url, bob, first), 403)
     assert_error(call(web, "GET", url, bob), 403)
     assert_error(call(web, "GET", project + "/builds/2/coderef", alice), 404)
@@ -1207,7 +1260,7 @@ def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, pr
 
 @pytest.mark.parametrize("field, value", [
     ("commit", "not-hex"), ("commit", "abc"), ("commit", "a" * 65), ("commit", 1234),
-    ("head", "xyz1"), ("branch", "a\nb"), ("branch", "b" * 256),
+    ("head", "xyz1"), ("head", "head"), ("id", 3), ("branch", "a\nb"), ("branch", "b" * 256),
     ("git_url", "https://x/a b"), ("git_url", "u" * 2049), ("git_url", ["x"]),
     ("is_dirty", "no"), ("is_dirty", 0), ("colour", "red")])
 def test_an_invalid_code_reference_is_400_naming_its_field_and_changes_nothing(
@@ -1343,7 +1396,6 @@ def test_reported_statuses_may_take_every_edge_of_the_machine(web, alice, projec
     (["running"], "running"),
     (["running"], "scheduled"),
     (["running"], "created"),
-    (["running"], "stopped"),                      # only through stopping
     (["running", "succeeded"], "running"),         # nothing after a final status
     (["running", "succeeded"], "succeeded"),
     (["running", "succeeded"], "failed"),
@@ -1351,7 +1403,6 @@ def test_reported_statuses_may_take_every_edge_of_the_machine(web, alice, projec
     (["stopped"], "running"),
     (["stopped"], "stopped"),
     (["running", "stopping"], "running"),
-    (["running", "stopping"], "succeeded"),
     (["running", "stopping"], "stopping"),
 ])
 def test_reported_status_that_breaks_the_machine_is_400_and_changes_nothing(
@@ -2847,7 +2898,8 @@ print("me", me.username, me.email, me.is_superuser)
 """
 
 
-def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp_path):
+def run_polyaxon(tmp_path, script, server, *args):
+    """Run `script` with polyaxon-client 0.6.1 (installed by .ci/run) against `server`."""
     installed = os.environ.get("BUILDSERVER_POLYAXON", os.path.join(HERE, ".ci", "polyaxon"))
     if not os.path.isdir(os.path.join(installed, "polyaxon_client")):
         message = f"polyaxon-client 0.6.1 is not installed in {installed} (.ci/run does it)"
@@ -2855,14 +2907,19 @@ def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp
             pytest.fail(message)
         pytest.skip(message)
     (tmp_path / "sitecustomize.py").write_text(POLYAXON_SHIM)
-    (tmp_path / "drive.py").write_text(POLYAXON_SCRIPT)
-    server = server_factory("--stop-grace", "1")
-    assert server.json("POST", "/api/v1/admin", {"name": "app", "command": "sleep 30"})[0] == 201
+    (tmp_path / "drive.py").write_text(script)
     done = subprocess.run(
-        [sys.executable, str(tmp_path / "drive.py"), server.host, str(server.port), server.token],
-        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{installed}"},
+        [sys.executable, str(tmp_path / "drive.py"), server.host, str(server.port), server.token,
+         *args], env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{installed}"},
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp_path):
+    server = server_factory("--stop-grace", "1")
+    assert server.json("POST", "/api/v1/admin", {"name": "app", "command": "sleep 30"})[0] == 201
+    done = run_polyaxon(tmp_path, POLYAXON_SCRIPT, server)
     lines = done.stdout.splitlines()
     assert re.fullmatch(r"get 1 [0-9a-f]{32} from-polyaxon \['px'\]", lines.pop(1))
     assert lines == [
@@ -2888,6 +2945,50 @@ def test_polyaxons_own_client_works_for_every_build_job_call(server_factory, tmp
         "gone NotFoundError",
         "me admin None True",
     ]
+
+
+POLYAXON_TRACKING = """
+import sys, time
+from polyaxon_client.client import PolyaxonClient
+from polyaxon_client.tracking import BuildJob
+host, port, token, how = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+c = PolyaxonClient(host=host, port=port, token=token, schema_response=True, reraise=True)
+job = BuildJob(project="admin/app", client=c, track_logs=False, track_code=False)
+job.create(name="tracked", tags=["a"])  # (it sends backend: "other")
+print("created", job.job_id, job.last_status)
+if how == "itself":  # (these go in the background: the answers are not seen)
+    job.log_tags(["b", "a"])  # (merged)
+    job.log_backend("kaniko")
+    job.log_dockerfile("FROM scratch")
+    job.log_stopped()
+else:  # its owner stops it, and it ends as a script does (at exit: succeeded)
+    for _ in range(3000):  # (its `running` goes in the background too)
+        if c.build_job.get_build("admin", "app", job.job_id).last_status == "running":
+            break
+        time.sleep(0.01)
+    c.build_job.stop("admin", "app", job.job_id)
+"""
+
+
+@pytest.mark.parametrize("how, tags, messages", [
+    ("itself", ["a", "b"], [None, None, None, None]),
+    ("by its owner", ["a"], [None, None, "stopped by admin", "it succeeded after its stop was asked"])])
+def test_polyaxons_tracking_client_makes_and_ends_its_builds(server_factory, tmp_path, how, tags,
+                                                              messages):
+    # Its create sent backend "other" and was refused; its stop went from
+    # `running` to `stopped`, refused, and the build stayed `running` for good
+    # (or `stopping`, stopped by its owner, when it then reported `succeeded`).
+    server = server_factory()
+    assert server.json("POST", "/api/v1/admin", {"name": "app"})[0] == 201
+    done = run_polyaxon(tmp_path, POLYAXON_TRACKING, server, how.split()[0])
+    assert done.stdout.splitlines() == ["created 1 running"]
+    path = "/api/v1/admin/app/builds/1"
+    build = wait_until(lambda: (lambda b: b if b["last_status"] == "stopped" else None)(
+        server.json("GET", path)[1]), message="the build to end stopped")
+    assert build["tags"] == tags
+    statuses = server.json("GET", path + "/statuses")[1]["results"]
+    assert [(e["status"], e["message"]) for e in statuses] == list(zip(
+        ["created", "running", "stopping", "stopped"], messages))
 
 
 ###############################################################################
