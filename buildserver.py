@@ -4129,6 +4129,7 @@ const STOPPABLE = new Set(['created', 'scheduled', 'running']);
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 const RESERVED = new Set(['health', 'users', 'openapi.json', 'bookmarks']);   // API paths, never users
 const NAME_PATTERN = '[A-Za-z0-9][A-Za-z0-9_\\-]{0,63}';   // the same, for pattern="" (which uses the v flag)
+const BUILD_NAME_PATTERN = '[A-Za-z0-9_\\-]{1,128}';   // a build's name (server: FIELDS["name"])
 const EXPIRED = 'Your saved token is no longer accepted (it may have been replaced). Enter a new one.';
 
 const main = document.getElementById('main');
@@ -4627,7 +4628,9 @@ function triggerForm(path, project) {
                      'aria-describedby': 'tb-env-help'}),
       h('p', {class: 'hint', id: 'tb-env-help'}, 'Added to the project\'s environment; these win.'),
       h('label', {class: 'field', for: 'tb-name'}, 'Name'),
-      h('input', {type: 'text', id: 'tb-name', name: 'name', autocomplete: 'off'}),
+      h('input', {type: 'text', id: 'tb-name', name: 'name', autocomplete: 'off', pattern: BUILD_NAME_PATTERN,
+                  'aria-describedby': 'tb-name-help'}),
+      h('p', {class: 'hint', id: 'tb-name-help'}, 'Letters, digits, "-" and "_".'),
       h('label', {class: 'field', for: 'tb-tags'}, 'Tags'),
       h('input', {type: 'text', id: 'tb-tags', name: 'tags', autocomplete: 'off', placeholder: 'nightly, release'})),
     error);
@@ -4727,6 +4730,7 @@ async function buildPage(v, user, name, id) {
       refresh();
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
+      if (e.status === 404) return gone(e);   // (its page saw it end, not go)
       if (e.name !== 'AbortError') { notify(`Could not stop the build: ${e.message}`); render(); }
     }
     refocus(stop, restart, log.pre);
@@ -4741,9 +4745,10 @@ async function buildPage(v, user, name, id) {
       render();
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
+      if (e.status === 404) return gone(e);
       if (e.name !== 'AbortError') notify(`Could not change the bookmark: ${e.message}`);
     } finally {
-      mark.disabled = false;
+      mark.disabled = v.signal.aborted;   // (gone, or left)
       refocus(mark);
     }
   }
@@ -4755,6 +4760,7 @@ async function buildPage(v, user, name, id) {
       location.hash = `#/${user}/${name}/builds/${next.id}`;
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
+      if (e.status === 404) return gone(e);
       if (e.name !== 'AbortError') { notify(`Could not restart the build: ${e.message}`); render(); refocus(restart, stop, log.pre); }
     }
   }
@@ -4840,7 +4846,8 @@ class LogView {
     this.growth = new ResizeObserver(() => { if (this.pinned && !this.atBottom()) this.toBottom(); });
     this.ansi = ansiState();
     this.onOutput = this.onEnd = () => null;
-    this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.scrolled()});
+    this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.scrolled(),
+                         onkeydown: (e) => this.keyed(e)});
     this.empty = h('span', {class: 'note'}, 'No output yet.');
     this.openEl = h('span', {class: 'open'});   // an inline block: it continues a line in pieces
     this.pre.append(this.empty, this.openEl);
@@ -4876,6 +4883,15 @@ class LogView {
     this.pre.scrollTop = this.pre.scrollHeight;
     this.pinned = true;
     this.lastTop = this.pre.scrollTop;
+  }
+
+  /** End follows the end at once: the browser's own End scrolls there over
+   * a moment, to where the end was, and output arriving meanwhile left the
+   * reader short of it, not following. */
+  keyed(e) {
+    if (e.key !== 'End' || e.shiftKey || e.altKey || e.metaKey) return;
+    e.preventDefault();
+    this.toBottom();
   }
 
   /** The reader scrolled (or the browser did, keeping what they read in view). */
@@ -5159,10 +5175,13 @@ function concat(parts) {
 
 /** Where `raw` can be cut without splitting a UTF-8 character at its end. */
 function charBoundary(raw) {
-  let cut = raw.length, back = 0;
+  const cut = raw.length;
+  let back = 0;
   while (back < 3 && cut - back > 0 && (raw[cut - back - 1] & 0xc0) === 0x80) back++;
-  if (cut - back > 0 && raw[cut - back - 1] >= 0xc0) back++;   // the lead byte of a cut character
-  return cut - back;
+  const lead = cut - back - 1;   // where the last character begins, if one does there
+  if (lead < 0 || raw[lead] < 0xc0) return cut;   // continuation bytes of none: strays
+  // Cut before it only if it is not whole yet (what follows a whole one is strays).
+  return lead + (raw[lead] >= 0xf0 ? 4 : raw[lead] >= 0xe0 ? 3 : 2) > cut ? lead : cut;
 }
 
 /** [bytes, rest]: a page of the log at `path` from byte `from` that starts
@@ -5358,7 +5377,7 @@ async function start() {
     signOut('Token forgotten: this browser no longer keeps it.', true));
   // Forgotten in another tab: this one signs out too (it held the token in memory).
   window.addEventListener('storage', e => {
-    if (e.key === TOKEN_KEY && !e.newValue && token) signOut('Token forgotten in another tab.', true);
+    if (e.key === TOKEN_KEY && !e.newValue && token) signOut('Signed out in another tab (its token was forgotten there, or refused).', true);
   });
   if (!token) return showLogin();
   try {

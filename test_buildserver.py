@@ -9734,6 +9734,18 @@ class Dashboard:
             time.sleep(0.05)
 
 
+def dash_request(dash, method, path, body=None):
+    """(status, headers, body) of a request as alice, `body` bytes sent as they are."""
+    request = urllib.request.Request(dash.url + "/api/v1" + path, method=method, data=body,
+                                     headers={"Authorization": f"Token {dash.alice}",
+                                              "Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory):
     """A real server on a free loopback port, run in a thread (see served_here)."""
@@ -10186,7 +10198,7 @@ def test_forgetting_the_token_in_one_tab_signs_the_others_out(browser, dash):
         expect(second.locator("#who-name")).to_have_text("alice")
         first.get_by_role("button", name="Forget token").click()
         expect(second.locator("#token")).to_be_visible()
-        expect(second.locator("#login-error")).to_contain_text("Token forgotten in another tab")
+        expect(second.locator("#login-error")).to_contain_text("Signed out in another tab (its token was forgotten there, or refused).")
     finally:
         context.close()
 
@@ -10621,6 +10633,81 @@ def test_a_follower_whose_window_gets_shorter_keeps_following(page, dash, tmp_pa
     page.wait_for_function("() => { const b = document.getElementById('log');"
                            " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
                            timeout=5000)
+
+
+def test_a_huge_live_line_whose_characters_are_followed_by_stray_bytes_loses_none(page, dash):
+    # A piece cut where a whole character was followed by a stray continuation
+    # byte was cut inside the character: it showed as U+FFFDs.
+    dash.project("strays")
+    path = f"/alice/strays/builds/{dash.api('POST', '/alice/strays/builds', {'is_managed': False})['id']}"
+    dash.api("POST", path + "/statuses", {"status": "running"})
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(page.locator("#live")).to_have_text("live")
+    piece = b"x" * 1000 + "\U0001f389".encode() + b"\x80"  # a whole 🎉, then a stray byte
+    for _ in range(100):  # 100 KB in one line, drawn in pieces as it comes (each ends so)
+        assert dash_request(dash, "POST", path + "/logs", piece)[0] == 200
+        time.sleep(0.01)
+    shown = (piece * 100).decode("utf-8", "replace")
+    wait_until(lambda: log_of(page).text_content() == shown, message="the line as it was sent")
+
+
+def test_end_on_a_busy_log_follows_its_end_again(page, dash, tmp_path):
+    # The browser's End scrolled over a moment to where the end had been:
+    # output arriving meanwhile left the reader short of it, not following.
+    go = tmp_path / "go"
+    dash.project("busy", command=f"i=0; while [ ! -e {go} ]; do i=$((i+1)); echo tick $i;"
+                                  " sleep 0.005; done; echo end")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/busy/builds")
+    page.goto(dash.url + f"/#/alice/busy/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("tick 300\n")
+    log_of(page).focus()
+    for _ in range(3):
+        page.keyboard.press("PageUp")
+    expect(page.locator("#latest")).to_be_visible()
+    page.wait_for_timeout(1000)  # (PageUp's scroll is animated: the reader is up, reading)
+    page.keyboard.press("End")
+    expect(page.locator("#latest")).to_be_hidden()
+    text = log_of(page).text_content()
+    expect(log_of(page)).not_to_have_text(text)  # more came since, and it is still followed
+    assert at_end(page) or page.locator("#latest").is_hidden()
+    go.touch()
+    expect(log_of(page)).to_contain_text("end")
+    page.wait_for_function("() => { const b = document.getElementById('log');"
+                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
+                           timeout=5000)
+
+
+def test_a_build_deleted_after_its_page_saw_it_end_says_deleted_on_restart(page, dash,
+                                                                           open_page):
+    # Its page showed `stopped` (the delete stops it first), and Restart said
+    # only "There is no build", with its buttons still there to press.
+    dash.project("doomed", command="sleep 60")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/doomed/builds")
+    path = f"/alice/doomed/builds/{build['id']}"
+    page.goto(dash.url + f"/#{path}")
+    expect(status_of(page)).to_have_text("▶running")
+    open_page.allowed.append("Failed to load resource")  # (Chromium logs the 404)
+    assert dash_request(dash, "DELETE", path)[0] == 200
+    expect(page.locator("#restart")).to_be_enabled()  # it saw the stop, not the delete
+    page.locator("#restart").click()
+    expect(status_of(page)).to_have_text("deleted")
+    for button in ("#stop", "#restart", "#bookmark"):
+        expect(page.locator(button)).to_be_disabled()
+
+
+def test_a_build_name_the_server_would_refuse_is_caught_by_the_form(page, dash):
+    dash.project("named", command="true")
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/named")
+    page.get_by_text("Options: command, environment, name, tags").click()
+    page.get_by_label("Name").fill("my build")
+    page.get_by_role("button", name="Trigger build").click()
+    assert page.locator("#tb-name").evaluate("e => e.validity.patternMismatch")
+    expect(page.locator("#tb-name-help")).to_have_text('Letters, digits, "-" and "_".')
+    assert dash.api("GET", "/alice/named/builds")["count"] == 0
 
 
 def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_show_safely(
