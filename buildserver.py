@@ -426,6 +426,22 @@ class SchemaError(Exception):
     """The database file is not one this version of buildserver can use."""
 
 
+def _check_sqlite():
+    """SchemaError unless Python's SQLite has what the queries use: pragma
+    functions (3.16) and JSON1 (built in from 3.38; most builds had it before).
+    Without, they fail later, in words that blame the disk or a table."""
+    missing = "is older than 3.16" if sqlite3.sqlite_version_info < (3, 16) else None
+    if missing is None:
+        try:
+            with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+                probe.execute("SELECT count(*) FROM json_each('[]')")
+        except sqlite3.OperationalError:
+            missing = "has no JSON1"
+    if missing:
+        raise SchemaError(f"the SQLite this Python uses ({sqlite3.sqlite_version}) {missing}: "
+                          "buildserver needs SQLite 3.16 or newer with JSON1")
+
+
 class UnsafeDataFolder(Exception):
     """Something in the data folder would aim the server out of it."""
 
@@ -662,6 +678,7 @@ class Database:
 
     def migrate(self, schema_path=SCHEMA_PATH):
         """Bring the file up to the newest `-- migration N` of schema.sql."""
+        _check_sqlite()
         migrations = read_migrations(schema_path)
         _create_private(self.path)
         deadline = time.monotonic() + 30
