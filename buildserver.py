@@ -244,8 +244,8 @@ FIELDS = {
                 "description": "a string of at most 4096 characters, or null"},
     "traceback": {"type": ["string", "null"], "maxLength": 64 * KiB,
                   "description": "a string of at most 65536 characters, or null"},
-    # Polyaxon's tracking client sends these (how its image is built), which
-    # mean nothing here: taken, and dropped (see POLYAXON_DROPPED).
+    # Polyaxon's tracking client sends backend and dockerfile (how its image
+    # is built), which mean nothing here: taken, and dropped (POLYAXON_DROPPED).
     "backend": {"type": ["string", "null"], "maxLength": 256,
                 "description": "the name of a Polyaxon image builder (not kept), or null"},
     "dockerfile": {"type": ["string", "null"], "maxLength": 64 * KiB,
@@ -266,6 +266,11 @@ BUILD_PATCH = {f: FIELDS[f] for f in (
 # without a remote, say): "" is null here, as everywhere.
 _COMMIT = {"type": ["string", "null"], "pattern": "^([0-9a-fA-F]{4,64})?$",
            "description": "a git commit id (4 to 64 hex digits), or null"}
+# Polyaxon's client sends its reference's id too (null), and "HEAD" for the
+# commits of a repository with none yet: null, as its "" is.
+_COMMIT_OR_HEAD = {**_COMMIT, "pattern": "^([0-9a-fA-F]{4,64}|HEAD)?$",
+                   "description": "a git commit id (4 to 64 hex digits), or null (\"HEAD\", "
+                                  "a repository's with no commit yet, is null too)"}
 CODE_REFERENCE = {
     "commit": _COMMIT, "head": _COMMIT,
     "branch": {"type": ["string", "null"], "maxLength": 255,
@@ -279,6 +284,8 @@ CODE_REFERENCE = {
     "is_dirty": {"type": ["boolean", "null"],
                  "description": "true if the working tree had changes, false, or null"},
 }
+CODE_REFERENCE_BODY = {**CODE_REFERENCE, "commit": _COMMIT_OR_HEAD, "head": _COMMIT_OR_HEAD,
+                       "id": {"type": "null", "description": "null (Polyaxon's client sends it)"}}
 STATUS_REPORT = {f: FIELDS[f] for f in ("status", "message", "traceback")}
 
 # polyaxon-client's create_build sends every field of its job schema, unset
@@ -1129,6 +1136,8 @@ class Store:
             merged = have + [t for t in dict.fromkeys(tags) if t not in have]
             if len(merged) > FIELDS["tags"]["maxItems"]:
                 return False
+            if merged == have:
+                return True  # (no change: updated_at stays)
             c.execute("UPDATE builds SET tags = ?, updated_at = ? WHERE id = ?",
                       (json.dumps(merged), now_iso(), build_id))
         return True
@@ -1169,6 +1178,34 @@ class Store:
                 return None
             entry = self._set_status(c, build_id, status, message, now, exit_code)
             if status in FINAL:  # followers wait for output or the end, nothing between
+                self.db.after_commit(functools.partial(self.on_change, build_id, None))
+        return entry
+
+    def report(self, build_id, status, message=None):
+        """Record a status that what runs an unmanaged build reported; the
+        entry, or None if the status machine forbids it. That may never read
+        the build back (Polyaxon's tracking client does not): its `stopped`
+        from `running` goes through `stopping`, and its `succeeded` after a
+        stop was asked ends the build `stopped`, as a managed build's exit
+        does (else it would stay `stopping` for good). One transaction: a
+        stop in between would refuse the rest of the way."""
+        with self.db.write() as c:
+            now = now_iso()
+            row = c.execute("SELECT last_status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            current = None if row is None else row[0]
+            if current is None:
+                return None
+            if status in TRANSITIONS[current]:
+                steps = [(status, message)]
+            elif (current, status) == ("running", "stopped"):
+                steps = [("stopping", message), ("stopped", message)]
+            elif (current, status) == ("stopping", "succeeded"):
+                steps = [("stopped", message or "it succeeded after its stop was asked")]
+            else:
+                return None
+            for step, said in steps:
+                entry = self._set_status(c, build_id, step, said, now)
+            if entry["status"] in FINAL:
                 self.db.after_commit(functools.partial(self.on_change, build_id, None))
         return entry
 
@@ -3483,8 +3520,8 @@ def patch_build(app, user, username, project_name, build_id):
     """Change a build's name, description or tags."""
     build = _build(app, username, project_name, build_id)
     fields = without_dropped(validate(read_json(empty_ok=True), BUILD_PATCH))
-    if fields.pop("merge", None) and fields.get("tags"):  # (Polyaxon's log_tags)
-        if not app.store.add_tags(build["id"], fields.pop("tags")):
+    if fields.pop("merge", None) and "tags" in fields:  # (Polyaxon's log_tags; none: no change)
+        if not app.store.add_tags(build["id"], fields.pop("tags") or []):
             most = FIELDS["tags"]["maxItems"]
             raise ApiError(400, f"With the build's, there would be more than {most} tags.",
                            errors={"tags": f"at most {most} with the build's"})
@@ -3524,12 +3561,9 @@ def get_code_reference(app, user, username, project_name, build_id):
 def set_code_reference(app, user, username, project_name, build_id):
     """Record the code the build was made from (replacing any before)."""
     build = _build(app, username, project_name, build_id)
-    # Polyaxon's client sends its reference's id too (null), and "HEAD" for
-    # the commits of a repository with none yet: null, as its "" is.
-    body = {name: None if CODE_REFERENCE.get(name) is _COMMIT and value == "HEAD" else value
-            for name, value in read_json(empty_ok=True).items()}
-    fields = validate(body, CODE_REFERENCE, tolerated={"id"})
-    reference = {name: fields.get(name) for name in CODE_REFERENCE}
+    fields = validate(read_json(empty_ok=True), CODE_REFERENCE_BODY)
+    reference = {name: None if fields.get(name) == "HEAD" and CODE_REFERENCE_BODY[name]
+                 is _COMMIT_OR_HEAD else fields.get(name) for name in CODE_REFERENCE}
     app.store.update_build(build["id"], {"code_reference": reference})
     still_there(app.store.build(build["id"]))  # (else nothing was recorded)
     return created(reference)
@@ -3613,28 +3647,12 @@ def report_status(app, user, username, project_name, build_id):
     if build["is_managed"]:
         raise ApiError(400, "This build is managed: the server reports its statuses.")
     message = "\n".join(filter(None, (fields.get("message"), fields.get("traceback")))) or None
-    entry = _reported(app.store, build["id"], fields["status"], message)
+    entry = app.store.report(build["id"], fields["status"], message)
     if entry is None:
         current = still_there(app.store.build(build["id"]))["last_status"]
         raise ApiError(400, f"A build cannot go from {current} to {fields['status']}.",
                        errors={"status": f"not allowed after {current}"})
     return created(status_json(entry, build["number"]))
-
-
-def _reported(store, build_id, status, message):
-    """Record a reported status (the entry, or None if the machine forbids
-    it). What runs the build may never read it back, as Polyaxon's tracking
-    client does not: its `stopped` from `running` goes through `stopping`, and
-    its `succeeded` after a stop was asked ends the build `stopped`, as a
-    managed build's exit does (else it would stay `stopping` for good)."""
-    entry = store.transition(build_id, status, message)
-    if entry is None and status == "stopped" and \
-            store.transition(build_id, "stopping", message, sources=("running",)):
-        entry = store.transition(build_id, "stopped", message, sources=("stopping",))
-    elif entry is None and status == "succeeded":
-        entry = store.transition(build_id, "stopped", message or "it succeeded after its stop "
-                                 "was asked", sources=("stopping",))
-    return entry
 
 
 @token_required
@@ -3775,7 +3793,7 @@ ROUTES = [
     Route("POST", BUILD_PATH + "/bookmark", bookmark_build, answer=(200, "Build")),
     Route("DELETE", BUILD_PATH + "/unbookmark", unbookmark_build, answer=(200, "Build")),
     Route("GET", BUILD_PATH + "/coderef", get_code_reference, answer=(200, "CodeReference")),
-    Route("POST", BUILD_PATH + "/coderef", set_code_reference, body=(CODE_REFERENCE, []),
+    Route("POST", BUILD_PATH + "/coderef", set_code_reference, body=(CODE_REFERENCE_BODY, []),
           answer=(201, "CodeReference")),
     Route("POST", BUILD_PATH + "/invalidate", invalidate_build, answer=(200, "Build")),
     Route("POST", BUILD_PATH + "/_heartbeat", heartbeat, answer=(200, "Health")),
@@ -5485,8 +5503,6 @@ def serve(config):
 
     # Before any build starts, so that a signal always stops builds cleanly.
     _take_stop_signals(on_signal)
-    if _early_signals:  # (it came while the server was being set up)
-        on_signal(_early_signals[0], None)
     if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
         token = fresh_token()
         try:  # shown first: a token that cannot be shown leaves no admin
@@ -5498,6 +5514,10 @@ def serve(config):
             log.warning("the user 'admin' was made meanwhile by another command; "
                         "the token above was not recorded")
     app.runner.start()
+    if _early_signals:  # it came while the server was being set up: now it can stop
+        signum = _early_signals[0]
+        _early_signals.clear()
+        on_signal(signum, None)
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", os.path.abspath(config.data_dir), config.workers)
@@ -5541,10 +5561,11 @@ _early_signals = []  # those that came before serve() could act on them
 def _take_stop_signals(handler):
     """Have `handler` take SIGTERM, SIGINT and SIGHUP. SIGHUP: the terminal
     it ran in was closed; its builds, in sessions of their own, would outlive
-    it unsupervised. SIGINT and SIGHUP not when told to ignore them: `nohup`,
-    or a script's `&`, which keeps the terminal's Ctrl-C from its background."""
+    it unsupervised. Unless told to ignore it (nohup). (A SIGINT ignored by a
+    script's `&` is taken all the same: `kill -INT` must stop the server, and
+    its builds would inherit the ignoring.)"""
     for signum in STOP_SIGNALS:
-        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)
 
 
@@ -5608,6 +5629,8 @@ def http_server(app, config):
             if channel.head_began is not None and channel.head_began < overdue and \
                     not channel.requests:  # (a head read ahead of an answer may wait)
                 channel.will_close = True  # a slow-loris: its head trickles in
+            # (now and last_activity are waitress's, the wall clock: a jump of the
+            # clock by a minute would close such connections early; no worse.)
             elif channel.total_outbufs_len and channel.last_activity < stalled:
                 # Its client takes nothing of what waits for it (a log, say, held
                 # in memory or a temporary file): waitress closes a connection
@@ -6043,6 +6066,10 @@ class _SignalWatch:
 _SIGNALS = _SignalWatch()
 
 
+class BadToken(ValueError):
+    """A token that no server gave: it holds characters no token has."""
+
+
 class Client:
     """buildserver's REST API over http.client.
 
@@ -6064,7 +6091,7 @@ class Client:
         self.token, self.timeout = token, timeout
         import http.client  # here, not at the top: the server never needs it
         if token and not re.fullmatch(r"[\x21-\x7e]+", token):
-            raise ValueError("the token holds characters no token has (spaces, line breaks, ...)")
+            raise BadToken("the token holds characters no token has (spaces, line breaks, ...)")
         try:  # what http.client would refuse only when it sends the first request
             parts.port, (parts.hostname or "").encode("idna"), self._base.encode("ascii")
         except (UnicodeError, ValueError) as e:
@@ -6309,7 +6336,7 @@ def run_client(args):
     try:
         client = Client(args.url, token)
     except ValueError as e:
-        return _fail(f"{e}{_from_where(args.url)}", 2)
+        return _fail(f"{e}{_from_where(token if isinstance(e, BadToken) else args.url)}", 2)
     if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
         return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
     project = "/api/v1/" + urllib.parse.quote(args.project)
@@ -7026,10 +7053,13 @@ def _unrecorded(data_dir, error):
 
 
 def _serve_lock(data_dir):
-    """The lock a server holds: beside the database a link there leads to (a
-    second data folder linked to it must not take the first for crashed)."""
-    return os.path.join(os.path.dirname(os.path.realpath(os.path.join(data_dir, DB_FILE))),
-                        SERVE_LOCK)
+    """The lock a server holds: that of the data folder whose database a link
+    there leads to (a second data folder linked to it must not take the first
+    for crashed); beside a file named otherwise, which only links reach, its own."""
+    real = os.path.realpath(os.path.join(data_dir, DB_FILE))
+    if os.path.basename(real) != DB_FILE:
+        return f"{real}-{SERVE_LOCK}"
+    return os.path.join(os.path.dirname(real), SERVE_LOCK)
 
 
 def _served(data_dir):

@@ -880,6 +880,9 @@ def test_tags_patched_with_merge_are_added_to_the_builds(idle):
     assert ok(call(idle.web, "GET", url, idle.alice))["tags"] == ["d"]
     assert_error(call(idle.web, "PATCH", url, idle.alice, {"tags": ["e"], "merge": "yes"}), 400,
                  "merge")
+    for nothing in (None, []):  # log_tags("") and log_tags([]): nothing to add, none taken away
+        assert ok(call(idle.web, "PATCH", url, idle.alice, {"tags": nothing, "merge": True}))[
+            "tags"] == ["d"]
 
 
 def test_a_tracker_that_reports_its_own_stop_or_its_end_after_one_ends_stopped(
@@ -4745,20 +4748,19 @@ def test_a_connection_whose_client_takes_nothing_of_a_log_is_closed(tmp_path, mo
         path = "/api/v1/root/app/builds/1"
         for _ in range(8):
             assert ask("POST", path + "/logs", b"\x01" * MiB)[0] == 200
-        stalled = socket.create_connection(address, timeout=30)
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        stalled.sendall(f"GET {path}/logs{query} HTTP/1.1\r\nHost: x\r\n"
-                        f"Authorization: Token {token}\r\n\r\n".encode())
-        mine = stalled.getsockname()
-        wait_until(lambda: any(tuple(c.addr) == mine and c.total_outbufs_len
-                               for c in list(server.active_channels.values())),
-                   message="its answer to wait for it")
-        wait_until(lambda: all(tuple(c.addr) != mine
-                               for c in list(server.active_channels.values())),
-                   timeout=30, message="the server to close the stalled connection")
+        with contextlib.closing(socket.create_connection(address, timeout=30)) as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            stalled.sendall(f"GET {path}/logs{query} HTTP/1.1\r\nHost: x\r\n"
+                            f"Authorization: Token {token}\r\n\r\n".encode())
+            mine = stalled.getsockname()
+            wait_until(lambda: any(tuple(c.addr) == mine and c.total_outbufs_len
+                                   for c in list(server.active_channels.values())),
+                       message="its answer to wait for it")
+            wait_until(lambda: all(tuple(c.addr) != mine
+                                   for c in list(server.active_channels.values())),
+                       timeout=30, message="the server to close the stalled connection")
         # A keep-alive connection with nothing waiting for it is no stalled one.
         assert ask("GET", path)[0] == 200
-        stalled.close()
 
 
 def test_requests_one_after_another_are_served_by_the_thread_that_went_idle_last(tmp_path):
@@ -5241,16 +5243,31 @@ def test_a_database_of_a_release_whose_migration_changed_later_starts_and_kills_
         kill_marked(marker)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "script &"])
-def test_a_server_started_with_a_signal_ignored_keeps_running_on_it(tmp_path, signum):
-    # A script's `cmd &` ignores SIGINT: Ctrl-C in its terminal stopped the server.
-    server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signum,
+def test_a_server_started_with_sigint_ignored_stops_on_it_and_its_builds_take_it(tmp_path):
+    # A script's `cmd &` starts it ignoring SIGINT: had the server kept that,
+    # `kill -INT` would not stop it, and every build would ignore SIGINT too.
+    server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_IGN)).start()
+    try:
+        path = admin_project(server) + "/builds"
+        status, build = server.json("POST", path, {"command": "grep SigIgn /proc/self/status"})
+        done = server_final_build(server, f"{path}/{build['id']}")
+        ignored = server.request("GET", f"{path}/{build['id']}/logs")[2].split()[-1]
+        assert done["last_status"] == "succeeded" and not int(ignored, 16) & (1 << (signal.SIGINT - 1))
+        server.signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
+
+
+def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_path):
+    server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGHUP,
                                                                      signal.SIG_IGN)).start()
     try:
         path = admin_project(server) + "/builds"
         status, build = server.json("POST", path, {"command": "echo up; sleep 30"})
         server_wait_for_log(server, f"{path}/{build['id']}", b"up")
-        server.signal(signum)
+        server.signal(signal.SIGHUP)
         time.sleep(0.5)  # (a shutdown would have begun: it refuses requests at once)
         assert server.proc.poll() is None
         assert server.json("GET", f"{path}/{build['id']}")[1]["last_status"] == "running"
@@ -5411,6 +5428,21 @@ def test_a_second_data_folder_whose_database_links_to_a_live_one_starts_no_serve
         assert second.returncode == 1 and "another server is using" in second.stderr, second
     assert server.json("GET", path)[1]["last_status"] == "running"
     assert cli("adduser", "carol", "--data-dir", str(other)).returncode == 0  # (as beside it)
+
+
+def test_data_folders_linked_to_two_databases_in_one_folder_each_start_a_server(
+        server_factory, tmp_path):
+    # (Files that only links reach, named otherwise than a data folder's, each have a lock.)
+    shared = tmp_path / "dbs"
+    shared.mkdir()
+    servers = []
+    for name in ("one", "two"):
+        folder = tmp_path / name
+        folder.mkdir(mode=0o700)
+        (shared / f"{name}.db").touch(mode=0o600)  # (empty: a new database)
+        os.symlink(shared / f"{name}.db", folder / "buildserver.db")
+        servers.append(server_factory(data_dir=folder))
+    assert [s.json("GET", "/api/v1/health")[0] for s in servers] == [200, 200]
 
 
 def backed_up_into(server, staging):
@@ -6512,6 +6544,13 @@ def test_run_with_no_follow_prints_the_id_and_returns_at_once(served):
     assert (result.returncode, result.stdout) == (0, b"1\n")
     status, body = served.json("GET", "/api/v1/admin/app/builds/1")
     assert body["last_status"] in ("scheduled", "running")
+
+
+def test_a_bad_token_from_the_environment_is_not_blamed_on_the_url(served):
+    done = client(served, "builds", "admin/app", token="abc def")
+    assert (done.returncode, done.stderr) == (2, b"buildserver: the token holds characters no "
+                                                 b"token has (spaces, line breaks, ...) "
+                                                 b"(from BUILDSERVER_TOKEN)\n")
 
 
 @pytest.mark.parametrize("token", [None, ""])
@@ -9953,7 +9992,8 @@ def test_a_hidden_tab_lets_go_of_its_follow_and_takes_it_up_when_seen(page, dash
     path = f"/alice/hidden/builds/{dash.api('POST', '/alice/hidden/builds', {'is_managed': False})['id']}"
     dash.api("POST", path + "/statuses", {"status": "running"})
     dash.api("POST", path + "/logs", "before\n")  # (a JSON string: its text)
-    idle = free_slots(dash.app)
+    idle = dash.app.config.max_waiting  # (once earlier tests' pages have let go of theirs)
+    wait_until(lambda: free_slots(dash.app) == idle, message="every follower slot free")
     sign_in(page, dash)
     page.goto(f"{dash.url}/#{path}")
     expect(log_of(page)).to_contain_text("before")
