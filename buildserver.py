@@ -5472,9 +5472,10 @@ def serve(config):
     from waitress import wasyncore
 
     _make_private_dir(config.data_dir)
-    lock = open(_serve_lock(config.data_dir), "w")
+    locks = [open(path, "w") for path in _serve_locks(config.data_dir)]  # held till the end
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for lock in locks:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
         return 1
@@ -5513,11 +5514,12 @@ def serve(config):
         if app.store.create_user("admin", is_admin=True, token=token) is None:
             log.warning("the user 'admin' was made meanwhile by another command; "
                         "the token above was not recorded")
-    app.runner.start()
-    if _early_signals:  # it came while the server was being set up: now it can stop
+    if _early_signals:  # it came while the server was being set up: no build starts now
         signum = _early_signals[0]
         _early_signals.clear()
         on_signal(signum, None)
+    if not app.closing:
+        app.runner.start()
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", os.path.abspath(config.data_dir), config.workers)
@@ -6912,7 +6914,7 @@ def backup(db_path, dest):
         return _fail(f"{dest} is the database itself (or one of its files): "
                      "name a file outside the data folder", 2)
     if _names_one_of(dest, [os.path.join(os.path.dirname(db_path), SERVE_LOCK),
-                            _serve_lock(os.path.dirname(db_path))]):
+                            *_serve_locks(os.path.dirname(db_path))]):
         return _fail(f"{dest} is the lock that keeps a second server off the data folder: "
                      "name a file outside the data folder", 2)
     if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
@@ -7052,26 +7054,30 @@ def _unrecorded(data_dir, error):
     return f"cannot use the database in {data_dir}: {error}: the token above was not recorded"
 
 
-def _serve_lock(data_dir):
-    """The lock a server holds: that of the data folder whose database a link
-    there leads to (a second data folder linked to it must not take the first
-    for crashed); beside a file named otherwise, which only links reach, its own."""
+def _serve_locks(data_dir):
+    """The locks a server holds: its folder's (which older releases hold
+    alone), and, when its database is a link, that of the data folder the
+    link leads to (a second data folder linked to it must not take the first
+    for crashed), or beside a file named otherwise, which only links reach,
+    its own."""
     real = os.path.realpath(os.path.join(data_dir, DB_FILE))
-    if os.path.basename(real) != DB_FILE:
-        return f"{real}-{SERVE_LOCK}"
-    return os.path.join(os.path.dirname(real), SERVE_LOCK)
+    linked = os.path.join(os.path.dirname(real), SERVE_LOCK) \
+        if os.path.basename(real) == DB_FILE else f"{real}-{SERVE_LOCK}"
+    own = os.path.join(data_dir, SERVE_LOCK)
+    return [own] if os.path.realpath(own) == os.path.realpath(linked) else [own, linked]
 
 
 def _served(data_dir):
-    """Whether a server holds the data folder (its serve.lock)."""
+    """Whether a server holds the data folder (one of its serve locks)."""
     import fcntl
-    try:
-        with open(_serve_lock(data_dir), "rb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # none: no server ever started there
-        pass
+    for path in _serve_locks(data_dir):
+        try:
+            with open(path, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # none: no server ever started there
+            pass
     return False
 
 

@@ -277,7 +277,7 @@ def test_serve_runs_the_file_as_a_module_in_the_same_process_keeping_python_opti
         with open(f"/proc/{server.proc.pid}/cmdline", "rb") as f:
             cmdline = f.read().split(b"\0")[:-1]
         # (The path it was started by, which a `..` in it does not change.)
-        assert os.path.realpath(cmdline[0]) == os.path.realpath(sys.executable).encode()
+        assert os.path.abspath(cmdline[0]) == os.path.abspath(sys.executable).encode()
         assert cmdline[1:4] == [b"-X", b"utf8", b"-c"]
         assert b"SourceFileLoader" in cmdline[4]
         assert cmdline[5:] == [os.path.abspath(SCRIPT).encode(), *map(str.encode, proc_args[4:])]
@@ -880,9 +880,10 @@ def test_tags_patched_with_merge_are_added_to_the_builds(idle):
     assert ok(call(idle.web, "GET", url, idle.alice))["tags"] == ["d"]
     assert_error(call(idle.web, "PATCH", url, idle.alice, {"tags": ["e"], "merge": "yes"}), 400,
                  "merge")
-    for nothing in (None, []):  # log_tags("") and log_tags([]): nothing to add, none taken away
-        assert ok(call(idle.web, "PATCH", url, idle.alice, {"tags": nothing, "merge": True}))[
-            "tags"] == ["d"]
+    before = ok(call(idle.web, "GET", url, idle.alice))
+    for nothing in (None, [], ["d"]):  # log_tags(""), log_tags([]): none taken away, nor changed
+        assert ok(call(idle.web, "PATCH", url, idle.alice, {"tags": nothing, "merge": True})) \
+            == before
 
 
 def test_a_tracker_that_reports_its_own_stop_or_its_end_after_one_ends_stopped(
@@ -5280,7 +5281,13 @@ def test_a_server_started_with_sighup_ignored_nohup_keeps_running_on_sighup(tmp_
 def test_a_stop_signal_while_the_server_starts_ends_it_with_0(tmp_path, signum):
     # A signal while the server replaced itself with a fresh Python (to run
     # as a module) or set itself up ended it by the signal, or with a
-    # traceback, where SIGTERM and SIGINT promise an exit of 0.
+    # traceback, where SIGTERM and SIGINT promise an exit of 0; and builds
+    # that wait stay waiting (a first fix started them, to stop them at once).
+    waiting = Server(tmp_path / "d", "--workers", "0").start()
+    path = admin_project(waiting) + "/builds"
+    for _ in range(3):
+        assert waiting.json("POST", path, {"command": "true"})[0] == 201
+    waiting.stop()
     proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", "--data-dir",
                              str(tmp_path / "d")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -5293,6 +5300,8 @@ def test_a_stop_signal_while_the_server_starts_ends_it_with_0(tmp_path, signum):
         proc.kill()
     assert proc.returncode == 0, err
     assert b"Traceback" not in err and b"stopped" in err, err
+    with contextlib.closing(sqlite3.connect(tmp_path / "d" / "buildserver.db")) as db:
+        assert db.execute("SELECT last_status FROM builds").fetchall() == [("scheduled",)] * 3
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
@@ -5428,6 +5437,22 @@ def test_a_second_data_folder_whose_database_links_to_a_live_one_starts_no_serve
         assert second.returncode == 1 and "another server is using" in second.stderr, second
     assert server.json("GET", path)[1]["last_status"] == "running"
     assert cli("adduser", "carol", "--data-dir", str(other)).returncode == 0  # (as beside it)
+
+
+def test_a_server_on_a_linked_database_holds_its_own_folders_lock_too(server_factory, tmp_path):
+    # Older releases hold their folder's serve.lock alone: a newer adduser or
+    # server there must see them.
+    import fcntl
+    (tmp_path / "dbs").mkdir()
+    (tmp_path / "dbs" / "one.db").touch(mode=0o600)
+    folder = tmp_path / "a"
+    folder.mkdir(mode=0o700)
+    os.symlink(tmp_path / "dbs" / "one.db", folder / "buildserver.db")
+    with open(folder / "serve.lock", "w") as held:  # as an older release's server does
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = cli("serve", "--port", "0", "--data-dir", str(folder))
+        assert second.returncode == 1 and "another server is using" in second.stderr, second
+        assert buildserver._served(str(folder))
 
 
 def test_data_folders_linked_to_two_databases_in_one_folder_each_start_a_server(
