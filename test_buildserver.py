@@ -10762,15 +10762,15 @@ def test_a_build_deleted_after_its_page_saw_it_end_says_deleted_on_restart(page,
                                                                            open_page):
     # Its page showed `stopped` (the delete stops it first), and Restart said
     # only "There is no build", with its buttons still there to press.
-    dash.project("doomed", command="sleep 60")
+    dash.project("doomed", command="true")
     sign_in(page, dash)
-    build = dash.api("POST", "/alice/doomed/builds")
-    path = f"/alice/doomed/builds/{build['id']}"
+    path = f"/alice/doomed/builds/{dash.api('POST', '/alice/doomed/builds')['id']}"
+    dash.final_build(path)
     page.goto(dash.url + f"/#{path}")
-    expect(status_of(page)).to_have_text("▶running")
+    expect(status_of(page)).to_have_text("✓succeeded")  # final: the page asks no more
     open_page.allowed.append("Failed to load resource")  # (Chromium logs the 404)
     assert dash_request(dash, "DELETE", path)[0] == 200
-    expect(page.locator("#restart")).to_be_enabled()  # it saw the stop, not the delete
+    expect(page.locator("#restart")).to_be_enabled()
     page.locator("#restart").click()
     expect(status_of(page)).to_have_text("deleted")
     for button in ("#stop", "#restart", "#bookmark"):
