@@ -9812,6 +9812,15 @@ class Dashboard:
             time.sleep(0.05)
 
 
+def running_unmanaged(dash, project):
+    """The path of a build of alice's new `project` that reads `running`, run by nobody."""
+    dash.project(project)
+    path = f"/alice/{project}/builds/" + str(
+        dash.api("POST", f"/alice/{project}/builds", {"is_managed": False})["id"])
+    dash.api("POST", path + "/statuses", {"status": "running"})
+    return path
+
+
 def dash_request(dash, method, path, body=None):
     """(status, headers, body) of a request as alice, `body` bytes sent as they are."""
     request = urllib.request.Request(dash.url + "/api/v1" + path, method=method, data=body,
@@ -10013,9 +10022,7 @@ def _seen_as(hidden):
 def test_a_hidden_tab_lets_go_of_its_follow_and_takes_it_up_when_seen(page, dash):
     # Chromium opens six connections to a server: six tabs following logs held
     # them all, and every other request of every tab waited (a Stop, a page).
-    dash.project("hidden")
-    path = f"/alice/hidden/builds/{dash.api('POST', '/alice/hidden/builds', {'is_managed': False})['id']}"
-    dash.api("POST", path + "/statuses", {"status": "running"})
+    path = running_unmanaged(dash, "hidden")
     dash.api("POST", path + "/logs", "before\n")  # (a JSON string: its text)
     idle = dash.app.config.max_waiting  # (once earlier tests' pages have let go of theirs)
     wait_until(lambda: free_slots(dash.app) == idle, message="every follower slot free")
@@ -10401,9 +10408,7 @@ def test_a_line_longer_than_a_page_is_shown_and_loaded_whole(page, dash):
 def test_a_long_line_of_wide_characters_still_being_written_loads_without_stray_bytes(page, dash):
     # The page began at a byte offset inside a character: the view started
     # with U+FFFD, and "Load earlier" showed the character whole as well.
-    dash.project("wide-live")
-    path = f"/alice/wide-live/builds/{dash.api('POST', '/alice/wide-live/builds', {'is_managed': False})['id']}"
-    dash.api("POST", path + "/statuses", {"status": "running"})
+    path = running_unmanaged(dash, "wide-live")
     line = "€" * 100000  # 300 000 bytes, and 300 000 - 256 KiB falls inside a €
     dash.api("POST", path + "/logs", line)
     sign_in(page, dash)
@@ -10438,9 +10443,7 @@ def test_a_followed_log_of_wrapped_lines_stays_at_its_end(page, dash, tmp_path):
     go.touch()
     expect(status_of(page)).to_have_text("✓succeeded")
     expect(log_of(page)).to_contain_text("end")
-    page.wait_for_function("() => { const b = document.getElementById('log');"
-                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
-                           timeout=5000)
+    wait_at_end(page)
     expect(page.locator("#latest")).to_be_hidden()
 
 
@@ -10601,6 +10604,13 @@ def at_end(page):
     return log_of(page).evaluate("b => b.scrollHeight - b.scrollTop - b.clientHeight < 40")
 
 
+def wait_at_end(page):
+    """Until the log is scrolled to its end (a follower's place)."""
+    page.wait_for_function("() => { const b = document.getElementById('log');"
+                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
+                           timeout=5000)
+
+
 def test_load_earlier_on_a_running_build_leaves_the_reader_at_the_join(page, dash, tmp_path):
     # Taken up to the join, the reader was taken back to the end at once (the
     # page counted them as following while below where the end had been).
@@ -10709,17 +10719,13 @@ def test_a_follower_whose_window_gets_shorter_keeps_following(page, dash, tmp_pa
     go.touch()
     expect(log_of(page)).to_contain_text("end")
     expect(page.locator("#latest")).to_be_hidden()
-    page.wait_for_function("() => { const b = document.getElementById('log');"
-                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
-                           timeout=5000)
+    wait_at_end(page)
 
 
 def test_a_huge_live_line_whose_characters_are_followed_by_stray_bytes_loses_none(page, dash):
     # A piece cut where a whole character was followed by a stray continuation
     # byte was cut inside the character: it showed as U+FFFDs.
-    dash.project("strays")
-    path = f"/alice/strays/builds/{dash.api('POST', '/alice/strays/builds', {'is_managed': False})['id']}"
-    dash.api("POST", path + "/statuses", {"status": "running"})
+    path = running_unmanaged(dash, "strays")
     sign_in(page, dash)
     page.goto(f"{dash.url}/#{path}")
     expect(page.locator("#live")).to_have_text("live")
@@ -10753,9 +10759,7 @@ def test_end_on_a_busy_log_follows_its_end_again(page, dash, tmp_path):
     assert at_end(page) or page.locator("#latest").is_hidden()
     go.touch()
     expect(log_of(page)).to_contain_text("end")
-    page.wait_for_function("() => { const b = document.getElementById('log');"
-                           " return b.scrollHeight - b.scrollTop - b.clientHeight < 40; }",
-                           timeout=5000)
+    wait_at_end(page)
 
 
 def test_a_build_deleted_after_its_page_saw_it_end_says_deleted_on_restart(page, dash,
