@@ -990,9 +990,10 @@ class Store:
         return count, rows
 
     def create_project(self, owner_id, fields):
-        """Make a project; returns None, or the name of the owner's project
-        that has its name regardless of case: on a case-insensitive file
-        system (macOS's default) the two would share their workspaces."""
+        """Make a project; returns its id and None, or None and the name of
+        the owner's project that has its name regardless of case: on a
+        case-insensitive file system (macOS's default) the two would share
+        their workspaces."""
         try:
             with self.db.write() as c:
                 now = now_iso()  # (under the write lock, as for builds)
@@ -1000,7 +1001,7 @@ class Store:
                                   " AND name = ? COLLATE NOCASE",
                                   (owner_id, fields["name"])).fetchone()
                 if taken is not None:
-                    return taken[0]
+                    return None, taken[0]
                 project_id = c.execute(NEXT_PROJECT_ID).fetchone()[0]
                 c.execute("UPDATE project_ids SET next = ?", (project_id + 1,))
                 c.execute(
@@ -1010,8 +1011,8 @@ class Store:
                      fields.get("command"), json.dumps(fields.get("env") or {}),
                      fields.get("timeout"), now, now))
         except sqlite3.IntegrityError:
-            return fields["name"]
-        return None
+            return None, fields["name"]
+        return project_id, None
 
     def update_project(self, project_id, fields):
         self._update("projects", project_id, fields, {"env": {}})
@@ -3362,13 +3363,13 @@ def create_project(app, user, username):
     """Create a project; its command, env and timeout are its builds' defaults."""
     owner = _owner(app, username)
     fields = validate(read_json(), PROJECT_CREATE, required=("name",))
-    taken = app.store.create_project(owner["id"], fields)
+    project_id, taken = app.store.create_project(owner["id"], fields)
     if taken is not None:
         differs = "" if taken == fields["name"] else \
             f" by {taken!r} (names differing only in case would share a workspace folder)"
         raise ApiError(400, f"The project name {fields['name']!r} is taken{differs}.",
                        errors={"name": "is taken"})
-    return created(project_json(app.store.project(username, fields["name"])))
+    return created(project_json(still_there(app.store.project_by_id(project_id))))
 
 
 @token_required

@@ -3509,7 +3509,7 @@ def made_again_meanwhile(app, name="app"):
     client may while a request runs; returns the namesake's row."""
     old = app.store.project("alice", name)
     assert app.store.delete_project(old["id"])
-    assert app.store.create_project(old["owner_id"], {"name": name, "command": "echo new"}) is None
+    assert app.store.create_project(old["owner_id"], {"name": name, "command": "echo new"})[1] is None
     return app.store.project("alice", name)
 
 
@@ -3526,6 +3526,20 @@ def test_a_patch_of_a_project_made_again_meanwhile_changes_neither_and_says_so(
     assert answer.json["detail"] == buildserver.DELETED_MEANWHILE
     monkeypatch.undo()
     assert ok(web.get(project, headers=auth(alice)))["timeout"] is None
+
+
+def test_a_project_deleted_as_soon_as_made_is_answered_404_not_500(
+        web, alice, app, monkeypatch):
+    # Its answer read the project back by name, found none, and failed (500).
+    create = app.store.create_project
+
+    def deleted_at_once(owner_id, fields):
+        made = create(owner_id, fields)
+        app.store.delete_project(made[0])
+        return made
+    monkeypatch.setattr(app.store, "create_project", deleted_at_once)
+    answer = web.post_json("/api/v1/alice", {"name": "brief"}, headers=auth(alice), status=404)
+    assert answer.json["detail"] == buildserver.DELETED_MEANWHILE
 
 
 def test_a_code_reference_of_a_build_deleted_meanwhile_is_not_said_to_be_recorded(
