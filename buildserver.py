@@ -5469,17 +5469,32 @@ def _proxy_settings(proxy):
 
 def serve(config):
     """Run the server until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
+    _make_private_dir(config.data_dir)
+    with contextlib.ExitStack() as held:
+        refused = _hold_serve_locks(config.data_dir, held)
+        if refused:
+            return _fail(refused, 1)
+        return _serve_held(config)
+
+
+def _hold_serve_locks(data_dir, held):
+    """Take the data folder's serve locks into `held`; returns why not, or None."""
     import fcntl
+    for path in _serve_locks(data_dir):
+        try:
+            lock = held.enter_context(open(path, "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"another server is using {data_dir}"
+        except OSError as e:  # a folder it may not write, a file system without locks (NFS)
+            return f"cannot lock {path}: {e.strerror or e}"
+    return None
+
+
+def _serve_held(config):
+    """serve(), once the data folder is this server's."""
     from waitress import wasyncore
 
-    _make_private_dir(config.data_dir)
-    locks = [open(path, "w") for path in _serve_locks(config.data_dir)]  # held till the end
-    try:
-        for lock in locks:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"buildserver: another server is using {config.data_dir}", file=sys.stderr)
-        return 1
     cores = _keep_to_one_core()  # before any thread starts: they inherit it
     app = make_app(config, start=False)  # no build starts before the port is ours
     app.runner.cores = cores

@@ -5453,6 +5453,16 @@ def test_a_second_data_folder_whose_database_links_to_a_live_one_starts_no_serve
     assert cli("adduser", "carol", "--data-dir", str(other)).returncode == 0  # (as beside it)
 
 
+def test_a_serve_lock_that_cannot_be_taken_is_named_not_blamed_on_another_server(tmp_path):
+    # Any failure to lock said "another server is using" the folder (NFS
+    # without locks: ENOLCK), and one to open the lock was a traceback.
+    folder = tmp_path / "data"
+    (folder / "serve.lock").mkdir(parents=True)
+    second = cli("serve", "--port", "0", "--data-dir", str(folder))
+    assert second.returncode == 1, second
+    assert second.stderr == f"buildserver: cannot lock {folder}/serve.lock: Is a directory\n"
+
+
 def test_a_server_on_a_linked_database_holds_its_own_folders_lock_too(server_factory, tmp_path):
     # Older releases hold their folder's serve.lock alone: a newer adduser or
     # server there must see them.
