@@ -5470,23 +5470,30 @@ def _proxy_settings(proxy):
 def serve(config):
     """Run the server until SIGINT, SIGTERM or SIGHUP; returns the exit code."""
     _make_private_dir(config.data_dir)
-    with contextlib.ExitStack() as held:
-        refused = _hold_serve_locks(config.data_dir, held)
-        if refused:
-            return _fail(refused, 1)
-        return _serve_held(config)
+    refused = _hold_serve_locks(config.data_dir)
+    if refused:
+        return _fail(refused, 1)
+    return _serve_held(config)
 
 
-def _hold_serve_locks(data_dir, held):
-    """Take the data folder's serve locks into `held`; returns why not, or None."""
+def _hold_serve_locks(data_dir):
+    """Take the data folder's serve locks for as long as this process lives;
+    returns why not, or None. Bare descriptors, which nothing closes: a lock
+    let go when serve returns (a file object's) told the next server, started
+    while this one's interpreter wound down, that this one still ran on a
+    copy of its folder, and that start left its builds' leftovers alone."""
     import fcntl
+    held = []
     for path in _serve_locks(data_dir):
         try:
-            lock = held.enter_context(open(path, "w"))
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f"another server is using {data_dir}"
-        except OSError as e:  # a folder it may not write, a file system without locks (NFS)
+            held.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+            fcntl.flock(held[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            for fd in held:
+                os.close(fd)
+            if isinstance(e, BlockingIOError):
+                return f"another server is using {data_dir}"
+            # a folder it may not write, a file system without locks (NFS), ...
             return f"cannot lock {path}: {e.strerror or e}"
     return None
 

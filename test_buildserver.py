@@ -5463,6 +5463,36 @@ def test_a_serve_lock_that_cannot_be_taken_is_named_not_blamed_on_another_server
     assert second.stderr == f"buildserver: cannot lock {folder}/serve.lock: Is a directory\n"
 
 
+def test_a_server_holds_its_lock_until_its_process_is_gone(server_factory, tmp_path):
+    # It let go when serve returned: a server started while the first one's
+    # interpreter wound down (35-85 ms, seconds on a busy machine; stopped
+    # here) took it for live on a copy of the folder, and left its builds'
+    # leftovers alone.
+    import fcntl
+    first = server_factory(data_dir=tmp_path / "data")
+    first.signal(signal.SIGTERM)
+
+    def free():
+        with open(tmp_path / "data" / "serve.lock", "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+    wait_until(free, message="the first server to let go")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(first.proc.pid, signal.SIGSTOP)  # (a process in its exit takes no stop)
+    try:
+        second = server_factory(data_dir=tmp_path / "data")
+        second.stop()
+        wait_until(lambda: any(line.endswith(" stopped\n") for line in second.stderr_lines))
+        assert not any("still runs" in line for line in second.stderr_lines), second.stderr_lines
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.proc.pid, signal.SIGCONT)
+    assert first.wait() == 0
+
+
 def test_a_server_on_a_linked_database_holds_its_own_folders_lock_too(server_factory, tmp_path):
     # Older releases hold their folder's serve.lock alone: a newer adduser or
     # server there must see them.
