@@ -5,9 +5,9 @@ Projects hold a shell command; builds run it on this host with a bounded pool
 of workers. Every status change is a row, output is captured live into SQLite,
 and the REST API is the build-jobs API of Polyaxon v0.x.
 
-    python buildserver.py                  # serve on http://127.0.0.1:8000/
-    python buildserver.py adduser alice    # prints alice's token
-    python buildserver.py token alice      # a new token for alice
+    python3 buildserver.py                  # serve on http://127.0.0.1:8000/
+    python3 buildserver.py adduser alice    # prints alice's token
+    python3 buildserver.py token alice      # a new token for alice
 
 Endpoints (all under /api/v1, each with and without a trailing slash; the
 dashboard is at /, and /api/v1/openapi.json describes them all):
@@ -4385,7 +4385,7 @@ function showLogin(message, info) {
       reload();
     } catch (err) {
       error.textContent = err.status === 401
-        ? 'That token was not accepted. Check that you pasted all of it; an admin can make a new one with "python buildserver.py token NAME".'
+        ? 'That token was not accepted. Check that you pasted all of it; an admin can make a new one with "python3 buildserver.py token NAME".'
         : err.message;
       input.focus();
     } finally {
@@ -4395,7 +4395,7 @@ function showLogin(message, info) {
     h('h1', {tabindex: -1}, 'Sign in'),
     h('label', {class: 'field', for: 'token'}, 'API token'), input,
     h('p', {class: 'hint', id: 'token-help'},
-      'Printed once by ', h('code', {}, 'python buildserver.py adduser NAME'), ' (or ', h('code', {}, 'token NAME'),
+      'Printed once by ', h('code', {}, 'python3 buildserver.py adduser NAME'), ' (or ', h('code', {}, 'token NAME'),
       '); the admin\'s at the first start. This browser keeps it until you press "Forget token".'),
     error, h('div', {class: 'actions'}, submit));
   show(form);
@@ -5790,6 +5790,11 @@ def _channel_class():
             # HTTP/1.0 with chunks, which waitress reads by its length (6.1).
             self.badly_framed = (self.chunked and "CONTENT_LENGTH" in self.headers
                                  or self.version == "1.0" and "TRANSFER_ENCODING" in self.headers)
+            if not (self.chunked or self.content_length):
+                # No body to invite: waitress sent 100 Continue all the same and
+                # waited for the body; the next request's headers were then
+                # added to this one's (its Authorization included).
+                self.expect_continue = False
             self.body_refused = self.content_length > body_limit(self.path)
             if self.body_refused:
                 self.body_rcv = None  # so the request is complete without its body
@@ -6927,8 +6932,16 @@ def backup(db_path, dest):
     if os.path.isdir(dest) or dest.endswith(os.sep):
         return _fail(f"{dest} is a folder: name the file to write, e.g. "
                      f"{os.path.join(dest, DB_FILE)}", 2)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
-        return _fail(f"there is no folder {os.path.dirname(os.path.abspath(dest))}", 2)
+    where = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(where):
+        return _fail(f"there is no folder {where}", 2)
+    mode = os.stat(where).st_mode
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        # They could rename the copy's folder away and put one of theirs in its
+        # place, to receive the copy (every token's hash, env and log).
+        return _fail(f"other users may write in {where} (mode {mode & 0o777:03o}): they could "
+                     "take or change the copy; name a file in a folder of yours (or in one "
+                     "with the sticky bit, as /tmp)", 2)
     # SQLite keeps its -wal and -shm beside the database a link leads to.
     if _names_one_of(dest, [base + suffix for base in (db_path, os.path.realpath(db_path))
                             for suffix in ("", "-wal", "-shm", "-journal")]):
@@ -6945,12 +6958,15 @@ def backup(db_path, dest):
         # replaced by a file for every user, a link by a copy.
         return _fail(f"{dest} is not a file (a device, a pipe or a link, say): "
                      "name a file to write, or a new one", 2)
-    # A copy of its own beside the destination (0600, like the database),
-    # named after this process: a backup running at the same time has another,
-    # and the next backup removes what a killed one left.
-    partial = f"{dest}.{os.getpid()}.partial"
+    # A copy of its own beside the destination (0600, like the database), in
+    # a folder of its own (0700: made by this process, so no other user can
+    # have put a file of theirs there to receive the copy), named after this
+    # process: the next backup removes what a killed one left.
+    import tempfile
     _remove_dead_copies(dest)
-    _remove_copy(partial)
+    folder = tempfile.mkdtemp(prefix=f"{os.path.basename(dest)}.{os.getpid()}.",
+                              suffix=".partial", dir=where)
+    partial = os.path.join(folder, os.path.basename(dest))
     _create_private(partial)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
     try:
@@ -6973,7 +6989,7 @@ def backup(db_path, dest):
     except KeyboardInterrupt:
         return _fail(f"interrupted: {dest} was not written", EXIT_INTERRUPTED)
     finally:
-        _remove_copy(partial)
+        _remove_copy(folder)
     print(f"Backed up {db_path} to {dest} ({os.path.getsize(dest)} bytes).")
     return 0
 
@@ -7001,7 +7017,11 @@ def _names_one_of(path, others):
 
 
 def _remove_copy(partial):
-    """A partial backup, with the files SQLite keeps beside it."""
+    """A partial backup's folder, or (an older release's) file with the files
+    SQLite keeps beside it."""
+    if os.path.isdir(partial) and not os.path.islink(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+        return
     for path in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -7011,7 +7031,7 @@ def _remove_dead_copies(dest):
     """The partial copies to `dest` whose backup process is gone (killed)."""
     import glob
     for path in glob.glob(glob.escape(dest) + ".*.partial"):
-        pid = path[len(dest) + 1:-len(".partial")]
+        pid = path[len(dest) + 1:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             _remove_copy(path)
 
@@ -7178,5 +7198,8 @@ MODULE_LAUNCHER = (  # python -c, with argv: <this file> <its arguments>
 if __name__ == "__main__":
     if __spec__ is None and with_command(sys.argv[1:])[0] == "serve":  # a script, not -m
         _hold_stop_signals(True)
+        # A build can read its server's environment as it began (in
+        # /proc/<pid>/environ): a token exported for the client must not be in it.
+        os.environ.pop("BUILDSERVER_TOKEN", None)
         serve_as_module()
     sys.exit(main())

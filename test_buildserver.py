@@ -5424,18 +5424,31 @@ def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory
     assert len(body) == log_size and body.endswith(b"0049999 " + b"x" * 91 + b"\n")
 
 
-def serving_a_running_build(server_factory, data_dir, *args, wrap=(),
+def serving_a_running_build(server_factory, data_dir, *args, wrap=(), env=None,
                             command="echo ready; sleep 60"):
     """A real server at `data_dir` (started with `args`) whose build 1 of
     admin/app runs `command` and has said "ready"; returns the server, the
     build's path and the build."""
-    server = server_factory(*args, data_dir=data_dir, wrap=wrap)
+    server = server_factory(*args, data_dir=data_dir, wrap=wrap, env=env)
     project_path = admin_project(server)
     status, build = server.json("POST", project_path + "/builds",
                                 {"command": command})
     path = f"{project_path}/builds/{build['id']}"
     server_wait_for_log(server, path, b"ready")
     return server, path, build
+
+
+def test_a_token_exported_where_the_server_starts_is_not_in_its_environment(
+        server_factory, tmp_path):
+    # BUILDSERVER_* left the builds' own environment only: the server's, which
+    # a build can read, still held the token.
+    server, path, _ = serving_a_running_build(
+        server_factory, tmp_path / "data",
+        env={"BUILDSERVER_TOKEN": "a-token-of-another-server", "MARKER_BESIDE_THE_TOKEN": "1"},
+        command="tr '\\0' '\\n' < /proc/$PPID/environ; echo ready")
+    seen = server.request("GET", path + "/logs")[2]
+    assert b"\nMARKER_BESIDE_THE_TOKEN=1\n" in seen  # (it read the server's)
+    assert b"a-token-of-another-server" not in seen
 
 
 def test_a_second_data_folder_whose_database_links_to_a_live_one_starts_no_server(
@@ -8160,6 +8173,30 @@ def test_a_body_over_the_limit_sent_after_100_continue_is_413_not_a_bad_request(
     assert db_dump(db_path) == before
 
 
+def test_a_request_without_a_body_that_expects_100_continue_is_answered_and_ends(
+        server_factory):
+    # waitress invited a body that never came and waited; the connection's
+    # next request then got this one's headers added to its own: a bookmark
+    # sent without a token was made with the earlier request's.
+    server = server_factory()
+    api(server, "POST", "/api/v1/admin", {"name": "app", "command": "true"})
+    status, build = api(server, "POST", "/api/v1/admin/app/builds", {"is_managed": False})
+    sock = raw_request_head(server.host, server.port, "GET", "/api/v1/health", {
+        "Authorization": f"Token {server.token}", "Expect": "100-continue"})
+    try:
+        first = http.client.HTTPResponse(sock)  # (which passes over a 100 Continue)
+        first.begin()
+        assert (first.status, json.loads(first.read())) == (200, {"status": "ok"})
+        sock.sendall(f"POST /api/v1/admin/app/builds/{build['id']}/bookmark HTTP/1.1\r\n"
+                     f"Host: x\r\nContent-Length: 0\r\n\r\n".encode())
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        assert second.status == 401, second.read()
+    finally:
+        sock.close()
+    assert api(server, "GET", f"/api/v1/admin/app/builds/{build['id']}")[1]["bookmarked"] is False
+
+
 def test_the_unread_body_of_a_413_is_never_taken_for_requests(server_factory):
     server = server_factory()
     smuggled = b"DELETE /api/v1/admin/app HTTP/1.1\r\nHost: x\r\nAuthorization: Token " + \
@@ -9285,6 +9322,26 @@ def test_a_server_listening_beyond_this_machine_warns_that_tokens_travel_unencry
     assert (warning is None and not warned) or (warned and warning in warned[0]), warned
 
 
+def test_a_backup_into_a_folder_others_may_write_is_refused_unless_it_is_sticky(
+        server_factory, tmp_path):
+    # A local user renamed the copy (made at a name known in advance) away and
+    # put a file of theirs in its place: SQLite wrote the whole database into it.
+    server = server_factory()
+    for mode, refused in ((0o777, True), (0o775, True), (0o1777, False), (0o755, False)):
+        folder = tmp_path / f"backups{mode:o}"
+        folder.mkdir()
+        folder.chmod(mode)
+        done = run_cli("backup", str(folder / "copy.db"), "--data-dir", server.data_dir)
+        if refused:
+            assert done.returncode == 2, done
+            assert f"other users may write in {folder} (mode {mode & 0o777:03o})" in done.stderr
+            assert list(folder.iterdir()) == []
+        else:
+            assert done.returncode == 0, done.stderr
+            assert [p.name for p in folder.iterdir()] == ["copy.db"]
+            assert stat.S_IMODE((folder / "copy.db").stat().st_mode) == 0o600
+
+
 def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
     # It ended in a KeyboardInterrupt traceback (SIGTERM was already quiet).
     data = tmp_path / "data"
@@ -9296,9 +9353,11 @@ def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, "backup", str(dest), "--data-dir",
                              str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    partial = tmp_path / f"copy.db.{proc.pid}.partial"
-    wait_until(lambda: partial.exists() and partial.stat().st_size or proc.poll() is not None,
-               interval=0.002, message="the copy to begin")
+
+    def begun():
+        partial = [*tmp_path.glob(f"copy.db.{proc.pid}.*.partial/copy.db")]
+        return partial and partial[0].stat().st_size or proc.poll() is not None
+    wait_until(begun, interval=0.002, message="the copy to begin")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
