@@ -6005,7 +6005,6 @@ EXIT_UNKNOWN = 76       # a request went, its answer was lost: it may have been 
 EXIT_REFUSED = 77       # the server refuses the token (EX_NOPERM)
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_TERMINATED = 143   # SIGTERM, to `run --stop-on-interrupt`
 EXIT_OUTPUT_CLOSED = 141  # what the output was piped to went away (as SIGPIPE would end a tool)
 EXIT_OUTPUT_FAILED = 74   # the output cannot be written where it goes, a full disk say (EX_IOERR)
 RECONNECT_SECONDS = 60  # how long a follower keeps trying to get back to the server
@@ -6019,7 +6018,8 @@ RUN_EXIT_CODES = """exit codes:
   76       the build's outcome is unknown: the create's answer was lost,
            or the server was lost while following it (it says which)
   77       the server refuses the token
-  130, 143 Ctrl-C, or SIGTERM with --stop-on-interrupt
+  130      Ctrl-C
+  143, 129 SIGTERM or SIGHUP with --stop-on-interrupt
   141      the log's reader went away (| head)"""
 GATEWAY_ERRORS = (502, 503, 504)  # the server, or a proxy in front, says: not now
 
@@ -6051,7 +6051,7 @@ class OutputFailed(Exception):
 
 
 class _SignalWatch:
-    """Lets Ctrl-C or SIGTERM end a blocking read at once. CPython runs a
+    """Lets Ctrl-C, SIGTERM or SIGHUP end a blocking read at once. CPython runs a
     signal's handler between bytecodes: a signal that comes after the last
     of them and before a socket read begins waited until the read ended (a
     quiet build's follow: its 30 s timeout). Its C handler writes to a
@@ -6085,7 +6085,7 @@ class _SignalWatch:
                          daemon=True).start()
 
     def _shut_on_signal(self, r):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # main's
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the main thread's
         while os.read(r, 512):
             sock = self.sock
             if sock is not None:
@@ -6217,17 +6217,20 @@ class Client:
         finally:
             conn.close()
 
-    def follow(self, build_path, out, offset=0):
+    def follow(self, build_path, out, offset=0, live=True):
         """Follow a build's log to `out` until the build is final, reconnecting
         (from the last byte received) for up to RECONNECT_SECONDS, also while
         the server or a proxy answers 502, 503 or 504 (a restart), counted
         from the last time it got through; returns the build. While the
         server has too many followers (503) but answers for the build, it
-        waits for as long as the build runs."""
+        waits for as long as the build runs. Not `live`: the log as it is
+        now, resumed the same way when the connection drops, and None."""
         give_up_at, pause = None, 0.2
         while True:
             try:
-                offset = self.stream_log(build_path, offset, out)
+                offset = self.stream_log(build_path, offset, out, follow=live)
+                if not live:
+                    return None
                 build = self.call("GET", build_path)
                 if build["last_status"] in FINAL and offset >= build["log_size"]:
                     return build
@@ -6235,6 +6238,8 @@ class Client:
             except (Unreachable, ClientError) as e:
                 if isinstance(e, ClientError) and e.status not in GATEWAY_ERRORS:
                     raise
+                if not (live or getattr(e, "got_through", False)):
+                    raise  # a download waits for no server: it resumes one that dropped
                 if getattr(e, "got_through", False):  # dropped after it streamed: a new outage
                     give_up_at, pause = None, 0.2
                 offset = getattr(e, "offset", offset)
@@ -6405,10 +6410,7 @@ def run_client(args):
                  f"build {build['id']} of {build['project']}: {build['last_status']}")
             return 0
         if args.command == "logs":
-            if args.follow:
-                client.follow(path, sys.stdout.buffer)
-            else:
-                client.stream_log(path, 0, sys.stdout.buffer, follow=False)
+            client.follow(path, sys.stdout.buffer, live=args.follow)
             return 0
     except ClientError as e:
         code = EXIT_REFUSED if e.status in (401, 403, 429) else \
@@ -6531,8 +6533,8 @@ def _run_build(client, project, args):
                                for name, reason in e.errors.items()), 2)
     if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
         raise OutputFailed(OSError("standard error is closed"), "the log")
-    if args.stop_on_interrupt:  # a CI job cancelled, `timeout`: as Ctrl-C
-        signal.signal(signal.SIGTERM, _terminated)
+    if args.stop_on_interrupt:  # a CI job cancelled, `timeout`, a closed terminal: as Ctrl-C
+        _take_interrupts()
     made = path = None
     try:
         # Only what was given (an empty command is refused, not taken for none).
@@ -6558,7 +6560,13 @@ def _run_build(client, project, args):
         return _fail(f"{e}\n{_whereabouts(made, args)}", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
         _interrupted(client, args, made, path)
-        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+        return 128 + interrupt.args[0] if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+    except OutputFailed as e:  # the log cannot be written (a full disk): the build runs on
+        code = _output_failed(e.error, e.what)
+        if made is not None and code == EXIT_OUTPUT_FAILED:
+            _note(f"build {made['id']} runs on; stop it with: "
+                  f"{_again(args, 'stop', args.project, str(made['id']))}")
+        return code
     # Each on a line of its own, also after a log whose last line has no end (`printf 100%`).
     if args.json:
         _say(out.apart_on(sys.stdout) + json.dumps(build, indent=2))
@@ -6577,7 +6585,9 @@ def _interrupted(client, args, build, path):
         _note(f"build {build['id']} runs on; stop it with: "
               f"{_again(args, 'stop', args.project, str(build['id']))}")
         return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it, as ^C twice
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # a second one ends it, as ^C twice
+        if signal.getsignal(signum) is _terminated:
+            signal.signal(signum, signal.SIG_DFL)
     try:
         client.call("POST", f"{path}/stop")
         _note(f"build {build['id']}: stop requested")
@@ -6652,11 +6662,21 @@ def _same_place(out, err):
 
 
 class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` takes it
-    """SIGTERM, to `run --stop-on-interrupt`."""
+    """SIGTERM or SIGHUP, to `run --stop-on-interrupt`; args: the signal's number."""
 
 
 def _terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+def _take_interrupts():
+    """For `run --stop-on-interrupt`: Ctrl-C even where whatever started it
+    ignores SIGINT (a script's `&`), SIGTERM, and SIGHUP (a terminal or an ssh
+    session that closed) unless ignored on purpose (nohup), each to stop the build."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminated)
 
 
 def _note(text):
@@ -6711,7 +6731,7 @@ def _client_parsers(commands):
     r.add_argument("--git-url", metavar="URL", help="the repository, recorded likewise")
     r.add_argument("--no-follow", action="store_true", help="print the build's id and return")
     r.add_argument("--stop-on-interrupt", action="store_true",
-                   help="on Ctrl-C, or SIGTERM, stop the build without asking")
+                   help="on Ctrl-C, SIGTERM or SIGHUP, stop the build without asking")
     s = add("status", "a build's fields and status history (default: the latest build)")
     s.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
     s.add_argument("id", nargs="?", type=int, help="the build's id")

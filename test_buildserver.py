@@ -6498,11 +6498,11 @@ def client(server, *args, token=None, env=None, **kw):
                           timeout=kw.pop("timeout", 60), **kw)
 
 
-def start_client(server, *args, stdout=subprocess.PIPE):
+def start_client(server, *args, stdout=subprocess.PIPE, preexec_fn=None):
     environ = {**os.environ, "BUILDSERVER_URL": f"http://{server.host}:{server.port}",
                "BUILDSERVER_TOKEN": server.token}
     return subprocess.Popen([sys.executable, SCRIPT, *args], env=environ, bufsize=0,
-                            stdout=stdout, stderr=subprocess.PIPE)
+                            stdout=stdout, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
 
 
 @pytest.fixture
@@ -6773,6 +6773,18 @@ def test_logs_into_a_full_disk_exit_74_saying_why(served):
     assert b"cannot write the log: No space left on device" in proc.stderr.read()
 
 
+def test_run_into_a_full_disk_says_its_build_runs_on_and_how_to_stop_it(served):
+    # It said only that the log could not be written, and left the build running.
+    with open("/dev/full", "wb") as full:
+        proc = start_client(served, "run", "admin/app", "--command", "echo out; sleep 60",
+                            stdout=full)
+        assert proc.wait(30) == buildserver.EXIT_OUTPUT_FAILED
+    err = proc.stderr.read().decode()
+    assert "cannot write the log: No space left on device" in err
+    assert "build 1 runs on; stop it with: " in err and "stop admin/app 1" in err, err
+    assert served.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"] == "running"
+
+
 @pytest.mark.parametrize("args", [("builds", "admin/app"), ("builds", "admin/app", "--json"),
                                   ("status", "admin/app"), ("status", "admin/app", "1"),
                                   ("stop", "admin/app", "1"),
@@ -6860,9 +6872,35 @@ def test_sigterm_with_stop_on_interrupt_stops_the_build_and_exits_143(served):
                         "--stop-on-interrupt")
     assert proc.stdout.readline() == b"started\n"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == buildserver.EXIT_TERMINATED
+    assert proc.wait(30) == 143
     assert b"stop requested" in proc.stderr.read()
     assert server_final_build(served, "/api/v1/admin/app/builds/1")["last_status"] == "stopped"
+
+
+@pytest.mark.parametrize("signum, ignored, code", [
+    (signal.SIGINT, True, 130),   # a script's `&` starts it ignoring SIGINT: kill -INT did nothing
+    (signal.SIGHUP, False, 129),  # its terminal or ssh session closed: the build ran on
+    (signal.SIGHUP, True, None)])  # under nohup, it follows on
+def test_stop_on_interrupt_takes_an_ignored_sigint_and_sighup_unless_under_nohup(
+        served, signum, ignored, code):
+    proc = start_client(served, "run", "admin/app", "--command", "echo started; sleep 60",
+                        "--stop-on-interrupt", preexec_fn=lambda: ignored and signal.signal(
+                            signum, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        proc.send_signal(signum)
+        if code is None:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(1)
+            status = served.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"]
+            assert status == "running"
+            return
+        assert proc.wait(30) == code
+        assert b"stop requested" in proc.stderr.read()
+        assert server_final_build(served, "/api/v1/admin/app/builds/1")["last_status"] == "stopped"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_stopped_build_exits_1_whatever_its_shell_exits_with(served):
@@ -7142,7 +7180,8 @@ class FaultyProxy:
       nothing more and is never closed (a NAT that forgot it, a dead link);
     - "lose answers": new connections carry their request, then close
       before any answer comes back ("lose answers late": 3 s later);
-    - "cut answers": new connections close 10 bytes into their answer's body;
+    - "cut answers": new connections close 10 bytes into their answer's body
+      ("cut an answer": the next new connection alone);
     - "refuse": every connection is closed, and each new one at once;
     - "gateway": new connections get nginx's HTML 502 (its server restarts);
     - "slow": answers on new connections come 3 s late;
@@ -7177,6 +7216,8 @@ class FaultyProxy:
                 near, _ = self.listener.accept()
                 self.open.append(near)
                 mode = self.mode
+                if mode == "cut an answer":
+                    mode, self.mode = "cut answers", "pass"
                 if mode == "silent":
                     self.dead.add(near)
                     continue  # (held open, never read)
@@ -7343,16 +7384,23 @@ def test_run_that_loses_the_server_while_following_says_the_build_was_made(
 def test_a_proxys_502_to_a_read_and_a_log_download_cut_short_are_no_success_nor_refusal(
         served):
     # `builds` behind a proxy whose server was down exited 1 ("refused"), and
-    # `logs` of an answer cut short exited 0 with part of the log.
+    # `logs` of an answer cut short exited 0 with part of the log; then 75
+    # ("nothing was done": try again) with part of it written.
     _, build = served.json("POST", "/api/v1/admin/app/builds", {"command": "seq 1 100000"})
     server_final_build(served, f"/api/v1/admin/app/builds/{build['id']}")
+    whole = client(served, "logs", "admin/app", str(build["id"])).stdout
+    assert whole.endswith(b"\n100000\n")
     proxy = FaultyProxy(served.port)
     try:
         for fault, args in (("gateway", ["builds", "admin/app"]),
-                            ("cut answers", ["logs", "admin/app", str(build["id"])])):
+                            ("refuse", ["logs", "admin/app", str(build["id"])])):
             proxy.set(fault)
             done = client(served, *args, env={"BUILDSERVER_URL": proxy.url})
             assert done.returncode == buildserver.EXIT_UNREACHABLE, (fault, done)
+        proxy.set("cut an answer")  # it resumes from the last byte received
+        done = client(served, "logs", "admin/app", str(build["id"]),
+                      env={"BUILDSERVER_URL": proxy.url})
+        assert (done.returncode, done.stdout) == (0, whole), done.stderr
     finally:
         proxy.close()
 
@@ -7403,7 +7451,7 @@ def test_a_sigterm_while_the_build_is_created_says_it_may_have_been_made(served,
     finally:
         proxy.close()
         served.json("POST", "/api/v1/admin/app/builds/1/stop")
-    assert run.returncode == buildserver.EXIT_TERMINATED, err
+    assert run.returncode == 143, err
     assert b"may have been made" in err and b"builds admin/app" in err, err
 
 
