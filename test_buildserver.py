@@ -11,6 +11,7 @@ import collections
 import contextlib
 import errno
 import glob
+import gzip
 import http.client
 import http.server
 import importlib.util
@@ -1001,6 +1002,37 @@ def test_a_body_of_what_json_does_not_call_space_is_no_empty_body(web, alice, pr
     assert res.json["detail"] == "The request body is not valid JSON."
     assert ok(call(web, "GET", project + "/builds/1/coderef", alice)) == before
     assert ok(call(web, "GET", project + "/builds", alice))["count"] == 1
+
+
+@pytest.mark.parametrize("body, headers, status, detail", [
+    # Stored as it came, compressed; or said to be no JSON, which it was.
+    (gzip.compress(b'{"description": "x"}'), {"Content-Encoding": "gzip"}, 415,
+     "The request body must be sent uncompressed, not with Content-Encoding 'gzip'."),
+    # json.loads takes UTF-16 and UTF-32 bytes: the spec says UTF-8.
+    ('{"description": "x"}'.encode("utf-16"), {}, 400, "The request body is not UTF-8 text."),
+    ('{"description": "x"}'.encode("utf-32"), {}, 400, "The request body is not UTF-8 text."),
+    # Valid JSON, past Python's limit on an int's digits: "not valid JSON".
+    (b'{"timeout": ' + b"9" * 4301 + b"}", {}, 400,
+     "The request body holds a number with more digits than any field takes."),
+    (json.dumps({f"unknown{n:05}": 1 for n in range(5000)}).encode(), {}, 400,
+     "The request has invalid fields: " + ", ".join(f"unknown{n:05}" for n in range(10))
+     + " and 4990 more.")], ids=["gzip", "utf-16", "utf-32", "digits", "fields"])
+def test_a_body_compressed_not_utf_8_or_past_pythons_limits_is_refused_saying_why(
+        web, alice, project, body, headers, status, detail):
+    res = call(web, "PATCH", project, alice, body=body, content_type="application/json",
+               headers=headers)
+    assert_error(res, status)
+    assert res.json["detail"] == detail
+    assert len(res.json.get("errors") or {}) <= 10
+    assert ok(call(web, "GET", project, alice))["description"] is None
+
+
+def test_a_log_sent_compressed_is_refused_not_stored_compressed(web, alice, project):
+    unmanaged(web, alice, project)
+    res = call(web, "POST", project + "/builds/1/logs", alice, body=gzip.compress(b"hello\n"),
+               content_type="text/plain", headers={"Content-Encoding": "gzip"})
+    assert_error(res, 415)
+    assert ok(call(web, "GET", project + "/builds/1", alice))["log_size"] == 0
 
 
 def test_a_status_is_found_by_its_uuid_in_capitals_too(web, alice, project):
