@@ -1563,10 +1563,12 @@ class LogStream:
                                 that took nothing (it would never close itself)
     """
 
-    def __init__(self, store, bus, build, start, end, environ, on_close):
+    def __init__(self, store, bus, build, start, end, environ, on_close, allowed):
+        """:param allowed: whether the request's token still works: a follow
+        of a token replaced since ends within FOLLOW_WAIT_SECONDS."""
         self.store, self.bus, self.build_id, self.uuid = store, bus, build["id"], build["uuid"]
         self.pos, self.end = start, end
-        self._environ, self._on_close = environ, on_close
+        self._environ, self._on_close, self._allowed = environ, on_close, allowed
         self._gone = environ.get("waitress.client_disconnected") or (lambda: False)
         self._headers_sent = False
 
@@ -1574,6 +1576,8 @@ class LogStream:
         while self.pos < self.end:
             if not self._client_keeps_up():  # cut off, not ended: the build goes on
                 raise ConnectionAbortedError("the follower's client stopped reading")
+            if not self._allowed():
+                raise ConnectionAbortedError("the follower's token was replaced")
             seen = self.bus.news(self.build_id)
             state = self.store.log_state(self.build_id, self.uuid)
             if state is None:  # deleted
@@ -3279,6 +3283,14 @@ def authenticate(store, throttle):
     return user
 
 
+def _still_authenticated(store, user_id, header):
+    """Whether the token in the Authorization `header` of a request answered
+    still belongs to the user `user_id` (for a follow, which may last days)."""
+    match = AUTH_RE.match(header)
+    user = store.user_by_token(match.group(1)) if match else None
+    return user is not None and user["id"] == user_id
+
+
 def token_required(handler):
     """Decorator: authenticate, then allow a user only inside their own namespace
     (admins everywhere). Access is checked before existence: a 403 never tells
@@ -3729,7 +3741,9 @@ def get_logs(app, user, username, project_name, build_id):
                        headers={"Retry-After": "5"})
     end = float("inf") if limit is None else offset + limit
     return LogStream(app.store, app.bus, build, offset, end, request.environ,
-                     on_close=app.waiting.release)
+                     on_close=app.waiting.release, allowed=functools.partial(
+                         _still_authenticated, app.store, user["id"],
+                         request.environ.get("HTTP_AUTHORIZATION", "")))
 
 
 def log_page(store, build, offset, limit, size, final):

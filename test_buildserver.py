@@ -5483,6 +5483,22 @@ def test_a_token_exported_where_the_server_starts_is_not_in_its_environment(
     assert b"a-token-of-another-server" not in seen
 
 
+def test_a_follow_ends_once_its_token_is_replaced(server_factory, tmp_path):
+    # New requests with the old token were refused within a second, but an
+    # open follow streamed on for as long as its build ran (days, maybe).
+    server, path, _ = serving_a_running_build(server_factory, tmp_path / "data")
+    conn, response = open_follow(server, path, timeout=30)
+    try:
+        assert response.readline() == b"ready\n"
+        assert cli("token", "admin", "--data-dir", server.data_dir).returncode == 0
+        with pytest.raises(http.client.IncompleteRead):  # cut off, not ended
+            response.read()
+    finally:
+        conn.close()
+    with contextlib.closing(sqlite3.connect(os.path.join(server.data_dir, "buildserver.db"))) as db:
+        assert db.execute("SELECT last_status FROM builds").fetchall() == [("running",)]
+
+
 def test_a_second_data_folder_whose_database_links_to_a_live_one_starts_no_server(
         server_factory, tmp_path):
     # Its serve.lock was its own: it started, took the live server for one
