@@ -100,6 +100,7 @@ DELETED_MEANWHILE = "It was deleted while this request ran."
 BUILD_VARIABLES = ("BUILD_ID", "BUILD_UUID", "BUILD_PROJECT", "BUILD_USER", "BUILD_WORKSPACE")
 
 JSON_BODY_LIMIT = 1 * MiB
+PAGE_MAX = 1000              # the most items of a list's page (?limit=)
 LONE_SURROGATE = ("The request body has a \\u escape that is not a character "
                   "(a lone surrogate such as \\ud800).")
 LOG_BODY_LIMIT = 8 * MiB
@@ -2794,7 +2795,7 @@ def prefers_json(accept):
 
 
 def page_params():
-    return int_param("limit", 20, 1, 1000), int_param("offset", 0, 0, 2 ** 62)
+    return int_param("limit", 20, 1, PAGE_MAX), int_param("offset", 0, 0, 2 ** 62)
 
 
 # A host name or an address in brackets, and a port: what a Host header may say.
@@ -2914,7 +2915,7 @@ PATH_PARAMS = {
     "username": _USER, "project_name": FIELDS["project_name"], "build_id": _ID,
     "status_id": {"type": "string", "description": "a status entry's number, or its uuid"},
 }
-PAGE_QUERY = (("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20}),
+PAGE_QUERY = (("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_MAX, "default": 20}),
               ("offset", {"type": "integer", "minimum": 0, "maximum": 2 ** 62, "default": 0}))
 BUILDS_QUERY = PAGE_QUERY + (("status", {
     "type": "string", "pattern": "^(%s)?(,(%s)?)*$" % (("|".join(STATUSES),) * 2),
@@ -6412,7 +6413,8 @@ def run_client(args):
         if args.command == "run":
             return _run_build(client, project, args)
         if args.command == "builds":
-            query = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+            query = {"limit": args.limit, "offset": args.offset,
+                     **({"status": args.status} if args.status else {})}
             page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
             if args.json:
                 _say(json.dumps(page_, indent=2))
@@ -6574,7 +6576,7 @@ def _run_build(client, project, args):
         build = made = client.call("POST", f"{project}/builds",
                                    {k: v for k, v in body.items() if v is not None})
         path = f"{project}/builds/{build['id']}"
-        _note(f"build {build['id']}: {client.url}{path}")
+        _note(f"build {build['id']}: {client.url}/#/{args.project}/builds/{build['id']}")
         if code:
             client.call("POST", f"{path}/coderef", code)
         if args.no_follow:
@@ -6777,8 +6779,23 @@ def _client_parsers(commands):
     st.add_argument("id", type=int)
     b = add("builds", "list a project's builds, newest first")
     b.add_argument("project", type=_project_spec, metavar="USER/PROJECT")
-    b.add_argument("--status", help="only these statuses, comma-separated")
-    b.add_argument("--limit", type=int, default=20, help="how many (default %(default)s)")
+    b.add_argument("--status", type=_statuses, help="only these statuses, comma-separated")
+    b.add_argument("--limit", type=_positive(int, most=PAGE_MAX, least=1), default=20,
+                   help=f"how many (default %(default)s, at most {PAGE_MAX})")
+    b.add_argument("--offset", type=_positive(int), default=0,
+                   help="how many of the newest to pass over (default %(default)s)")
+
+
+def _statuses(text):
+    """--status: known statuses, comma-separated (spaces around them let go)."""
+    if not _is_text(text):
+        return text  # (which _not_text names)
+    chosen = [name.strip() for name in text.split(",")]
+    unknown = [name for name in chosen if name not in STATUSES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown status {unknown[0]!r}: use {', '.join(STATUSES)}")
+    return ",".join(chosen)
 
 
 ###############################################################################
