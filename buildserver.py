@@ -488,6 +488,7 @@ class Database:
     RECENT_SECONDS = 1.0         # how long a remembered row may miss another process's write
     RECENT_ROWS = 64             # remembered at most, then all forgotten (few outlive a commit)
     RECENT_ROW_BYTES = 16 * KiB  # the largest remembered (a build's env may be megabytes)
+    READ_CACHE_KIB = 512         # each reading connection's page cache (SQLite's: 2000)
 
     def __init__(self, path, background_checkpoints=False):
         """:param background_checkpoints: copy the WAL back into the database in
@@ -543,6 +544,9 @@ class Database:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._kept(self.connect())
+            # Each HTTP thread keeps one: with SQLite's 2 MB each, a busy
+            # server stayed at 175-215 MB; at 512 KiB, 100-110 MB, as fast.
+            conn.execute("PRAGMA cache_size = -%d" % self.READ_CACHE_KIB)
         return conn
 
     def _kept(self, conn):
