@@ -2420,7 +2420,10 @@ def _exit_notifier(pid, job):
     """A file descriptor that turns readable when process `pid` exits (a Linux
     pidfd), or None after starting a thread that wakes the job instead. Neither
     reaps the process: until it is reaped its pid, which is also its group's
-    id, cannot be reused, so killpg stays safe."""
+    id, cannot be reused, so killpg stays safe. (A stop reaps it to see its
+    group empty: from then on the id is the group's while a member lives,
+    and a SIGKILL to a group seen alive a moment before could only reach
+    another's if the pids wrapped around meanwhile.)"""
     try:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
