@@ -180,17 +180,6 @@ def parse_iso(text):
     return datetime.datetime.fromisoformat(text[:-1]).replace(tzinfo=datetime.timezone.utc)
 
 
-def hash_token(token):
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def fresh_token():
-    """A new token; never one that starts with "-", which `--token` would take for an option."""
-    while (token := secrets.token_urlsafe(32)).startswith("-"):
-        pass
-    return token
-
-
 class ApiError(Exception):
     """An answer other than 2xx: {"detail": ...} plus per-field "errors" on a 400."""
 
@@ -1422,6 +1411,113 @@ class Store:
                 end = newline
             pos = row["offset"]
         return 0
+
+
+###############################################################################
+# Auth ########################################################################
+###############################################################################
+
+def hash_token(token):
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def fresh_token():
+    """A new token; never one that starts with "-", which `--token` would take for an option."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
+
+
+AUTH_RE = re.compile(r'^\s*(?:token|bearer)\s+"?([^"\s]+)"?\s*$', re.I)
+
+
+class AuthThrottle:
+    """Counts failed authentications per client address. Past `burst` failures
+    within `window` seconds, that address's failures get 429 instead of 401.
+    A valid token is never throttled (tokens are far too long to guess: this
+    keeps scanners from filling the log and the CPU, not from guessing)."""
+
+    def __init__(self, burst, window=60.0):
+        self.burst, self.window = burst, window
+        self._failures = {}
+        self._prune_above = 10000  # addresses, before quiet ones are forgotten
+        self._lock = threading.Lock()
+
+    def forget_quiet(self):
+        """Forget the addresses whose last failure is a window old (called
+        every 30 s: after an attack from many addresses, none may fail again)."""
+        with self._lock:
+            self._forget_quiet(time.monotonic())
+
+    def _forget_quiet(self, now):
+        self._failures = {a: t for a, t in self._failures.items() if t[-1] > now - self.window}
+        # Not again at each failure while that many fail at once (an attacker
+        # with many addresses): a rebuild per failure is slow.
+        self._prune_above = max(10000, 2 * len(self._failures))
+
+    def failed(self, address):
+        """Record a failure; seconds until `address` may fail again, or 0."""
+        if not self.burst:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > self._prune_above:
+                self._forget_quiet(now)
+            times = self._failures.setdefault(address, collections.deque(maxlen=self.burst + 1))
+            times.append(now)
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if len(times) <= self.burst:
+                return 0
+            return max(1, int(times[0] + self.window - now + 1))
+
+
+def authenticate(store, throttle):
+    """The user whose token the request carries, or ApiError(401) (429 when
+    the address has failed too often; a request with no token at all tried
+    nothing, and is told its token is missing)."""
+    environ = bottle.request.environ
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    match = AUTH_RE.match(header)
+    user = store.user_by_token(match.group(1)) if match else None
+    if user is None:
+        retry = throttle.failed(environ.get("REMOTE_ADDR", "")) if header else 0
+        if retry:
+            raise ApiError(429, "Too many failed authentications from your address; "
+                                f"try again in {retry} s.", headers={"Retry-After": str(retry)})
+        reason = "is missing" if not header else "is not valid" if match else "is malformed"
+        raise ApiError(401, f"Authentication failed: the token {reason}. Send the header "
+                            "'Authorization: Token <your token>'.",
+                       headers={"WWW-Authenticate": "Token"})
+    bottle.request.environ["buildserver.user"] = user["name"]
+    return user
+
+
+def _still_authenticated(store, user_id, header):
+    """Whether the token in the Authorization `header` of a request answered
+    still belongs to the user `user_id` (for a follow, which may last days)."""
+    match = AUTH_RE.match(header)
+    user = store.user_by_token(match.group(1)) if match else None
+    return user is not None and user["id"] == user_id
+
+
+def token_required(handler):
+    """Decorator: authenticate, then allow a user only inside their own namespace
+    (admins everywhere). Access is checked before existence: a 403 never tells
+    whether a project or build exists. The handler gets the user after the App."""
+    @functools.wraps(handler)
+    def wrapper(app, **params):
+        username = params.get("username")
+        if username in RESERVED_USERNAMES and \
+                bottle.request.route.rule.startswith("/api/v1/<username>"):  # /api/v1/health/x
+            raise ApiError(404, _no_endpoint(bottle.request.path))
+        user = authenticate(app.store, app.throttle)
+        if username is not None and not user["is_admin"] and username != user["name"]:
+            raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
+        if bottle.request.route.config.get("bodiless"):
+            refuse_body()
+        return handler(app, user, **params)
+    return wrapper
 
 
 ###############################################################################
@@ -3222,100 +3318,6 @@ def make_app(config=None, start=True):
     if start:
         app.runner.start()
     return app
-
-
-# Auth -------------------------------------------------------------------------
-
-AUTH_RE = re.compile(r'^\s*(?:token|bearer)\s+"?([^"\s]+)"?\s*$', re.I)
-
-
-class AuthThrottle:
-    """Counts failed authentications per client address. Past `burst` failures
-    within `window` seconds, that address's failures get 429 instead of 401.
-    A valid token is never throttled (tokens are far too long to guess: this
-    keeps scanners from filling the log and the CPU, not from guessing)."""
-
-    def __init__(self, burst, window=60.0):
-        self.burst, self.window = burst, window
-        self._failures = {}
-        self._prune_above = 10000  # addresses, before quiet ones are forgotten
-        self._lock = threading.Lock()
-
-    def forget_quiet(self):
-        """Forget the addresses whose last failure is a window old (called
-        every 30 s: after an attack from many addresses, none may fail again)."""
-        with self._lock:
-            self._forget_quiet(time.monotonic())
-
-    def _forget_quiet(self, now):
-        self._failures = {a: t for a, t in self._failures.items() if t[-1] > now - self.window}
-        # Not again at each failure while that many fail at once (an attacker
-        # with many addresses): a rebuild per failure is slow.
-        self._prune_above = max(10000, 2 * len(self._failures))
-
-    def failed(self, address):
-        """Record a failure; seconds until `address` may fail again, or 0."""
-        if not self.burst:
-            return 0
-        now = time.monotonic()
-        with self._lock:
-            if len(self._failures) > self._prune_above:
-                self._forget_quiet(now)
-            times = self._failures.setdefault(address, collections.deque(maxlen=self.burst + 1))
-            times.append(now)
-            while times and times[0] <= now - self.window:
-                times.popleft()
-            if len(times) <= self.burst:
-                return 0
-            return max(1, int(times[0] + self.window - now + 1))
-
-
-def authenticate(store, throttle):
-    """The user whose token the request carries, or ApiError(401) (429 when
-    the address has failed too often; a request with no token at all tried
-    nothing, and is told its token is missing)."""
-    environ = bottle.request.environ
-    header = environ.get("HTTP_AUTHORIZATION", "")
-    match = AUTH_RE.match(header)
-    user = store.user_by_token(match.group(1)) if match else None
-    if user is None:
-        retry = throttle.failed(environ.get("REMOTE_ADDR", "")) if header else 0
-        if retry:
-            raise ApiError(429, "Too many failed authentications from your address; "
-                                f"try again in {retry} s.", headers={"Retry-After": str(retry)})
-        reason = "is missing" if not header else "is not valid" if match else "is malformed"
-        raise ApiError(401, f"Authentication failed: the token {reason}. Send the header "
-                            "'Authorization: Token <your token>'.",
-                       headers={"WWW-Authenticate": "Token"})
-    bottle.request.environ["buildserver.user"] = user["name"]
-    return user
-
-
-def _still_authenticated(store, user_id, header):
-    """Whether the token in the Authorization `header` of a request answered
-    still belongs to the user `user_id` (for a follow, which may last days)."""
-    match = AUTH_RE.match(header)
-    user = store.user_by_token(match.group(1)) if match else None
-    return user is not None and user["id"] == user_id
-
-
-def token_required(handler):
-    """Decorator: authenticate, then allow a user only inside their own namespace
-    (admins everywhere). Access is checked before existence: a 403 never tells
-    whether a project or build exists. The handler gets the user after the App."""
-    @functools.wraps(handler)
-    def wrapper(app, **params):
-        username = params.get("username")
-        if username in RESERVED_USERNAMES and \
-                bottle.request.route.rule.startswith("/api/v1/<username>"):  # /api/v1/health/x
-            raise ApiError(404, _no_endpoint(bottle.request.path))
-        user = authenticate(app.store, app.throttle)
-        if username is not None and not user["is_admin"] and username != user["name"]:
-            raise ApiError(403, f"You may act only inside your own namespace /api/v1/{user['name']}.")
-        if bottle.request.route.config.get("bodiless"):
-            refuse_body()
-        return handler(app, user, **params)
-    return wrapper
 
 
 # Lookups that own their 404s ------------------------------------------------------
