@@ -6954,7 +6954,7 @@ def _data_dir_option(parser, text):
         if not path:
             raise argparse.ArgumentTypeError("must name a folder, not be empty")
         return path
-    parser.add_argument("--data-dir", type=folder, default=_env("data_dir", "./buildserver-data"),
+    parser.add_argument("--data-dir", type=folder, default=_env("data_dir", Config.data_dir),
                         help=text)
 
 
@@ -7261,7 +7261,10 @@ def main(argv=None):
     except sqlite3.Error as e:
         return _fail(f"cannot use the database in {args.data_dir}: {e}", 1)
     except OSError as e:
-        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+        unnamed = getattr(args, "data_dir", None) == Config.data_dir  # (a command's default)
+        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ") + (
+            f" ({Config.data_dir}, in this folder, is the default data folder: "
+            "is a --data-dir missing?)" if unnamed else ""), 1)
     finally:
         _settle_output()
 

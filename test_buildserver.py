@@ -2547,11 +2547,24 @@ def test_tokens_never_appear_in_responses_or_the_request_log(web, alice, bob, ad
 
 # Command line --------------------------------------------------------------------
 
-def cli(*args, env=None):
+def cli(*args, env=None, cwd=None):
     """`python buildserver.py ARGS` with no BUILDSERVER_* variables but `env`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BUILDSERVER_")}
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          env={**clean, **(env or {})}, timeout=60)
+                          env={**clean, **(env or {})}, timeout=60, cwd=cwd)
+
+
+def test_a_data_folder_that_cannot_be_used_by_default_asks_whether_data_dir_is_missing(
+        tmp_path):
+    # `sudo -u buildserver ... adduser alice` from another folder said only
+    # "Permission denied: ." (or "Not a folder"), with no word of --data-dir.
+    (tmp_path / "buildserver-data").touch()
+    done = cli("adduser", "alice", cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (1, (
+        "buildserver: Not a folder: ./buildserver-data (./buildserver-data, in this folder, "
+        "is the default data folder: is a --data-dir missing?)\n"))
+    named = cli("adduser", "alice", "--data-dir", str(tmp_path / "buildserver-data"))
+    assert named.stderr == f"buildserver: Not a folder: {tmp_path}/buildserver-data\n"
 
 
 @pytest.mark.parametrize("args, env, flag", [
