@@ -6573,8 +6573,12 @@ def _run_build(client, project, args):
         validate(code, CODE_REFERENCE)
     except ApiError as e:
         return _fail("; ".join(f"--{RUN_FLAG_OF_FIELD.get(name, name).replace('_', '-')} "
-                               f"{reason.removesuffix(', or null')}"
+                               f"{re.sub(r', or null.*', '', reason)}"
                                for name, reason in e.errors.items()), 2)
+    empty = [name for name, value in code.items() if value == ""]
+    if empty:  # the API takes "" for none; here it is a variable unset, a git command failed
+        return _fail(f"--{empty[0].replace('_', '-')} is empty (an unset variable, or a "
+                     "command that failed?)", 2)
     if args.json and not args.no_follow and sys.stderr is None:  # (before a build is made)
         raise OutputFailed(OSError("standard error is closed"), "the log")
     if args.stop_on_interrupt:  # a CI job cancelled, `timeout`, a closed terminal: as Ctrl-C

@@ -6769,10 +6769,14 @@ def test_unreachable_server_and_refused_token_have_their_own_exit_codes(served):
 def test_client_refuses_what_the_server_would_and_sends_what_it_is_given(served):
     # Not dropped as "unset" (running the project's command instead), and not
     # taken for an unreachable server (exit 75) because of a space in a query.
-    for args, flag in ((["--command", ""], b"--command"), (["--timeout", "0"], b"--timeout")):
+    for args, flag in ((["--command", ""], b"--command"), (["--timeout", "0"], b"--timeout"),
+                       # `--commit "$(git rev-parse HEAD)"` outside a repository: the
+                       # build ran with no code reference, and exit 0
+                       (["--commit", ""], b"--commit is empty (an unset variable")):
         result = client(served, "run", "admin/app", *args)
         assert result.returncode == 2 and result.stderr.startswith(b"buildserver: " + flag), \
             result.stderr
+        assert b"null" not in result.stderr  # (which no command line can give)
     listed = client(served, "builds", "admin/app", "--status", "failed, succeeded")
     assert listed.returncode == 0, listed.stderr
     listed = client(served, "builds", "admin/app", "--status", "failed&limit=5", "--json")
