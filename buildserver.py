@@ -6633,10 +6633,7 @@ def _interrupted(client, args, build, path):
         _note(f"build {build['id']} runs on; stop it with: "
               f"{_again(args, 'stop', args.project, str(build['id']))}")
         return
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # a second one ends it, as ^C twice
-        if signal.getsignal(signum) is _terminated:
-            signal.signal(signum, signal.SIG_DFL)
-    try:
+    try:  # (a second Ctrl-C ends it; a second SIGTERM or SIGHUP is let go: see _terminated)
         client.call("POST", f"{path}/stop")
         _note(f"build {build['id']}: stop requested")
     except (Unreachable, ClientError) as e:
@@ -6713,8 +6710,16 @@ class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` 
     """SIGTERM or SIGHUP, to `run --stop-on-interrupt`; args: the signal's number."""
 
 
+_TERMINATED_BY = []  # the signal that ended `run`, once it came
+
+
 def _terminated(signum, frame):
-    raise Terminated(signum)
+    """Raise Terminated, once: a closed terminal sends SIGHUP twice (the kernel,
+    then the shell to its jobs), `timeout` SIGTERM twice (the child, then its
+    group), and the second must not cut short the stop the first asked for."""
+    if not _TERMINATED_BY:
+        _TERMINATED_BY.append(signum)
+        raise Terminated(signum)
 
 
 def _take_interrupts():
