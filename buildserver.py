@@ -6266,9 +6266,12 @@ class Client:
         the server or a proxy answers 502, 503 or 504 (a restart), counted
         from the last time it got through; returns the build. While the
         server has too many followers (503) but answers for the build, it
-        waits for as long as the build runs. Not `live`: the log as it is
-        now, resumed the same way when the connection drops, and None."""
-        give_up_at, pause = None, 0.2
+        waits for as long as the build runs. Not `live`: the log up to its
+        end when last asked, and None; a download that has begun is resumed
+        the same way, but an outage counts as over only once bytes came
+        (answers that drop before any would have it try for ever), and one
+        that has not begun is not tried again."""
+        give_up_at, pause, began = None, 0.2, offset
         while True:
             try:
                 offset = self.stream_log(build_path, offset, out, follow=live)
@@ -6281,9 +6284,10 @@ class Client:
             except (Unreachable, ClientError) as e:
                 if isinstance(e, ClientError) and e.status not in GATEWAY_ERRORS:
                     raise
-                if not (live or getattr(e, "got_through", False)):
-                    raise  # a download waits for no server: it resumes one that dropped
-                if getattr(e, "got_through", False):  # dropped after it streamed: a new outage
+                moved = getattr(e, "offset", offset) > offset
+                if not (live or moved or offset > began):
+                    raise  # nothing written yet: as for any other read
+                if getattr(e, "got_through", False) and (live or moved):  # a new outage
                     give_up_at, pause = None, 0.2
                 offset = getattr(e, "offset", offset)
                 if isinstance(e, ClientError) and e.status == 503:

@@ -7272,7 +7272,8 @@ class FaultyProxy:
     - "lose answers": new connections carry their request, then close
       before any answer comes back ("lose answers late": 3 s later);
     - "cut answers": new connections close 10 bytes into their answer's body
-      ("cut an answer": the next new connection alone);
+      ("cut an answer": the next new connection alone, then `after_cut`;
+      "heads only": with none of its body);
     - "refuse": every connection is closed, and each new one at once;
     - "gateway": new connections get nginx's HTML 502 (its server restarts);
     - "slow": answers on new connections come 3 s late;
@@ -7285,7 +7286,7 @@ class FaultyProxy:
                b"</center>\r\n</body>\r\n</html>\r\n")
 
     def __init__(self, port):
-        self.port, self.mode = port, "pass"
+        self.port, self.mode, self.after_cut = port, "pass", "pass"
         self.dead = set()  # the connections gone silent
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = "http://%s:%d" % self.listener.getsockname()
@@ -7308,7 +7309,7 @@ class FaultyProxy:
                 self.open.append(near)
                 mode = self.mode
                 if mode == "cut an answer":
-                    mode, self.mode = "cut answers", "pass"
+                    mode, self.mode = "cut answers", self.after_cut
                 if mode == "silent":
                     self.dead.add(near)
                     continue  # (held open, never read)
@@ -7340,9 +7341,9 @@ class FaultyProxy:
                     near.shutdown(socket.SHUT_RDWR)
                     near.close()
                     return
-                if mode == "cut answers":
+                if mode in ("cut answers", "heads only"):
                     head, _, body = data.partition(b"\r\n\r\n")
-                    sink.sendall(head + b"\r\n\r\n" + body[:10])
+                    sink.sendall(head + b"\r\n\r\n" + body[:10 if mode == "cut answers" else 0])
                     near.shutdown(socket.SHUT_RDWR)
                     near.close()
                     return
@@ -7488,7 +7489,14 @@ def test_a_proxys_502_to_a_read_and_a_log_download_cut_short_are_no_success_nor_
             proxy.set(fault)
             done = client(served, *args, env={"BUILDSERVER_URL": proxy.url})
             assert done.returncode == buildserver.EXIT_UNREACHABLE, (fault, done)
-        proxy.set("cut an answer")  # it resumes from the last byte received
+        proxy.set("heads only")  # on every try: as before, it does not try for ever
+        done = client(served, "logs", "admin/app", str(build["id"]),
+                      env={"BUILDSERVER_URL": proxy.url})
+        assert (done.returncode, done.stdout) == (buildserver.EXIT_UNREACHABLE, b""), done
+        # It resumes from the last byte received, across a server down for a while.
+        proxy.after_cut = "refuse"
+        proxy.set("cut an answer")
+        threading.Timer(1.5, proxy.set, ["pass"]).start()
         done = client(served, "logs", "admin/app", str(build["id"]),
                       env={"BUILDSERVER_URL": proxy.url})
         assert (done.returncode, done.stdout) == (0, whole), done.stderr
