@@ -361,9 +361,9 @@ def validate(data, fields, required=(), tolerated=frozenset()):
     if errors:  # (a careless script's 50 000 unknown fields are named in 10)
         shown = sorted(errors)[:10]
         more = f" and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-        shown = {_clipped(k): errors[k] for k in shown}
-        raise ApiError(400, f"The request has invalid fields: {', '.join(shown)}{more}.",
-                       errors=shown)
+        raise ApiError(400, f"The request has invalid fields: "
+                            f"{', '.join(map(_clipped, shown))}{more}.",
+                       errors={name: errors[name] for name in shown})
     # Unset values are null, never "": an empty string where null is allowed is
     # null. A whole number written 70.0 is stored as 70.
     return {k: None if v == "" and conforms(None, fields[k]) else
@@ -2759,16 +2759,16 @@ def read_body(limit):
     gets here (see _refused_before_routing; under waitress it is not even
     received); one sent without a length is refused once read past `limit`."""
     environ = bottle.request.environ
-    coding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
-    if coding != "identity":  # (it was stored, or parsed, as it came: compressed)
-        raise ApiError(415, f"The request body must be sent uncompressed, not with "
-                            f"Content-Encoding {coding[:40]!r}.")
     length = environ.get("CONTENT_LENGTH") or ""
     if length and whole_number(length) is None:
         raise ApiError(400, "The Content-Length header is not a number.")
     body = environ["wsgi.input"].read(int(length) if length else limit + 1)
     if len(body) > limit:
         raise ApiError(413, too_large(limit))
+    codings = [c.strip() for c in environ.get("HTTP_CONTENT_ENCODING", "").lower().split(",")]
+    if body and set(codings) - {"", "identity"}:  # (it was parsed, or stored, compressed)
+        raise ApiError(415, "The request body must be sent uncompressed, not with "
+                            f"Content-Encoding {environ['HTTP_CONTENT_ENCODING'][:40]!r}.")
     return body
 
 
@@ -6809,10 +6809,11 @@ def _client_parsers(commands):
 
 
 def _statuses(text):
-    """--status: known statuses, comma-separated (spaces around them let go)."""
+    """--status: known statuses, comma-separated (spaces around them and
+    empty ones let go: `--status "$S"` with S unset lists them all)."""
     if not _is_text(text):
         return text  # (which _not_text names)
-    chosen = [name.strip() for name in text.split(",")]
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in STATUSES]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -7027,13 +7028,13 @@ def backup(db_path, dest):
     where = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(where):
         return _fail(f"there is no folder {where}", 2)
-    mode = os.stat(where).st_mode
-    if mode & 0o022 and not mode & stat.S_ISVTX:
+    if _others_may_rename_in(where):
         # They could rename the copy's folder away and put one of theirs in its
         # place, to receive the copy (every token's hash, env and log).
-        return _fail(f"other users may write in {where} (mode {mode & 0o777:03o}): they could "
-                     "take or change the copy; name a file in a folder of yours (or in one "
-                     "with the sticky bit, as /tmp)", 2)
+        return _fail(f"other users may write in {where} (mode "
+                     f"{os.stat(where).st_mode & 0o777:03o}): they could take or change the "
+                     "copy; name a file in a folder of yours (or in one with the sticky "
+                     "bit, as /tmp)", 2)
     # SQLite keeps its -wal and -shm beside the database a link leads to.
     if _names_one_of(dest, [base + suffix for base in (db_path, os.path.realpath(db_path))
                             for suffix in ("", "-wal", "-shm", "-journal")]):
@@ -7055,12 +7056,17 @@ def backup(db_path, dest):
     # have put a file of theirs there to receive the copy), named after this
     # process: the next backup removes what a killed one left.
     import tempfile
-    _remove_dead_copies(dest)
-    folder = tempfile.mkdtemp(prefix=f"{os.path.basename(dest)}.{os.getpid()}.",
-                              suffix=".partial", dir=where)
-    partial = os.path.join(folder, os.path.basename(dest))
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # (an ssh session closed): as Ctrl-C
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
+    _remove_dead_copies(where, dest)
+    try:
+        folder = tempfile.mkdtemp(prefix=f"{PARTIAL_BACKUP}{os.getpid()}.", suffix=".partial",
+                                  dir=where)
+    except OSError as e:
+        return _fail(f"cannot write in {where}: {e.strerror or e}", 1)
+    partial = os.path.join(folder, "copy.db")
     _create_private(partial)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
     try:
         source = sqlite3.connect(db_path, timeout=30)
         try:
@@ -7119,13 +7125,41 @@ def _remove_copy(partial):
             os.unlink(path)
 
 
-def _remove_dead_copies(dest):
-    """The partial copies to `dest` whose backup process is gone (killed)."""
+PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name: then the pid, a random part
+
+
+def _remove_dead_copies(where, dest):
+    """The partial copies in the folder `where` (and, from older releases,
+    beside `dest`) whose backup process is gone (killed)."""
     import glob
-    for path in glob.glob(glob.escape(dest) + ".*.partial"):
-        pid = path[len(dest) + 1:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            _remove_copy(path)
+    for start in (os.path.join(where, PARTIAL_BACKUP), dest + "."):
+        for path in glob.glob(glob.escape(start) + "*.partial"):
+            pid = path[len(start):].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove_copy(path)
+
+
+def _others_may_rename_in(folder):
+    """Whether users other than this one may rename what is in `folder`: others,
+    or a group that holds anyone else, may write there, and it has no sticky bit."""
+    info = os.stat(folder)
+    if info.st_mode & stat.S_ISVTX or not info.st_mode & 0o022:
+        return False
+    return bool(info.st_mode & 0o002) or not _group_of_one(info.st_gid)
+
+
+def _group_of_one(gid):
+    """Whether group `gid` holds this user alone (a user's private group, in
+    which systems with umask 002 make every folder group-writable)."""
+    try:
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.getuid())
+        members = grp.getgrgid(gid).gr_mem
+    except (ImportError, KeyError):  # no such group: no telling
+        return False
+    return all(name == me.pw_name for name in members) and all(
+        user.pw_uid == me.pw_uid for user in pwd.getpwall() if user.pw_gid == gid)
 
 
 def manage_users(args):

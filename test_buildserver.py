@@ -1027,6 +1027,19 @@ def test_a_body_compressed_not_utf_8_or_past_pythons_limits_is_refused_saying_wh
     assert ok(call(web, "GET", project, alice))["description"] is None
 
 
+@pytest.mark.parametrize("coding", ["", "identity", "identity, identity", " Identity "])
+def test_a_content_encoding_that_compresses_nothing_is_taken(web, alice, project, coding):
+    res = call(web, "PATCH", project, alice, body=b'{"description": "x"}',
+               content_type="application/json", headers={"Content-Encoding": coding})
+    assert ok(res)["description"] == "x"
+
+
+def test_a_bodiless_request_with_a_content_encoding_is_no_415(web, alice, project):
+    unmanaged(web, alice, project)
+    res = call(web, "POST", project + "/builds/1/stop", alice, headers={"Content-Encoding": "gzip"})
+    assert ok(res)["last_status"] == "stopped"
+
+
 def test_a_log_sent_compressed_is_refused_not_stored_compressed(web, alice, project):
     unmanaged(web, alice, project)
     res = call(web, "POST", project + "/builds/1/logs", alice, body=gzip.compress(b"hello\n"),
@@ -6600,6 +6613,9 @@ def test_builds_checks_its_limit_and_statuses_and_pages_with_offset(served):
     assert done.returncode == 0, done.stderr
     page = json.loads(done.stdout)
     assert (page["count"], [b["id"] for b in page["results"]]) == (3, [2])
+    for chosen, count in (("", 3), ("failed,", 2)):  # (`--status "$S"`, S unset: all)
+        done = client(served, "builds", "admin/app", "--status", chosen, "--json")
+        assert json.loads(done.stdout)["count"] == count, done
 
 
 @pytest.mark.parametrize("through", ["loopback", "a proxy 30 ms away"])
@@ -9402,8 +9418,12 @@ def test_a_backup_that_fails_or_was_killed_leaves_no_copy_behind(server_factory,
     dest = folder / "copy.db"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for suffix in ("", "-journal"):  # what a backup killed with SIGKILL leaves
+    for suffix in ("", "-journal"):  # what an older release's backup killed with SIGKILL left
         (folder / f"copy.db.{dead.pid}.partial{suffix}").write_bytes(b"secrets")
+    left = folder / f".buildserver-backup.{dead.pid}.x1y2z3.partial"  # and what this one's leaves
+    left.mkdir(mode=0o700)
+    (left / "copy.db").write_bytes(b"secrets")
+    (left / "copy.db-journal").write_bytes(b"secrets")
     full = subprocess.run(  # the destination's disk fills up (a file size limit here)
         [sys.executable, SCRIPT, "backup", str(dest), "--data-dir", server.data_dir],
         capture_output=True, text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(
@@ -9473,11 +9493,19 @@ def test_a_backup_into_a_folder_others_may_write_is_refused_unless_it_is_sticky(
         server_factory, tmp_path):
     # A local user renamed the copy (made at a name known in advance) away and
     # put a file of theirs in its place: SQLite wrote the whole database into it.
+    import pwd
     server = server_factory()
-    for mode, refused in ((0o777, True), (0o775, True), (0o1777, False), (0o755, False)):
-        folder = tmp_path / f"backups{mode:o}"
+    shared = next(u.pw_gid for u in pwd.getpwall() if u.pw_uid != os.getuid())  # (daemon's)
+    cases = [(0o777, None, True), (0o775, shared, True), (0o1777, None, False),
+             (0o755, None, False)]
+    if buildserver._group_of_one(os.getgid()):  # umask 002 makes 0775 in one's own group
+        cases.append((0o775, os.getgid(), False))
+    for n, (mode, group, refused) in enumerate(cases):
+        folder = tmp_path / f"backups{n}"
         folder.mkdir()
         folder.chmod(mode)
+        if group is not None:
+            os.chown(folder, -1, group)
         done = run_cli("backup", str(folder / "copy.db"), "--data-dir", server.data_dir)
         if refused:
             assert done.returncode == 2, done
@@ -9489,7 +9517,10 @@ def test_a_backup_into_a_folder_others_may_write_is_refused_unless_it_is_sticky(
             assert stat.S_IMODE((folder / "copy.db").stat().st_mode) == 0o600
 
 
-def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGINT, 130, "buildserver: interrupted: {dest} was not written\n"),
+    (signal.SIGHUP, 129, "")])  # (its ssh session closed: it left the whole copy)
+def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path, signum, code, said):
     # It ended in a KeyboardInterrupt traceback (SIGTERM was already quiet).
     data = tmp_path / "data"
     assert run_cli("adduser", "carol", "--data-dir", str(data)).returncode == 0
@@ -9502,14 +9533,14 @@ def test_a_backup_interrupted_by_ctrl_c_says_so_and_leaves_nothing(tmp_path):
                             text=True, start_new_session=True)
 
     def begun():
-        partial = [*tmp_path.glob(f"copy.db.{proc.pid}.*.partial/copy.db")]
+        partial = [*tmp_path.glob(f".buildserver-backup.{proc.pid}.*.partial/copy.db")]
         return partial and partial[0].stat().st_size or proc.poll() is not None
     wait_until(begun, interval=0.002, message="the copy to begin")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the copy was done before the interrupt came")
-    assert (proc.returncode, err) == (130, f"buildserver: interrupted: {dest} was not written\n")
+    assert (proc.returncode, err) == (code, said.format(dest=dest))
     assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
