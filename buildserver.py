@@ -6911,8 +6911,16 @@ class _KeepsTables(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Its errors never show a token: `--token T` in the wrong place was
+    quoted whole as an unrecognized argument, into a CI job's log."""
+
+    def error(self, message):
+        super().error(re.sub(r"(--token[ =])\S+", r"\1<hidden>", message))
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="buildserver.py", description=__doc__.split("\n")[0],
+    p = _Parser(prog="buildserver.py", description=__doc__.split("\n")[0],
                                 formatter_class=_Defaults,
                                 epilog="Without a command it serves: `buildserver.py --port 9000` "
                                        "is `buildserver.py serve --port 9000` (see serve --help).")

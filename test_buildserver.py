@@ -2567,6 +2567,15 @@ def cli(*args, env=None, cwd=None):
                           env={**clean, **(env or {})}, timeout=60, cwd=cwd)
 
 
+@pytest.mark.parametrize("args", [["--token", "SECRET-1234", "builds", "admin/app"],
+                                  ["--token=SECRET-1234", "status", "admin/app"]])
+def test_a_misplaced_token_option_is_not_quoted_in_the_usage_error(args):
+    # argparse quoted it whole as an unrecognized argument, into a CI job's log.
+    done = cli(*args)
+    assert done.returncode == 2 and "unrecognized arguments: --token" in done.stderr, done
+    assert "SECRET" not in done.stderr and "<hidden>" in done.stderr
+
+
 def test_a_data_folder_that_cannot_be_used_by_default_asks_whether_data_dir_is_missing(
         tmp_path):
     # `sudo -u buildserver ... adduser alice` from another folder said only
