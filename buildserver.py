@@ -1668,6 +1668,7 @@ class LogStream:
         """:param allowed: whether the request's token still works: a follow
         of a token replaced since ends within FOLLOW_WAIT_SECONDS."""
         self.store, self.bus, self.build_id, self.uuid = store, bus, build["id"], build["uuid"]
+        self.label = build_label(build)  # (the row's id means nothing to its owner)
         self.pos, self.end = start, end
         self._environ, self._on_close, self._allowed = environ, on_close, allowed
         self._gone = environ.get("waitress.client_disconnected") or (lambda: False)
@@ -1730,11 +1731,11 @@ class LogStream:
             if waiting < least or self.bus.closed and not closed:  # it reads, or a new clock
                 least, took_at, closed = waiting, now, self.bus.closed
             if now >= self.bus.last_call:
-                log.warning("a follower of build %s was cut off by the shutdown", self.build_id)
+                log.warning("a follower of %s was cut off by the shutdown", self.label)
                 return False
             if now - took_at >= (SHUTDOWN_STALL_SECONDS if closed else FOLLOW_STALL_SECONDS):
-                log.warning("a follower of build %s took nothing for %.0f s: connection closed",
-                            self.build_id, now - took_at)
+                log.warning("a follower of %s took nothing for %.0f s: connection closed",
+                            self.label, now - took_at)
                 self._environ.get("buildserver.hang_up", lambda: None)()  # (nor would it later)
                 return False
         return False

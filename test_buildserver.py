@@ -4745,7 +4745,8 @@ def served_here(config):
         app.close()
 
 
-def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path, monkeypatch):
+def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path, monkeypatch,
+                                                                        caplog):
     # `logs -f | less` stops reading once less has a screenful: its follower
     # must not hold a thread, a follower slot and the log's bytes for ever.
     monkeypatch.setattr(buildserver, "FOLLOW_BACKLOG", 64 * 1024)
@@ -4762,8 +4763,10 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
             api.request(method, path, body=body, headers=headers)
             response = api.getresponse()
             return response.status, response.read()
-        assert ask("POST", "/api/v1/root", b'{"name": "app"}')[0] == 201
-        assert ask("POST", "/api/v1/root/app/builds", b'{"is_managed": false}')[0] == 201
+        for project in (b"other", b"app"):  # (so that app's build 1 is the second row)
+            assert ask("POST", "/api/v1/root", b'{"name": "%s"}' % project)[0] == 201
+            assert ask("POST", "/api/v1/root/%s/builds" % project.decode(),
+                       b'{"is_managed": false}')[0] == 201
         path = "/api/v1/root/app/builds/1"
         assert ask("POST", path + "/statuses", b'{"status": "running"}')[0] == 201
         stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -4779,6 +4782,8 @@ def test_a_follower_whose_client_stops_reading_ends_and_frees_its_slot(tmp_path,
         # and its connection closed (waitress held it, and what it had not
         # taken, until its idle timeout: 120 s).
         wait_until(lambda: free_slots(app) == 2, timeout=30, message="the stalled follower to end")
+        # It named the build by its row's id ("build 2"), which its owner never sees.
+        assert "a follower of build 1 of root/app took nothing for" in caplog.text
         mine = stalled.getsockname()
         wait_until(lambda: all(tuple(channel.addr) != mine
                                for channel in list(server.active_channels.values())),
