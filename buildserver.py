@@ -533,8 +533,9 @@ class Database:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._kept(self.connect())
-            # Each HTTP thread keeps one: with SQLite's 2 MB each, a busy
-            # server stayed at 175-215 MB; at 512 KiB, 100-110 MB, as fast.
+            # Each HTTP thread keeps one: with SQLite's 2 MB each, a server
+            # after heavy use stayed at 175-215 MB; at 512 KiB, 113-115 MB,
+            # and as fast (README, "Speed").
             conn.execute("PRAGMA cache_size = -%d" % self.READ_CACHE_KIB)
         return conn
 
@@ -1478,14 +1479,14 @@ def authenticate(store, throttle):
     nothing, and is told its token is missing)."""
     environ = bottle.request.environ
     header = environ.get("HTTP_AUTHORIZATION", "")
-    match = AUTH_RE.match(header)
-    user = store.user_by_token(match.group(1)) if match else None
+    user = _token_user(store, header)
     if user is None:
         retry = throttle.failed(environ.get("REMOTE_ADDR", "")) if header else 0
         if retry:
             raise ApiError(429, "Too many failed authentications from your address; "
                                 f"try again in {retry} s.", headers={"Retry-After": str(retry)})
-        reason = "is missing" if not header else "is not valid" if match else "is malformed"
+        reason = "is missing" if not header else \
+            "is not valid" if AUTH_RE.match(header) else "is malformed"
         raise ApiError(401, f"Authentication failed: the token {reason}. Send the header "
                             "'Authorization: Token <your token>'.",
                        headers={"WWW-Authenticate": "Token"})
@@ -1493,11 +1494,16 @@ def authenticate(store, throttle):
     return user
 
 
+def _token_user(store, header):
+    """The user whose token the Authorization `header` carries, or None."""
+    match = AUTH_RE.match(header)
+    return store.user_by_token(match.group(1)) if match else None
+
+
 def _still_authenticated(store, user_id, header):
     """Whether the token in the Authorization `header` of a request answered
     still belongs to the user `user_id` (for a follow, which may last days)."""
-    match = AUTH_RE.match(header)
-    user = store.user_by_token(match.group(1)) if match else None
+    user = _token_user(store, header)
     return user is not None and user["id"] == user_id
 
 
