@@ -7362,6 +7362,7 @@ class FaultyProxy:
                                  daemon=True).start()
 
     def _pipe(self, source, sink, near, mode="pass"):
+        answer = b""  # (for the cuts: the head and the body's first bytes may come apart)
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if near in self.dead:
@@ -7372,8 +7373,12 @@ class FaultyProxy:
                     near.close()
                     return
                 if mode in ("cut answers", "heads only"):
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    sink.sendall(head + b"\r\n\r\n" + body[:10 if mode == "cut answers" else 0])
+                    answer += data
+                    head, gap, body = answer.partition(b"\r\n\r\n")
+                    wanted = 10 if mode == "cut answers" else 0
+                    if not gap or len(body) < wanted:
+                        continue  # until the head and as much of the body are in
+                    sink.sendall(head + gap + body[:wanted])
                     near.shutdown(socket.SHUT_RDWR)
                     near.close()
                     return
