@@ -6479,6 +6479,8 @@ def run_client(args):
         return _output_failed(getattr(e, "error", e), getattr(e, "what", "the output"))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Terminated as e:  # (past where `run` takes it: no traceback)
+        return 128 + e.args[0]
     raise AssertionError(args.command)
 
 
@@ -6618,6 +6620,7 @@ def _run_build(client, project, args):
             raise  # nothing was made
         return _fail(f"{e}\n{_whereabouts(made, args)}", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
+        _INTERRUPTED.append(interrupt)  # (a Ctrl-C's: see _terminated)
         _interrupted(client, args, made, path)
         return 128 + interrupt.args[0] if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except OutputFailed as e:  # the log cannot be written (a full disk): the build runs on
@@ -6721,15 +6724,17 @@ class Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` 
     """SIGTERM or SIGHUP, to `run --stop-on-interrupt`; args: the signal's number."""
 
 
-_TERMINATED_BY = []  # the signal that ended `run`, once it came
+_INTERRUPTED = []  # once `run` was interrupted (Ctrl-C, SIGTERM, SIGHUP): what by
 
 
 def _terminated(signum, frame):
-    """Raise Terminated, once: a closed terminal sends SIGHUP twice (the kernel,
-    then the shell to its jobs), `timeout` SIGTERM twice (the child, then its
-    group), and the second must not cut short the stop the first asked for."""
-    if not _TERMINATED_BY:
-        _TERMINATED_BY.append(signum)
+    """Raise Terminated, unless `run` was interrupted already: a closed
+    terminal sends SIGHUP twice (the kernel, then the shell to its jobs),
+    `timeout` SIGTERM twice (the child, then its group), a user may press
+    Ctrl-C and then close the terminal, and the later signal must not cut
+    short the stop the first asked for."""
+    if not _INTERRUPTED:
+        _INTERRUPTED.append(signum)
         raise Terminated(signum)
 
 
@@ -6922,8 +6927,8 @@ class _Parser(argparse.ArgumentParser):
     """Its errors never show a token: `--token T` in the wrong place was
     quoted whole as an unrecognized argument, into a CI job's log."""
 
-    def error(self, message):
-        super().error(re.sub(r"(--token[ =])\S+", r"\1<hidden>", message))
+    def error(self, message):  # (--tok, --t: argparse takes abbreviations)
+        super().error(re.sub(r"(--t(?:o(?:k(?:en?)?)?)?[ =])\S+", r"\1<hidden>", message))
 
 
 def parser():
@@ -7076,8 +7081,8 @@ def backup(db_path, dest):
             signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
     _remove_dead_copies(where, dest)
     try:
-        folder = tempfile.mkdtemp(prefix=f"{PARTIAL_BACKUP}{os.getpid()}.", suffix=".partial",
-                                  dir=where)
+        folder = tempfile.mkdtemp(prefix=f"{PARTIAL_BACKUP}{os.getpid()}.{_dest_tag(dest)}.",
+                                  suffix=".partial", dir=where)
     except OSError as e:
         return _fail(f"cannot write in {where}: {e.strerror or e}", 1)
     partial = os.path.join(folder, "copy.db")
@@ -7140,16 +7145,23 @@ def _remove_copy(partial):
             os.unlink(path)
 
 
-PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name: then the pid, a random part
+PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name; then pid, _dest_tag, a random part
+
+
+def _dest_tag(dest):
+    """A short mark of a backup's destination, in its partial copy's name."""
+    return hashlib.sha256(os.path.basename(dest).encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _remove_dead_copies(where, dest):
-    """The partial copies in the folder `where` (and, from older releases,
-    beside `dest`) whose backup process is gone (killed)."""
+    """The partial copies to `dest` (in the folder `where`, or from older
+    releases beside it) whose backup process is gone (killed). Not those to
+    other destinations: their pids may be another pid namespace's."""
     import glob
-    for start in (os.path.join(where, PARTIAL_BACKUP), dest + "."):
-        for path in glob.glob(glob.escape(start) + "*.partial"):
-            pid = path[len(start):].split(".", 1)[0]
+    for start, rest in ((os.path.join(where, PARTIAL_BACKUP), f"*.{_dest_tag(dest)}.*.partial"),
+                        (dest + ".", "*.partial")):
+        for path in glob.glob(glob.escape(start) + rest):
+            pid = path[len(start):].split(".", 1)[0]  # (the part after `start`)
             if pid.isdigit() and not _alive(int(pid)):
                 _remove_copy(path)
 
@@ -7160,7 +7172,15 @@ def _others_may_rename_in(folder):
     info = os.stat(folder)
     if info.st_mode & stat.S_ISVTX or not info.st_mode & 0o022:
         return False
-    return bool(info.st_mode & 0o002) or not _group_of_one(info.st_gid)
+    # With an ACL the group's bits are the most any named user or group gets.
+    return bool(info.st_mode & 0o002) or not _group_of_one(info.st_gid) or _has_acl(folder)
+
+
+def _has_acl(path):
+    try:
+        return bool(os.getxattr(path, "system.posix_acl_access"))
+    except (AttributeError, OSError):  # none (ENODATA), or no ACLs here
+        return False
 
 
 def _group_of_one(gid):

@@ -2568,11 +2568,13 @@ def cli(*args, env=None, cwd=None):
 
 
 @pytest.mark.parametrize("args", [["--token", "SECRET-1234", "builds", "admin/app"],
-                                  ["--token=SECRET-1234", "status", "admin/app"]])
+                                  ["--token=SECRET-1234", "status", "admin/app"],
+                                  ["--tok", "SECRET-1234", "builds", "admin/app"],  # abbreviated
+                                  ["run", "admin/app", "--t=SECRET-1234"]])  # ambiguous
 def test_a_misplaced_token_option_is_not_quoted_in_the_usage_error(args):
     # argparse quoted it whole as an unrecognized argument, into a CI job's log.
     done = cli(*args)
-    assert done.returncode == 2 and "unrecognized arguments: --token" in done.stderr, done
+    assert done.returncode == 2 and "error: " in done.stderr, done
     assert "SECRET" not in done.stderr and "<hidden>" in done.stderr
 
 
@@ -7024,6 +7026,30 @@ def test_stop_on_interrupt_takes_an_ignored_sigint_and_sighup_unless_under_nohup
         proc.wait()
 
 
+def test_ctrl_c_then_sigterm_with_stop_on_interrupt_stops_the_build_without_a_traceback(served):
+    # Ctrl-C, then the terminal closed (or a supervisor's INT, then TERM): the
+    # second raised in the middle of the stop's request, a traceback, exit 1.
+    proxy = FaultyProxy(served.port)  # (to hold the stop's request while SIGTERM comes)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "run", "admin/app", "--command", "echo started; sleep 60",
+             "--stop-on-interrupt"], env={**os.environ, "BUILDSERVER_URL": proxy.url,
+                                          "BUILDSERVER_TOKEN": served.token},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout.readline() == b"started\n"
+        proxy.set("slow")  # answers on new connections come 3 s late
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 130
+    finally:
+        proxy.close()
+        proc.kill()
+    err = proc.stderr.read()
+    assert b"stop requested" in err and b"Traceback" not in err, err
+    assert server_final_build(served, "/api/v1/admin/app/builds/1")["last_status"] == "stopped"
+
+
 def test_a_stopped_build_exits_1_whatever_its_shell_exits_with(served):
     # Its shell trapped TERM and exited 7: `run` said 7, "the build failed with 7".
     proc = start_client(served, "run", "admin/app", "--command",
@@ -9439,19 +9465,24 @@ def test_a_backup_that_fails_or_was_killed_leaves_no_copy_behind(server_factory,
     dead.wait()
     for suffix in ("", "-journal"):  # what an older release's backup killed with SIGKILL left
         (folder / f"copy.db.{dead.pid}.partial{suffix}").write_bytes(b"secrets")
-    left = folder / f".buildserver-backup.{dead.pid}.x1y2z3.partial"  # and what this one's leaves
-    left.mkdir(mode=0o700)
-    (left / "copy.db").write_bytes(b"secrets")
-    (left / "copy.db-journal").write_bytes(b"secrets")
+    tag = buildserver._dest_tag(str(dest))
+    left = folder / f".buildserver-backup.{dead.pid}.{tag}.x1y2z3.partial"  # and this one's
+    # A copy to another destination is not this backup's to judge (its pid
+    # may be another container's).
+    other = folder / f".buildserver-backup.{dead.pid}.{buildserver._dest_tag('b.db')}.q.partial"
+    for partial in (left, other):
+        partial.mkdir(mode=0o700)
+        (partial / "copy.db").write_bytes(b"secrets")
+        (partial / "copy.db-journal").write_bytes(b"secrets")
     full = subprocess.run(  # the destination's disk fills up (a file size limit here)
         [sys.executable, SCRIPT, "backup", str(dest), "--data-dir", server.data_dir],
         capture_output=True, text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(
             resource.RLIMIT_FSIZE, (MiB, resource.RLIM_INFINITY)))
     assert full.returncode == 1 and f"the copy to {dest} failed" in full.stderr, full.stderr
-    assert list(folder.iterdir()) == []
+    assert list(folder.iterdir()) == [other]
     done = run_cli("backup", str(dest), "--data-dir", server.data_dir)
     assert done.returncode == 0, done.stderr
-    assert [p.name for p in folder.iterdir()] == ["copy.db"]
+    assert sorted(p.name for p in folder.iterdir()) == [other.name, "copy.db"]
 
 
 def test_a_data_folder_open_to_other_users_is_warned_about(tmp_path):
@@ -9535,6 +9566,29 @@ def test_a_backup_into_a_folder_others_may_write_is_refused_unless_it_is_sticky(
             assert done.returncode == 0, done.stderr
             assert [p.name for p in folder.iterdir()] == ["copy.db"]
             assert stat.S_IMODE((folder / "copy.db").stat().st_mode) == 0o600
+
+
+def test_a_backup_into_a_folder_an_acl_opens_to_another_user_is_refused(server_factory, tmp_path):
+    # 0770 in one's own private group passed, though the group's bits were
+    # the ACL's mask and the ACL let `nobody` write there.
+    import struct
+    if not buildserver._group_of_one(os.getgid()):
+        pytest.skip("this user's group holds others too")
+    server = server_factory()
+    folder = tmp_path / "acl"
+    folder.mkdir(mode=0o700)
+
+    def entry(tag, perms, who=0xFFFFFFFF):
+        return struct.pack("<HHI", tag, perms, who)
+    try:  # user::rwx, user:65534:rwx, group::---, mask::rwx, other::---
+        os.setxattr(folder, "system.posix_acl_access", struct.pack("<I", 2) + entry(1, 7)
+                    + entry(2, 7, 65534) + entry(4, 0) + entry(16, 7) + entry(32, 0))
+    except OSError as e:
+        pytest.skip(f"no ACLs here: {e}")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o770
+    done = run_cli("backup", str(folder / "copy.db"), "--data-dir", server.data_dir)
+    assert done.returncode == 2 and "other users may write in" in done.stderr, done
+    assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("signum, code, said", [
