@@ -10177,6 +10177,16 @@ class Dashboard:
             time.sleep(0.05)
 
 
+def open_new_build(page, dash, name, command):
+    """Sign in, make alice's project `name` with `command` and a build of it,
+    and open the build's page; returns the build."""
+    dash.project(name, command=command)
+    sign_in(page, dash)
+    build = dash.api("POST", f"/alice/{name}/builds")
+    page.goto(dash.url + f"/#/alice/{name}/builds/{build['id']}")
+    return build
+
+
 def running_unmanaged(dash, project):
     """The path of a build of alice's new `project` that reads `running`, run by nobody."""
     dash.project(project)
@@ -10798,12 +10808,9 @@ def test_a_followed_log_of_wrapped_lines_stays_at_its_end(page, dash, tmp_path):
     # A block was estimated at a row per line: drawn wrapped, it grew past the
     # view, which then read as "scrolled up" and stopped following for good.
     go = tmp_path / "go"
-    dash.project("wrapped", command=(
+    open_new_build(page, dash, "wrapped", (
         "for i in $(seq 300); do printf '%s %0300d\\n' $i 0; sleep 0.01; done; "
         f"while [ ! -e {go} ]; do sleep 0.05; done; echo end"))
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/wrapped/builds")
-    page.goto(dash.url + f"/#/alice/wrapped/builds/{build['id']}")
     expect(log_of(page)).to_contain_text("300 000")
     go.touch()
     expect(status_of(page)).to_have_text("✓succeeded")
@@ -10818,13 +10825,10 @@ def test_a_huge_line_that_comes_live_reads_as_one_line_as_after_a_reload(page, d
     # as several, with "Wrap lines" off.
     go = tmp_path / "go"
     line = "x\u20ac" * 50000  # 200 kB, in characters of 1 and 3 bytes, in 4 writes
-    dash.project("huge", command=python_command(
+    open_new_build(page, dash, "huge", python_command(
         "import sys, time\nfor _ in range(4):\n"
         "    sys.stdout.buffer.write(b'x\\xe2\\x82\\xac' * 12500); sys.stdout.flush(); time.sleep(0.2)")
         + f"; while [ ! -e {go} ]; do sleep 0.05; done; echo; echo end")
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/huge/builds")
-    page.goto(dash.url + f"/#/alice/huge/builds/{build['id']}")
     page.locator("#wrap").uncheck()
     expect(log_of(page)).to_have_text(re.compile("^(x\u20ac){50000}$"))  # all of it, drawn
     assert visual_lines(page) == 1
@@ -10847,13 +10851,10 @@ def test_a_progress_bar_past_64_kib_shows_only_its_last_state_live_as_after_a_re
     # Parts of its line drawn before its newline came stayed when "\r" wrote
     # the line again: stale bars above the last one, until a reload.
     go = tmp_path / "go"
-    dash.project("progress", command=(
+    open_new_build(page, dash, "progress", (
         "printf '\\033[32m'; for j in $(seq 0 14); do for i in $(seq $((j*1000+1)) $((j*1000+1000))); do "
         "printf '\\rprogress %d' $i; done; sleep 0.1; done; "  # 214 kB in 1.5 s, in green
         f"while [ ! -e {go} ]; do sleep 0.05; done; printf '\\033[0m\\n'; echo done"))
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/progress/builds")
-    page.goto(dash.url + f"/#/alice/progress/builds/{build['id']}")
     expect(log_of(page)).to_contain_text("progress 15000")
     assert log_of(page).text_content() == "progress 15000"
     assert visual_lines(page) == 1
@@ -11002,11 +11003,9 @@ def test_wrapping_turned_on_up_the_page_leaves_the_reader_where_they_read(page, 
     # The taller text moved the view down (the browser keeps the line read in
     # view), and that was taken for following: to the end.
     go = tmp_path / "go"
-    dash.project("rewrap", command=f"for i in $(seq 600); do printf '%s %0300d\\n' $i 0; done; "
-                                   f"while [ ! -e {go} ]; do sleep 0.05; done; echo after")
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/rewrap/builds")
-    page.goto(dash.url + f"/#/alice/rewrap/builds/{build['id']}")
+    open_new_build(page, dash, "rewrap", (
+        f"for i in $(seq 600); do printf '%s %0300d\\n' $i 0; done; "
+        f"while [ ! -e {go} ]; do sleep 0.05; done; echo after"))
     expect(log_of(page)).to_contain_text("600 000")
     page.locator("#wrap").uncheck()
     log_of(page).evaluate("b => { b.scrollTop = b.scrollHeight - b.clientHeight - 600; }")
@@ -11047,16 +11046,13 @@ def test_a_reader_up_the_page_while_a_huge_line_arrives_stays_there(page, dash, 
     # The browser kept the end of the line being drawn in view (scroll
     # anchoring), which brought the reader back down to it within a second.
     go = tmp_path / "go"
-    dash.project("anchor", command=python_command(
+    open_new_build(page, dash, "anchor", python_command(
         "import os, sys, time\nfor i in range(300): print('line %d' % i, 'y' * 100)\n"
         "k = 0\n"
         f"while not os.path.exists({str(go)!r}):\n"
         "    sys.stdout.write('%06d' % k + 'z' * 2042); sys.stdout.flush(); time.sleep(0.02)\n"
         "    k += 1\n"
         "print(); print('end')"))
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/anchor/builds")
-    page.goto(dash.url + f"/#/alice/anchor/builds/{build['id']}")
     expect(log_of(page)).to_contain_text("000150z", timeout=30_000)  # in pieces by now
     log_of(page).scroll_into_view_if_needed()
     box = log_of(page).bounding_box()
@@ -11073,11 +11069,8 @@ def test_a_follower_whose_window_gets_shorter_keeps_following(page, dash, tmp_pa
     # The shorter box moved the view up a pixel, which read as the reader
     # scrolling up: new lines came out of sight.
     go = tmp_path / "go"
-    dash.project("shrink", command=f"seq 1 2000; i=0; while [ ! -e {go} ]; do "
-                                   "i=$((i+1)); echo more $i; sleep 0.1; done; echo end")
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/shrink/builds")
-    page.goto(dash.url + f"/#/alice/shrink/builds/{build['id']}")
+    open_new_build(page, dash, "shrink", f"seq 1 2000; i=0; while [ ! -e {go} ]; do "
+                                         "i=$((i+1)); echo more $i; sleep 0.1; done; echo end")
     expect(log_of(page)).to_contain_text("more 2\n")
     page.set_viewport_size({"width": 1280, "height": 500})
     text = log_of(page).text_content()
@@ -11107,11 +11100,8 @@ def test_end_on_a_busy_log_follows_its_end_again(page, dash, tmp_path):
     # The browser's End scrolled over a moment to where the end had been:
     # output arriving meanwhile left the reader short of it, not following.
     go = tmp_path / "go"
-    dash.project("busy", command=f"i=0; while [ ! -e {go} ]; do i=$((i+1)); echo tick $i;"
-                                  " sleep 0.005; done; echo end")
-    sign_in(page, dash)
-    build = dash.api("POST", "/alice/busy/builds")
-    page.goto(dash.url + f"/#/alice/busy/builds/{build['id']}")
+    open_new_build(page, dash, "busy", f"i=0; while [ ! -e {go} ]; do i=$((i+1)); echo tick $i;"
+                                        " sleep 0.005; done; echo end")
     expect(log_of(page)).to_contain_text("tick 300\n")
     log_of(page).focus()
     for _ in range(3):
