@@ -389,6 +389,14 @@ def whole_number(text, digits=18):
     return int(text) if re.fullmatch(r"[0-9]{1,%d}" % digits, text or "") else None
 
 
+def content_length(text):
+    """A Content-Length's number, or None if it is none: one of 19 digits
+    or more is over every limit, not "not a number"."""
+    if not re.fullmatch(r"[0-9]+", text or ""):
+        return None
+    return int(text) if len(text) <= 18 else 10 ** 18
+
+
 ###############################################################################
 # Database ####################################################################
 ###############################################################################
@@ -2767,9 +2775,10 @@ def read_body(limit):
     received); one sent without a length is refused once read past `limit`."""
     environ = bottle.request.environ
     length = environ.get("CONTENT_LENGTH") or ""
-    if length and whole_number(length) is None:
+    if length and content_length(length) is None:
         raise ApiError(400, "The Content-Length header is not a number.")
-    body = environ["wsgi.input"].read(int(length) if length else limit + 1)
+    body = environ["wsgi.input"].read(min(content_length(length), limit + 1) if length
+                                      else limit + 1)
     if len(body) > limit:
         raise ApiError(413, too_large(limit))
     codings = [c.strip() for c in environ.get("HTTP_CONTENT_ENCODING", "").lower().split(",")]
@@ -3288,7 +3297,7 @@ def _refused_before_routing(environ, path):
     raw_path = (environ.get("REQUEST_URI") or environ.get("RAW_URI") or "").partition("?")[0]
     if "%2f" in raw_path.lower():
         return 400, "The path holds an encoded slash (%2F); no name has one."
-    length, limit = whole_number(environ.get("CONTENT_LENGTH") or ""), body_limit(path)
+    length, limit = content_length(environ.get("CONTENT_LENGTH")), body_limit(path)
     if length is not None and length > limit:
         return 413, too_large(limit)
     return None
