@@ -10112,7 +10112,8 @@ BENCH_KEYS = (
     "dispatch_ms_median", "dispatch_ratio", "burst_s", "log_capture_ratio",
     "log_capture_cpu_s", "log_capture_rss_growth_mb", "log_read_mb_s", "tail_ms",
     "api_ratio", "api_p99_ms", "stop_ms", "scale_ratio", "idle_rss_mb",
-    "dispatch_floor_ms_median", "dispatch_floor_ratio")
+    "dispatch_floor_ms_median", "dispatch_floor_ratio", "dispatch_cpu_ms",
+    "dispatch_floor_cpu_ms", "dispatch_cpu_ratio")
 
 
 def test_bench_quick_writes_every_figure_as_a_number(tmp_path):
