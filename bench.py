@@ -121,18 +121,15 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def threads_cpu(pid):
-    """The CPU seconds the process's threads have run, exactly: each thread's
-    scheduler clock (/proc/<pid>/stat counts clock ticks, too coarse for a
-    dispatch). Threads that have ended are not counted."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):  # it ended meanwhile
-            pass
-    return total / 1e9
+def process_cpu(pid):
+    """The CPU seconds all the process's threads have run, ended ones too,
+    exactly: the process's scheduler clock (Linux's clock id for another
+    process's CPU time; /proc/<pid>/stat counts clock ticks, too coarse for a
+    dispatch). None where there is no such clock."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # CPUCLOCK_SCHED of process `pid`
+    except (OSError, OverflowError):
+        return None
 
 
 def wait_idle(pid, quiet=0.3, timeout=10.0):
@@ -517,12 +514,12 @@ def bench_dispatch(report, server, p, folder):
         for c in (client, bare):
             wait_final(c, create_build(c, project))  # warm up
         spawns, builds, floors = [], [], []
-        cpu_before = threads_cpu(server.pid), threads_cpu(floor.pid)
+        cpu_before = process_cpu(server.pid), process_cpu(floor.pid)
         for _ in range(p.dispatch_n):
             spawns.append(timed(spawn, "true")[0])
             floors.append(timed(lambda: wait_final(bare, create_build(bare, project)))[0])
             builds.append(timed(lambda: wait_final(client, create_build(client, project)))[0])
-        cpu = [(threads_cpu(pid) - before) * 1000 / p.dispatch_n
+        cpu = [None if before is None else (process_cpu(pid) - before) * 1000 / p.dispatch_n
                for pid, before in zip((server.pid, floor.pid), cpu_before)]
         bare.close()
     client.close()
@@ -532,10 +529,10 @@ def bench_dispatch(report, server, p, folder):
                ratio_key="dispatch_ratio", ratio=ms / base)
     report.add("dispatch_floor", "dispatch_floor_ms_median", least, "ms", "-", None,
                baseline=base, ratio_key="dispatch_floor_ratio", ratio=least / base)
-    # The server's own CPU per dispatch (its threads', not the build's) against the floor's.
-    report.add("dispatch_cpu", "dispatch_cpu_ms", cpu[0], "ms", "-", None, baseline=cpu[1],
-               baseline_key="dispatch_floor_cpu_ms", ratio_key="dispatch_cpu_ratio",
-               ratio=cpu[0] / cpu[1])
+    if None not in cpu and cpu[1] > 0:  # the server's own CPU per dispatch (not the build's)
+        report.add("dispatch_cpu", "dispatch_cpu_ms", cpu[0], "ms", "-", None, baseline=cpu[1],
+                   baseline_key="dispatch_floor_cpu_ms", ratio_key="dispatch_cpu_ratio",
+                   ratio=cpu[0] / cpu[1])
     report.extra["dispatch_ms_p90"] = percentile(builds, 90) * 1000
 
 

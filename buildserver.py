@@ -391,10 +391,11 @@ def whole_number(text, digits=18):
 
 def content_length(text):
     """A Content-Length's number, or None if it is none: one of 19 digits
-    or more is over every limit, not "not a number"."""
+    or more (not counting leading zeros) is over every limit, not "not a
+    number", and never handed to int() (past 4300 digits it raises)."""
     if not re.fullmatch(r"[0-9]+", text or ""):
         return None
-    return int(text) if len(text) <= 18 else 10 ** 18
+    return int(text) if len(text.lstrip("0")) <= 18 else 10 ** 18
 
 
 ###############################################################################
@@ -5836,13 +5837,18 @@ def _channel_class():
       marks the connection, which the follower would see a second later).
     """
     from waitress.channel import HTTPChannel
-    from waitress.parser import HTTPRequestParser
+    from waitress.parser import HTTPRequestParser, ParsingError
     from waitress.task import ErrorTask, WSGITask
     from waitress.utilities import RequestEntityTooLarge
 
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus):
-            super().parse_header(header_plus)
+            try:
+                super().parse_header(header_plus)
+            except ValueError as e:  # its int() of a Content-Length past 4300 digits:
+                if isinstance(e, UnicodeError):  # (the connection was dropped unanswered)
+                    raise
+                raise ParsingError("Content-Length has more than 4300 digits") from None
             # Framed both ways, what follows its chunks is another request to
             # the server, and its body to a proxy that trusts the length: the
             # connection ends with the answer (RFC 9112, 6.3). So does one of

@@ -2384,6 +2384,13 @@ def test_body_over_the_limit_is_413_from_content_length_without_reading_it(
     assert snapshot(web, alice, populated) == before
 
 
+def test_a_content_length_with_leading_zeros_is_its_number(app, alice):
+    body = b'{"name": "zeros", "command": "true"}'
+    status, _, project, stream = wsgi_call(app, "POST", "/api/v1/alice", alice,
+                                           str(len(body)).zfill(25), body + b"more")
+    assert (status, project["name"]) == (201, "zeros")
+
+
 BODILESS_TARGETS = [
     ("DELETE", "/api/v1/alice/app"),
     ("DELETE", "/api/v1/alice/app/builds/1"),
@@ -8335,6 +8342,21 @@ def test_a_huge_content_length_gets_413_before_the_body_is_sent(server_factory):
             sock.close()
     assert db_dump(db_path) == before
     assert api(server, "GET", "/api/v1/health", token="") == (200, {"status": "ok"})
+
+
+def test_a_content_length_past_4300_digits_gets_an_answer(server_factory):
+    # waitress's int() of it raised: the connection was dropped with no answer
+    # and a traceback logged, for anyone, without a token.
+    server = server_factory()
+    sock = raw_request_head(server.host, server.port, "POST", "/api/v1/admin", {
+        "Content-Type": "application/json", "Content-Length": "1" * 4301})
+    try:
+        assert " 400 " in read_status_line(sock, time.monotonic() + 10)
+    finally:
+        sock.close()
+    assert api(server, "GET", "/api/v1/health", token="") == (200, {"status": "ok"})
+    server.stop()
+    assert not [line for line in server.stderr_lines if "ERROR" in line or "Traceback" in line]
 
 
 def test_a_content_length_just_over_the_limits_gets_413_before_the_body_is_sent(server_factory):
