@@ -2776,10 +2776,10 @@ def read_body(limit):
     received); one sent without a length is refused once read past `limit`."""
     environ = bottle.request.environ
     length = environ.get("CONTENT_LENGTH") or ""
-    if length and content_length(length) is None:
+    size = content_length(length)
+    if length and size is None:
         raise ApiError(400, "The Content-Length header is not a number.")
-    body = environ["wsgi.input"].read(min(content_length(length), limit + 1) if length
-                                      else limit + 1)
+    body = environ["wsgi.input"].read(limit + 1 if size is None else min(size, limit + 1))
     if len(body) > limit:
         raise ApiError(413, too_large(limit))
     codings = [c.strip() for c in environ.get("HTTP_CONTENT_ENCODING", "").lower().split(",")]
@@ -5845,9 +5845,11 @@ def _channel_class():
         def parse_header(self, header_plus):
             try:
                 super().parse_header(header_plus)
-            except ValueError as e:  # its int() of a Content-Length past 4300 digits:
-                if isinstance(e, UnicodeError):  # (the connection was dropped unanswered)
+            except ValueError as e:
+                if isinstance(e, UnicodeError):
                     raise
+                # Its int() of a Content-Length past Python's 4300 digits: the
+                # connection was dropped unanswered, and a traceback logged.
                 raise ParsingError("Content-Length has more than 4300 digits") from None
             # Framed both ways, what follows its chunks is another request to
             # the server, and its body to a proxy that trusts the length: the

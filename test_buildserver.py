@@ -2386,8 +2386,8 @@ def test_body_over_the_limit_is_413_from_content_length_without_reading_it(
 
 def test_a_content_length_with_leading_zeros_is_its_number(app, alice):
     body = b'{"name": "zeros", "command": "true"}'
-    status, _, project, stream = wsgi_call(app, "POST", "/api/v1/alice", alice,
-                                           str(len(body)).zfill(25), body + b"more")
+    status, _, project, _ = wsgi_call(app, "POST", "/api/v1/alice", alice,
+                                      str(len(body)).zfill(25), body + b"more")
     assert (status, project["name"]) == (201, "zeros")
 
 
