@@ -3767,6 +3767,9 @@ def get_logs(app, user, username, project_name, build_id):
                             "builds) at once; try again shortly.",
                        headers={"Retry-After": "5"})
     end = float("inf") if limit is None else offset + limit
+    # nginx, as a bare proxy_pass leaves it (HTTP/1.0 to the server, answers
+    # buffered), held a follow's output until its build ended.
+    bottle.response.set_header("X-Accel-Buffering", "no")
     return LogStream(app.store, app.bus, build, offset, end, request.environ,
                      on_close=app.waiting.release, allowed=functools.partial(
                          _still_authenticated, app.store, user["id"],

@@ -4624,6 +4624,68 @@ def test_follow_streams_new_output_and_closes_when_the_build_ends(server_factory
     assert server_final_build(server, path)["last_status"] == "succeeded"
 
 
+NGINX_CONF = """
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 16; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    }}
+}}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("nginx"), reason="needs nginx (.ci/run installs it)")
+def test_a_follow_streams_through_nginx_as_a_bare_proxy_pass_leaves_it(server_factory, gate,
+                                                                       tmp_path):
+    # nginx speaks HTTP/1.0 to the server and buffers its answers unless told
+    # otherwise: behind it, a follow showed nothing until the build had ended.
+    server = server_factory("--stop-grace", "1")
+    project_path = admin_project(server)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "nginx").mkdir()
+    conf = tmp_path / "nginx" / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path / "nginx", port=port, upstream=server.port))
+    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(tmp_path / "nginx" / "error.log"),
+                              "-g", "daemon off;"], stderr=subprocess.PIPE)
+    hold = gate()
+    conn = None
+    try:
+        wait_until(lambda: _accepts(port) or nginx.poll() is not None, message="nginx to listen")
+        assert nginx.poll() is None, nginx.stderr.read()
+        status, build = server.json("POST", project_path + "/builds",
+                                    {"command": f"echo one; {hold.wait}; echo two"})
+        path = f"{project_path}/builds/{build['id']}"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path + "/logs?follow=1",
+                     headers={"Authorization": f"Token {server.token}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline() == b"one\n"  # (buffered: a timeout, the build waiting on)
+        assert server.json("GET", path)[1]["last_status"] == "running"
+        hold.open()
+        assert response.read() == b"two\n"
+    finally:
+        hold.open()
+        if conn is not None:
+            conn.close()
+        nginx.terminate()
+        nginx.wait(15)
+
+
+def _accepts(port):
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
 def test_follow_sends_headers_before_the_first_output(server_factory, gate):
     server = server_factory("--stop-grace", "1")
     project_path = admin_project(server)
