@@ -4640,7 +4640,10 @@ http {{
 """
 
 
-@pytest.mark.skipif(not shutil.which("nginx"), reason="needs nginx (.ci/run installs it)")
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+
+
+@pytest.mark.skipif(not NGINX, reason="needs nginx (.ci/run installs it)")
 def test_a_follow_streams_through_nginx_as_a_bare_proxy_pass_leaves_it(server_factory, gate,
                                                                        tmp_path):
     # nginx speaks HTTP/1.0 to the server and buffers its answers unless told
@@ -4653,7 +4656,7 @@ def test_a_follow_streams_through_nginx_as_a_bare_proxy_pass_leaves_it(server_fa
     (tmp_path / "nginx").mkdir()
     conf = tmp_path / "nginx" / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=tmp_path / "nginx", port=port, upstream=server.port))
-    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(tmp_path / "nginx" / "error.log"),
+    nginx = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(tmp_path / "nginx" / "error.log"),
                               "-g", "daemon off;"], stderr=subprocess.PIPE)
     hold = gate()
     conn = None
