@@ -4656,11 +4656,10 @@ def test_a_follow_streams_through_nginx_as_a_bare_proxy_pass_leaves_it(server_fa
     (tmp_path / "nginx").mkdir()
     conf = tmp_path / "nginx" / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=tmp_path / "nginx", port=port, upstream=server.port))
-    nginx = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(tmp_path / "nginx" / "error.log"),
-                              "-g", "daemon off;"], stderr=subprocess.PIPE)
-    hold = gate()
-    conn = None
+    hold, conn, nginx = gate(), None, None
     try:
+        nginx = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(tmp_path / "nginx" / "error.log"),
+                                  "-g", "daemon off;"], stderr=subprocess.PIPE)
         wait_until(lambda: _accepts(port) or nginx.poll() is not None, message="nginx to listen")
         assert nginx.poll() is None, nginx.stderr.read()
         status, build = server.json("POST", project_path + "/builds",
@@ -4679,8 +4678,13 @@ def test_a_follow_streams_through_nginx_as_a_bare_proxy_pass_leaves_it(server_fa
         hold.open()
         if conn is not None:
             conn.close()
-        nginx.terminate()
-        nginx.wait(15)
+        if nginx is not None:
+            nginx.terminate()
+            try:
+                nginx.wait(15)
+            except subprocess.TimeoutExpired:
+                nginx.kill()
+                nginx.wait()
 
 
 def _accepts(port):
