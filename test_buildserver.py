@@ -4464,9 +4464,11 @@ def admin_project(server):
     return "/api/v1/admin/app"
 
 
-def open_follow(server, path, timeout=10):
-    """A follow request on its own connection; returns (connection, response)."""
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+def open_follow(server, path, timeout=10, port=None):
+    """A follow request on its own connection (to `port` on loopback: a proxy
+    in front of `server`); returns (connection, response)."""
+    conn = http.client.HTTPConnection(*(("127.0.0.1", port) if port else
+                                        (server.host, server.port)), timeout=timeout)
     conn.request("GET", path + "/logs?follow=1",
                  headers={"Authorization": f"Token {server.token}"})
     return conn, conn.getresponse()
@@ -4665,10 +4667,7 @@ def test_a_follow_streams_through_nginx_as_a_bare_proxy_pass_leaves_it(server_fa
         status, build = server.json("POST", project_path + "/builds",
                                     {"command": f"echo one; {hold.wait}; echo two"})
         path = f"{project_path}/builds/{build['id']}"
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", path + "/logs?follow=1",
-                     headers={"Authorization": f"Token {server.token}"})
-        response = conn.getresponse()
+        conn, response = open_follow(server, path, port=port)
         assert response.status == 200
         assert response.readline() == b"one\n"  # (buffered: a timeout, the build waiting on)
         assert server.json("GET", path)[1]["last_status"] == "running"
