@@ -95,6 +95,8 @@ TRANSITIONS = {
 STATUSES = tuple(TRANSITIONS)
 FINAL = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
 ACTIVE = tuple(s for s in STATUSES if s not in FINAL)  # created, scheduled, running, stopping
+WAITING = ("created", "scheduled")  # not started: a stop ends them at once
+STARTED = ("running", "stopping")   # a command runs (managed builds: on this server)
 DELETED_MEANWHILE = "It was deleted while this request ran."
 # What the server tells each build's command about it (a build's env cannot set them).
 BUILD_VARIABLES = ("BUILD_ID", "BUILD_UUID", "BUILD_PROJECT", "BUILD_USER", "BUILD_WORKSPACE")
@@ -1044,13 +1046,14 @@ class Store:
     def delete_project(self, project_id):
         """Delete a project and all it holds; False if it was gone already."""
         with self.db.write() as c:
-            self._tell_deleted(self.active_builds(project_id))
+            self._tell_ended(*self.active_builds(project_id))
             deleted = c.execute("DELETE FROM projects WHERE id = ?", (project_id,)).rowcount
         return deleted == 1
 
-    def _tell_deleted(self, build_ids):
-        """Once committed, the deleted builds' followers end, and the builds
-        count as ended for the bus (which would keep a running one for ever)."""
+    def _tell_ended(self, *build_ids):
+        """Once committed, the builds' followers end: the builds ended, or were
+        deleted (the bus would keep a running one for ever). In commit order:
+        an end is the last news a build's followers get."""
         for build_id in build_ids:
             self.db.after_commit(functools.partial(self.on_change, build_id, None))
 
@@ -1169,7 +1172,7 @@ class Store:
             c.execute("UPDATE projects SET builds_count = builds_count - 1 WHERE id = ?",
                       (row[0],))
             c.execute("DELETE FROM builds WHERE id = ?", (build_id,))
-            self._tell_deleted([build_id])
+            self._tell_ended(build_id)
         return True
 
     def set_pgid(self, build_id, pgid, started):
@@ -1190,7 +1193,7 @@ class Store:
                 return None
             entry = self._set_status(c, build_id, status, message, now, exit_code)
             if status in FINAL:  # followers wait for output or the end, nothing between
-                self.db.after_commit(functools.partial(self.on_change, build_id, None))
+                self._tell_ended(build_id)
         return entry
 
     def report(self, build_id, status, message=None):
@@ -1218,16 +1221,17 @@ class Store:
             for step, said in steps:
                 entry = self._set_status(c, build_id, step, said, now)
             if entry["status"] in FINAL:
-                self.db.after_commit(functools.partial(self.on_change, build_id, None))
+                self._tell_ended(build_id)
         return entry
 
     def _set_status(self, c, build_id, status, message, now, exit_code=None):
         c.execute("UPDATE builds SET last_status = :status, updated_at = :now,"
-                  " started_at = CASE WHEN :status = 'running' THEN :now ELSE started_at END,"
-                  " finished_at = CASE WHEN :status IN ('succeeded', 'failed', 'stopped')"
-                  "                    THEN :now ELSE finished_at END,"
+                  " started_at = coalesce(:started, started_at),"
+                  " finished_at = coalesce(:finished, finished_at),"
                   " exit_code = coalesce(:exit_code, exit_code)"
                   " WHERE id = :id", {"status": status, "now": now, "id": build_id,
+                                      "started": now if status == "running" else None,
+                                      "finished": now if status in FINAL else None,
                                       "exit_code": exit_code})
         return self._add_status(c, build_id, status, message, now)
 
@@ -1265,8 +1269,8 @@ class Store:
         return dict(self.db.all("SELECT uuid, pgid FROM builds WHERE pgid IS NOT NULL AND uuid IN"
                                 " (SELECT value FROM json_each(?1))"
                                 " AND (?2 IS NULL OR project_id = ?2)"
-                                " AND last_status IN ('succeeded', 'failed', 'stopped')",
-                                (json.dumps(list(uuids)), project_id)))
+                                " AND last_status IN (SELECT value FROM json_each(?3))",
+                                (json.dumps(list(uuids)), project_id, json.dumps(sorted(FINAL)))))
 
     def backup_taken(self):
         """When `backup` copied this file, if it is such a copy (restored) not
@@ -1282,8 +1286,9 @@ class Store:
                    "while this build waited (it may have run since)")
         with self.db.write() as c:
             for (build_id,) in c.execute(
-                    "SELECT id FROM builds WHERE is_managed = 1 AND created_at <= ?"
-                    " AND last_status IN ('created', 'scheduled')", (taken_at,)).fetchall():
+                    "SELECT id FROM builds WHERE is_managed = 1 AND created_at <= ? AND"
+                    " last_status IN (SELECT value FROM json_each(?))",
+                    (taken_at, json.dumps(WAITING))).fetchall():
                 self._set_status(c, build_id, "stopped", message, now_iso())
             c.execute("DELETE FROM backup_taken")
 
@@ -1302,8 +1307,8 @@ class Store:
     def runs_builds(self, project_id):
         """Whether a build of the project that this server runs has started and not ended."""
         return self.db.one("SELECT 1 FROM builds WHERE project_id = ? AND is_managed = 1"
-                           " AND last_status IN ('running', 'stopping') LIMIT 1",
-                           (project_id,)) is not None
+                           " AND last_status IN (SELECT value FROM json_each(?)) LIMIT 1",
+                           (project_id, json.dumps(STARTED))) is not None
 
     # Statuses ----------------------------------------------------------------
 
@@ -1532,6 +1537,7 @@ def token_required(handler):
         if bottle.request.route.config.get("bodiless"):
             refuse_body()
         return handler(app, user, **params)
+    wrapper.needs_token = True  # (the OpenAPI document says so)
     return wrapper
 
 
@@ -1943,7 +1949,7 @@ class Runner:
             if job is None:
                 # Not running here: it has not started, or something else runs it.
                 if self.store.transition(build_id, "stopped", message,
-                                         sources=("created", "scheduled")) is None:
+                                         sources=WAITING) is None:
                     self.store.transition(build_id, "stopping", message, sources=("running",))
                 return True
         job.stop("stopped", message)
@@ -1983,7 +1989,7 @@ class Runner:
         A restored backup's first start ends, besides, the builds that waited then."""
         me, namespace = os.getpid(), _pid_namespace()
         live = self._still_running(self.store.last_server(), me, namespace)
-        left = self.store.managed_builds(["running", "stopping"])
+        left = self.store.managed_builds(STARTED)
         if not live:  # first, reading alone: a disk too full to write must not keep them running
             for row in left:
                 _kill_leftovers(row["pgid"], row["pg_started"], row["uuid"])
@@ -2100,7 +2106,7 @@ class Runner:
         try:  # (a stop may have come while no Job was registered: `stopping`)
             if self._persist(label, lambda: self.store.transition(
                     build_id, "failed", f"could not start: {error}",
-                    sources=("running", "stopping"))):
+                    sources=STARTED)):
                 return
         except Exception:  # shutting down (the next start ends it), or a bug
             log.exception("%s: could not record that it could not start", label)
@@ -3107,7 +3113,8 @@ for _name in ("Project", "Build", "Status", "Bookmark"):
 ERROR_ANSWERS = {
     "400": "invalid JSON, fields or query parameters", "401": "no token, or not a valid one",
     "403": "outside your namespace", "404": "no such user, project, build or status",
-    "405": "method not allowed", "413": "the body is over the limit",
+    "405": "method not allowed", "409": "the project is being deleted",
+    "413": "the body is over the limit",
     "415": "a compressed body (Content-Encoding)",
     "429": "too many failed authentications from this address",
     "500": "internal error", "503": "the server is shutting down, or too many log followers",
@@ -3134,7 +3141,7 @@ def openapi_document(routes):
                               "schema": {"$ref": "#/components/schemas/Error"}}}}
                              for c, d in ERROR_ANSWERS.items()}},
         }
-        if route.handler.__name__ not in ("health", "openapi", "dashboard"):
+        if getattr(route.handler, "needs_token", False):
             operation["security"] = [{"token": []}]
         if route.body == "log":
             operation["requestBody"] = {"content": {

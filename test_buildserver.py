@@ -10172,6 +10172,24 @@ def test_the_document_says_that_it_needs_no_token(web):
     assert document["paths"]["/api/v1/users"]["get"]["security"] == [{"token": []}]
 
 
+def test_the_document_asks_a_token_exactly_where_the_server_does(web):
+    # (It named the routes without one by hand.) is_public is what the
+    # authorization matrix holds every route's answer to.
+    document = web.get("/api/v1/openapi.json").json
+    operations = [(path, method, operation) for path, methods in document["paths"].items()
+                  for method, operation in methods.items()]
+    assert len(operations) == len(buildserver.ROUTES)
+    assert [(method, path) for path, method, operation in operations
+            if bool(operation.get("security")) == is_public(path)] == []
+
+
+def test_the_document_names_every_error_the_api_answers_with():
+    with open(buildserver.__file__, encoding="utf-8") as f:
+        source = f.read()
+    raised = set(re.findall(r"ApiError\((\d{3})", source))
+    assert raised and raised <= set(buildserver.ERROR_ANSWERS), raised
+
+
 @pytest.mark.filterwarnings("ignore::webtest.lint.WSGIWarning")  # (made-up methods)
 @pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/users", "/api/v1/openapi.json",
                                   "/api/v1/bookmarks/alice/builds"])
