@@ -6883,6 +6883,13 @@ def _env(name, default):
     return value
 
 
+def _setting(name):
+    """A `serve` flag's default: BUILDSERVER_<NAME>, else Config's, as text
+    (argparse parses a text default as it would the flag)."""
+    default = getattr(Config, name)
+    return _env(name, f"{default:g}" if isinstance(default, float) else str(default))
+
+
 def _from_where(text):
     """ (from BUILDSERVER_...) for a value read from the environment."""
     return f" (from {text.variable})" if isinstance(text, _FromEnvironment) else ""
@@ -6971,24 +6978,24 @@ def parser():
                             formatter_class=_Defaults,
                             description="Run the server. Every flag can also be set with "
                                         "BUILDSERVER_<FLAG>, e.g. BUILDSERVER_PORT=9000.")
-    s.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
-    s.add_argument("--port", type=_positive(int, 65535), default=_env("port", "8000"),
+    s.add_argument("--host", default=_setting("host"), help="address to listen on")
+    s.add_argument("--port", type=_positive(int, 65535), default=_setting("port"),
                    help="port to listen on (0: any free port)")
     _data_dir_option(s, "folder of the database and the build workspaces")
-    s.add_argument("--workers", type=_positive(int, 256), default=_env("workers", "2"),
+    s.add_argument("--workers", type=_positive(int, 256), default=_setting("workers"),
                    help="builds run at once (0: none run, they wait scheduled)")
-    s.add_argument("--threads", type=_positive(int, 1024, least=4), default=_env("threads", "32"),
+    s.add_argument("--threads", type=_positive(int, 1024, least=4), default=_setting("threads"),
                    help="HTTP threads (at least 4); log followers may use all but a reserve")
-    s.add_argument("--stop-grace", type=_positive(float, 86400), default=_env("stop_grace", "10"),
+    s.add_argument("--stop-grace", type=_positive(float, 86400), default=_setting("stop_grace"),
                    help="seconds between SIGTERM and SIGKILL when a build is stopped")
     s.add_argument("--max-log-bytes", type=_positive(int, 2 ** 40),
-                   default=_env("max_log_bytes", str(100 * MiB)),
+                   default=_setting("max_log_bytes"),
                    help="bytes of log kept per build; later output is dropped")
-    s.add_argument("--auth-burst", type=_positive(int, 10 ** 6), default=_env("auth_burst", "30"),
+    s.add_argument("--auth-burst", type=_positive(int, 10 ** 6), default=_setting("auth_burst"),
                    help="failed authentications per client address and minute before "
                         "the address gets 429 (0: no limit)")
     s.add_argument("--trusted-proxy", metavar="ADDRESS", type=_ip_address,
-                   default=_env("trusted_proxy", ""),
+                   default=_setting("trusted_proxy"),
                    help="the reverse proxy's address (e.g. 127.0.0.1): its X-Forwarded-For, "
                         "-Proto, -Host and -Port headers are believed")
     for name, text in (("adduser", "create a user and print its token"),
@@ -7015,7 +7022,7 @@ def _data_dir_option(parser, text):
         if not path:
             raise argparse.ArgumentTypeError("must name a folder, not be empty")
         return path
-    parser.add_argument("--data-dir", type=folder, default=_env("data_dir", Config.data_dir),
+    parser.add_argument("--data-dir", type=folder, default=_setting("data_dir"),
                         help=text)
 
 
@@ -7355,11 +7362,8 @@ def main(argv=None):
             if bottle is None:
                 return _fail("the server needs bottle and waitress: "
                              "pip install -r requirements.txt", 1)
-            config = Config(host=args.host, port=args.port, data_dir=args.data_dir,
-                            workers=args.workers, threads=args.threads,
-                            stop_grace=args.stop_grace, max_log_bytes=args.max_log_bytes,
-                            auth_burst=args.auth_burst, trusted_proxy=args.trusted_proxy)
-            return serve(config)
+            return serve(Config(**{field.name: getattr(args, field.name)
+                                   for field in dataclasses.fields(Config)}))
         if args.command in CLIENT_COMMANDS:
             return run_client(args)
         if args.command == "backup":

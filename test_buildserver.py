@@ -9,6 +9,7 @@ Every wait is a loop with a deadline.
 import ast
 import collections
 import contextlib
+import dataclasses
 import errno
 import glob
 import gzip
@@ -2868,6 +2869,15 @@ def test_cli_help_shows_every_serve_default():
     top = cli("--help")
     assert top.returncode == 0
     assert all(command in top.stdout for command in ("serve", "adduser", "token"))
+
+
+def test_every_config_field_is_a_serve_flag_with_the_same_default(monkeypatch):
+    for variable in [v for v in os.environ if v.startswith("BUILDSERVER_")]:
+        monkeypatch.delenv(variable)
+    args = buildserver.parser().parse_args(["serve"])
+    fields = [field.name for field in dataclasses.fields(buildserver.Config)]
+    assert {name: getattr(args, name) for name in fields} == \
+        dataclasses.asdict(buildserver.Config())
 
 
 def test_cli_reads_the_data_dir_from_the_environment(tmp_path, open_api):
