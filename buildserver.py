@@ -880,11 +880,14 @@ BUILD_SELECT = """
     SELECT b.*, p.name AS project_name, u.name AS owner
     FROM builds b JOIN projects p ON p.id = b.project_id JOIN users u ON u.id = p.owner_id
 """
-# The last chunk that starts at or before a byte, of the build with this id and uuid.
-LOG_CHUNK_SELECT = """
-    SELECT {} FROM log_chunks c JOIN builds b ON b.id = c.build_id
-    WHERE c.build_id = ? AND b.uuid = ? AND c.offset <= ? ORDER BY c.offset DESC LIMIT 1
+# The last chunk that starts at or before byte :at, of the build with this id and uuid:
+_CHUNK_AT = """
+    FROM log_chunks c JOIN builds b ON b.id = c.build_id
+    WHERE c.build_id = :build AND b.uuid = :uuid AND c.offset <= :at
+    ORDER BY c.offset DESC LIMIT 1
 """
+LOG_CHUNK_SELECT = "SELECT c.offset, c.data" + _CHUNK_AT  # all of it
+LOG_PIECE_SELECT = "SELECT substr(c.data, :at - c.offset + 1, :length)" + _CHUNK_AT  # from :at
 # The next build's and project's ids: never one a deleted row had (nor one inserted by hand).
 NEXT_BUILD_ID = """
     SELECT max((SELECT next FROM build_ids), (SELECT coalesce(max(id), 0) + 1 FROM builds))
@@ -1385,13 +1388,13 @@ class Store:
         """Bytes from `start` up to `end`, at most to the end of one chunk."""
         if start >= end:
             return b""
-        row = self.db.one(LOG_CHUNK_SELECT.format("substr(c.data, ? - c.offset + 1, ?)"),
-                          (start, end - start, build_id, uuid, start))
+        row = self.db.one(LOG_PIECE_SELECT, {"build": build_id, "uuid": uuid, "at": start,
+                                             "length": end - start})
         return b"" if row is None else row[0]
 
     def log_chunk(self, build_id, uuid, pos):
         """(offset, data) of the chunk that holds byte `pos`, or (pos, b"")."""
-        row = self.db.one(LOG_CHUNK_SELECT.format("c.offset, c.data"), (build_id, uuid, pos))
+        row = self.db.one(LOG_CHUNK_SELECT, {"build": build_id, "uuid": uuid, "at": pos})
         return (pos, b"") if row is None else (row[0], row[1])
 
     def log_bytes(self, build_id, uuid, start, end):
