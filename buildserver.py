@@ -1637,9 +1637,6 @@ class LogFile:
         self.pos, self.end = start, end
         self._base, self._chunk = start, b""  # the chunk last read, from byte _base
 
-    def seekable(self):
-        return True
-
     def tell(self):
         return self.pos
 
@@ -2805,9 +2802,9 @@ def too_large(limit):
 JSON_SPACE = b" \t\r\n"  # (bytes.strip() takes \x0b and \x0c too, which JSON does not)
 
 
-def read_json(limit=JSON_BODY_LIMIT, empty_ok=False):
+def read_json(empty_ok=False):
     """The body as a JSON object."""
-    body = read_body(limit)
+    body = read_body(JSON_BODY_LIMIT)
     if not body.strip(JSON_SPACE) and empty_ok:
         return {}
     try:  # (json.loads would take UTF-16 and UTF-32 bytes too)
@@ -3893,7 +3890,6 @@ def make_routes(app):
         web.route(route.path, route.method, _answering(app, route.handler),
                   bodiless=route.method != "GET" and route.body is None)
     web.default_error_handler = _error_page
-    web.routes_table = ROUTES
     return web
 
 
@@ -6210,10 +6206,10 @@ class Client:
         # RemoteDisconnected and BadStatusLine are HTTPExceptions).
         self._dropped = (OSError, EOFError, http.client.HTTPException)
 
-    def _connect(self, timeout):
+    def _connect(self):
         import http.client
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._netloc, timeout=timeout)
+        return cls(self._netloc, timeout=self.timeout)
 
     def _tls_hint(self, error):
         """What a handshake that failed may mean (the server closes one at once)."""
@@ -6223,7 +6219,7 @@ class Client:
                 return " (is it a plain http:// server?)"
         return ""
 
-    def _open(self, method, path, body=None, timeout=None, accept="application/json"):
+    def _open(self, method, path, body=None, accept="application/json"):
         """An open response, or ClientError/Unreachable."""
         headers = {"Accept": accept}
         if self.token:
@@ -6231,7 +6227,7 @@ class Client:
         if body is not None:
             body = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        conn = self._connect(self.timeout if timeout is None else timeout)
+        conn = self._connect()
         try:
             conn.request(method, self._base + path, body=body, headers=headers)
         except self._dropped as e:
@@ -6297,7 +6293,7 @@ class Client:
         finally:
             conn.close()
 
-    def follow(self, build_path, out, offset=0, live=True):
+    def follow(self, build_path, out, live=True):
         """Follow a build's log to `out` until the build is final, reconnecting
         (from the last byte received) for up to RECONNECT_SECONDS, also while
         the server or a proxy answers 502, 503 or 504 (a restart), counted
@@ -6308,7 +6304,7 @@ class Client:
         the same way, but an outage counts as over only once bytes came
         (answers that drop before any would have it try for ever), and one
         that has not begun is not tried again."""
-        give_up_at, pause, began = None, 0.2, offset
+        give_up_at, pause, offset = None, 0.2, 0
         while True:
             try:
                 offset = self.stream_log(build_path, offset, out, follow=live)
@@ -6322,7 +6318,7 @@ class Client:
                 if isinstance(e, ClientError) and e.status not in GATEWAY_ERRORS:
                     raise
                 moved = getattr(e, "offset", offset) > offset
-                if not (live or moved or offset > began):
+                if not (live or moved or offset > 0):
                     raise  # nothing written yet: as for any other read
                 if getattr(e, "got_through", False) and (live or moved):  # a new outage
                     give_up_at, pause = None, 0.2
@@ -6387,10 +6383,10 @@ def client_exit_code(build):
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
-def _ago(stamp, now=None):
+def _ago(stamp):
     if not stamp:
         return "-"
-    seconds = ((now or datetime.datetime.now(datetime.timezone.utc)) - parse_iso(stamp)).total_seconds()
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - parse_iso(stamp)).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{int(seconds // size)} {unit} ago"
@@ -6934,7 +6930,6 @@ def _positive(kind, most=None, least=0):
 def _ip_address(text):
     """An IP address (waitress compares it with the connection's; "*" would
     trust everyone, and a host name would never match)."""
-    import ipaddress
     if not text:
         return ""
     try:
