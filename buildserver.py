@@ -3204,7 +3204,7 @@ class App:
         # Requests that hold an HTTP thread while they wait on builds (log
         # followers, stops and deletes of running builds): a reserve of the
         # threads is always left for the rest of the API.
-        self.waiting = threading.BoundedSemaphore(config.max_waiting)
+        self.wait_slots = threading.BoundedSemaphore(config.max_waiting)
         self.throttle = AuthThrottle(config.auth_burst)
         self.closing = False
         self.waited_on = False  # (see shutdown)
@@ -3250,14 +3250,14 @@ class App:
         self.closing = True
         # Holding every slot (none is left for another): those free before
         # the builds stop first, which tells whether any request waited.
-        free = sum(self.waiting.acquire(blocking=False) for _ in range(self.config.max_waiting))
+        free = sum(self.wait_slots.acquire(blocking=False) for _ in range(self.config.max_waiting))
         self.waited_on = free < self.config.max_waiting
         self.runner.shutdown()
         self.bus.close()
         deadline = None if timeout is None else time.monotonic() + timeout
         for _ in range(self.config.max_waiting - free):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.waiting.acquire(timeout=remaining):
+            if not self.wait_slots.acquire(timeout=remaining):
                 return False
         return True
 
@@ -3490,20 +3490,29 @@ def delete_project(app, user, username, project_name):
 
 def stop_all(app, build_ids, message):
     """Stop the builds and wait for those running to end; 503 when too many
-    requests wait already (see App.waiting), before anything is stopped.
+    requests wait already (see App.wait_slots), before anything is stopped.
     (One that starts meanwhile is waited for too, outside the slots.)"""
-    waiting = any(app.runner.running(build_id) for build_id in build_ids)
-    if waiting and not app.waiting.acquire(blocking=False):
-        raise ApiError(503, "Too many requests are waiting for builds to end; "
-                            "try again shortly.", headers={"Retry-After": "5"})
-    try:
+    waits = any(app.runner.running(build_id) for build_id in build_ids)
+    with _wait_slot(app, waits) as slot:
+        if waits and not slot:
+            raise ApiError(503, "Too many requests are waiting for builds to end; "
+                                "try again shortly.", headers={"Retry-After": "5"})
         for build_id in build_ids:
             app.runner.stop(build_id, message)
         for build_id in build_ids:  # each already has its SIGTERM: wait for them together
             app.runner.stop(build_id, message, wait=app.config.stop_grace + 5, whole=True)
+
+
+@contextlib.contextmanager
+def _wait_slot(app, needed):
+    """One of App.wait_slots for a request that waits on builds, if `needed`
+    and one is free: whether it got one."""
+    slot = needed and app.wait_slots.acquire(blocking=False)
+    try:
+        yield slot
     finally:
-        if waiting:
-            app.waiting.release()
+        if slot:
+            app.wait_slots.release()
 
 
 @token_required
@@ -3672,14 +3681,10 @@ def stop_build(app, user, username, project_name, build_id):
     build = _build(app, username, project_name, build_id)
     # Most builds obey SIGTERM at once, and the others get SIGKILL after the
     # grace: wait a moment, so the answer says `stopped` (or `stopping`);
-    # not when too many requests wait already (see App.waiting).
-    waiting = app.runner.running(build["id"]) and app.waiting.acquire(blocking=False)
-    try:
+    # not when too many requests wait already (see App.wait_slots).
+    with _wait_slot(app, app.runner.running(build["id"])) as slot:
         app.runner.stop(build["id"], f"stopped by {user['name']}",
-                        wait=STOP_ANSWER_SECONDS if waiting else 0.0, told=1.0)
-    finally:
-        if waiting:
-            app.waiting.release()
+                        wait=STOP_ANSWER_SECONDS if slot else 0.0, told=1.0)
     return build_json(still_there(app.store.build(build["id"])))
 
 
@@ -3769,7 +3774,7 @@ def get_logs(app, user, username, project_name, build_id):
         return LogFile(app.store, build, start, end)
     if app.closing:
         raise shutting_down()
-    if not app.waiting.acquire(blocking=False):
+    if not app.wait_slots.acquire(blocking=False):
         raise ApiError(503, "Too many log followers (or stops and deletes waiting for "
                             "builds) at once; try again shortly.",
                        headers={"Retry-After": "5"})
@@ -3778,7 +3783,7 @@ def get_logs(app, user, username, project_name, build_id):
     # buffered), held a follow's output until its build ended.
     bottle.response.set_header("X-Accel-Buffering", "no")
     return LogStream(app.store, app.bus, build, offset, end, request.environ,
-                     on_close=app.waiting.release, allowed=functools.partial(
+                     on_close=app.wait_slots.release, allowed=functools.partial(
                          _still_authenticated, app.store, user["id"],
                          request.environ.get("HTTP_AUTHORIZATION", "")))
 
@@ -3911,8 +3916,11 @@ def _allowed(methods):
 
 
 def _not_allowed(allowed, _app, **params):
-    raise ApiError(405, f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}.",
-                   headers={"Allow": ",".join(allowed)})
+    raise ApiError(405, _use_instead(allowed), headers={"Allow": ",".join(allowed)})
+
+
+def _use_instead(allowed):
+    return f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}."
 
 
 def shutting_down():
@@ -3976,7 +3984,7 @@ def _error_page(error):
             del bottle.response["Allow"]
             return json_bytes({"detail": _no_endpoint(bottle.request.path)})
         bottle.response.set_header("Allow", ",".join(allowed))
-        detail = f"{bottle.request.method} is not allowed here; use {', '.join(allowed)}."
+        detail = _use_instead(allowed)
     else:
         detail = "internal error" if error.status_code >= 500 else str(error.body)
     return json_bytes({"detail": detail})
@@ -5822,7 +5830,7 @@ def _unquoted_headers(text):
 
 
 def _channel_class():
-    """waitress's HTTP channel, changed in six ways:
+    """waitress's HTTP channel, changed so that:
 
     - its parser refuses a body over its path's limit from its Content-Length:
       the app sees the request at once, with no body, and answers 413; the
@@ -5831,6 +5839,10 @@ def _channel_class():
       first, as they come: closing with them unread would reset the
       connection, and a client that sends its whole body before it reads
       (Python's http.client and requests do) would get the reset, not the 413;
+    - its parser answers 400 to a Content-Length of more than 4300 digits
+      (Python's int() refused it, and the connection was dropped), closes
+      the connection after a badly framed request, and invites no body
+      (100 Continue) that a request says it has not;
     - an answer's head goes out with the first bytes of its body, in one send:
       the client wakes once, not twice;
     - the connection stays open after a chunked answer (a followed log), as
@@ -5843,7 +5855,9 @@ def _channel_class():
       whole after HEAD_SECONDS closes a connection with no request in hand
       (see http_server);
     - it wakes a waiting follower when its client leaves (waitress only
-      marks the connection, which the follower would see a second later).
+      marks the connection, which the follower would see a second later);
+    - it names the address the client reached as SERVER_NAME (for links),
+      and closes at once a connection that opens with a TLS handshake.
     """
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser, ParsingError
