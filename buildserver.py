@@ -5577,8 +5577,6 @@ def _hold_serve_locks(data_dir):
 
 def _serve_held(config):
     """serve(), once the data folder is this server's."""
-    from waitress import wasyncore
-
     cores = _keep_to_one_core()  # before any thread starts: they inherit it
     app = make_app(config, start=False)  # no build starts before the port is ours
     app.runner.cores = cores
@@ -5604,16 +5602,11 @@ def _serve_held(config):
 
     # Before any build starts, so that a signal always stops builds cleanly.
     _take_stop_signals(on_signal)
-    if app.store.user_count() == 0:  # only now that nothing can fail before it is seen
-        token = fresh_token()
-        try:  # shown first: a token that cannot be shown leaves no admin
-            _show_token(f"Created the admin user 'admin'. Its token, shown only now: {token}")
-        except OutputFailed as e:
-            app.close()
-            return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
-        if app.store.create_user("admin", is_admin=True, token=token) is None:
-            log.warning("the user 'admin' was made meanwhile by another command; "
-                        "the token above was not recorded")
+    try:  # only now that nothing can fail before it is seen
+        _make_first_admin(app.store)
+    except OutputFailed as e:
+        app.close()
+        return _fail(f"cannot show the admin's token: {e}", EXIT_OUTPUT_FAILED)
     if _early_signals:  # it came while the server was being set up: no build starts now
         signum = _early_signals[0]
         _early_signals.clear()
@@ -5623,37 +5616,67 @@ def _serve_held(config):
     print(f"buildserver {__version__} listening on "
           f"http://{_url_host(server.effective_host)}:{server.effective_port}/", flush=True)
     log.info("serving %s with %d workers", os.path.abspath(config.data_dir), config.workers)
-    beyond = not _loopback(server.effective_host)
-    if beyond and not config.trusted_proxy:
-        log.warning("listening beyond this machine over plain HTTP: tokens, which run "
-                    "commands here, travel unencrypted; put a TLS proxy in front (README, "
-                    "\"Security and operations\")")
-    elif beyond and _loopback(config.trusted_proxy):
-        log.warning("listening beyond this machine, though the trusted proxy is on it (%s): "
-                    "clients can reach the server past it, over plain HTTP; listen on "
-                    "127.0.0.1", config.trusted_proxy)
+    _warn_if_exposed(server.effective_host, config.trusted_proxy)
     _return_startup_memory()
     # waitress's own run(), but stoppable: signal handlers run here, between polls.
     # It listens on while the builds are stopped: a client (or a proxy) whose
     # follow ended with its build's stop reads next how it ended (see _answering).
     while not finished.is_set():
-        wasyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
+        _poll(server, 0.5)
+    _close_after_shutdown(server, app)
+    log.info("stopped")
+    return 0
+
+
+def _make_first_admin(store):
+    """On a new database, make the user `admin` and show its token (first:
+    a token that cannot be shown leaves no admin; OutputFailed)."""
+    if store.user_count() > 0:
+        return
+    token = fresh_token()
+    _show_token(f"Created the admin user 'admin'. Its token, shown only now: {token}")
+    if store.create_user("admin", is_admin=True, token=token) is None:
+        log.warning("the user 'admin' was made meanwhile by another command; "
+                    "the token above was not recorded")
+
+
+def _warn_if_exposed(host, trusted_proxy):
+    if _loopback(host):
+        return
+    if not trusted_proxy:
+        log.warning("listening beyond this machine over plain HTTP: tokens, which run "
+                    "commands here, travel unencrypted; put a TLS proxy in front (README, "
+                    "\"Security and operations\")")
+    elif _loopback(trusted_proxy):
+        log.warning("listening beyond this machine, though the trusted proxy is on it (%s): "
+                    "clients can reach the server past it, over plain HTTP; listen on "
+                    "127.0.0.1", trusted_proxy)
+
+
+def _poll(server, timeout):
+    """One turn of waitress's event loop."""
+    from waitress import wasyncore
+    wasyncore.loop(timeout=timeout, map=server._map, use_poll=True, count=1)
+
+
+def _close_after_shutdown(server, app):
+    """Once the builds are stopped: answer a moment longer, stop listening,
+    send what followers still have on its way, then close everything."""
+    from waitress import wasyncore
     # Followers have had their builds' ends: their clients ask next how those
     # ended, through a proxy a round trip or two later.
     linger_until = time.monotonic() + (SHUTDOWN_LINGER_SECONDS if app.waited_on else 0)
     while time.monotonic() < linger_until:
-        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+        _poll(server, 0.05)
     server.del_channel()
     server.socket.close()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(  # followers' last bytes still on their way
             c.total_outbufs_len for c in list(server.active_channels.values())):
-        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+        _poll(server, 0.05)
     server.task_dispatcher.shutdown(timeout=5)
     wasyncore.close_all(server._map)
     app.close()
-    log.info("stopped")
-    return 0
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -6469,44 +6492,10 @@ def run_client(args):
     if sys.stdout is None:  # its descriptor was closed (`>&-`): print() would say nothing
         return _fail("cannot write the output: standard output is closed", EXIT_OUTPUT_FAILED)
     project = "/api/v1/" + urllib.parse.quote(args.project)
+    command = {"run": _run_build, "builds": _list_builds, "status": _show_status,
+               "stop": _stop_build, "logs": _show_log}[args.command]
     try:
-        if args.command == "run":
-            return _run_build(client, project, args)
-        if args.command == "builds":
-            query = {"limit": args.limit, "offset": args.offset,
-                     **({"status": args.status} if args.status else {})}
-            page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
-            if args.json:
-                _say(json.dumps(page_, indent=2))
-            else:
-                _say(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
-                               _ago(b["created_at"]), _duration(b["duration"]),
-                               ",".join(b["tags"]) or "-"] for b in page_["results"]],
-                             ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]))
-            return 0
-        if args.command == "status":
-            build_id = args.id
-            if build_id is None:
-                latest = client.call("GET", f"{project}/builds?limit=1")["results"]
-                if not latest:
-                    return _fail(f"{args.project} has no builds yet", 1)
-                build_id = latest[0]["id"]
-            path = f"{project}/builds/{build_id}"
-            build = client.call("GET", path)
-            statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
-            code = client.call("GET", f"{path}/coderef")
-            _say(json.dumps({**build, "statuses": statuses, "code_reference": code}, indent=2)
-                 if args.json else _describe(build, statuses, code))
-            return 0
-        path = f"{project}/builds/{args.id}"
-        if args.command == "stop":
-            build = client.call("POST", f"{path}/stop")
-            _say(json.dumps(build, indent=2) if args.json else
-                 f"build {build['id']} of {build['project']}: {build['last_status']}")
-            return 0
-        if args.command == "logs":
-            client.follow(path, sys.stdout.buffer, live=args.follow)
-            return 0
+        return command(client, project, args)
     except ClientError as e:
         code = EXIT_REFUSED if e.status in (401, 403, 429) else \
             EXIT_UNREACHABLE if e.status in GATEWAY_ERRORS else 1  # 429: too many bad tokens
@@ -6521,7 +6510,49 @@ def run_client(args):
         return EXIT_INTERRUPTED
     except Terminated as e:  # (past where `run` takes it: no traceback)
         return 128 + e.args[0]
-    raise AssertionError(args.command)
+
+
+def _list_builds(client, project, args):
+    query = {"limit": args.limit, "offset": args.offset,
+             **({"status": args.status} if args.status else {})}
+    page_ = client.call("GET", f"{project}/builds?{urllib.parse.urlencode(query)}")
+    if args.json:
+        _say(json.dumps(page_, indent=2))
+    else:
+        _say(_table([[b["id"], b["last_status"], b["name"] or "-", b["user"],
+                       _ago(b["created_at"]), _duration(b["duration"]),
+                       ",".join(b["tags"]) or "-"] for b in page_["results"]],
+                     ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]))
+    return 0
+
+
+def _show_status(client, project, args):
+    """A build (the latest if no id is given), its statuses and code reference."""
+    build_id = args.id
+    if build_id is None:
+        latest = client.call("GET", f"{project}/builds?limit=1")["results"]
+        if not latest:
+            return _fail(f"{args.project} has no builds yet", 1)
+        build_id = latest[0]["id"]
+    path = f"{project}/builds/{build_id}"
+    build = client.call("GET", path)
+    statuses = client.call("GET", f"{path}/statuses?limit=1000")["results"]
+    code = client.call("GET", f"{path}/coderef")
+    _say(json.dumps({**build, "statuses": statuses, "code_reference": code}, indent=2)
+         if args.json else _describe(build, statuses, code))
+    return 0
+
+
+def _stop_build(client, project, args):
+    build = client.call("POST", f"{project}/builds/{args.id}/stop")
+    _say(json.dumps(build, indent=2) if args.json else
+         f"build {build['id']} of {build['project']}: {build['last_status']}")
+    return 0
+
+
+def _show_log(client, project, args):
+    client.follow(f"{project}/builds/{args.id}", sys.stdout.buffer, live=args.follow)
+    return 0
 
 
 def _not_text(args):
@@ -7086,37 +7117,10 @@ def _no_database(db_path):
 
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
-    if missing := _no_database(db_path):
-        return _fail(missing, 2)
-    if os.path.isdir(dest) or dest.endswith(os.sep):
-        return _fail(f"{dest} is a folder: name the file to write, e.g. "
-                     f"{os.path.join(dest, DB_FILE)}", 2)
+    refused = _no_database(db_path) or _unfit_destination(db_path, dest)
+    if refused:
+        return _fail(refused, 2)
     where = os.path.dirname(os.path.abspath(dest))
-    if not os.path.isdir(where):
-        return _fail(f"there is no folder {where}", 2)
-    if _others_may_rename_in(where):
-        # They could rename the copy's folder away and put one of theirs in its
-        # place, to receive the copy (every token's hash, env and log).
-        return _fail(f"other users may write in {where} (mode "
-                     f"{os.stat(where).st_mode & 0o777:03o}): they could take or change the "
-                     "copy; name a file in a folder of yours (or in one with the sticky "
-                     "bit, as /tmp)", 2)
-    # SQLite keeps its -wal and -shm beside the database a link leads to.
-    if _names_one_of(dest, [base + suffix for base in (db_path, os.path.realpath(db_path))
-                            for suffix in ("", "-wal", "-shm", "-journal")]):
-        # The copy would replace the file a running server writes: what it
-        # answered for afterwards would be lost.
-        return _fail(f"{dest} is the database itself (or one of its files): "
-                     "name a file outside the data folder", 2)
-    if _names_one_of(dest, [os.path.join(os.path.dirname(db_path), SERVE_LOCK),
-                            *_serve_locks(os.path.dirname(db_path))]):
-        return _fail(f"{dest} is the lock that keeps a second server off the data folder: "
-                     "name a file outside the data folder", 2)
-    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
-        # The copy replaces what is there: /dev/null or /dev/stdout would be
-        # replaced by a file for every user, a link by a copy.
-        return _fail(f"{dest} is not a file (a device, a pipe or a link, say): "
-                     "name a file to write, or a new one", 2)
     # A copy of its own beside the destination (0600, like the database), in
     # a folder of its own (0700: made by this process, so no other user can
     # have put a file of theirs there to receive the copy), named after this
@@ -7134,16 +7138,7 @@ def backup(db_path, dest):
     partial = os.path.join(folder, "copy.db")
     _create_private(partial)
     try:
-        source = sqlite3.connect(db_path, timeout=30)
-        try:
-            target = sqlite3.connect(partial)
-            try:
-                source.backup(target)
-                check = target.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                target.close()
-        finally:
-            source.close()
+        check = _copy_database(db_path, partial)
         if check != "ok":
             return _fail(f"the copy failed its integrity check: {check}", 1)
         _mark_as_backup(partial)
@@ -7158,10 +7153,51 @@ def backup(db_path, dest):
     return 0
 
 
+def _unfit_destination(db_path, dest):
+    """Why `backup` must not write to `dest`, or None."""
+    if os.path.isdir(dest) or dest.endswith(os.sep):
+        return f"{dest} is a folder: name the file to write, e.g. {os.path.join(dest, DB_FILE)}"
+    where = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(where):
+        return f"there is no folder {where}"
+    if _others_may_rename_in(where):
+        # They could rename the copy's folder away and put one of theirs in its
+        # place, to receive the copy (every token's hash, env and log).
+        return (f"other users may write in {where} (mode {os.stat(where).st_mode & 0o777:03o}): "
+                "they could take or change the copy; name a file in a folder of yours (or in "
+                "one with the sticky bit, as /tmp)")
+    # SQLite keeps its -wal and -shm beside the database a link leads to.
+    if _names_one_of(dest, [base + suffix for base in (db_path, os.path.realpath(db_path))
+                            for suffix in ("", "-wal", "-shm", "-journal")]):
+        # The copy would replace the file a running server writes: what it
+        # answered for afterwards would be lost.
+        return (f"{dest} is the database itself (or one of its files): "
+                "name a file outside the data folder")
+    if _names_one_of(dest, _serve_locks(os.path.dirname(db_path))):
+        return (f"{dest} is the lock that keeps a second server off the data folder: "
+                "name a file outside the data folder")
+    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
+        # The copy replaces what is there: /dev/null or /dev/stdout would be
+        # replaced by a file for every user, a link by a copy.
+        return (f"{dest} is not a file (a device, a pipe or a link, say): "
+                "name a file to write, or a new one")
+    return None
+
+
+def _copy_database(db_path, path):
+    """Copy the database to the new file at `path`; the copy's integrity check."""
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as source, \
+            contextlib.closing(sqlite3.connect(path)) as target:
+        source.backup(target)
+        return target.execute("PRAGMA integrity_check").fetchone()[0]
+
+
 def _mark_as_backup(path):
     """Write into the copy at `path` when it was taken (see Store.backup_taken)."""
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
         copy.execute("BEGIN IMMEDIATE")
+        # schema.sql's migration 10: a database this release has not yet
+        # started on (an older release's) may lack the table.
         copy.execute("CREATE TABLE IF NOT EXISTS backup_taken (taken_at TEXT NOT NULL)")
         copy.execute("DELETE FROM backup_taken")
         copy.execute("INSERT INTO backup_taken (taken_at) VALUES (?)", (now_iso(),))
