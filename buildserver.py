@@ -1791,7 +1791,7 @@ class Job:
         self.done = threading.Event()
         self.gone = threading.Event()  # done, and the groups it made besides its own are gone
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
+        self.woken_fd, self._wake_w = os.pipe()  # readable once wake() was called
 
     def stop(self, status, message):
         """Ask the worker to end the build `status` with `message` (first ask
@@ -1826,7 +1826,7 @@ class Job:
 
     def close(self):
         with self._lock:
-            os.close(self._wake_r)
+            os.close(self.woken_fd)
             os.close(self._wake_w)
             self._wake_w = None
         if self.member_fd is not None:
@@ -2020,8 +2020,7 @@ class Runner:
         sessions = self.store.sessions(carried, project_id) if carried else {}
         ended = {group for uuid, session in sessions.items()
                  for group, in_session in carried[uuid] if in_session == session}
-        for group in ended:
-            _killpg(group, signal.SIGKILL)
+        _kill_groups(ended)
         if ended:
             log.warning("killed %d process group(s) left by builds that had ended", len(ended))
 
@@ -2164,8 +2163,7 @@ class Runner:
             groups = find()
             if not groups:
                 break
-            for group in groups:
-                _killpg(group, signal.SIGKILL)
+            _kill_groups(groups)
             ended |= groups
         if ended:
             log.info("%s: ended %d process group(s) it had made besides its own",
@@ -2234,7 +2232,7 @@ class Runner:
         True if the shell is reaped and its group was seen empty."""
         poller = select.poll()
         poller.register(out_fd, select.POLLIN)
-        poller.register(job._wake_r, select.POLLIN)
+        poller.register(job.woken_fd, select.POLLIN)
         if exit_fd is not None:
             poller.register(exit_fd, select.POLLIN)
         view, filled, dropping, eof = None, 0, False, False
@@ -2269,7 +2267,7 @@ class Runner:
                     if kill_at is not None:
                         members_at = now
                 else:
-                    os.read(job._wake_r, 4096)
+                    os.read(job.woken_fd, 4096)
             now = time.monotonic()
             if timeout_at is not None and now >= timeout_at and not (signalled or job.finishing):
                 job.stop("failed", f"timed out after {timeout} s")
@@ -2314,8 +2312,7 @@ class Runner:
                     if signalled:  # as its own group: a stop's grace goes on
                         _terminate_older(escaped, job.signalled_tick)
                     else:  # an end is an end
-                        for group in escaped:
-                            _killpg(group, signal.SIGKILL)
+                        _kill_groups(escaped)
             if drain_until is not None and now >= drain_until:
                 escaped = _groups_escaped(proc.pid, job.build["uuid"]) \
                     if signalled and not escaped_killed else set()
@@ -2324,8 +2321,7 @@ class Runner:
                     # the rest of the grace: the build is not over until it ends.
                     drain_until = min(job.grace_ends, now + DRAIN_SECONDS)  # (then again)
                 elif escaped:
-                    for group in escaped:
-                        _killpg(group, signal.SIGKILL)
+                    _kill_groups(escaped)
                     escaped_killed, drain_until = True, now + DRAIN_SECONDS
                 else:
                     break  # something outside the build's groups holds the pipe open
@@ -2612,6 +2608,11 @@ def _killpg(pgid, sig):
         pass
 
 
+def _kill_groups(groups):
+    for group in groups:
+        _killpg(group, signal.SIGKILL)
+
+
 def _signal_name(number):
     try:
         return signal.Signals(number).name
@@ -2635,8 +2636,7 @@ def _kill_leftovers(pgid, started, build_uuid):
     """
     if pgid and pgid != os.getpgrp() and _is_the_builds(pgid, started, build_uuid):
         _killpg(pgid, signal.SIGKILL)
-    for group in _groups_carrying(build_uuid):
-        _killpg(group, signal.SIGKILL)
+    _kill_groups(_groups_carrying(build_uuid))
 
 
 def _is_the_builds(pgid, started, build_uuid):
@@ -2887,7 +2887,7 @@ def int_param(name, default, low, high):
     if value is None or not low <= value <= high:
         reason = f"must be a whole number from {low} to {high}"
         raise ApiError(400, f"The query parameter {name} {reason}.", errors={name: reason})
-    return int(raw)
+    return value
 
 
 def flag_param(name):
