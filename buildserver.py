@@ -2776,6 +2776,15 @@ def json_bytes(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def body_limit(path):
+    """The largest request body a path takes."""
+    return LOG_BODY_LIMIT if path.rstrip("/").endswith("/logs") else JSON_BODY_LIMIT
+
+
+def _url_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
 def read_body(limit):
     """The request body. One whose Content-Length passes its path's limit never
     gets here (see _refused_before_routing; under waitress it is not even
@@ -5838,11 +5847,6 @@ def _keep_to_one_core():
         return None
 
 
-def body_limit(path):
-    """The largest request body a path takes."""
-    return LOG_BODY_LIMIT if path.rstrip("/").endswith("/logs") else JSON_BODY_LIMIT
-
-
 def _unquoted_headers(text):
     """waitress's words on a malformed header line, with the line's value left
     out: it may be a token ("Authorization: Token ...\\r")."""
@@ -6100,10 +6104,6 @@ def _return_startup_memory():
         ctypes.CDLL(None).malloc_trim(0)
     except (ImportError, OSError, AttributeError):
         pass
-
-
-def _url_host(host):
-    return f"[{host}]" if ":" in host else host
 
 
 ###############################################################################
@@ -7115,6 +7115,9 @@ def _no_database(db_path):
     return None
 
 
+PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name; then pid, _dest_tag, a random part
+
+
 def backup(db_path, dest):
     """Copy the database at `db_path` to `dest` with SQLite's online backup API."""
     refused = _no_database(db_path) or _unfit_destination(db_path, dest)
@@ -7225,9 +7228,6 @@ def _remove_copy(partial):
     for path in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name; then pid, _dest_tag, a random part
 
 
 def _dest_tag(dest):
