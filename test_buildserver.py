@@ -1973,6 +1973,29 @@ def test_the_dashboard_page_is_served_at_the_root_with_a_strict_policy(web):
     assert "'unsafe-inline'" not in policy
 
 
+def dashboard_constant(name):
+    """The value of the dashboard script's `const NAME = ...;` (a literal)."""
+    literal = re.search(rf"^const {name} = (.*?);", buildserver.DASHBOARD_HTML, re.M).group(1)
+    literal = re.sub(r"^new Set\((.*)\)$", r"\1", literal)
+    if literal.startswith("/"):  # a regular expression
+        return literal[1:-1]
+    return ast.literal_eval(literal)
+
+
+def test_the_dashboard_knows_what_the_server_knows():
+    # Its copies of the server's rules, which a change on one side only would split.
+    assert dashboard_constant("STATUSES") == list(buildserver.STATUSES)
+    assert set(dashboard_constant("FINAL")) == buildserver.FINAL
+    # (A `stopping` build is being stopped already.)
+    assert set(dashboard_constant("STOPPABLE")) == set(buildserver.ACTIVE) - {"stopping"}
+    assert dashboard_constant("NAME_RE") == buildserver.NAME_RE
+    assert "^" + dashboard_constant("NAME_PATTERN").replace("\\", "") + "$" == buildserver.NAME_RE
+    assert set(dashboard_constant("RESERVED")) == buildserver.RESERVED_USERNAMES
+    assert "^" + dashboard_constant("BUILD_NAME_PATTERN").replace("\\", "") + "$" == \
+        buildserver.FIELDS["name"]["pattern"]
+    assert dashboard_constant("PAGE") == dict(buildserver.PAGE_QUERY)["limit"]["default"]
+
+
 @pytest.mark.parametrize("method, path, status", [
     ("GET", "/api/v1/alice/app/builds/1/logs", 200),  # a log is text, whatever it holds
     ("GET", "/api/v1/alice/app/builds/1/logs?format=json", 200),
