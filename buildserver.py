@@ -3126,7 +3126,9 @@ ERROR_ANSWERS = {
     "413": "the body is over the limit",
     "415": "a compressed body (Content-Encoding)",
     "429": "too many failed authentications from this address",
-    "500": "internal error", "503": "the server is shutting down, or too many log followers",
+    "431": "the request's headers are too large",
+    "500": "internal error", "501": "a Transfer-Encoding other than chunked",
+    "503": "the server is shutting down, or too many log followers",
 }
 
 
@@ -7158,6 +7160,8 @@ def backup(db_path, dest):
 
 def _unfit_destination(db_path, dest):
     """Why `backup` must not write to `dest`, or None."""
+    if not dest:  # ("$DEST" unset): the folder above the current one was checked
+        return "the file to write is empty: name one"
     if os.path.isdir(dest) or dest.endswith(os.sep):
         return f"{dest} is a folder: name the file to write, e.g. {os.path.join(dest, DB_FILE)}"
     where = os.path.dirname(os.path.abspath(dest))
