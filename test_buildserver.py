@@ -6113,7 +6113,8 @@ def test_a_download_whose_build_is_deleted_and_its_id_reused_ends_at_once(server
         assert server.request("POST", old_path + "/logs", body=b"o" * (8 * 1024 * 1024 - 1),
                               headers={"Content-Type": "text/plain"})[0] == 200
     sock = socket.create_connection((server.host, server.port), timeout=30)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+    # A slow reader (4 KiB, as before, trickled at 40 KB/s: 50 s a test).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     sock.sendall(f"GET {old_path}/logs HTTP/1.1\r\nHost: x\r\n"
                  f"Authorization: Token {server.token}\r\n\r\n".encode())
     assert sock.recv(4096)
@@ -6464,7 +6465,8 @@ def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle
     path = f"{project_path}/builds/{build['id']}"
     assert server_final_build(server, path)["log_size"] == 30000000
     sock = socket.create_connection((server.host, server.port), timeout=30)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+    # A slow reader (4 KiB, as before, trickled at 40 KB/s: 50 s a test).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     sock.sendall(f"GET {path}/logs HTTP/1.1\r\nHost: x\r\n"
                  f"Authorization: Token {server.token}\r\n\r\n".encode())
     assert sock.recv(4096)  # the download has begun
@@ -7531,7 +7533,8 @@ class FaultyProxy:
       ("cut an answer": the next new connection alone, then `after_cut`;
       "heads only": with none of its body);
     - "refuse": every connection is closed, and each new one at once;
-    - "gateway": new connections get nginx's HTML 502 (its server restarts);
+    - "gateway": as its server restarts behind nginx, every connection is
+      closed, and each new one gets nginx's HTML 502;
     - "slow": answers on new connections come 3 s late;
     - "far": new connections, and all they carry, take 30 ms each way.
     A connection gone silent stays so when the mode changes back to "pass"."""
@@ -7553,7 +7556,7 @@ class FaultyProxy:
         if mode == "silent":
             self.dead.update(self.open)
         self.mode = mode
-        if mode == "refuse":
+        if mode in ("refuse", "gateway"):
             for sock in self.open:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -10672,15 +10675,19 @@ def test_a_list_says_the_server_is_back_and_a_revoked_token_signs_out(page, dash
     build = dash.api("POST", "/alice/notices/builds", {"is_managed": False})
     dash.api("POST", f"/alice/notices/builds/{build['id']}/statuses", {"status": "running"})
     sign_in(page, dash)
+    page.clock.install()  # (each step waits for a refresh: 5 s on the page's clock)
     page.goto(f"{dash.url}/#/alice/notices")
     expect(page.get_by_role("heading", level=1)).to_have_text("notices")
-    page.route("**/api/v1/alice/notices/builds*", lambda route: route.abort())  # it refreshes
-    expect(page.locator("#notice")).to_contain_text(re.compile(".+"), timeout=15000)
+    page.route("**/api/v1/alice/notices/builds*", lambda route: route.abort())
+    page.clock.run_for(6000)
+    expect(page.locator("#notice")).to_contain_text(re.compile(".+"))
     page.unroute("**/api/v1/alice/notices/builds*")
-    expect(page.locator("#notice")).to_be_empty(timeout=15000)
+    page.clock.run_for(6000)
+    expect(page.locator("#notice")).to_be_empty()
     page.route("**/api/v1/alice/notices/builds*", lambda route: route.fulfill(
         status=401, content_type="application/json", body='{"detail": "Authentication failed"}'))
-    expect(page.locator("#token")).to_be_visible(timeout=15000)
+    page.clock.run_for(6000)
+    expect(page.locator("#token")).to_be_visible()
     expect(page.get_by_text("no longer accepted")).to_be_visible()
 
 
