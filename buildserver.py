@@ -7160,8 +7160,8 @@ def backup(db_path, dest):
 
 def _unfit_destination(db_path, dest):
     """Why `backup` must not write to `dest`, or None."""
-    if not dest:  # ("$DEST" unset): the folder above the current one was checked
-        return "the file to write is empty: name one"
+    if not dest.strip():  # ("$DEST" unset): the folder above the current one was checked
+        return "no file to write was named (the destination is empty)"
     if os.path.isdir(dest) or dest.endswith(os.sep):
         return f"{dest} is a folder: name the file to write, e.g. {os.path.join(dest, DB_FILE)}"
     where = os.path.dirname(os.path.abspath(dest))

@@ -6103,8 +6103,10 @@ def proc_cpu_ticks(pid):
 
 
 def test_a_download_whose_build_is_deleted_and_its_id_reused_ends_at_once(server_factory):
-    # The next build created gets a deleted newest build's internal id: the
-    # download must neither send the new build's log nor spin on it.
+    # The next build created gets the deleted build's internal id (as after a
+    # restore from a backup taken before the delete): the download must
+    # neither send the new build's log, which covers where it has got to, nor
+    # spin on it.
     server = server_factory()
     project_path = admin_project(server)
     status, old = server.json("POST", project_path + "/builds", {"is_managed": False})
@@ -6113,15 +6115,23 @@ def test_a_download_whose_build_is_deleted_and_its_id_reused_ends_at_once(server
         assert server.request("POST", old_path + "/logs", body=b"o" * (8 * 1024 * 1024 - 1),
                               headers={"Content-Type": "text/plain"})[0] == 200
     sock = socket.create_connection((server.host, server.port), timeout=30)
-    # A slow reader (4 KiB, as before, trickled at 40 KB/s: 50 s a test).
+    # Nothing more is read until the delete: about 2.5 MB is then on its way
+    # (this window, 512 KiB, and the server's send buffer, 2 MiB); a window
+    # of 4 KiB, as before, trickled that at 40 KB/s, 50 s a test.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     sock.sendall(f"GET {old_path}/logs HTTP/1.1\r\nHost: x\r\n"
                  f"Authorization: Token {server.token}\r\n\r\n".encode())
     assert sock.recv(4096)
+    db = sqlite3.connect(os.path.join(server.data_dir, "buildserver.db"), isolation_level=None)
+    row_id = "SELECT id FROM builds WHERE uuid = ?"
+    (old_row,) = db.execute(row_id, (old["uuid"],)).fetchone()
     assert server.json("DELETE", old_path)[0] == 200
+    db.execute("UPDATE build_ids SET next = ?", (old_row,))
     status, new = server.json("POST", project_path + "/builds", {"is_managed": False})
+    assert db.execute(row_id, (new["uuid"],)).fetchone() == (old_row,)
+    db.close()
     new_path = f"{project_path}/builds/{new['id']}"
-    assert server.request("POST", new_path + "/logs", body=b"NEW BUILD'S LOG\n" * 3000,
+    assert server.request("POST", new_path + "/logs", body=b"NEW BUILD'S LOG\n" * 400000,
                           headers={"Content-Type": "text/plain"})[0] == 200
     received = b""
     while data := sock.recv(1 << 20):
@@ -6465,7 +6475,9 @@ def test_a_download_whose_build_is_deleted_midway_ends_and_the_server_stays_idle
     path = f"{project_path}/builds/{build['id']}"
     assert server_final_build(server, path)["log_size"] == 30000000
     sock = socket.create_connection((server.host, server.port), timeout=30)
-    # A slow reader (4 KiB, as before, trickled at 40 KB/s: 50 s a test).
+    # Nothing more is read until the delete: about 2.5 MB is then on its way
+    # (this window, 512 KiB, and the server's send buffer, 2 MiB); a window
+    # of 4 KiB, as before, trickled that at 40 KB/s, 50 s a test.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     sock.sendall(f"GET {path}/logs HTTP/1.1\r\nHost: x\r\n"
                  f"Authorization: Token {server.token}\r\n\r\n".encode())
@@ -7305,7 +7317,7 @@ def test_output_into_a_full_pipe_made_non_blocking_waits_for_room(served, unbuff
     os.close(write_fd)
     try:
         # Nothing read until each waits for room, or has given up (exit 74).
-        if SELECT_SYSCALLS and system_call(os.getpid()) is not None:
+        if SELECT_SYSCALLS and any(system_call(proc.pid) is not None for proc in procs):
             wait_until(lambda: all(proc.poll() is not None or system_call(proc.pid)
                                    in SELECT_SYSCALLS for proc in procs), timeout=60,
                        message="both clients to wait for room in the pipe, or give up")
@@ -9726,7 +9738,7 @@ def test_a_backup_to_a_folder_or_a_missing_one_is_refused_and_leaves_nothing(
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "elsewhere.db").write_bytes(b"kept")
     os.symlink(tmp_path / "elsewhere.db", folder / "link.db")
-    for dest, says in (("", "the file to write is empty"),
+    for dest, says in (("", "the destination is empty"), (" ", "the destination is empty"),
                        (str(folder), "is a folder"), (str(folder) + os.sep, "is a folder"),
                       (str(tmp_path / "nowhere" / "copy.db"), "there is no folder"),
                       # /dev/null or /dev/stdout, as root, became a file for everyone
@@ -10313,19 +10325,20 @@ def test_the_document_asks_a_token_exactly_where_the_server_does(web):
 
 
 def test_the_document_names_every_error_the_api_answers_with():
-    # The app's (ApiError, and refusals before routing) and waitress's own,
-    # which the channel answers in JSON too (a header too large, an unknown
-    # Transfer-Encoding).
+    # The app's (ApiError, refusals before routing, statuses set outright:
+    # a database that fails) and waitress's own, which the channel answers in
+    # JSON too (a header too large, an unknown Transfer-Encoding).
     from waitress import utilities
     with open(buildserver.__file__, encoding="utf-8") as f:
         source = f.read()
     raised = set(re.findall(r"ApiError\((\d{3})", source))
     refused = set(re.findall(r"return (\d{3}), ", inspect.getsource(
         buildserver._refused_before_routing)))
+    errors_set = {code for code in re.findall(r"\.status = (\d{3})\b", source) if code >= "400"}
     waitress_errors = {str(error.code) for error in vars(utilities).values()
                        if isinstance(error, type) and issubclass(error, utilities.Error)}
-    assert raised and refused and {"431", "501"} <= waitress_errors
-    assert raised | refused | waitress_errors <= set(buildserver.ERROR_ANSWERS)
+    assert raised and refused and {"431", "501"} <= waitress_errors and "503" in errors_set
+    assert raised | refused | errors_set | waitress_errors <= set(buildserver.ERROR_ANSWERS)
 
 
 @pytest.mark.filterwarnings("ignore::webtest.lint.WSGIWarning")  # (made-up methods)
