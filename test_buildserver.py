@@ -6675,34 +6675,34 @@ def test_a_project_delete_that_keeps_meeting_started_builds_gives_up_and_deletes
         configured):
     # Creates that came just before the 409s: the last of four rounds deleted
     # the rows all the same while one ran (a crash then left it running for good).
-    # Each round waits out the grace of builds that ignore SIGTERM: however
-    # busy the machine, more start meanwhile, each on a worker of its own.
-    web, alice, project = configured(stop_grace=0.5, workers=12)
+    # A build starts in each round between its stops and its check, as one
+    # past the check would: a thread starting builds meanwhile missed that
+    # window on a busy machine (all of a round's builds end within a few ms).
+    web, alice, project = configured(workers=4)
     app = web.app
     row = app.store.project("alice", "app")
     user = app.store.user_by_name("alice")
-    fields = {"command": "trap '' TERM; sleep 60", "env": {}, "timeout": None,
-              "is_managed": True}
-    deleting, started = threading.Event(), []
+    fields = {"command": "sleep 60", "env": {}, "timeout": None, "is_managed": True}
+    started, kill_groups = [], app.runner.kill_groups_of_ended_builds
 
-    def keep_starting():  # as creates past the check would, one at a time
-        while deleting.is_set():
+    def start_one_in_the_window(project_id=None, build_uuid=None):
+        kill_groups(project_id=project_id, build_uuid=build_uuid)
+        if project_id == row["id"]:  # the delete's round, after its stops
             started.append(app.runner.create(lambda running=False: app.store.create_build(
                 row["id"], user["name"], fields, None, running)))
-            time.sleep(0.01)
-    deleting.set()
-    starter = threading.Thread(target=keep_starting)
-    starter.start()
+            wait_until(lambda: app.store.runs_builds(row["id"]), message="a build to start")
+    app.runner.kill_groups_of_ended_builds = start_one_in_the_window
     try:
-        wait_until(lambda: started, message="a build to start")
         res = web.delete(project, headers=auth(alice), expect_errors=True)
     finally:
-        deleting.clear()
-        starter.join(timeout=30)
+        app.runner.kill_groups_of_ended_builds = kill_groups
     assert res.status_int == 503, res.body
     assert res.json["detail"] == ("Builds of the project kept starting while it was deleted; "
                                   "nothing was deleted, try again.")
+    assert len(started) == 4  # one a round
     assert ok(web.get(project, headers=auth(alice)))["builds_count"] == len(started)
+    assert [b["last_status"] for b in ok(web.get(project + "/builds", headers=auth(alice)))[
+        "results"]] == ["running"] + ["stopped"] * 3
     ok(web.delete(project, headers=auth(alice)))  # once they stop coming
     for build in started:
         wait_gone(f"BUILD_UUID={build['uuid']}")
