@@ -3129,6 +3129,9 @@ if how == "itself":  # (these go in the background: the answers are not seen)
     job.log_backend("kaniko")
     job.log_dockerfile("FROM scratch")
     job.log_stopped()
+    # Sent now, not left to the client's wait at exit: after 1 s that prints
+    # its own lines ("... is attempting to send 2 pending messages").
+    c.transport.worker._queue.join()
 else:  # its owner stops it, and it ends as a script does (at exit: succeeded)
     for _ in range(3000):  # (its `running` goes in the background too)
         if c.build_job.get_build("admin", "app", job.job_id).last_status == "running":
@@ -4440,19 +4443,34 @@ def test_a_child_outside_the_group_holding_the_pipe_does_not_keep_the_build_runn
         kill_marked(marker)
 
 
+# The shell exits 0 once a child has left its process group (killed with the
+# group, the child would not hold the pipe), and that child holds the output open.
+ESCAPE_THEN_EXIT = ("setsid sh -c ': > escaped; exec sleep 30' & "
+                    "while [ ! -e escaped ]; do sleep 0.01; done; exit 0")
+
+
+@pytest.fixture
+def long_drain(monkeypatch):
+    """The output of a build whose shell has exited drains for 3 s: its other
+    process groups are sought (and ended) after that, not after 10 ms."""
+    monkeypatch.setattr(buildserver, "ESCAPED_SEARCH_DELAY", 3.0)
+    monkeypatch.setattr(buildserver, "DRAIN_SECONDS", 4.0)
+
+
 def test_a_stop_while_the_last_output_drains_does_not_change_how_the_build_ended(
-        web, alice, project, app):
+        web, alice, project, app, long_drain):
     # The shell exited 0, but a child outside its group holds the pipe: the
     # server drains the output for a moment. A stop then comes too late.
-    build = post_build(web, alice, project, {"command": "setsid sleep 30 & sleep 0.3; exit 0"})
+    build = post_build(web, alice, project, {"command": ESCAPE_THEN_EXIT})
     marker = f"BUILD_UUID={build['uuid']}"
     url = f"{project}/builds/{build['id']}"
     try:
-        def shell_exited():  # a zombie: exited, not yet reaped by the server
-            pgid = app.db.one("SELECT pgid FROM builds WHERE uuid = ?", (build["uuid"],))[0]
-            return pgid and not process_alive(pgid)
-        wait_until(shell_exited, message="the shell to exit")
-        time.sleep(0.2)  # the server has seen the exit (the drain lasts DRAIN_SECONDS)
+        internal_id = app.db.one("SELECT id FROM builds WHERE uuid = ?", (build["uuid"],))[0]
+
+        def draining():  # the server has seen the exit
+            job = app.runner._jobs.get(internal_id)
+            return job is not None and job.finishing
+        wait_until(draining, message="the server to see the shell's exit")
         assert call(web, "POST", url + "/stop", alice).status_int == 200
         done = final_build(web, alice, url, timeout=20)
         assert (done["last_status"], done["exit_code"]) == ("succeeded", 0)
@@ -4463,10 +4481,9 @@ def test_a_stop_while_the_last_output_drains_does_not_change_how_the_build_ended
 
 
 def test_a_timeout_while_the_last_output_drains_does_not_change_how_the_build_ended(
-        web, alice, project):
-    # Exit at 0.5 s, output drained until 1.5 s: the timeout at 1 s comes too late.
-    build = post_build(web, alice, project, {"command": "setsid sleep 30 & sleep 0.5; exit 0",
-                                             "timeout": 1})
+        web, alice, project, long_drain):
+    # Exit at once, output drained for 3 s more: the timeout at 2 s comes too late.
+    build = post_build(web, alice, project, {"command": ESCAPE_THEN_EXIT, "timeout": 2})
     try:
         done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=20)
         assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
@@ -4616,15 +4633,16 @@ def test_log_bus_forgets_ended_builds_now_and_then_but_never_a_running_ones_news
     assert not waiter.is_alive()
 
 
-def test_auth_throttle_forgets_quiet_addresses_with_no_failure_to_prompt_it():
+def test_auth_throttle_forgets_quiet_addresses_with_no_failure_to_prompt_it(clock):
     # After an attack from 24 000 addresses, all 24 000 were kept for ever (it
     # forgot only at a failure beyond twice what it kept).
     throttle = buildserver.AuthThrottle(burst=3, window=0.2)
     for n in range(3000):
         throttle.failed(f"10.1.{n // 256}.{n % 256}")
+    clock[0] += 0.1
     throttle.forget_quiet()
     assert len(throttle._failures) == 3000  # still within their window
-    time.sleep(0.3)
+    clock[0] += 0.2
     throttle.forget_quiet()
     assert throttle._failures == {}
 
@@ -5416,9 +5434,12 @@ def test_a_stopped_build_stays_stopping_while_a_group_it_made_holds_its_output(
     # with nothing running.
     server = server_factory("--workers", "1", "--stop-grace", "4")
     project_path = admin_project(server)
-    holder = NEW_GROUP + " \"trap '' TERM; sleep 60\" & echo up; sleep 60"
+    # "up" once the group is made and deaf to SIGTERM (a timeout before that
+    # would end it with the build's own group).
+    holder = NEW_GROUP + " \"trap '' TERM; : > held; sleep 60\" & " \
+        "while [ ! -e held ]; do sleep 0.01; done; echo up; sleep 60"
     _, build = server.json("POST", project_path + "/builds", {
-        "command": holder, **({"timeout": 1} if how == "timeout" else {})})
+        "command": holder, **({"timeout": 3} if how == "timeout" else {})})
     path = f"{project_path}/builds/{build['id']}"
     marker = f"BUILD_UUID={build['uuid']}"
     try:
@@ -5641,7 +5662,10 @@ def test_a_shutdown_lets_a_slow_follower_take_the_rest_of_the_log(server_factory
     server.signal(signal.SIGTERM)
     wait_until(lambda: any("shutting down" in line for line in server.stderr_lines),
                message="the shutdown to begin")
-    time.sleep(2)  # a reader busy elsewhere, or seen as such (see above)
+    # A reader busy elsewhere, or seen as such (see above): more than the old
+    # second, and well within the 3 s the server allows from the shutdown on
+    # (this test may see the shutdown's line late).
+    time.sleep(1.5)
     received.append(response.read())
     conn.close()
     assert server.wait(timeout=30) == 0
@@ -6366,12 +6390,19 @@ def test_only_small_rows_and_their_answers_are_remembered(tmp_path):
     store.db.close()
 
 
-def test_another_processs_write_is_seen_once_the_remembering_time_is_over(tmp_path, monkeypatch):
-    store, token = remembering_store(tmp_path)
+@pytest.fixture
+def clock(monkeypatch):
+    """buildserver's monotonic clock, moved by hand: `clock[0] += seconds`
+    (the module's own time: nothing else's)."""
     clock = [1000.0]
     its_time = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    its_time["monotonic"] = lambda: clock[0]  # (the module's own time: nothing else's)
+    its_time["monotonic"] = lambda: clock[0]
     monkeypatch.setattr(buildserver, "time", types.SimpleNamespace(**its_time))
+    return clock
+
+
+def test_another_processs_write_is_seen_once_the_remembering_time_is_over(tmp_path, clock):
+    store, token = remembering_store(tmp_path)
     assert store.user_by_token(token) is not None
     other = sqlite3.connect(store.db.path)  # as the CLI's `token` would
     with other:
@@ -6433,7 +6464,7 @@ def test_a_checkpoint_waits_until_the_log_writes_pause(web, alice, project, app)
     # make the build share the cores and the disk with copies of its own log.
     # Far longer than the 10 ms gaps between the writes below: only a stall of
     # seconds in this process could let a checkpoint in between.
-    app.db.CHECKPOINT_PAUSE = 3.0
+    app.db.CHECKPOINT_PAUSE = 5.0
     database = app.config.db_path
     size_before = os.path.getsize(database)
     assert appending_until(web, alice, project, lambda count: count == 40) == 40
@@ -6446,11 +6477,15 @@ def test_writes_that_never_pause_are_checkpointed_at_the_wal_limit(web, alice, p
     app.db.WAL_LIMIT = 32 * MiB
     database = app.config.db_path
     size_before = os.path.getsize(database)
-    written = appending_until(web, alice, project,
-                              lambda count: os.path.getsize(database) > size_before)
-    # Not at the first CHECKPOINT_BYTES, nor never (a commit counts its pages too).
-    assert 24 <= written < 64
-    assert os.path.getsize(database + "-wal") < 64 * MiB
+    # Written until the limit is reached (a commit counts its pages too), or
+    # a checkpoint started before it: not at the first CHECKPOINT_BYTES.
+    written = appending_until(web, alice, project, lambda count: (
+        app.db._wal_bytes >= app.db.WAL_LIMIT or os.path.getsize(database) > size_before))
+    assert 24 <= written < 40
+    # Then copied without the 10 minutes' pause (however slow the disk: no
+    # more is written meanwhile).
+    wait_until(lambda: os.path.getsize(database) > size_before, timeout=60,
+               message="the checkpoint at the limit")
 
 
 @pytest.mark.parametrize("what", ["/builds/1", ""])
@@ -6554,7 +6589,8 @@ def test_a_failed_start_leaves_queued_builds_scheduled(server_factory, tmp_path)
 
 
 def test_a_build_asked_for_while_its_project_is_deleted_is_refused(server_factory):
-    server = server_factory("--stop-grace", "2", "--workers", "2")
+    # The delete waits out the grace until this test ends the build itself.
+    server = server_factory("--stop-grace", "60", "--workers", "2")
     project_path = admin_project(server)
     status, stubborn = server.json("POST", project_path + "/builds",
                                    {"command": "trap '' TERM; echo ready; sleep 60"})
@@ -6567,6 +6603,7 @@ def test_a_build_asked_for_while_its_project_is_deleted_is_refused(server_factor
                == "stopping", message="the delete to stop build 1")
     status, late = server.json("POST", project_path + "/builds", {"command": "sleep 77"})
     assert (status, late["detail"]) == (409, "The project admin/app is being deleted.")
+    kill_marked(f"BUILD_UUID={stubborn['uuid']}")
     deleting.join(30)
     assert deleted == [200]
     assert server.json("GET", project_path)[0] == 404
@@ -6580,7 +6617,8 @@ def test_a_delete_that_waited_never_deletes_what_took_the_place_of_what_it_looke
     # of a group the build made. Meanwhile a retry deleted the project and it
     # was made again: the first delete then deleted the new project (which had
     # the old one's id), or the new build 1's workspace while it ran.
-    server = server_factory("--stop-grace", "5", "--workers", "2")
+    # The first delete waits out the grace until this test ends that group.
+    server = server_factory("--stop-grace", "60", "--workers", "2")
     project_path = admin_project(server)
     status, old = server.json("POST", project_path + "/builds", {"command": (
         "timeout 600 sh -c 'trap \"\" TERM; exec sleep 303' >/dev/null 2>&1 &"
@@ -6598,6 +6636,7 @@ def test_a_delete_that_waited_never_deletes_what_took_the_place_of_what_it_looke
     status, new = server.json("POST", project_path + "/builds",
                               {"command": "echo kept > f; sleep 7; cat f"})
     assert status == 201 and new["id"] == 1
+    kill_marked(f"BUILD_UUID={old['uuid']}")  # the grace is over: the first delete ends
     deleting.join(30)
     assert [(status, body["detail"]) for status, body in answers] == [
         (404, "It was deleted while this request ran.")]
@@ -7519,11 +7558,12 @@ class DroppingProxy:
 def test_a_follow_cut_again_and_again_resumes_each_time(served, monkeypatch):
     # The time to get back counted from the first cut, so the second one,
     # RECONNECT_SECONDS later, ended the follow (exit 75) though the server was there.
-    monkeypatch.setattr(buildserver, "RECONNECT_SECONDS", 1.0)
-    proxy = DroppingProxy(served.port, life=1.5)
+    # (2 s to get back: a few tries, however slow the machine; cuts 3 s apart.)
+    monkeypatch.setattr(buildserver, "RECONNECT_SECONDS", 2.0)
+    proxy = DroppingProxy(served.port, life=3.0)
     try:
         status, build = served.json("POST", "/api/v1/admin/app/builds", {
-            "command": "i=0; while [ $i -lt 25 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done"})
+            "command": "i=0; while [ $i -lt 25 ]; do echo tick $i; i=$((i+1)); sleep 0.4; done"})
         out = io.BytesIO()
         client_ = buildserver.Client("http://%s:%d" % proxy.address, served.token)
         done = client_.follow(f"/api/v1/admin/app/builds/{build['id']}", out)
@@ -8578,7 +8618,9 @@ def test_a_content_length_just_over_the_limits_gets_413_before_the_body_is_sent(
             ("/api/v1/admin", "application/json", buildserver.JSON_BODY_LIMIT + 1),
             ("/api/v1/admin/app/builds/1/logs", "text/plain", buildserver.LOG_BODY_LIMIT + 1))]
     try:
-        deadline = time.monotonic() + 3  # a server that checks the header answers at once
+        # A server that checks the header answers at once; one that waits for
+        # the body never answers at all.
+        deadline = time.monotonic() + 15
         for sock in sockets:
             assert " 413 " in read_status_line(sock, deadline)
     finally:
