@@ -2272,10 +2272,12 @@ class Runner:
             if timeout_at is not None and now >= timeout_at and not (signalled or job.finishing):
                 job.stop("failed", f"timed out after {timeout} s")
             if job.ending and not signalled:
+                # The tick before the SIGTERM: a group a cleanup makes after it
+                # never reads as older, however late this thread runs again.
+                job.signalled_tick = _boot_ticks()
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 signalled = True
                 kill_at = job.grace_ends = now + self.config.stop_grace
-                job.signalled_tick = _boot_ticks()
                 seek_at = now + ESCAPED_SEARCH_DELAY  # unless the shell and its pipe end first
                 self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
@@ -2576,10 +2578,11 @@ def _boot_ticks():
 
 
 def _terminate_older(groups, tick):
-    """SIGTERM the process groups whose leader started before `tick` (a
-    stop's SIGTERM, in clock ticks since boot; one whose leader is gone counts
-    as older). Those made since, by a cleanup (`timeout 60 upload`), had no
-    SIGTERM coming: the grace's end kills them with the rest."""
+    """SIGTERM the process groups whose leader started before `tick` (read
+    just before a stop's SIGTERM, in clock ticks since boot; one whose leader
+    is gone counts as older). Those made since, by a cleanup (`timeout 60
+    upload`), had no SIGTERM coming: the grace's end kills them with the rest
+    (so does it one made in that tick, before the SIGTERM: /proc counts in ticks)."""
     for group in groups:
         started = _start_time(group)
         if started is None or int(started) < tick:
