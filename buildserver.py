@@ -2272,12 +2272,13 @@ class Runner:
             if timeout_at is not None and now >= timeout_at and not (signalled or job.finishing):
                 job.stop("failed", f"timed out after {timeout} s")
             if job.ending and not signalled:
-                # The tick before the SIGTERM: a group a cleanup makes after it
-                # never reads as older, however late this thread runs again.
-                job.signalled_tick = _boot_ticks()
                 _killpg(proc.pid, signal.SIGTERM)  # first: the group ends while we commit
                 signalled = True
                 kill_at = job.grace_ends = now + self.config.stop_grace
+                # As of `now`, read before the SIGTERM: a group a cleanup makes
+                # after it never reads as older, however late this thread ran
+                # again. (Anything done before the SIGTERM costs a stop 0.2 ms.)
+                job.signalled_tick = _boot_ticks(monotonic_at=now)
                 seek_at = now + ESCAPED_SEARCH_DELAY  # unless the shell and its pipe end first
                 self._persist(job.label, lambda: self.store.transition(
                     job.id, "stopping", job.ending[1]))
@@ -2572,13 +2573,17 @@ def _alive(pid, kill=os.kill):
 _group_alive = functools.partial(_alive, kill=os.killpg)
 
 
-def _boot_ticks():
-    """Now, in clock ticks since boot: what /proc says a process started at."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+def _boot_ticks(monotonic_at=None):
+    """Now, or when time.monotonic() read `monotonic_at` (a moment ago), in
+    clock ticks since boot: what /proc says a process started at."""
+    seconds = time.clock_gettime(time.CLOCK_BOOTTIME)
+    if monotonic_at is not None:
+        seconds -= time.monotonic() - monotonic_at
+    return int(seconds * os.sysconf("SC_CLK_TCK"))
 
 
 def _terminate_older(groups, tick):
-    """SIGTERM the process groups whose leader started before `tick` (read
+    """SIGTERM the process groups whose leader started before `tick` (as of
     just before a stop's SIGTERM, in clock ticks since boot; one whose leader
     is gone counts as older). Those made since, by a cleanup (`timeout 60
     upload`), had no SIGTERM coming: the grace's end kills them with the rest

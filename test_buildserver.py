@@ -4254,9 +4254,9 @@ def test_a_group_a_cleanup_makes_after_the_stop_gets_no_sigterm_of_its_own(confi
     # still did when the runner's thread ran late after sending the stop's
     # SIGTERM (on one busy core): the time of the stop, read then, was after
     # the upload had begun. Here the clock is read 0.2 s late.
-    def late_ticks(ticks=buildserver._boot_ticks):
+    def late_ticks(*args, ticks=buildserver._boot_ticks, **kwargs):
         time.sleep(0.2)
-        return ticks()
+        return ticks(*args, **kwargs)
     monkeypatch.setattr(buildserver, "_boot_ticks", late_ticks)
     web, alice, project = configured(stop_grace=30.0)
     build = post_build(web, alice, project, {"command": (
