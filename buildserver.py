@@ -2276,8 +2276,7 @@ class Runner:
                 signalled = True
                 kill_at = job.grace_ends = now + self.config.stop_grace
                 # As of `now`, read before the SIGTERM: a group a cleanup makes
-                # after it never reads as older, however late this thread ran
-                # again. (Anything done before the SIGTERM costs a stop 0.2 ms.)
+                # after it never reads as older, however late this thread ran again.
                 job.signalled_tick = _boot_ticks(monotonic_at=now)
                 seek_at = now + ESCAPED_SEARCH_DELAY  # unless the shell and its pipe end first
                 self._persist(job.label, lambda: self.store.transition(
@@ -2575,7 +2574,10 @@ _group_alive = functools.partial(_alive, kill=os.killpg)
 
 def _boot_ticks(monotonic_at=None):
     """Now, or when time.monotonic() read `monotonic_at` (a moment ago), in
-    clock ticks since boot: what /proc says a process started at."""
+    clock ticks since boot: what /proc says a process started at. None where
+    there is no such clock (macOS: no /proc either)."""
+    if not hasattr(time, "CLOCK_BOOTTIME"):
+        return None
     seconds = time.clock_gettime(time.CLOCK_BOOTTIME)
     if monotonic_at is not None:
         seconds -= time.monotonic() - monotonic_at
@@ -2590,7 +2592,7 @@ def _terminate_older(groups, tick):
     (so does it one made in that tick, before the SIGTERM: /proc counts in ticks)."""
     for group in groups:
         started = _start_time(group)
-        if started is None or int(started) < tick:
+        if started is None or tick is None or int(started) < tick:
             _killpg(group, signal.SIGTERM)
 
 

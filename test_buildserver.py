@@ -4270,6 +4270,21 @@ def test_a_group_a_cleanup_makes_after_the_stop_gets_no_sigterm_of_its_own(confi
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+def test_a_stop_where_there_is_no_boot_clock_gives_the_build_its_grace(configured,
+                                                                      monkeypatch):
+    # macOS has no CLOCK_BOOTTIME: dating the stop raised in the runner, whose
+    # end then killed the build at once (no trap ran, no exit code).
+    monkeypatch.delattr(time, "CLOCK_BOOTTIME")
+    web, alice, project = configured(stop_grace=30.0)
+    build = post_build(web, alice, project, {"command": (
+        "trap 'echo cleaning; exit 3' TERM; echo ready; while :; do sleep 0.1; done")})
+    wait_for_log(web, alice, project, build["id"], b"ready")
+    ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+    done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=30)
+    assert (done["last_status"], done["exit_code"]) == ("stopped", 3)
+    assert build_log(web, alice, project, build["id"]).endswith(b"cleaning\n")
+
+
 # GNU timeout puts itself and its command in a process group of their own: a
 # stop or timeout that signalled the shell's group alone left them running
 # after the build had ended (and their worker had taken the next build).
