@@ -65,6 +65,14 @@ SCRIPT = os.path.join(HERE, "buildserver.py")
 # tests missed that the client then exited 120.
 os.environ.pop("PYTHONUNBUFFERED", None)
 
+# Run under nohup, or as a script's background job, the tests would pass on
+# SIGHUP or SIGINT ignored to every server and client they start, and the
+# tests of those signals fail (a user's terminal sends them as it should).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 ###############################################################################
 # Fixtures and helpers ########################################################
