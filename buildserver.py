@@ -2587,9 +2587,10 @@ def _boot_ticks(monotonic_at=None):
 def _terminate_older(groups, tick):
     """SIGTERM the process groups whose leader started before `tick` (as of
     just before a stop's SIGTERM, in clock ticks since boot; one whose leader
-    is gone counts as older). Those made since, by a cleanup (`timeout 60
-    upload`), had no SIGTERM coming: the grace's end kills them with the rest
-    (so does it one made in that tick, before the SIGTERM: /proc counts in ticks)."""
+    is gone counts as older, and all do if `tick` is None). Those made since,
+    by a cleanup (`timeout 60 upload`), had no SIGTERM coming: the grace's
+    end kills them with the rest, as it does one made in that tick before
+    the SIGTERM (/proc counts in ticks)."""
     for group in groups:
         started = _start_time(group)
         if started is None or tick is None or int(started) < tick:
