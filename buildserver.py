@@ -1782,8 +1782,10 @@ class Job:
         self.ending = None          # (final status, message) once a stop or timeout is asked
         self.stopping = False       # the build has been moved to `stopping`
         self.finishing = False      # its end is decided: stops come too late
-        self.exited = False         # the shell has exited (not yet reaped)
+        self.exited = False         # the shell has exited (not yet reaped), as the worker saw
+        self.exit_fd = None         # a pidfd of its shell, readable once it has exited
         self.pgid = None            # its shell's process group, once started
+        self.started_at = None      # on the monotonic clock: when its command started
         self.grace_ends = None      # once SIGTERM is sent (a stop, a timeout): SIGKILL then
         self.signalled_tick = None  # when, in clock ticks since boot (see _terminate_older)
         self.member_fd = None       # after a stop, a pidfd of what is left in its group
@@ -1795,11 +1797,20 @@ class Job:
 
     def stop(self, status, message):
         """Ask the worker to end the build `status` with `message` (first ask
-        wins; once the build is finishing, nothing changes it)."""
+        wins; once the build is finishing, or its shell has exited, nothing
+        changes how it ends, though the worker may not have seen the exit
+        yet: it was held up storing output, say)."""
         with self._lock:
-            if self.ending is None and not self.finishing:
+            if self.ending is None and not self.finishing and not self._shell_exited():
                 self.ending = (status, message)
         self.wake()
+
+    def _shell_exited(self):
+        if self.exited or self.exit_fd is None:
+            return self.exited
+        poller = select.poll()
+        poller.register(self.exit_fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def finish(self):
         """The (status, message) a stop or timeout asked for, or None; after
@@ -1829,6 +1840,9 @@ class Job:
             os.close(self.woken_fd)
             os.close(self._wake_w)
             self._wake_w = None
+            if self.exit_fd is not None:  # (under the lock: a stop may be looking at it)
+                os.close(self.exit_fd)
+                self.exit_fd = None
         if self.member_fd is not None:
             self.unwatch_member()
 
@@ -2204,17 +2218,14 @@ class Runner:
         finally:
             if write_fd is not None:
                 os.close(write_fd)
-        exit_fd = None
-        job.pgid = proc.pid
+        job.pgid, job.started_at = proc.pid, time.monotonic()
         emptied = False
         try:
+            job.exit_fd = _exit_notifier(proc.pid, job)  # (closed with the job)
             self.store.set_pgid(job.id, proc.pid, _start_time(proc.pid))
-            exit_fd = _exit_notifier(proc.pid, job)
-            emptied = self._supervise(job, proc, read_fd, exit_fd)
+            emptied = self._supervise(job, proc, read_fd, job.exit_fd)
         finally:
             os.close(read_fd)
-            if exit_fd is not None:
-                os.close(exit_fd)
             if not emptied:
                 _killpg(proc.pid, signal.SIGKILL)
             returncode = proc.wait()
@@ -2238,7 +2249,7 @@ class Runner:
         view, filled, dropping, eof = None, 0, False, False
         flush_at = kill_at = drain_until = seek_at = members_at = members_wait = None
         timeout = job.build["timeout"]
-        timeout_at = time.monotonic() + timeout if timeout else None
+        timeout_at = job.started_at + timeout if timeout else None  # (a slow commit counts)
         signalled = escaped_killed = emptied = False
         while not (eof and job.exited and kill_at is None):
             now = time.monotonic()
@@ -2311,9 +2322,9 @@ class Runner:
                 seek_at = None
                 if not eof:  # (not at once: most builds' output ends within the delay)
                     escaped = _groups_escaped(proc.pid, job.build["uuid"])
-                    if signalled:  # as its own group: a stop's grace goes on
+                    if signalled and now < job.grace_ends:  # as its own group: the grace goes on
                         _terminate_older(escaped, job.signalled_tick)
-                    else:  # an end is an end
+                    else:  # an end is an end, and so is the end of a grace
                         _kill_groups(escaped)
             if drain_until is not None and now >= drain_until:
                 escaped = _groups_escaped(proc.pid, job.build["uuid"]) \

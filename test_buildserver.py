@@ -4533,6 +4533,102 @@ def test_a_timeout_while_the_last_output_drains_does_not_change_how_the_build_en
         kill_marked(f"BUILD_UUID={build['uuid']}")
 
 
+def _held_after_output(app, monkeypatch, build):
+    """Hold the runner in its first store of `build`'s output: (entered,
+    release, its Job). The shell then exits while the runner has not seen it."""
+    entered, release = threading.Event(), threading.Event()
+    flush = app.runner._flush
+
+    def held(job, data):
+        if job.build["uuid"] == build["uuid"] and not entered.is_set():
+            entered.set()
+            release.wait(30)
+        return flush(job, data)
+    monkeypatch.setattr(app.runner, "_flush", held)
+    assert entered.wait(15), "the runner to store the output"
+    job, = [j for j in app.runner._jobs.values() if j.build["uuid"] == build["uuid"]]
+    return entered, release, job
+
+
+def _wait_exited(pid):
+    """Until process `pid` (not reaped) has exited."""
+    fd = os.pidfd_open(pid)
+    try:
+        assert select.select([fd], [], [], 15)[0], "the shell to exit"
+    finally:
+        os.close(fd)
+
+
+# Prints, then exits 0 once its workspace holds a file `go`.
+OUTPUT_THEN_EXIT_ON_GO = "echo out; until [ -e go ]; do sleep 0.01; done"
+
+
+def test_a_stop_after_the_shell_exited_changes_nothing_though_the_runner_had_not_seen_it(
+        web, alice, project, app, config, monkeypatch):
+    # The runner is held up storing output (another writer holds the database,
+    # a busy machine) while the shell exits 0; a stop asked after that comes too late.
+    build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO})
+    entered, release, job = _held_after_output(app, monkeypatch, build)
+    try:
+        stop = job.stop
+
+        def stop_then_go_on(*args):  # the runner goes on once the stop is asked
+            stop(*args)
+            release.set()
+        monkeypatch.setattr(job, "stop", stop_then_go_on)
+        open(os.path.join(config.workspaces, "alice", "app", str(build["id"]), "go"), "w").close()
+        _wait_exited(job.pgid)
+        assert call(web, "POST", f"{project}/builds/{build['id']}/stop", alice).status_int == 200
+        assert release.is_set()
+        done = final_build(web, alice, f"{project}/builds/{build['id']}")
+        assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
+        assert [s["status"] for s in status_history(web, alice, project, build["id"])] == \
+            ["created", "scheduled", "running", "succeeded"]
+    finally:
+        release.set()
+
+
+def test_a_timeout_the_runner_comes_to_after_the_shell_exited_changes_nothing(
+        web, alice, project, app, config, monkeypatch):
+    build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO, "timeout": 1})
+    entered, release, job = _held_after_output(app, monkeypatch, build)
+    try:
+        open(os.path.join(config.workspaces, "alice", "app", str(build["id"]), "go"), "w").close()
+        _wait_exited(job.pgid)
+        while time.monotonic() < job.started_at + 1.2:  # its timeout is past when the runner goes on
+            time.sleep(0.05)
+        release.set()
+        done = final_build(web, alice, f"{project}/builds/{build['id']}")
+        assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
+        assert [s["status"] for s in status_history(web, alice, project, build["id"])] == \
+            ["created", "scheduled", "running", "succeeded"]
+    finally:
+        release.set()
+
+
+def test_a_group_the_build_made_is_killed_when_the_grace_ends_also_if_the_shell_lasted_it(
+        configured, monkeypatch):
+    # The shell ignores SIGTERM, so the grace's SIGKILL is what ends it; the
+    # group it made (which ignores SIGTERM and holds the output) goes then
+    # too, not once the output has drained for DRAIN_SECONDS more.
+    monkeypatch.setattr(buildserver, "DRAIN_SECONDS", 60.0)
+    web, alice, project = configured(stop_grace=1.0)
+    build = post_build(web, alice, project, {"command": (
+        "timeout 300 sh -c \"trap '' TERM; while :; do echo tick; sleep 0.1; done\" & "
+        "trap '' TERM; echo ready; sleep 301")})
+    marker = f"BUILD_UUID={build['uuid']}"
+    try:
+        wait_for_log(web, alice, project, build["id"], b"ready")
+        wait_until(lambda: len({os.getpgid(pid) for pid in pids_with_marker(marker)}) == 2,
+                   message="the build's second group to start")
+        ok(web.post(f"{project}/builds/{build['id']}/stop", headers=auth(alice)))
+        done = final_build(web, alice, f"{project}/builds/{build['id']}", timeout=30)
+        assert (done["last_status"], done["exit_code"]) == ("stopped", -9), done
+        wait_gone(marker)
+    finally:
+        kill_marked(marker)
+
+
 def test_deleting_a_running_build_stops_it_and_removes_it(web, alice, project, config):
     build = post_build(web, alice, project, {"command": "echo ready; sleep 60"})
     marker = f"BUILD_UUID={build['uuid']}"
