@@ -7139,7 +7139,7 @@ def _no_database(db_path):
     return None
 
 
-PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name; then pid, _dest_tag, a random part
+PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name; then pid, _dest_tag, _copy_tag, a random part
 
 
 def backup(db_path, dest):
@@ -7158,7 +7158,8 @@ def backup(db_path, dest):
             signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))  # (cleans up)
     _remove_dead_copies(where, dest)
     try:
-        folder = tempfile.mkdtemp(prefix=f"{PARTIAL_BACKUP}{os.getpid()}.{_dest_tag(dest)}.",
+        folder = tempfile.mkdtemp(
+            prefix=f"{PARTIAL_BACKUP}{os.getpid()}.{_dest_tag(dest)}.{_copy_tag()}.",
                                   suffix=".partial", dir=where)
     except OSError as e:
         return _fail(f"cannot write in {where}: {e.strerror or e}", 1)
@@ -7261,17 +7262,31 @@ def _dest_tag(dest):
     return hashlib.sha256(os.path.basename(dest).encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
+def _copy_tag():
+    """The pid namespace a partial copy's pid counts in, in its name (a
+    dated backup's next night goes to another name)."""
+    return f"ns{_pid_namespace() or '-'}"
+
+
 def _remove_dead_copies(where, dest):
-    """The partial copies to `dest` (in the folder `where`, or from older
-    releases beside it) whose backup process is gone (killed). Not those to
-    other destinations: their pids may be another pid namespace's."""
+    """The partial copies in the folder `where` (and older releases' beside
+    `dest`) whose backup process is gone (killed): those to `dest`, and to
+    other destinations those made in this pid namespace (the pids of
+    another, a container's, may look dead here and be alive there)."""
     import glob
-    for start, rest in ((os.path.join(where, PARTIAL_BACKUP), f"*.{_dest_tag(dest)}.*.partial"),
-                        (dest + ".", "*.partial")):
-        for path in glob.glob(glob.escape(start) + rest):
-            pid = path[len(start):].split(".", 1)[0]  # (the part after `start`)
-            if pid.isdigit() and not _alive(int(pid)):
-                _remove_copy(path)
+    ours = _dest_tag(dest), _copy_tag()
+    start = os.path.join(where, PARTIAL_BACKUP)
+    for path in glob.glob(glob.escape(start) + "*.partial"):
+        pid, tag, made_in, *_ = path[len(start):].split(".") + ["", ""]
+        if tag == ours[0] or made_in == ours[1] != "ns-":
+            _remove_if_dead(path, pid)
+    for path in glob.glob(glob.escape(dest + ".") + "*.partial"):  # an older release's
+        _remove_if_dead(path, path[len(dest) + 1:].split(".", 1)[0])
+
+
+def _remove_if_dead(path, pid):
+    if pid.isdigit() and not _alive(int(pid)):
+        _remove_copy(path)
 
 
 def _others_may_rename_in(folder):

@@ -9883,10 +9883,15 @@ def test_a_backup_that_fails_or_was_killed_leaves_no_copy_behind(server_factory,
         (folder / f"copy.db.{dead.pid}.partial{suffix}").write_bytes(b"secrets")
     tag = buildserver._dest_tag(str(dest))
     left = folder / f".buildserver-backup.{dead.pid}.{tag}.x1y2z3.partial"  # and this one's
-    # A copy to another destination is not this backup's to judge (its pid
-    # may be another container's).
-    other = folder / f".buildserver-backup.{dead.pid}.{buildserver._dest_tag('b.db')}.q.partial"
-    for partial in (left, other):
+    # One to another destination (a dated backup's, the night before) is removed
+    # if it was made in this pid namespace; else its pid may be another
+    # container's, as it may be for an earlier release's, which did not say.
+    other_tag = buildserver._dest_tag("b.db")
+    here = folder / f".buildserver-backup.{dead.pid}.{other_tag}.{buildserver._copy_tag()}.r.partial"
+    elsewhere = folder / f".buildserver-backup.{dead.pid}.{other_tag}.ns1.s.partial"
+    other = folder / f".buildserver-backup.{dead.pid}.{other_tag}.q.partial"
+    assert buildserver._copy_tag() not in ("ns1", "ns-")
+    for partial in (left, here, elsewhere, other):
         partial.mkdir(mode=0o700)
         (partial / "copy.db").write_bytes(b"secrets")
         (partial / "copy.db-journal").write_bytes(b"secrets")
@@ -9895,10 +9900,11 @@ def test_a_backup_that_fails_or_was_killed_leaves_no_copy_behind(server_factory,
         capture_output=True, text=True, timeout=60, preexec_fn=lambda: resource.setrlimit(
             resource.RLIMIT_FSIZE, (MiB, resource.RLIM_INFINITY)))
     assert full.returncode == 1 and f"the copy to {dest} failed" in full.stderr, full.stderr
-    assert list(folder.iterdir()) == [other]
+    assert sorted(folder.iterdir()) == sorted([elsewhere, other])
     done = run_cli("backup", str(dest), "--data-dir", server.data_dir)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in folder.iterdir()) == [other.name, "copy.db"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([elsewhere.name, other.name,
+                                                               "copy.db"])
 
 
 def test_a_data_folder_open_to_other_users_is_warned_about(tmp_path):
