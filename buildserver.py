@@ -5725,6 +5725,10 @@ def _take_stop_signals(handler):
     for signum in STOP_SIGNALS:
         if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:  # (`&` ignores it too)
+        # Still nothing to the server, but a handler, unlike SIG_IGN, is not
+        # passed on: its builds start with the default, as from a terminal.
+        signal.signal(signal.SIGQUIT, lambda signum, frame: None)
 
 
 def _hold_stop_signals(hold):

@@ -5644,17 +5644,25 @@ def test_a_database_of_a_release_whose_migration_changed_later_starts_and_kills_
         kill_marked(marker)
 
 
+def _ignoring_as_and_does():
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def test_a_server_started_with_sigint_ignored_stops_on_it_and_its_builds_take_it(tmp_path):
-    # A script's `cmd &` starts it ignoring SIGINT: had the server kept that,
-    # `kill -INT` would not stop it, and every build would ignore SIGINT too.
-    server = Server(tmp_path / "d", preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                     signal.SIG_IGN)).start()
+    # A script's `cmd &` starts it ignoring SIGINT and SIGQUIT: had the server
+    # kept that, `kill -INT` would not stop it, and every build would ignore both.
+    server = Server(tmp_path / "d", preexec_fn=_ignoring_as_and_does).start()
     try:
         path = admin_project(server) + "/builds"
         status, build = server.json("POST", path, {"command": "grep SigIgn /proc/self/status"})
         done = server_final_build(server, f"{path}/{build['id']}")
         ignored = server.request("GET", f"{path}/{build['id']}/logs")[2].split()[-1]
-        assert done["last_status"] == "succeeded" and not int(ignored, 16) & (1 << (signal.SIGINT - 1))
+        assert done["last_status"] == "succeeded"
+        for signum in (signal.SIGINT, signal.SIGQUIT):
+            assert not int(ignored, 16) & (1 << (signum - 1)), signum
+        server.signal(signal.SIGQUIT)  # (nothing to the server, as before)
+        assert server.json("GET", "/api/v1/health")[0] == 200
         server.signal(signal.SIGINT)
         assert server.proc.wait(timeout=60) == 0
     finally:
