@@ -7267,16 +7267,21 @@ def _dest_tag(dest):
 
 
 def _copy_tag():
-    """The pid namespace a partial copy's pid counts in, in its name (a
-    dated backup's next night goes to another name)."""
-    return f"ns{_pid_namespace() or '-'}"
+    """Where a partial copy's pid counts, in its name (a dated backup's next
+    night goes to another name): this boot of this machine's kernel (every
+    machine's first pid namespace has the same number), and the pid namespace."""
+    namespace, boot = _pid_namespace(), _read("/proc/sys/kernel/random/boot_id").strip()
+    if not (namespace and boot):
+        return "ns-"
+    return "ns" + hashlib.sha256(boot + b"/" + namespace.encode()).hexdigest()[:12]
 
 
 def _remove_dead_copies(where, dest):
     """The partial copies in the folder `where` (and older releases' beside
     `dest`) whose backup process is gone (killed): those to `dest`, and to
-    other destinations those made in this pid namespace (the pids of
-    another, a container's, may look dead here and be alive there)."""
+    other destinations those made in this pid namespace since this machine
+    started (the pids of another, a container's or another machine's on a
+    shared disk, may look dead here and be alive there)."""
     import glob
     ours = _dest_tag(dest), _copy_tag()
     start = os.path.join(where, PARTIAL_BACKUP)
