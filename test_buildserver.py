@@ -4590,12 +4590,13 @@ def test_a_stop_after_the_shell_exited_changes_nothing_though_the_runner_had_not
 
 def test_a_timeout_the_runner_comes_to_after_the_shell_exited_changes_nothing(
         web, alice, project, app, config, monkeypatch):
-    build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO, "timeout": 1})
+    # (3 s: the runner must reach its first store of output before the timeout.)
+    build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO, "timeout": 3})
     entered, release, job = _held_after_output(app, monkeypatch, build)
     try:
         open(os.path.join(config.workspaces, "alice", "app", str(build["id"]), "go"), "w").close()
         _wait_exited(job.pgid)
-        while time.monotonic() < job.started_at + 1.2:  # its timeout is past when the runner goes on
+        while time.monotonic() < job.started_at + 3.2:  # its timeout is past when the runner goes on
             time.sleep(0.05)
         release.set()
         done = final_build(web, alice, f"{project}/builds/{build['id']}")
