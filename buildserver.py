@@ -1806,6 +1806,8 @@ class Job:
         self.wake()
 
     def _shell_exited(self):
+        """(Under _lock.) Whether the shell has exited, seen by the worker or
+        not yet: its pidfd is readable from then on."""
         if self.exited or self.exit_fd is None:
             return self.exited
         poller = select.poll()
@@ -7143,7 +7145,7 @@ def _no_database(db_path):
     return None
 
 
-PARTIAL_BACKUP = ".buildserver-backup."  # its folder's name; then pid, _dest_tag, _copy_tag, a random part
+PARTIAL_BACKUP = ".buildserver-backup."  # then pid, _dest_tag, _copy_tag, a random part
 
 
 def backup(db_path, dest):
@@ -7164,7 +7166,7 @@ def backup(db_path, dest):
     try:
         folder = tempfile.mkdtemp(
             prefix=f"{PARTIAL_BACKUP}{os.getpid()}.{_dest_tag(dest)}.{_copy_tag()}.",
-                                  suffix=".partial", dir=where)
+            suffix=".partial", dir=where)
     except OSError as e:
         return _fail(f"cannot write in {where}: {e.strerror or e}", 1)
     partial = os.path.join(folder, "copy.db")
@@ -7267,9 +7269,10 @@ def _dest_tag(dest):
 
 
 def _copy_tag():
-    """Where a partial copy's pid counts, in its name (a dated backup's next
-    night goes to another name): this boot of this machine's kernel (every
-    machine's first pid namespace has the same number), and the pid namespace."""
+    """The part of a partial copy's name that says where its pid counts: this
+    boot of this machine's kernel (every machine's first pid namespace has
+    the same number) and the pid namespace. (A dated backup's next night goes
+    to another name: what a killed run left is judged by this alone.)"""
     namespace, boot = _pid_namespace(), _read("/proc/sys/kernel/random/boot_id").strip()
     if not (namespace and boot):
         return "ns-"
