@@ -888,6 +888,18 @@ def test_build_fields_win_over_the_project_and_env_is_merged(idle):
     assert ok(call(idle.web, "GET", idle.project + "/builds/1", idle.alice)) == build
 
 
+def test_a_timeout_of_null_means_no_limit_and_one_left_out_the_projects(web, alice):
+    ok(call(web, "POST", "/api/v1/alice", alice, {"name": "p", "command": "true",
+                                                    "timeout": 600}), 201)
+    assert unmanaged(web, alice, "/api/v1/alice/p", timeout=None)["timeout"] is None
+    assert unmanaged(web, alice, "/api/v1/alice/p")["timeout"] == 600
+
+
+def test_is_managed_null_is_managed(web, alice, project):
+    build = ok(call(web, "POST", project + "/builds", alice, {"is_managed": None}), 201)
+    assert build["is_managed"] is True and build["last_status"] != "created"
+
+
 def test_build_create_with_no_body_uses_every_default(idle):
     build = ok(call(idle.web, "POST", idle.project + "/builds/", idle.alice), 201)
     assert (build["command"], build["timeout"], build["last_status"]) == ("make all", 600,
@@ -1501,6 +1513,28 @@ def test_reported_statuses_may_take_every_edge_of_the_machine(web, alice, projec
     assert ok(call(web, "GET", project + "/builds/1", alice))["last_status"] == walk[-1]
 
 
+def test_a_reported_traceback_is_appended_to_the_message(web, alice, project):
+    url = f"{project}/builds/{unmanaged(web, alice, project)['id']}"
+    report(web, alice, url, "running")
+    entry = ok(call(web, "POST", url + "/statuses", alice,
+                    {"status": "failed", "message": "boom", "traceback": "Traceback: x"}), 201)
+    assert entry["message"] == "boom\nTraceback: x"
+    alone = f"{project}/builds/{unmanaged(web, alice, project)['id']}"
+    entry = ok(call(web, "POST", alone + "/statuses", alice, {"status": "stopped",
+                                                              "traceback": "tb"}), 201)
+    assert entry["message"] == "tb"
+
+
+def test_an_unmanaged_build_that_succeeds_after_its_stop_ends_stopped_saying_so(
+        web, alice, project):
+    url = f"{project}/builds/{unmanaged(web, alice, project)['id']}"
+    report(web, alice, url, "running")
+    ok(call(web, "POST", url + "/stop", alice))
+    entry = ok(call(web, "POST", url + "/statuses", alice, {"status": "succeeded"}), 201)
+    assert (entry["status"], entry["message"]) == ("stopped",
+                                                   "it succeeded after its stop was asked")
+
+
 @pytest.mark.parametrize("walk, status", [
     ([], "created"),                               # the same status twice
     ([], "succeeded"),                             # skips running
@@ -1640,6 +1674,22 @@ def test_log_text_carries_size_and_more_data_headers(web, alice, project):
 
 
 LOG_TEXT = b"alpha\nbeta\ngamma\n"
+
+
+def test_a_text_log_read_from_past_its_end_is_empty(web, alice, project):
+    url = f"{project}/builds/{unmanaged(web, alice, project)['id']}"
+    append_log(web, alice, url, b"abc\n")
+    for query in ("offset=10", "offset=10&limit=3"):
+        res = call(web, "GET", f"{url}/logs?{query}", alice)
+        assert (res.status_int, res.body, res.headers["Content-Length"],
+                res.headers["X-Log-Size"]) == (200, b"", "0", "4"), query
+
+
+def test_tail_takes_up_to_ten_million_lines(web, alice, project):
+    url = f"{project}/builds/{unmanaged(web, alice, project)['id']}"
+    append_log(web, alice, url, b"a\nb\n")
+    assert ok(call(web, "GET", f"{url}/logs?tail=10000000", alice)) == b"a\nb\n"
+    assert_error(call(web, "GET", f"{url}/logs?tail=10000001", alice), 400, "tail")
 
 
 @pytest.mark.parametrize("query, expected", [
@@ -2573,6 +2623,12 @@ def test_every_route_without_a_token_is_401(web, alice, populated, method, path,
     assert_error(res, 401)
     assert res.headers["WWW-Authenticate"] == "Token"
     assert snapshot(web, alice, populated) == before
+
+
+def test_a_project_of_a_user_that_does_not_exist_is_404_naming_the_user(web, admin):
+    res = call(web, "GET", "/api/v1/nobody/app", admin)
+    assert_error(res, 404)
+    assert "no user" in res.json["detail"], res.json
 
 
 @pytest.mark.parametrize("target", ["existing", "missing build", "missing project",
@@ -7186,6 +7242,14 @@ def test_unreachable_server_and_refused_token_have_their_own_exit_codes(served):
     assert b"cannot reach" in unreachable.stderr
 
 
+def test_a_token_refused_the_project_403_exits_as_refused(served):
+    alice = add_user(served.data_dir, "alice")
+    for args in (["builds", "admin/app"], ["status", "admin/app", "1"], ["run", "admin/app"]):
+        done = client(served, *args, token=alice)
+        assert done.returncode == buildserver.EXIT_REFUSED, (args, done.returncode, done.stderr)
+        assert b"403" in done.stderr, done.stderr
+
+
 def test_client_refuses_what_the_server_would_and_sends_what_it_is_given(served):
     # Not dropped as "unset" (running the project's command instead), and not
     # taken for an unreachable server (exit 75) because of a space in a query.
@@ -9667,6 +9731,11 @@ def make_bad_database(path, kind):
             conn.executescript("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);"
                                "PRAGMA user_version = 3;")
             return "not a buildserver database"
+        if kind == "some of its tables":  # another program's namesakes, with a version
+            conn.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY);"
+                               "CREATE TABLE projects (id INTEGER PRIMARY KEY);"
+                               "PRAGMA user_version = 3;")
+            return "not a buildserver database"
         for number, sql in sorted(schema_migrations().items()):
             conn.executescript(sql)
         conn.execute("PRAGMA user_version = 99")
@@ -9676,7 +9745,8 @@ def make_bad_database(path, kind):
         conn.close()
 
 
-BAD_DATABASES = ["random bytes", "foreign", "foreign with a version", "newer"]
+BAD_DATABASES = ["random bytes", "foreign", "foreign with a version", "some of its tables",
+                 "newer"]
 
 
 @pytest.mark.parametrize("kind", BAD_DATABASES)
