@@ -4606,13 +4606,22 @@ def _held_after_output(app, monkeypatch, build):
     return entered, release, job
 
 
-def _wait_exited(pid):
-    """Until process `pid` (not reaped) has exited."""
-    fd = os.pidfd_open(pid)
+def _let_exit(config, build, job):
+    """Let a build running OUTPUT_THEN_EXIT_ON_GO exit; returns once its
+    shell has (it is not reaped: the runner is held)."""
+    open(os.path.join(config.workspaces, "alice", "app", str(build["id"]), "go"), "w").close()
+    fd = os.pidfd_open(job.pgid)
     try:
         assert select.select([fd], [], [], 15)[0], "the shell to exit"
     finally:
         os.close(fd)
+
+
+def _assert_succeeded_and_nothing_else(web, alice, project, build):
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
+    assert [s["status"] for s in status_history(web, alice, project, build["id"])] == \
+        ["created", "scheduled", "running", "succeeded"]
 
 
 # Prints, then exits 0 once its workspace holds a file `go`.
@@ -4632,14 +4641,10 @@ def test_a_stop_after_the_shell_exited_changes_nothing_though_the_runner_had_not
             stop(*args)
             release.set()
         monkeypatch.setattr(job, "stop", stop_then_go_on)
-        open(os.path.join(config.workspaces, "alice", "app", str(build["id"]), "go"), "w").close()
-        _wait_exited(job.pgid)
+        _let_exit(config, build, job)
         assert call(web, "POST", f"{project}/builds/{build['id']}/stop", alice).status_int == 200
         assert release.is_set()
-        done = final_build(web, alice, f"{project}/builds/{build['id']}")
-        assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
-        assert [s["status"] for s in status_history(web, alice, project, build["id"])] == \
-            ["created", "scheduled", "running", "succeeded"]
+        _assert_succeeded_and_nothing_else(web, alice, project, build)
     finally:
         release.set()
 
@@ -4650,15 +4655,11 @@ def test_a_timeout_the_runner_comes_to_after_the_shell_exited_changes_nothing(
     build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO, "timeout": 3})
     entered, release, job = _held_after_output(app, monkeypatch, build)
     try:
-        open(os.path.join(config.workspaces, "alice", "app", str(build["id"]), "go"), "w").close()
-        _wait_exited(job.pgid)
+        _let_exit(config, build, job)
         while time.monotonic() < job.started_at + 3.2:  # its timeout is past when the runner goes on
             time.sleep(0.05)
         release.set()
-        done = final_build(web, alice, f"{project}/builds/{build['id']}")
-        assert (done["last_status"], done["exit_code"]) == ("succeeded", 0), done
-        assert [s["status"] for s in status_history(web, alice, project, build["id"])] == \
-            ["created", "scheduled", "running", "succeeded"]
+        _assert_succeeded_and_nothing_else(web, alice, project, build)
     finally:
         release.set()
 
