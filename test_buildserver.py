@@ -4590,8 +4590,9 @@ def test_a_timeout_while_the_last_output_drains_does_not_change_how_the_build_en
 
 
 def _held_after_output(app, monkeypatch, build):
-    """Hold the runner in its first store of `build`'s output: (entered,
-    release, its Job). The shell then exits while the runner has not seen it."""
+    """Hold the runner in its first store of `build`'s output: (the event
+    that lets it go on, its Job). The shell then exits while the runner has
+    not seen it."""
     entered, release = threading.Event(), threading.Event()
     flush = app.runner._flush
 
@@ -4603,7 +4604,7 @@ def _held_after_output(app, monkeypatch, build):
     monkeypatch.setattr(app.runner, "_flush", held)
     assert entered.wait(15), "the runner to store the output"
     job, = [j for j in app.runner._jobs.values() if j.build["uuid"] == build["uuid"]]
-    return entered, release, job
+    return release, job
 
 
 def _let_exit(config, build, job):
@@ -4633,7 +4634,7 @@ def test_a_stop_after_the_shell_exited_changes_nothing_though_the_runner_had_not
     # The runner is held up storing output (another writer holds the database,
     # a busy machine) while the shell exits 0; a stop asked after that comes too late.
     build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO})
-    entered, release, job = _held_after_output(app, monkeypatch, build)
+    release, job = _held_after_output(app, monkeypatch, build)
     try:
         stop = job.stop
 
@@ -4653,7 +4654,7 @@ def test_a_timeout_the_runner_comes_to_after_the_shell_exited_changes_nothing(
         web, alice, project, app, config, monkeypatch):
     # (3 s: the runner must reach its first store of output before the timeout.)
     build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO, "timeout": 3})
-    entered, release, job = _held_after_output(app, monkeypatch, build)
+    release, job = _held_after_output(app, monkeypatch, build)
     try:
         _let_exit(config, build, job)
         while time.monotonic() < job.started_at + 3.2:  # its timeout is past when the runner goes on
@@ -9964,8 +9965,8 @@ def test_a_backup_that_fails_or_was_killed_leaves_no_copy_behind(server_factory,
     tag = buildserver._dest_tag(str(dest))
     left = folder / f".buildserver-backup.{dead.pid}.{tag}.x1y2z3.partial"  # and this one's
     # One to another destination (a dated backup's, the night before) is removed
-    # if it was made in this pid namespace; else its pid may be another
-    # container's, as it may be for an earlier release's, which did not say.
+    # if it was made here (this boot, this pid namespace); else its pid may be
+    # another machine's or container's, as may an earlier release's, which did not say.
     other_tag = buildserver._dest_tag("b.db")
     here = folder / f".buildserver-backup.{dead.pid}.{other_tag}.{buildserver._copy_tag()}.r.partial"
     elsewhere = folder / f".buildserver-backup.{dead.pid}.{other_tag}.ns1.s.partial"
