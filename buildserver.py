@@ -126,6 +126,7 @@ DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's gr
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
 MEMBERS_SECONDS = 0.005      # a stopped shell's group is checked again after this, then less often
+REAP_SECONDS = 1.0           # the orphans builds left that ended are reaped within this, at most
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 
@@ -2582,7 +2583,54 @@ def _alive(pid, kill=os.kill):
     return True
 
 
-_group_alive = functools.partial(_alive, kill=os.killpg)
+def _group_alive(pgid):
+    """Whether process group `pgid` has a member: a zombie counts, so the
+    server first reaps those of its own (see _adopt_orphans)."""
+    _reap_adopted()
+    return _alive(pgid, kill=os.killpg)
+
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+# The list of the orphans the server adopted (its main thread's children), once
+# _adopt_orphans made it their reaper; only _reap_adopted reaps them, under the lock.
+_adopted = None
+_adopted_lock = threading.Lock()
+
+
+def _adopt_orphans():
+    """Have the kernel give this server the processes its builds leave
+    orphaned, not the first process (Linux: a child subreaper), so that it
+    reaps them the moment they end. A first process may take seconds (this
+    VM's does 2 s), or never, and until then an ended member of a stopped
+    build's group keeps the group there: each stop read the status of every
+    process on the machine to tell it held only zombies. Not where the
+    kernel cannot list them (no /proc/PID/task/TID/children): nothing would
+    reap them. (From the main thread, which starts no process: its children
+    are all adopted, none a shell a worker waits for.)"""
+    global _adopted
+    children = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children"
+    if threading.current_thread() is not threading.main_thread() or not os.path.exists(children):
+        return
+    try:
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            return
+    except (ImportError, OSError, AttributeError):  # no ctypes, or no prctl
+        return
+    _adopted = children
+
+
+def _reap_adopted():
+    """Reap what has ended of the orphans the server adopted. (A pid listed
+    stays its zombie's till reaped here, under the lock: it cannot be
+    another's by then.)"""
+    if _adopted is None:
+        return
+    with _adopted_lock:
+        for pid in _read(_adopted).split():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(pid), os.WNOHANG)
 
 
 def _boot_ticks(monotonic_at=None):
@@ -5613,6 +5661,7 @@ def _hold_serve_locks(data_dir):
 def _serve_held(config):
     """serve(), once the data folder is this server's."""
     cores = _keep_to_one_core()  # before any thread starts: they inherit it
+    _adopt_orphans()
     app = make_app(config, start=False)  # no build starts before the port is ours
     app.runner.cores = cores
     _warn_if_open(config.data_dir, config.db_path)
@@ -5656,8 +5705,12 @@ def _serve_held(config):
     # waitress's own run(), but stoppable: signal handlers run here, between polls.
     # It listens on while the builds are stopped: a client (or a proxy) whose
     # follow ended with its build's stop reads next how it ended (see _answering).
+    reap_at = 0.0
     while not finished.is_set():
         _poll(server, 0.5)
+        if time.monotonic() >= reap_at:  # a stop reaps at once what it waits for
+            _reap_adopted()
+            reap_at = time.monotonic() + REAP_SECONDS
     _close_after_shutdown(server, app)
     log.info("stopped")
     return 0

@@ -4311,6 +4311,48 @@ def test_a_stopped_builds_processes_that_ended_unreaped_do_not_hold_it_stopping(
     assert (status, stopped["last_status"]) == (200, "stopped")  # (it waits 2 s at most)
 
 
+def _parent(pid):
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def test_what_a_build_leaves_is_the_servers_to_reap_under_a_first_process_that_never_does(
+        server_factory, tmp_path):
+    # Orphans went to the first process: slow to reap (this VM's took 2 s), or
+    # never, and a stop had to read every process's status to see past them.
+    # The server is now their reaper (Linux), and reaps them as they end.
+    server, path, _ = serving_a_running_build(
+        server_factory, tmp_path / "d", wrap=(sys.executable, "-c", NEGLIGENT_INIT),
+        command="setsid sleep 300 > /dev/null 2>&1 & echo $! > daemon.pid; echo ready")
+    assert server_final_build(server, path)["last_status"] == "succeeded"
+    with open(os.path.join(server.data_dir, "workspaces", "admin", "app", "1", "daemon.pid")) as f:
+        daemon = int(f.read())
+    try:
+        server_pid = _parent(daemon)  # the server (which the first process started), adopted it
+        assert _parent(server_pid) == server.proc.pid
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{daemon}"), 10.0,
+               message="the ended daemon to be reaped")
+
+
+def test_the_reaping_of_what_builds_leave_never_takes_a_shell_its_worker_waits_for(
+        web, alice, project, app, config, monkeypatch):
+    # A shell that has exited is a zombie too, until its worker reaps it; were
+    # it reaped first, its worker would read exit code 0 (Python does when the
+    # child is gone). The adopted are the main thread's children; the shells, a worker's.
+    monkeypatch.setattr(buildserver, "_adopted", f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    build = post_build(web, alice, project, {"command": OUTPUT_THEN_EXIT_ON_GO + "; exit 7"})
+    release, job = _held_after_output(app, monkeypatch, build)
+    try:
+        _let_exit(config, build, job)
+        buildserver._reap_adopted()
+    finally:
+        release.set()
+    done = final_build(web, alice, f"{project}/builds/{build['id']}")
+    assert (done["last_status"], done["exit_code"]) == ("failed", 7)
+
+
 def test_a_group_a_cleanup_makes_after_the_stop_gets_no_sigterm_of_its_own(configured,
                                                                          monkeypatch):
     # A bounded upload in the trap (`timeout` makes a group of its own) got the
