@@ -2663,14 +2663,18 @@ def _left_in_group(proc):
     has exited, led: [] if nothing, None if something does but there is no
     telling what (not Linux). `proc` is reaped first: its zombie counted as
     a member. (A group's id stays its own only while a member does.) Members
-    that have ended may wait for init to reap them, seconds in some
-    containers: those count as gone (Linux; elsewhere until reaped)."""
+    that have ended may wait for init to reap them, where the server did not
+    adopt them, seconds in some containers: those count as gone (Linux;
+    elsewhere until reaped)."""
     proc.poll()
     if not _group_alive(proc.pid):
         return []
     if not os.path.isdir("/proc/self"):
         return None
-    return [int(pid) for pid in _group_members(proc.pid)]
+    # An orphan the server adopted is most likely what is left (a stop's
+    # SIGTERM reached it as it did the shell): found, no need to read every
+    # process's status. Only reading them all shows there is none.
+    return _adopted_members(proc.pid) or [int(pid) for pid in _group_members(proc.pid)]
 
 
 def _killpg(pgid, sig):
@@ -2812,14 +2816,23 @@ def _group_members(pgid):
     return (pid for pid, group, _ in _processes() if group == pgid)
 
 
-def _processes():
-    """(pid, process group, session) of every live process (Linux /proc): not
-    those that ended, waiting to be reaped. (A process whose main thread
-    ended reads as ended, "Z", while its other threads run on.)"""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+def _processes(pids=None):
+    """(pid, process group, session) of every live process (Linux /proc), or
+    of those of `pids` that live: not those that ended, waiting to be
+    reaped. (A process whose main thread ended reads as ended, "Z", while
+    its other threads run on.)"""
+    for pid in filter(str.isdigit, os.listdir("/proc")) if pids is None else pids:
         fields = _stat(pid)
         if len(fields) > 17 and (fields[0] not in (b"Z", b"X") or int(fields[17]) > 1):
             yield pid, int(fields[2]), int(fields[3])
+
+
+def _adopted_members(pgid):
+    """The pids of the orphans the server adopted that live on in group `pgid`."""
+    if _adopted is None:
+        return []
+    return [int(pid) for pid, group, _ in _processes(_read(_adopted).decode().split())
+            if group == pgid]
 
 
 def _read(path):

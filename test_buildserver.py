@@ -4247,6 +4247,18 @@ def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configu
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
+def test_a_child_of_a_stopped_shell_the_real_server_adopted_has_the_grace_to_clean_up(
+        server_factory, tmp_path):
+    # The served server adopts it once the shell has gone (the tests' in-process
+    # one does not), and finds it there, without reading every process's status.
+    server, path, _ = serving_a_running_build(
+        server_factory, tmp_path / "d", "--stop-grace", "30",
+        command=f"{shlex.quote(sys.executable)} -c {shlex.quote(CLEANS_UP)}; echo after")
+    status, stopped = server.json("POST", path + "/stop")
+    assert (status, stopped["last_status"]) == (200, "stopped")  # (it waits 2 s at most)
+    assert server.request("GET", path + "/logs")[2] == b"ready\ncleaning up\ncleaned up\n"
+
+
 MAIN_THREAD_ENDS = ("import ctypes, os, signal, threading, time\n"
                     "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                     "threading.Thread(target=time.sleep, args=(60,)).start()\n"
