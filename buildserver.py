@@ -2606,11 +2606,18 @@ def _adopt_orphans():
     build's group keeps the group there: each stop read the status of every
     process on the machine to tell it held only zombies. Not where the
     kernel cannot list them (no /proc/PID/task/TID/children): nothing would
-    reap them. (From the main thread, which starts no process: its children
-    are all adopted, none a shell a worker waits for.)"""
+    reap them, nor under a /proc of another pid namespace (`unshare --pid`
+    without `--mount-proc`): its numbers are not this process's, and the
+    children it lists might be shells of ours. (From the main thread, which
+    starts no process: its children are all adopted, none a shell a worker
+    waits for.)"""
     global _adopted
     children = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children"
-    if threading.current_thread() is not threading.main_thread() or not os.path.exists(children):
+    try:
+        ours = os.readlink("/proc/self") == str(os.getpid()) and os.path.exists(children)
+    except OSError:  # no /proc
+        ours = False
+    if not ours or threading.current_thread() is not threading.main_thread():
         return
     try:
         import ctypes
@@ -2827,12 +2834,15 @@ def _processes(pids=None):
             yield pid, int(fields[2]), int(fields[3])
 
 
-def _adopted_members(pgid):
-    """The pids of the orphans the server adopted that live on in group `pgid`."""
+def _adopted_members(pgid, newest=8):
+    """The pids of the orphans the server adopted last (the kernel lists them
+    in that order) that live on in group `pgid`: what a shell that just
+    ended left. Not all of them: 200 daemons the builds left would take
+    2 ms to look at."""
     if _adopted is None:
         return []
-    return [int(pid) for pid, group, _ in _processes(_read(_adopted).decode().split())
-            if group == pgid]
+    last = _read(_adopted).decode().split()[-newest:]
+    return [int(pid) for pid, group, _ in _processes(last) if group == pgid]
 
 
 def _read(path):

@@ -4348,6 +4348,20 @@ def test_what_a_build_leaves_is_the_servers_to_reap_under_a_first_process_that_n
                message="the ended daemon to be reaped")
 
 
+def test_the_server_adopts_nothing_under_a_proc_of_another_pid_namespace():
+    # Under `unshare --pid` without `--mount-proc`, it took the host's pid 1's
+    # (or 2's) children for its own, and reaped by those numbers its own
+    # shells: a build that had failed ended `succeeded`, exit code 0.
+    wrap = ("unshare", "--pid", "--fork", "--kill-child")
+    if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare --pid (root) to run in a pid namespace of its own")
+    adopt = "import buildserver; buildserver._adopt_orphans(); print(buildserver._adopted)"
+    seen = [subprocess.run([*wrap, *proc, sys.executable, "-c", adopt], cwd=HERE, timeout=60,
+                           capture_output=True, text=True, check=True).stdout.strip()
+            for proc in ((), ("--mount-proc",))]
+    assert seen == ["None", "/proc/1/task/1/children"]  # (its own /proc: it adopts)
+
+
 def test_the_reaping_of_what_builds_leave_never_takes_a_shell_its_worker_waits_for(
         web, alice, project, app, config, monkeypatch):
     # A shell that has exited is a zombie too, until its worker reaps it; were
