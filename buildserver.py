@@ -126,7 +126,7 @@ DRAIN_SECONDS = 1.0          # how long output may trickle in after a build's gr
 STOP_ANSWER_SECONDS = 2.0    # a stop waits this long for the build to end before answering
 ESCAPED_SEARCH_DELAY = 0.01  # a stopped shell's other process groups are sought after (s)
 MEMBERS_SECONDS = 0.005      # a stopped shell's group is checked again after this, then less often
-REAP_SECONDS = 1.0           # the orphans builds left that ended are reaped within this, at most
+REAP_SECONDS = 1.0           # the orphans builds left that ended are reaped about this often
 COALESCE_BYTES = 64 * KiB    # a body up to this goes out in one send with its head
 REFUSED_DRAIN = 32 * MiB     # of a refused body, read and dropped at most (see _channel_class)
 

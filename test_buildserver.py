@@ -4250,13 +4250,39 @@ def test_a_command_the_shell_runs_as_its_child_has_the_grace_to_clean_up(configu
 def test_a_child_of_a_stopped_shell_the_real_server_adopted_has_the_grace_to_clean_up(
         server_factory, tmp_path):
     # The served server adopts it once the shell has gone (the tests' in-process
-    # one does not), and finds it there, without reading every process's status.
+    # one does not), and looks among what it adopted last before anywhere else.
     server, path, _ = serving_a_running_build(
         server_factory, tmp_path / "d", "--stop-grace", "30",
         command=f"{shlex.quote(sys.executable)} -c {shlex.quote(CLEANS_UP)}; echo after")
     status, stopped = server.json("POST", path + "/stop")
     assert (status, stopped["last_status"]) == (200, "stopped")  # (it waits 2 s at most)
     assert server.request("GET", path + "/logs")[2] == b"ready\ncleaning up\ncleaned up\n"
+
+
+def test_a_member_adopted_before_others_still_holds_its_stopped_build_open(server_factory,
+                                                                            tmp_path):
+    # Among the server's 8 newest adoptees are another build's orphans, not
+    # this member (orphaned early): only a look at every process finds it.
+    server, path, _ = serving_a_running_build(
+        server_factory, tmp_path / "d", "--stop-grace", "30",
+        command="(trap '' TERM; (until [ -e go ]; do sleep 0.05; done; echo late > late.txt) "
+                "> /dev/null 2>&1 &); echo ready; sleep 60")
+    builds = path.rsplit("/", 1)[0]
+    status, other = server.json("POST", builds, {
+        "command": "for i in $(seq 10); do (sleep 60 &); done; echo ready; sleep 60"})
+    assert status == 201
+    other_path = f"{builds}/{other['id']}"
+    workspace = os.path.join(server.data_dir, "workspaces", "admin", "app", "1")
+    try:
+        server_wait_for_log(server, other_path, b"ready")
+        status, stopping = server.json("POST", path + "/stop")  # (it waits 2 s at most)
+        assert (status, stopping["last_status"]) == (200, "stopping")
+        open(os.path.join(workspace, "go"), "w").close()
+        assert server_final_build(server, path, timeout=30)["last_status"] == "stopped"
+        assert server.request("GET", path + "/logs")[2] == b"ready\n"
+        assert os.path.exists(os.path.join(workspace, "late.txt"))  # (it ran to its end)
+    finally:
+        server.json("POST", other_path + "/stop")
 
 
 MAIN_THREAD_ENDS = ("import ctypes, os, signal, threading, time\n"
