@@ -2599,18 +2599,17 @@ _adopted_lock = threading.Lock()
 
 
 def _adopt_orphans():
-    """Have the kernel give this server the processes its builds leave
-    orphaned, not the first process (Linux: a child subreaper), so that it
-    reaps them the moment they end. A first process may take seconds (this
-    VM's does 2 s), or never, and until then an ended member of a stopped
-    build's group keeps the group there: each stop read the status of every
-    process on the machine to tell it held only zombies. Not where the
-    kernel cannot list them (no /proc/PID/task/TID/children): nothing would
-    reap them, nor under a /proc of another pid namespace (`unshare --pid`
-    without `--mount-proc`): its numbers are not this process's, and the
-    children it lists might be shells of ours. (From the main thread, which
-    starts no process: its children are all adopted, none a shell a worker
-    waits for.)"""
+    """Have the kernel give this server, not the first process, what its
+    builds leave orphaned (Linux: a child subreaper), to reap it the moment
+    it ends. A first process may take seconds to (this VM's takes 2 s), or
+    never, and till then an ended member of a stopped build's group kept the
+    group there: each stop read every process's status to tell it held only
+    zombies. Only from the main thread, which starts no process: its
+    children are then all adopted, none a shell a worker waits for. Not
+    where the kernel cannot list them (no /proc/PID/task/TID/children):
+    nothing would reap them; nor under a /proc of another pid namespace
+    (`unshare --pid` without `--mount-proc`), whose numbers are not ours:
+    what it lists might be our shells."""
     global _adopted
     children = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children"
     try:
