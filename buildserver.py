@@ -267,11 +267,11 @@ _COMMIT_OR_HEAD = {**_COMMIT, "pattern": "^([0-9a-fA-F]{4,64}|HEAD)?$",
 CODE_REFERENCE = {
     "commit": _COMMIT, "head": _COMMIT,
     "branch": {"type": ["string", "null"], "maxLength": 255,
-               "pattern": "^[^\\u0000-\\u001f]*$",
+               "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",  # (C0, DEL, C1)
                "description": "a branch name of at most 255 characters, without control "
                               "characters, or null"},
     "git_url": {"type": ["string", "null"], "maxLength": 2048,
-                "pattern": "^[^\\u0000-\\u0020]*$",
+                "pattern": "^[^\\s\\u0000-\\u0020\\u007f-\\u009f]*$",  # (and Unicode's spaces)
                 "description": "the repository's URL of at most 2048 characters, without "
                                "spaces or control characters, or null"},
     "is_dirty": {"type": ["boolean", "null"],
@@ -1447,7 +1447,7 @@ def fresh_token():
     return token
 
 
-AUTH_RE = re.compile(r'^\s*(?:token|bearer)\s+"?([^"\s]+)"?\s*$', re.I)
+AUTH_RE = re.compile(r'^\s*(?:token|bearer)\s+("?)([^"\s]+)\1\s*$', re.I)  # (quotes: both or none)
 
 
 class AuthThrottle:
@@ -1515,7 +1515,7 @@ def authenticate(store, throttle):
 def _token_user(store, header):
     """The user whose token the Authorization `header` carries, or None."""
     match = AUTH_RE.match(header)
-    return store.user_by_token(match.group(1)) if match else None
+    return store.user_by_token(match.group(2)) if match else None
 
 
 def _still_authenticated(store, user_id, header):

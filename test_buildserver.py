@@ -1386,7 +1386,10 @@ def test_a_code_reference_is_recorded_read_back_and_replaced(web, alice, bob, pr
 @pytest.mark.parametrize("field, value", [
     ("commit", "not-hex"), ("commit", "abc"), ("commit", "a" * 65), ("commit", 1234),
     ("head", "xyz1"), ("head", "head"), ("id", 3), ("branch", "a\nb"), ("branch", "b" * 256),
+    ("branch", "a\x7fb"), ("branch", "a\u009bb"),  # (DEL; a C1 control, CSI to some terminals)
     ("git_url", "https://x/a b"), ("git_url", "u" * 2049), ("git_url", ["x"]),
+    ("git_url", "https://x/a\u0085b"), ("git_url", "https://x/a\u00a0b"),
+    ("git_url", "https://x/a\u3000b"),
     ("is_dirty", "no"), ("is_dirty", 0), ("colour", "red")])
 def test_an_invalid_code_reference_is_400_naming_its_field_and_changes_nothing(
         web, alice, project, field, value):
@@ -2588,6 +2591,7 @@ def test_log_append_over_8_mib_is_413_and_exactly_8_mib_is_stored(web, alice, po
     None, "", "Token", "Token ", "Tokenabc", "Basic dXNlcjpwYXNz", "Token a b",
     "Token nope", "Bearer nope", 'Token ""', "{alice}", "Basic {alice}", "Token {alice}x",
     "Token {alice} {alice}", "Token x{alice}", "Digest {alice}",
+    'Token "{alice}', 'Token {alice}"',  # (a quote without its pair: a fuzzer's)
 ])
 def test_missing_malformed_or_unknown_token_is_401(web, alice, populated, header):
     headers = {} if header is None else {"Authorization": header.format(alice=alice)}
