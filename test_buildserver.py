@@ -4354,8 +4354,7 @@ def test_a_stopped_builds_processes_that_ended_unreaped_do_not_hold_it_stopping(
 
 
 def _parent(pid):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[1])
+    return int(buildserver._stat(pid)[1])  # (after the state)
 
 
 def test_what_a_build_leaves_is_the_servers_to_reap_under_a_first_process_that_never_does(
