@@ -5059,6 +5059,7 @@ class LogView {
     this.pending = [];             // bytes received, not drawn yet
     this.open = new Uint8Array(0); // the last line, until its newline comes
     this.held = false;             // output waits in `pending` while the reader is up the page
+    this.joining = false;          // "Load earlier" is fetching what joins the page at `start`
     this.pinned = true;            // following the end, until the reader scrolls up (see scrolled)
     this.lastTop = 0;              // scrollTop when last seen
     this.growth = new ResizeObserver(() => { if (this.pinned && !this.atBottom()) this.toBottom(); });
@@ -5229,7 +5230,8 @@ class LogView {
   flush() {
     this.scheduled = false;
     if (!this.pending.length) return;
-    const follow = !this.groups.length || this.following();
+    // (While "Load earlier" fetches, the page keeps its start, where what it fetched joins.)
+    const follow = !this.groups.length || (!this.joining && this.following());
     if (!follow && (this.held || this.shown + this.waiting() > LOG_HOLD)) return this.hold();
     let raw = concat([this.open, ...this.pending]);
     this.pending = [];
@@ -5340,7 +5342,7 @@ class LogView {
   }
 
   controls() {
-    if (this.held && this.atBottom()) return this.release();
+    if (this.held && !this.joining && this.atBottom()) return this.release();
     if (this.end > 0) this.empty.remove();
     this.earlierBtn.hidden = this.start <= 0;
     this.earlierBtn.textContent = `↑ Load earlier output (${bytes(this.start)} not shown)`;
@@ -5351,8 +5353,10 @@ class LogView {
 
   /** Prepend the LOG_PAGE bytes before `start`, keeping what the reader sees in place. */
   async earlier() {
-    const end = this.start;
+    const end = this.start, following = this.following();
     this.earlierBtn.disabled = true;
+    this.joining = true;
+    let joined = false;
     try {
       const from = await charStart(this.path, end - LOG_PAGE);
       let text = '', pos = from;
@@ -5363,24 +5367,31 @@ class LogView {
         pos = page.next_offset;
       }
       const [skip, rest] = from > 0 ? await dropPartialLine(text, this.path, from) : [0, text];
-      const [fromBottom, following] = [this.pre.scrollHeight - this.pre.scrollTop, this.atBottom()];
-      const height = this.pre.scrollHeight;
-      this.addGroup(rest, end - from - skip, ansiState(), this.groups[0] || {el: this.openEl});
-      this.start = from + skip;
-      // What the reader saw stays in place; a reader who followed the end is
-      // taken up to the join, to what they asked for (which following would trim).
-      const added = this.pre.scrollHeight - height;
-      this.pre.scrollTop = following ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
-      this.pinned = false;   // (up there, they asked for it)
-      this.lastTop = this.pre.scrollTop;
+      joined = this.start === end;   // (else the page was replaced meanwhile: nothing joins it)
+      if (joined) this.prepend(rest, from + skip, following);
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
       if (e.name !== 'AbortError') notify(`Could not load earlier output: ${e.message}`);
     } finally {
+      this.joining = false;
       this.earlierBtn.disabled = false;
+      if (!joined && following) this.toBottom();   // nothing joined: a follower follows on
     }
     this.controls();
     if (this.earlierBtn.hidden) this.pre.focus({preventScroll: true});
+  }
+
+  /** Put the text of the log from `start` to the page's start above it. What
+   * the reader saw stays in place; a reader who followed the end is taken up
+   * to the join, to what they asked for (which following would trim). */
+  prepend(text, start, following) {
+    const [fromBottom, height] = [this.pre.scrollHeight - this.pre.scrollTop, this.pre.scrollHeight];
+    this.addGroup(text, this.start - start, ansiState(), this.groups[0] || {el: this.openEl});
+    this.start = start;
+    const added = this.pre.scrollHeight - height;
+    this.pre.scrollTop = following ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
+    this.pinned = false;   // (up there, they asked for it)
+    this.lastTop = this.pre.scrollTop;
   }
 }
 

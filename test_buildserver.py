@@ -11546,7 +11546,7 @@ def test_a_fast_live_log_keeps_only_its_tail_in_the_page(page, dash):
     numbers = text.split("\n")[1:-1]  # the first line may be cut
     assert [int(n) for n in numbers] == list(range(int(numbers[0]), 1200001))
     page.locator("#earlier").click()
-    expect(log_of(page)).to_contain_text(f"\n{int(numbers[0]) - 1}\n")
+    expect(log_of(page)).to_contain_text(line_after_another(int(numbers[0]) - 1))
     numbers = log_of(page).text_content().split("\n")[1:-1]
     assert [int(n) for n in numbers] == list(range(int(numbers[0]), 1200001))
 
@@ -11554,6 +11554,13 @@ def test_a_fast_live_log_keeps_only_its_tail_in_the_page(page, dash):
 def numbers_in(page):
     """The numbers a `seq` log shows, but its first line (which may be cut)."""
     return [int(n) for n in log_of(page).text_content().split("\n")[1:-1]]
+
+
+def line_after_another(text):
+    """The line `text` with a line before it, for to_contain_text: a string
+    there is matched with its whitespace collapsed and trimmed, so "\\n5\\n"
+    matched the page's first line, and 15 or 51."""
+    return re.compile(rf"\n{re.escape(str(text))}\n")
 
 
 def test_a_reader_scrolled_up_in_a_fast_log_holds_newer_output_back_until_they_come_down(
@@ -11567,7 +11574,7 @@ def test_a_reader_scrolled_up_in_a_fast_log_holds_newer_output_back_until_they_c
     sign_in(page, dash)
     build = dash.api("POST", "/alice/uphill/builds")
     page.goto(dash.url + f"/#/alice/uphill/builds/{build['id']}")
-    expect(log_of(page)).to_contain_text("\n3000\n")
+    expect(log_of(page)).to_contain_text(line_after_another(3000))
     log_of(page).evaluate("e => { e.scrollTop = 0; }")
     expect(page.locator("#latest")).to_be_visible()  # up the page: no longer following
     go.touch()
@@ -11584,7 +11591,7 @@ def test_a_reader_scrolled_up_in_a_fast_log_holds_newer_output_back_until_they_c
     assert tail == list(range(tail[0], 1503001))
     expect(page.locator("#latest")).to_be_hidden()
     page.locator("#earlier").click()  # and the join to what came before is whole
-    expect(log_of(page)).to_contain_text(f"\n{tail[0] - 1}\n")
+    expect(log_of(page)).to_contain_text(line_after_another(tail[0] - 1))
     shown = numbers_in(page)  # (once: the page loaded may still be being drawn above)
     assert shown == list(range(shown[0], 1503001))
 
@@ -11598,16 +11605,51 @@ def test_load_earlier_while_following_a_fast_log_shows_what_it_loaded(page, dash
     sign_in(page, dash)
     build = dash.api("POST", "/alice/backwards/builds")
     page.goto(dash.url + f"/#/alice/backwards/builds/{build['id']}")
-    expect(log_of(page)).to_contain_text("\n700000\n")
+    expect(log_of(page)).to_contain_text(line_after_another(700000))
     expect(page.locator("#earlier")).to_be_visible()
     first = numbers_in(page)[0]
     page.locator("#earlier").click()
-    expect(log_of(page)).to_contain_text(f"\n{first - 1}\n")
+    expect(log_of(page)).to_contain_text(line_after_another(first - 1))
     go.touch()
     expect(status_of(page)).to_have_text("✓succeeded", timeout=30_000)
     numbers = numbers_in(page)
     assert first - 1 in numbers and numbers == list(range(numbers[0], numbers[-1] + 1))
     expect(page.locator("#latest")).to_be_visible()
+
+
+def test_load_earlier_answered_after_a_follower_dropped_older_lines_joins_what_it_loaded(
+        page, dash, tmp_path):
+    # What "Load earlier" fetched was put above the page's first line as it
+    # was at the click; a page following a fast log had dropped older lines
+    # while the fetch was on its way, and the join hid them: a gap, unmarked.
+    stop = tmp_path / "stop"
+    dash.project("joined", command=f"i=0; while [ ! -e {stop} ]; do "
+                                   "seq $((i*10000+1)) $((i*10000+10000)); i=$((i+1)); sleep 0.01; done")
+    sign_in(page, dash)
+    build = dash.api("POST", "/alice/joined/builds")
+    path = f"/alice/joined/builds/{build['id']}"
+    try:
+        page.goto(dash.url + "/#" + path)
+        expect(page.locator("#earlier")).to_be_visible()
+        held = []
+        page.route("**/logs?format=json*", lambda route: held.append(route))  # a slow network
+        page.locator("#earlier").click()
+        for _ in range(300):  # (the page's events are handled only while it is waited on)
+            if held:
+                break
+            page.wait_for_timeout(50)
+        first = log_of(page).evaluate("b => parseInt(b.textContent, 10)")
+        size = dash.api("GET", path)["log_size"]  # 3 MiB more: a follower keeps 2
+        wait_until(lambda: dash.api("GET", path)["log_size"] > size + 3 * 1024 * 1024)
+        page.wait_for_timeout(300)  # (what it would have drawn, it would have drawn by now)
+        held[0].continue_()
+        page.unroute("**/logs?format=json*")
+        expect(log_of(page)).to_contain_text(line_after_another(first))
+    finally:
+        stop.touch()
+    expect(status_of(page)).to_have_text("✓succeeded", timeout=30_000)
+    numbers = numbers_in(page)
+    assert first - 1 in numbers and numbers == list(range(numbers[0], numbers[-1] + 1))
 
 
 def at_end(page):
