@@ -5059,7 +5059,6 @@ class LogView {
     this.pending = [];             // bytes received, not drawn yet
     this.open = new Uint8Array(0); // the last line, until its newline comes
     this.held = false;             // output waits in `pending` while the reader is up the page
-    this.joining = false;          // "Load earlier" is fetching what joins the page at `start`
     this.pinned = true;            // following the end, until the reader scrolls up (see scrolled)
     this.lastTop = 0;              // scrollTop when last seen
     this.growth = new ResizeObserver(() => { if (this.pinned && !this.atBottom()) this.toBottom(); });
@@ -5230,8 +5229,7 @@ class LogView {
   flush() {
     this.scheduled = false;
     if (!this.pending.length) return;
-    // (While "Load earlier" fetches, the page keeps its start, where what it fetched joins.)
-    const follow = !this.groups.length || (!this.joining && this.following());
+    const follow = !this.groups.length || this.following();
     if (!follow && (this.held || this.shown + this.waiting() > LOG_HOLD)) return this.hold();
     let raw = concat([this.open, ...this.pending]);
     this.pending = [];
@@ -5342,7 +5340,7 @@ class LogView {
   }
 
   controls() {
-    if (this.held && !this.joining && this.atBottom()) return this.release();
+    if (this.held && this.atBottom()) return this.release();
     if (this.end > 0) this.empty.remove();
     this.earlierBtn.hidden = this.start <= 0;
     this.earlierBtn.textContent = `↑ Load earlier output (${bytes(this.start)} not shown)`;
@@ -5355,7 +5353,11 @@ class LogView {
   async earlier() {
     const end = this.start, following = this.following();
     this.earlierBtn.disabled = true;
-    this.joining = true;
+    if (following) {   // up to the page's start, where the text joins: a page that follows drops it
+      this.pinned = false;
+      this.pre.scrollTop = this.lastTop = 0;
+      this.controls();
+    }
     let joined = false;
     try {
       const from = await charStart(this.path, end - LOG_PAGE);
@@ -5367,30 +5369,28 @@ class LogView {
         pos = page.next_offset;
       }
       const [skip, rest] = from > 0 ? await dropPartialLine(text, this.path, from) : [0, text];
-      joined = this.start === end;   // (else the page was replaced meanwhile: nothing joins it)
-      if (joined) this.prepend(rest, from + skip, following);
+      joined = this.start === end;   // (else the reader came down meanwhile and the page was replaced)
+      if (joined) this.prepend(rest, from + skip, following && this.pre.scrollTop === 0);
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
       if (e.name !== 'AbortError') notify(`Could not load earlier output: ${e.message}`);
     } finally {
-      this.joining = false;
       this.earlierBtn.disabled = false;
-      if (!joined && following) this.toBottom();   // nothing joined: a follower follows on
+      if (!joined && following && this.pre.scrollTop === 0) this.toBottom();   // a follower follows on
     }
     this.controls();
     if (this.earlierBtn.hidden) this.pre.focus({preventScroll: true});
   }
 
   /** Put the text of the log from `start` to the page's start above it. What
-   * the reader saw stays in place; a reader who followed the end is taken up
-   * to the join, to what they asked for (which following would trim). */
-  prepend(text, start, following) {
+   * the reader sees stays in place, but for a follower taken to the page's
+   * start by their click, who is shown the join. */
+  prepend(text, start, toJoin) {
     const [fromBottom, height] = [this.pre.scrollHeight - this.pre.scrollTop, this.pre.scrollHeight];
     this.addGroup(text, this.start - start, ansiState(), this.groups[0] || {el: this.openEl});
     this.start = start;
     const added = this.pre.scrollHeight - height;
-    this.pre.scrollTop = following ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
-    this.pinned = false;   // (up there, they asked for it)
+    this.pre.scrollTop = toJoin ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
     this.lastTop = this.pre.scrollTop;
   }
 }
