@@ -4441,7 +4441,11 @@ function sleep(ms, signal) {
 /** Make `nodes` the page's content (null and false are skipped). */
 function show(...nodes) { main.replaceChildren(...nodes.flat(Infinity).filter(Boolean)); }
 
-function notify(message) { noticeEl.replaceChildren(...(message ? [h('p', {class: 'error'}, message)] : [])); }
+let refreshNotice = false;   // the notice says a refresh failed: the next refresh that works takes it away
+function notify(message, byRefresh = false) {
+  refreshNotice = byRefresh;
+  noticeEl.replaceChildren(...(message ? [h('p', {class: 'error'}, message)] : []));
+}
 
 // A button disabled while it works loses the focus to the page: give it back
 // (to the first of `candidates` that can take it), unless the reader moved on.
@@ -4492,9 +4496,9 @@ function fail(e, v) {
 /** A refresh in the background: its success clears what a failed one said
  * (the server is back), a 401 signs out, and leaving the page says nothing. */
 function refreshed(loading, v) {
-  return loading.then(() => { if (!v.signal.aborted) notify(''); }, e => {
+  return loading.then(() => { if (!v.signal.aborted && refreshNotice) notify(''); }, e => {
     if (e.status === 401) return signOut(EXPIRED);
-    if (e.name !== 'AbortError' && !v.signal.aborted) notify(e.message);
+    if (e.name !== 'AbortError' && !v.signal.aborted) notify(e.message, true);
   });
 }
 

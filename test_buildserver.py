@@ -11269,6 +11269,23 @@ def test_a_notice_of_a_failed_try_goes_once_the_same_action_succeeds(page, dash,
     expect(page.locator("#notice")).to_be_empty()
 
 
+def test_a_notice_of_a_failed_try_outlasts_the_refreshes_that_work(page, dash, open_page):
+    # The page's refresh of a running build (every 5 s) took it away within
+    # seconds: a reader who looked away never learnt that their click failed.
+    open_page.allowed.append("net::ERR_FAILED")
+    path = running_unmanaged(dash, "outlasted")
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(status_of(page)).to_have_text("▶running")
+    page.route("**/bookmark", lambda route: route.abort())
+    page.locator("#bookmark").click()
+    expect(page.locator("#notice")).to_contain_text("Could not change the bookmark")
+    with page.expect_response(lambda r: r.url.endswith("/api/v1" + path), timeout=15_000):
+        pass  # the next refresh, answered
+    page.wait_for_timeout(300)  # (what it would clear, it would have cleared by now)
+    expect(page.locator("#notice")).to_contain_text("Could not change the bookmark")
+
+
 def test_a_build_deleted_while_its_page_is_open_is_shown_deleted_with_nothing_to_do(
         page, dash, open_page):
     # It kept its last status, with Stop enabled, and asked every 5 s for ever.
