@@ -5373,6 +5373,7 @@ class LogView {
         pos = page.next_offset;
       }
       const [skip, rest] = from > 0 ? await dropPartialLine(text, this.path, from) : [0, text];
+      notify('');   // what a failed try said is past
       joined = this.start === end;   // (else the reader came down meanwhile and the page was replaced)
       if (joined) this.prepend(rest, from + skip, following && this.pre.scrollTop === 0);
     } catch (e) {

@@ -11286,6 +11286,22 @@ def test_a_notice_of_a_failed_try_outlasts_the_refreshes_that_work(page, dash, o
     expect(page.locator("#notice")).to_contain_text("Could not change the bookmark")
 
 
+def test_load_earlier_that_failed_says_so_until_it_works(page, dash, open_page):
+    open_page.allowed.append("net::ERR_FAILED")
+    path = running_unmanaged(dash, "retried-earlier")
+    dash.api("POST", path + "/logs", "".join(f"{n:09d}\n" for n in range(40_000)))  # 400 kB
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text(line_after_another("000039999"))
+    page.route("**/logs?format=json*", lambda route: route.abort())
+    page.locator("#earlier").click()
+    expect(page.locator("#notice")).to_contain_text("Could not load earlier output")
+    page.unroute("**/logs?format=json*")
+    page.locator("#earlier").click()
+    expect(log_of(page)).to_contain_text(line_after_another("000000001"))
+    expect(page.locator("#notice")).to_be_empty()
+
+
 def test_a_build_deleted_while_its_page_is_open_is_shown_deleted_with_nothing_to_do(
         page, dash, open_page):
     # It kept its last status, with Stop enabled, and asked every 5 s for ever.
