@@ -6985,12 +6985,12 @@ def test_a_project_deleted_while_builds_keep_coming_leaves_no_build_running_unre
     # after left a running build no start could find.
     data_dir = tmp_path / "deleting"
     server = server_factory("--workers", "2", "--stop-grace", "2", data_dir=data_dir)
-    status, _ = server.json("POST", "/api/v1/admin", {"name": "app",
-                                                      "command": "trap '' TERM; sleep 60"})
+    status, _ = server.json("POST", "/api/v1/admin",
+                            {"name": "app", "command": "trap '' TERM; echo ready; sleep 60"})
     assert status == 201
     uuids = [server.json("POST", "/api/v1/admin/app/builds", {})[1]["uuid"]]
-    wait_until(lambda: server.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"]
-               == "running", message="build 1 to run")
+    # (A TERM before its trap ends it at once, and the delete with it: on a busy machine.)
+    server_wait_for_log(server, "/api/v1/admin/app/builds/1", b"ready")
     deleted = []
     deleting = threading.Thread(target=lambda: deleted.append(
         server.json("DELETE", "/api/v1/admin/app", timeout=60)))
