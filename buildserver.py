@@ -4451,8 +4451,8 @@ function notify(message, byRefresh = false) {
 // (to the first of `candidates` that can take it), unless the reader moved on.
 function refocus(...candidates) {
   if (document.activeElement !== document.body) return;
-  const next = candidates.find(el => !el.disabled);
-  if (next) next.focus();
+  const next = candidates.find(el => !el.disabled && !el.hidden);
+  if (next) next.focus({preventScroll: true});   // (it was just used: in view)
 }
 
 // The API ---------------------------------------------------------------------
@@ -5375,7 +5375,7 @@ class LogView {
       const [skip, rest] = from > 0 ? await dropPartialLine(text, this.path, from) : [0, text];
       notify('');   // what a failed try said is past
       joined = this.start === end;   // (else the reader came down meanwhile and the page was replaced)
-      if (joined) this.prepend(rest, from + skip, following && this.pre.scrollTop === 0);
+      if (joined) this.prepend(rest, from + skip);
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
       if (e.name !== 'AbortError') notify(`Could not load earlier output: ${e.message}`);
@@ -5384,19 +5384,20 @@ class LogView {
       if (!joined && following && this.pre.scrollTop === 0) this.toBottom();   // a follower follows on
     }
     this.controls();
-    if (this.earlierBtn.hidden) this.pre.focus({preventScroll: true});
+    refocus(this.earlierBtn, this.pre);   // (disabled, it lost the focus: again, or read on)
   }
 
-  /** Put the text of the log from `start` to the page's start above it. What
-   * the reader sees stays in place, but for a follower taken to the page's
-   * start by their click, who is shown the join. */
-  prepend(text, start, toJoin) {
-    const [fromBottom, height] = [this.pre.scrollHeight - this.pre.scrollTop, this.pre.scrollHeight];
+  /** Put the text of the log from `start` to the page's start above it,
+   * keeping what the reader sees in place (a follower taken up by the click:
+   * the join, at the top). The new text's height is estimated until the
+   * browser draws what is near the view, a frame later, and wrapped lines
+   * are taller than that: then what was read is put back where it was. */
+  prepend(text, start) {
+    const read = this.readAt(), fromBottom = this.pre.scrollHeight - this.pre.scrollTop;
     this.addGroup(text, this.start - start, ansiState(), this.groups[0] || {el: this.openEl});
     this.start = start;
-    const added = this.pre.scrollHeight - height;
-    this.pre.scrollTop = toJoin ? Math.max(0, added - this.pre.clientHeight / 2) : this.pre.scrollHeight - fromBottom;
-    this.lastTop = this.pre.scrollTop;
+    this.pre.scrollTop = this.lastTop = this.pre.scrollHeight - fromBottom;
+    if (read) requestAnimationFrame(() => requestAnimationFrame(() => this.keepInView(...read)));
   }
 }
 

@@ -11966,6 +11966,44 @@ def test_focus_stays_on_bookmark_and_on_stop_when_a_stop_fails(page, dash, open_
     expect(page.locator("#stop")).to_be_focused()
 
 
+def test_load_earlier_of_wrapped_lines_shows_a_follower_the_join(page, dash):
+    # The follower was put half a screen of new text above the join, by that
+    # text's estimated height: wrapped lines are taller, and once drawn they
+    # took the reader screens above it (and 60 lines above the join when put
+    # at the join, by the same estimate).
+    path = running_unmanaged(dash, "wrapped-join")
+    dash.api("POST", path + "/logs", "".join(f"{n:06d} {'x' * 393}\n" for n in range(2_000)))
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text(re.compile(r"\n001999 x+\n$"))
+    wait_at_end(page)
+    first = log_of(page).text_content()[:6]
+    page.locator("#earlier").click()
+    expect(log_of(page)).to_contain_text(line_after_another(f"{first} {'x' * 393}"))
+    page.wait_for_timeout(300)  # (the lines near the view drawn by now)
+    # (The join at the box's padding from its top, as the first line was: the
+    # line above it shows in that padding.)
+    assert int(first) - 1 <= int(first_line_in_view(page)[:6]) <= int(first)
+
+
+def test_load_earlier_by_keyboard_keeps_the_focus_until_there_is_no_more(page, dash):
+    # Disabled while it fetched, the button dropped the focus to the page: the
+    # next Enter did nothing, nor did End.
+    path = running_unmanaged(dash, "keyed-earlier")
+    dash.api("POST", path + "/logs", "".join(f"{n:09d}\n" for n in range(70_000)))  # 700 kB
+    sign_in(page, dash)
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text(line_after_another("000069999"))
+    page.locator("#earlier").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#earlier")).to_contain_text("KiB not shown")
+    expect(page.locator("#earlier")).to_be_focused()  # again
+    page.keyboard.press("Enter")
+    expect(log_of(page)).to_contain_text(re.compile(r"^000000000\n"))
+    expect(page.locator("#earlier")).to_be_hidden()
+    expect(log_of(page)).to_be_focused()  # no more: read on, End follows the end
+
+
 def test_keyboard_alone_signs_in_opens_a_project_and_triggers_a_build(page, dash):
     dash.project("keys", command="echo typed")
     page.goto(dash.url + "/")
