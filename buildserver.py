@@ -5397,7 +5397,9 @@ class LogView {
     this.addGroup(text, this.start - start, ansiState(), this.groups[0] || {el: this.openEl});
     this.start = start;
     this.pre.scrollTop = this.lastTop = this.pre.scrollHeight - fromBottom;
-    if (read) requestAnimationFrame(() => requestAnimationFrame(() => this.keepInView(...read)));
+    if (read) requestAnimationFrame(() => requestAnimationFrame(() => {
+      if (this.pre.contains(read[0].startContainer)) this.keepInView(...read);   // (not replaced since)
+    }));
   }
 }
 
