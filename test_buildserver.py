@@ -4211,6 +4211,8 @@ def test_a_build_ignoring_sigterm_is_killed_after_the_grace_period(configured):
     history = status_history(web, alice, project, build["id"])
     assert [s["status"] for s in history][-3:] == ["running", "stopping", "stopped"]
     assert history[-1]["message"] == "stopped by alice"
+    at = {s["status"]: buildserver.parse_iso(s["created_at"]) for s in history}
+    assert (at["stopped"] - at["stopping"]).total_seconds() >= 0.95  # the 1 s grace was given
     wait_gone(marker)
 
 
@@ -4843,6 +4845,8 @@ def test_timeout_of_a_build_ignoring_sigterm_kills_it_after_the_grace_period(con
     history = status_history(web, alice, project, build["id"])
     assert [s["status"] for s in history][-3:] == ["running", "stopping", "failed"]
     assert history[-1]["message"] == "timed out after 1 s"
+    at = {s["status"]: buildserver.parse_iso(s["created_at"]) for s in history}
+    assert (at["failed"] - at["stopping"]).total_seconds() >= 0.95  # the 1 s grace was given
     wait_gone(f"BUILD_UUID={build['uuid']}")
 
 
@@ -5746,6 +5750,8 @@ def test_a_stopped_build_stays_stopping_while_a_group_it_made_holds_its_output(
         assert ended["last_status"] == ("stopped" if how == "stop" else "failed"), ended
         history = server.json("GET", path + "/statuses")[1]["results"]
         assert [s["status"] for s in history][-2:] == ["stopping", ended["last_status"]]
+        at = [buildserver.parse_iso(s["created_at"]) for s in history[-2:]]
+        assert (at[1] - at[0]).total_seconds() >= 3.9  # stopping until the 4 s grace ended
         # It held its worker until then, and no longer.
         assert server_final_build(server, f"{project_path}/builds/{waiting['id']}")[
             "started_at"] >= ended["finished_at"]
@@ -6402,7 +6408,12 @@ def test_shutdown_kills_a_build_ignoring_sigterm_after_the_grace_period(server_f
         last_status, exit_code = db.execute(
             "SELECT last_status, exit_code FROM builds WHERE uuid = ?",
             (build["uuid"],)).fetchone()
+        at = dict(db.execute(
+            "SELECT s.status, s.created_at FROM statuses s JOIN builds b ON b.id = s.build_id"
+            " WHERE b.uuid = ?", (build["uuid"],)).fetchall())
     assert (last_status, exit_code) == ("stopped", -9)
+    assert (buildserver.parse_iso(at["stopped"]) - buildserver.parse_iso(at["stopping"])
+            ).total_seconds() >= 0.95  # the 1 s grace was given
 
 
 # Found in review, pinned -----------------------------------------------------------
@@ -7407,7 +7418,7 @@ def test_status_logs_stop_and_builds_human_and_json(served):
 
     assert client(served, "logs", "admin/app", "1").stdout == b"hi\n"
     stopped = client(served, "stop", "admin/app", "2")
-    assert stopped.stdout == b"build 2 of admin/app: stopped\n"
+    assert (stopped.returncode, stopped.stdout) == (0, b"build 2 of admin/app: stopped\n")
 
     table = client(served, "builds", "admin/app").stdout.decode().splitlines()
     assert table[0].split() == ["ID", "STATUS", "NAME", "USER", "CREATED", "DURATION", "TAGS"]
@@ -10036,10 +10047,22 @@ def test_two_backups_to_one_file_at_once_each_copy_whole_and_leave_nothing_else(
     folder = tmp_path / "backups"
     folder.mkdir()
     dest = folder / "copy.db"
-    copies = [subprocess.Popen([sys.executable, SCRIPT, "backup", str(dest), "--data-dir",
-                                server.data_dir], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [copy.communicate(timeout=120) for copy in copies]
+    def start():
+        return subprocess.Popen([sys.executable, SCRIPT, "backup", str(dest), "--data-dir",
+                                 server.data_dir], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    first = start()
+    partial = wait_until(lambda: [p for p in folder.iterdir() if p.name.endswith(".partial")],
+                         interval=0.001, message="the first copy to begin")[0]
+    os.kill(first.pid, signal.SIGSTOP)  # held in the middle of its copy
+    try:
+        assert partial.exists(), "the first copy ended before the second began"
+        second = start()
+        second_result = second.communicate(timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    copies = [first, second]
+    results = [first.communicate(timeout=120), second_result]
     assert [copy.returncode for copy in copies] == [0, 0], results
     assert integrity(str(dest)) == [("ok",)]
     assert [p.name for p in folder.iterdir()] == ["copy.db"]
