@@ -5389,17 +5389,18 @@ class LogView {
 
   /** Put the text of the log from `start` to the page's start above it,
    * keeping what the reader sees in place (a follower taken up by the click:
-   * the join, at the top). The new text's height is estimated until the
-   * browser draws what is near the view, a frame later, and wrapped lines
-   * are taller than that: then what was read is put back where it was. */
+   * the join, at the top). The new text's height is an estimate until the
+   * browser draws what is near the view, a frame or more later (on a busy
+   * machine, after any look a frame or two on), and wrapped lines are taller:
+   * the text next to the join is drawn at once, and what was read put back. */
   prepend(text, start) {
     const read = this.readAt(), fromBottom = this.pre.scrollHeight - this.pre.scrollTop;
     this.addGroup(text, this.start - start, ansiState(), this.groups[0] || {el: this.openEl});
     this.start = start;
     this.pre.scrollTop = this.lastTop = this.pre.scrollHeight - fromBottom;
-    if (read) requestAnimationFrame(() => requestAnimationFrame(() => {
-      if (this.pre.contains(read[0].startContainer)) this.keepInView(...read);   // (not replaced since)
-    }));
+    if (!read) return;
+    drawLast(this.groups[0].el, 2 * window.innerHeight);
+    this.keepInView(...read);
   }
 }
 
@@ -5448,6 +5449,15 @@ async function charStart(path, offset) {
   let stray = 0;
   while (stray < raw.length && (raw[stray] & 0xc0) === 0x80) stray++;   // continuation bytes
   return offset + stray;
+}
+
+/** Lay out the last blocks of a group for real, at least `height` pixels of them
+ * (or all): the browser would draw them only once it saw them near the view. */
+function drawLast(group, height) {
+  for (let block = group.lastElementChild; block && height > 0; block = block.previousElementSibling) {
+    block.style.contentVisibility = 'visible';
+    height -= block.offsetHeight;
+  }
 }
 
 /** A range holding the character at the point (x, y) of the window, or null. */
