@@ -5391,8 +5391,9 @@ class LogView {
    * keeping what the reader sees in place (a follower taken up by the click:
    * the join, at the top). The new text's height is an estimate until the
    * browser draws what is near the view, a frame or more later (on a busy
-   * machine, after any look a frame or two on), and wrapped lines are taller:
-   * the text next to the join is drawn at once, and what was read put back. */
+   * machine, later than a look two frames on), and wrapped lines are taller:
+   * so the text next to the join is drawn at once, and what was read is put
+   * back in the same step. */
   prepend(text, start) {
     const read = this.readAt(), fromBottom = this.pre.scrollHeight - this.pre.scrollTop;
     this.addGroup(text, this.start - start, ansiState(), this.groups[0] || {el: this.openEl});
