@@ -11335,12 +11335,29 @@ def test_a_build_deleted_while_its_page_is_open_is_shown_deleted_with_nothing_to
     sign_in(page, dash)
     page.clock.install()
     page.route("**/logs?follow=1*", lambda route: route.abort())  # it learns by its refreshes
+    answered = []
+    page.on("requestfinished", lambda r: answered.append(r.url))
     page.goto(dash.url + f"/#/alice/vanishing/builds/{build['id']}")
     expect(status_of(page)).to_have_text("○created")
-    page.wait_for_timeout(500)  # (its follow has failed, and waits on the page's clock)
+    # Its follow has failed and the refresh that follows answered (a look
+    # during the delete would read the build `stopped`, final, never asked
+    # again); then it waits on the page's clock.
+    for _ in range(300):  # (the page's events are handled only while it is waited on)
+        if sum(u.endswith("/statuses?limit=1000") for u in answered) >= 2:
+            break
+        page.wait_for_timeout(50)
+    else:
+        raise AssertionError("no refresh after the page's follow failed")
     dash.api("DELETE", f"/alice/vanishing/builds/{build['id']}")
-    page.clock.run_for(6000)  # a refresh
-    expect(status_of(page)).to_have_text("deleted")
+
+    def a_refresh_shows_it_deleted():
+        page.clock.run_for(6000)  # (one still on its way is asked again at the next)
+        try:
+            expect(status_of(page)).to_have_text("deleted", timeout=2000)
+        except AssertionError:
+            return False
+        return True
+    wait_until(a_refresh_shows_it_deleted, timeout=30.0, message="the build shown deleted")
     expect(page.locator("#notice")).to_contain_text("There is no build")
     for button in ("#stop", "#restart", "#bookmark"):
         expect(page.locator(button)).to_be_disabled()
