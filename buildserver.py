@@ -6827,6 +6827,7 @@ def _run_build(client, project, args):
         return _fail(f"{e}\n{_whereabouts(made, args)}", EXIT_UNKNOWN)
     except (KeyboardInterrupt, Terminated) as interrupt:
         _INTERRUPTED.append(interrupt)  # (a Ctrl-C's: see _terminated)
+        _let_go_of_later_signals()
         _interrupted(client, args, made, path)
         return 128 + interrupt.args[0] if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except OutputFailed as e:  # the log cannot be written (a full disk): the build runs on
@@ -6942,6 +6943,16 @@ def _terminated(signum, frame):
     if not _INTERRUPTED:
         _INTERRUPTED.append(signum)
         raise Terminated(signum)
+
+
+def _let_go_of_later_signals():
+    """Once `run` was interrupted, ignore SIGTERM and SIGHUP where _terminated
+    took them: it lets them go anyway, but Python, as it exits, puts back the
+    default of each signal it handled, and a second signal that came late (on
+    a busy machine) then ended `run` by the signal, not with its exit code."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is _terminated:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _take_interrupts():

@@ -7580,6 +7580,13 @@ def test_stop_on_interrupt_takes_an_ignored_sigint_and_sighup_unless_under_nohup
             status = served.json("GET", "/api/v1/admin/app/builds/1")[1]["last_status"]
             assert status == "running"
             return
+        deadline = time.monotonic() + 30
+        while signum != signal.SIGINT and proc.poll() is None and time.monotonic() < deadline:
+            # More, until it has exited: one that came as Python exited, once
+            # it had put back each signal's default, ended `run` by the signal.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+            time.sleep(0.001)
         assert proc.wait(30) == code
         assert b"stop requested" in proc.stderr.read()
         assert server_final_build(served, "/api/v1/admin/app/builds/1")["last_status"] == "stopped"
