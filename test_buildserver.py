@@ -11350,7 +11350,8 @@ def test_a_build_deleted_while_its_page_is_open_is_shown_deleted_with_nothing_to
     # during the delete would read the build `stopped`, final, never asked
     # again); then it waits on the page's clock.
     for _ in range(300):  # (the page's events are handled only while it is waited on)
-        if sum(u.endswith("/statuses?limit=1000") for u in answered) >= 2:
+        if all(sum(u.endswith(end) for u in answered) >= 2
+               for end in (f"/vanishing/builds/{build['id']}", "/statuses?limit=1000")):
             break
         page.wait_for_timeout(50)
     else:
