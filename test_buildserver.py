@@ -90,6 +90,16 @@ def wait_until(predicate, timeout=15.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+def while_page_waits(page, predicate, message, timeout=15.0):
+    """wait_until for what only the page's events bring (a request routed, a
+    request finished): Playwright handles them only while it is waited on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        page.wait_for_timeout(50)
+
+
 def read_within(proc, read, timeout=60.0):
     """`read()` of a child process's output (proc.stdout.readline, say): a
     child that hangs is killed, with what it started (a server under a
@@ -11252,10 +11262,7 @@ def test_a_list_answer_that_comes_after_a_newer_ask_is_dropped(page, dash):
     held = []
     page.route(re.compile(r".*/builds\?limit=20&offset=0$"), lambda r: held.append(r))  # held
     page.evaluate("location.hash = '#/alice/racing?offset=0'")  # the unfiltered list, asked again
-    for _ in range(300):  # (the page's events are handled only while it is waited on)
-        if held:
-            break
-        page.wait_for_timeout(50)
+    while_page_waits(page, lambda: held, "the list asked again")
     page.get_by_label("failed").check()
     expect(rows).to_have_count(1)
     held[0].continue_()  # the older answer comes now
@@ -11349,13 +11356,10 @@ def test_a_build_deleted_while_its_page_is_open_is_shown_deleted_with_nothing_to
     # Its follow has failed and the refresh that follows answered (a look
     # during the delete would read the build `stopped`, final, never asked
     # again); then it waits on the page's clock.
-    for _ in range(300):  # (the page's events are handled only while it is waited on)
-        if all(sum(u.endswith(end) for u in answered) >= 2
-               for end in (f"/vanishing/builds/{build['id']}", "/statuses?limit=1000")):
-            break
-        page.wait_for_timeout(50)
-    else:
-        raise AssertionError("no refresh after the page's follow failed")
+    while_page_waits(page, lambda: all(
+        sum(u.endswith(end) for u in answered) >= 2
+        for end in (f"/vanishing/builds/{build['id']}", "/statuses?limit=1000")),
+        "the refresh after the page's follow failed")
     dash.api("DELETE", f"/alice/vanishing/builds/{build['id']}")
 
     def a_refresh_shows_it_deleted():
@@ -11716,10 +11720,7 @@ def earlier_on_a_slow_network(page, dash, tmp_path, name):
         held = []
         page.route("**/logs?format=json*", lambda route: held.append(route))
         page.locator("#earlier").click()
-        for _ in range(300):  # (the page's events are handled only while it is waited on)
-            if held:
-                break
-            page.wait_for_timeout(50)
+        while_page_waits(page, lambda: held, "Load earlier's fetch")
         first = log_of(page).evaluate("b => parseInt(b.textContent, 10)")
         size = dash.api("GET", path)["log_size"]
 
