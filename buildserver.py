@@ -4340,6 +4340,7 @@ const LOG_PAGE = 256 * 1024;     // bytes of log fetched at once (the tail, or o
 const LOG_KEEP = 2 * 1024 * 1024;  // bytes kept in the page while following (to twice that); older ones are dropped
 const LOG_HOLD = 2 * LOG_KEEP;   // bytes a page scrolled up holds; newer output then waits undrawn
 const REFRESH_MS = 5000;         // status refresh while builds are active (the log itself streams)
+const READ_MS = 30000;           // a read with no whole answer by then fails: a stalled server or proxy
 const STATUSES = ['created', 'scheduled', 'running', 'stopping', 'succeeded', 'failed', 'stopped'];
 const SYMBOL = {created: '○', scheduled: '…', running: '▶', stopping: '◼', succeeded: '✓', failed: '✗', stopped: '■'};
 const FINAL = new Set(['succeeded', 'failed', 'stopped']);
@@ -4461,19 +4462,41 @@ class ApiError extends Error {
   constructor(status, message, errors) { super(message); this.status = status; this.errors = errors; }
 }
 
+/** A signal that aborts with `outer` (leaving the page), or once READ_MS have
+ * passed (`late`): a read that stalls, its answer or its body, would keep the
+ * button that asked disabled, and a page's refreshes would pile up behind it.
+ * Not for writes: a late answer may still be a yes (a stop waits for its build). */
+function readDeadline(outer) {
+  const ctl = new AbortController(), abort = () => ctl.abort();
+  const d = {signal: ctl.signal, late: false, timer: setTimeout(() => { d.late = true; abort(); }, READ_MS),
+             end() { clearTimeout(d.timer); if (outer) outer.removeEventListener('abort', abort); }};
+  if (outer && outer.aborted) abort(); else if (outer) outer.addEventListener('abort', abort);
+  return d;
+}
+
+function tooSlow(d, e) {
+  return d.late ? new ApiError(0, `The server did not answer within ${READ_MS / 1000} seconds. ` +
+                                  'Check that it is running, then try again.') : e;
+}
+
 /** JSON from /api/v1{path}; throws ApiError with the server's own sentence. */
 async function api(path, {method = 'GET', body, auth = token, signal = view && view.signal} = {}) {
   const headers = {Authorization: `Token ${auth}`, Accept: 'application/json'};
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  let res;
+  const d = method === 'GET' ? readDeadline(signal) : {signal, end() {}};
+  let res, data;
   try {
-    res = await fetch(API + path, {method, headers, signal, cache: 'no-store',
-                                   body: body === undefined ? undefined : JSON.stringify(body)});
-  } catch (e) {
-    if (e.name === 'AbortError') throw e;
-    throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
+    try {
+      res = await fetch(API + path, {method, headers, signal: d.signal, cache: 'no-store',
+                                     body: body === undefined ? undefined : JSON.stringify(body)});
+    } catch (e) {
+      if (e.name === 'AbortError') throw tooSlow(d, e);
+      throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
+    }
+    data = await res.json().catch(e => { if (e.name === 'AbortError') throw tooSlow(d, e); return null; });
+  } finally {
+    d.end();
   }
-  const data = await res.json().catch(e => { if (e.name === 'AbortError') throw e; return null; });
   if (res.ok) return data;
   let message = (data && data.detail) || `The server answered ${res.status} ${res.statusText}.`;
   const errors = Object.entries((data && data.errors) || {}).filter(([, v]) => !message.includes(v));
@@ -4518,8 +4541,15 @@ function reload() {
   route();
 }
 
+/** fn() every `ms` while the page is shown; not while the promise it gave
+ * last is pending: refreshes would pile up behind one that stalls. */
 function every(v, ms, fn) {
-  v.timers.push(setInterval(() => { if (!document.hidden && !v.signal.aborted) fn(); }, ms));
+  let pending = null;
+  v.timers.push(setInterval(() => {
+    if (document.hidden || v.signal.aborted || pending) return;
+    const p = fn();
+    if (p) pending = p.finally(() => { pending = null; });
+  }, ms));
 }
 
 function setCrumbs(items, title) {
@@ -4666,7 +4696,7 @@ async function projectsPage(v, user, q) {
     newProjectForm(user), list);
   focusHeading();
   // Keep last-build statuses fresh: often while something runs, rarely otherwise.
-  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) refreshed(load(current), v); });
+  every(v, REFRESH_MS, () => active || ++ticks % 6 === 0 ? refreshed(load(current), v) : null);
 }
 
 function projectTable(user, data, offset) {
@@ -4776,7 +4806,7 @@ async function projectPage(v, user, name, q) {
       triggerForm(path, project)),
     h('section', {'aria-labelledby': 'builds-h'}, h('h2', {id: 'builds-h', tabindex: -1}, 'Builds'), filter, list));
   focusHeading();
-  every(v, REFRESH_MS, () => { if (active || ++ticks % 6 === 0) refreshed(load(current), v); });
+  every(v, REFRESH_MS, () => active || ++ticks % 6 === 0 ? refreshed(load(current), v) : null);
 }
 
 function envBlock(env) {
@@ -4999,7 +5029,7 @@ async function buildPage(v, user, name, id) {
   render();
   focusHeading();
 
-  every(v, REFRESH_MS, () => { if (!FINAL.has(build.last_status)) refresh(); });
+  every(v, REFRESH_MS, () => FINAL.has(build.last_status) ? null : refresh());
   every(v, 1000, () => {   // the running clock: the server's duration plus the time since (no request)
     if (build.started_at && !build.finished_at && clock.duration != null) {
       document.getElementById('duration').textContent = duration(clock.duration + (performance.now() - clock.at) / 1000);
@@ -5480,11 +5510,18 @@ function caretAt(x, y) {
 
 /** At most `limit` of the stored bytes of the log at `path` from byte `offset`. */
 async function logBytes(path, offset, limit) {
-  const res = await fetch(`${API}${path}/logs?format=text&offset=${offset}&limit=${limit}`, {
-    cache: 'no-store', signal: view && view.signal,
-    headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
-  if (!res.ok) throw new ApiError(res.status, `The server answered ${res.status}.`);
-  return new Uint8Array(await res.arrayBuffer());
+  const d = readDeadline(view && view.signal);
+  try {
+    const res = await fetch(`${API}${path}/logs?format=text&offset=${offset}&limit=${limit}`, {
+      cache: 'no-store', signal: d.signal,
+      headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
+    if (!res.ok) throw new ApiError(res.status, `The server answered ${res.status}.`);
+    return new Uint8Array(await res.arrayBuffer());
+  } catch (e) {
+    throw tooSlow(d, e);
+  } finally {
+    d.end();
+  }
 }
 
 // ANSI: colours and styles of SGR sequences become styled spans; every other

@@ -11465,6 +11465,70 @@ def test_a_big_log_shows_its_tail_and_loads_earlier_parts_on_demand(page, dash):
         assert "follow=1" in url or (limit and int(limit.group(1)) <= 256 * 1024), url
 
 
+def test_a_stalled_read_gives_up_and_leaves_load_earlier_to_try_again(page, dash):
+    # A read that got no answer kept "Load earlier" disabled for good, and a
+    # page's refreshes piled up behind one that stalled.
+    dash.project("stalled", command="seq 100000")  # 589 KB: more than a page's 256 KiB
+    build = dash.final_build(f"/alice/stalled/builds/{dash.api('POST', '/alice/stalled/builds')['id']}")
+    page.clock.install()
+    sign_in(page, dash)
+    page.goto(dash.url + f"/#/alice/stalled/builds/{build['id']}")
+    expect(log_of(page)).to_contain_text("99999\n100000\n")
+    earlier = page.locator("#earlier")
+    held = []
+    page.route("**/logs?format=*", lambda route: held.append(route))  # answered never
+    earlier.click()
+    while_page_waits(page, lambda: held, "Load earlier's read")
+    expect(earlier).to_be_disabled()
+    page.clock.run_for(29_000)
+    expect(earlier).to_be_disabled()  # (it waits for as long as it should)
+    page.clock.run_for(2000)
+    expect(page.locator("#notice")).to_have_text(
+        "Could not load earlier output: The server did not answer within 30 seconds. "
+        "Check that it is running, then try again.")
+    expect(earlier).to_be_enabled()
+    page.unroute("**/logs?format=*")
+    first = log_of(page).evaluate("b => parseInt(b.textContent, 10)")
+    earlier.click()  # and again, with the server answering
+    expect(log_of(page)).to_contain_text(line_after_another(first))
+    expect(page.locator("#notice")).to_be_empty()
+
+
+def test_a_list_refresh_that_stalls_is_not_piled_on_and_says_so_when_it_gives_up(page, dash):
+    # Every 5 s another refresh went out behind one that never answered: six
+    # took every connection a browser opens to a server, and held them.
+    dash.project("stalling")
+    dash.api("POST", "/alice/stalling/builds", {"is_managed": False})  # never final: refreshed often
+    page.add_init_script("window.lists = 0; const f = window.fetch; window.fetch = (url, o) =>"
+                         " { if (/\\/alice\\?/.test(url)) window.lists++; return f(url, o); };")
+    page.clock.install()
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice")
+    expect(page.locator("main")).to_contain_text("stalling")
+    held = []
+    page.route("**/api/v1/alice?*", lambda route: held.append(route))  # answered never
+    asked = page.evaluate("window.lists")
+    page.clock.run_for(5000)
+    while_page_waits(page, lambda: held, "the list's refresh")
+    page.clock.run_for(24_000)  # five more ticks of the refresh, 29 s on the page's clock
+    assert page.evaluate("window.lists") == asked + 1
+    page.clock.run_for(7000)  # the first gave up at 35 s
+    notice = page.locator("#notice")
+    expect(notice).to_have_text("The server did not answer within 30 seconds. "
+                                "Check that it is running, then try again.")
+    page.unroute("**/api/v1/alice?*")
+
+    def a_refresh_clears_it():
+        page.clock.run_for(5000)
+        try:
+            expect(notice).to_be_empty(timeout=2000)
+        except AssertionError:
+            return False
+        return True
+    wait_until(a_refresh_clears_it, timeout=30.0, message="a refresh that answered")
+    assert page.evaluate("window.lists") > asked + 1
+
+
 def python_command(code):
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
