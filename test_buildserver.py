@@ -100,6 +100,30 @@ def while_page_waits(page, predicate, message, timeout=15.0):
         page.wait_for_timeout(50)
 
 
+def three_frames(page):
+    """Until the page has drawn three frames: what its last events made of
+    the page is drawn, and any scroll the browser makes of it is done."""
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame("
+                  "() => requestAnimationFrame(r))))")
+
+
+@contextlib.contextmanager
+def answers_handled(page, *ends, message):
+    """Until the page's requests whose URLs end in each of `ends` (sent, or
+    let go, within the block) have been answered, and three frames have
+    passed: a check after it that nothing changed is one that could fail."""
+    finished = []
+    listener = lambda request: finished.append(request.url)  # noqa: E731
+    page.on("requestfinished", listener)
+    try:
+        yield
+        while_page_waits(page, lambda: all(any(u.endswith(end) for u in finished)
+                                           for end in ends), message)
+    finally:
+        page.remove_listener("requestfinished", listener)
+    three_frames(page)
+
+
 def read_within(proc, read, timeout=60.0):
     """`read()` of a child process's output (proc.stdout.readline, say): a
     child that hangs is killed, with what it started (a server under a
@@ -11265,8 +11289,8 @@ def test_a_list_answer_that_comes_after_a_newer_ask_is_dropped(page, dash):
     while_page_waits(page, lambda: held, "the list asked again")
     page.get_by_label("failed").check()
     expect(rows).to_have_count(1)
-    held[0].continue_()  # the older answer comes now
-    page.wait_for_timeout(500)  # (what it would have drawn, it would have drawn by now)
+    with answers_handled(page, "/builds?limit=20&offset=0", message="the older answer"):
+        held[0].continue_()  # the older answer comes now
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("✗failed")
     page.unroute(re.compile(r".*/builds\?limit=20&offset=0$"))
@@ -11317,9 +11341,9 @@ def test_a_notice_of_a_failed_try_outlasts_the_refreshes_that_work(page, dash, o
     page.route("**/bookmark", lambda route: route.abort())
     page.locator("#bookmark").click()
     expect(page.locator("#notice")).to_contain_text("Could not change the bookmark")
-    with page.expect_response(lambda r: r.url.endswith("/api/v1" + path), timeout=15_000):
-        pass  # the next refresh, answered
-    page.wait_for_timeout(300)  # (what it would clear, it would have cleared by now)
+    with answers_handled(page, "/api/v1" + path, "/statuses?limit=1000",
+                         message="the next refresh"):
+        pass
     expect(page.locator("#notice")).to_contain_text("Could not change the bookmark")
 
 
@@ -11767,12 +11791,17 @@ def test_load_earlier_while_following_a_fast_log_shows_what_it_loaded(page, dash
     expect(page.locator("#latest")).to_be_visible()
 
 
+LAST_LINE = ("b => { const t = b.textContent;"
+             " return parseInt(t.slice(t.lastIndexOf('\\n', t.length - 2) + 1), 10); }")
+
+
 @contextlib.contextmanager
 def earlier_on_a_slow_network(page, dash, tmp_path, name):
     """A page following a build that prints numbered lines fast (5 MB/s or
     so), "Load earlier" clicked and its fetch held. Yields (let_go, first,
     grown): let_go() lets the fetch on, first is the page's first number,
-    grown(n) waits until the log has n bytes more. The build ends after."""
+    grown(n) waits until the log has n bytes more, and returns the number
+    of its last line then. The build ends after."""
     stop = tmp_path / "stop"
     dash.project(name, command=f"i=0; while [ ! -e {stop} ]; do "
                                "seq $((i*10000+1)) $((i*10000+10000)); i=$((i+1)); sleep 0.01; done")
@@ -11791,8 +11820,11 @@ def earlier_on_a_slow_network(page, dash, tmp_path, name):
         def let_go():
             held[0].continue_()
             page.unroute("**/logs?format=json*")
-        yield let_go, first, lambda more: wait_until(
-            lambda: dash.api("GET", path)["log_size"] > size + more)
+
+        def grown(more):
+            wait_until(lambda: dash.api("GET", path)["log_size"] > size + more)
+            return int(dash.api("GET", f"{path}/logs?format=json&tail=2")["text"].split()[-1])
+        yield let_go, first, grown
     finally:
         stop.touch()
     expect(status_of(page)).to_have_text("✓succeeded", timeout=30_000)
@@ -11804,8 +11836,12 @@ def test_load_earlier_answered_after_a_follower_would_have_dropped_older_lines_j
     # was at the click; a page following a fast log had dropped older lines
     # while the fetch was on its way, and the join hid them: a gap, unmarked.
     with earlier_on_a_slow_network(page, dash, tmp_path, "joined") as (let_go, first, grown):
-        grown(3 * MiB)  # (a follower's page keeps 2)
-        page.wait_for_timeout(300)  # (what it would have drawn, it would have drawn by now)
+        last = grown(3 * MiB)  # (a follower's page keeps 2)
+        # Drawn to there (a page that would drop older lines has), or held
+        # back from there on: the page has 4 MiB while its reader is up.
+        page.wait_for_function(f"() => ({LAST_LINE})(document.getElementById('log')) >= {last}"
+                               " || document.getElementById('latest').textContent.endsWith('more)')",
+                               polling=100, timeout=15_000)
         let_go()
         expect(log_of(page)).to_contain_text(line_after_another(first))
         expect(page.locator("#latest")).to_be_visible()  # up at the join
@@ -11816,18 +11852,17 @@ def test_load_earlier_answered_after_a_follower_would_have_dropped_older_lines_j
 def test_a_follower_can_come_back_down_while_load_earlier_waits(page, dash, tmp_path):
     # The page stopped at 4 MiB while the fetch waited, still "live", with no
     # "Latest output" to take the reader on: a finished-looking log.
-    last_line = ("b => { const t = b.textContent;"
-                 " return parseInt(t.slice(t.lastIndexOf('\\n', t.length - 2) + 1), 10); }")
     with earlier_on_a_slow_network(page, dash, tmp_path, "onward") as (let_go, first, grown):
-        last = log_of(page).evaluate(last_line)
+        last = log_of(page).evaluate(LAST_LINE)
         grown(6 * MiB)  # 750 000 lines, more than a page holds
         expect(page.locator("#latest")).to_contain_text("MiB more")
         page.locator("#latest").click()
-        page.wait_for_function(f"() => ({last_line})(document.getElementById('log')) > {last + 600_000}",
+        page.wait_for_function(f"() => ({LAST_LINE})(document.getElementById('log')) > {last + 600_000}",
                                polling=100, timeout=15_000)
         log_of(page).evaluate("b => { b.scrollTop = 0; }")  # (up: what joined would stay)
         let_go()  # too late: the page it was for was replaced
-        page.wait_for_timeout(300)  # (what it would have joined, it would have joined by now)
+        expect(page.locator("#earlier")).to_be_enabled()  # (its fetches are over)
+        three_frames(page)
     numbers = numbers_in(page)
     assert numbers[0] > first and numbers == list(range(numbers[0], numbers[-1] + 1))
 
@@ -11914,7 +11949,7 @@ def test_wrapping_turned_off_up_the_page_leaves_the_reader_where_they_read(page,
     expect(page.locator("#latest")).to_be_visible()
     read = int(wait_until(lambda: first_line_in_view(page), message="the lines drawn").split()[0])
     page.locator("#wrap").uncheck()
-    page.wait_for_timeout(300)  # (any scroll the browser makes is done)
+    three_frames(page)
     now = wait_until(lambda: first_line_in_view(page), message="the lines drawn")
     assert abs(int(now.split()[0]) - read) <= 1, (read, now)
     assert not at_end(page)
@@ -11937,7 +11972,10 @@ def test_a_reader_up_the_page_while_a_huge_line_arrives_stays_there(page, dash, 
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.wheel(0, -300)
     expect(page.locator("#latest")).to_be_visible()
-    page.wait_for_timeout(1500)  # more of the line, drawn while the reader is up
+    drawn = log_of(page).evaluate("b => Math.max(...[...b.textContent.matchAll(/(\\d{6})z/g)]"
+                                  ".map(m => parseInt(m[1], 10)))")
+    expect(log_of(page)).to_contain_text(f"{drawn + 25:06d}z")  # more of the line, drawn meanwhile
+    three_frames(page)
     expect(page.locator("#latest")).to_be_visible()
     assert not at_end(page)
     go.touch()
@@ -12021,13 +12059,13 @@ def test_a_build_name_the_server_would_refuse_is_caught_by_the_form(page, dash):
     page.goto(dash.url + "/#/alice/named")
     page.get_by_text("Options: command, environment, name, tags").click()
     page.get_by_label("Name").fill("my build")
-    sent = []
-    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+    page.evaluate("() => { window.posts = 0; const f = window.fetch; window.fetch = (url, o) =>"
+                  " { if (o && o.method === 'POST') window.posts++; return f(url, o); }; }")
     page.get_by_role("button", name="Trigger build").click()
     assert page.locator("#tb-name").evaluate("e => e.validity.patternMismatch")
     expect(page.locator("#tb-name-help")).to_have_text('Letters, digits, "-" and "_".')
-    page.wait_for_timeout(300)  # (a request it sent, it would have sent by now)
-    assert sent == []  # the form held it back (the server would refuse the name too)
+    three_frames(page)
+    assert page.evaluate("window.posts") == 0  # the form held it back (the server would refuse it too)
 
 
 def test_progress_bars_keep_their_colour_and_escape_strings_and_bidi_controls_show_safely(
@@ -12099,8 +12137,7 @@ def test_load_earlier_of_wrapped_lines_shows_a_follower_the_join(page, dash):
     # page's look two frames on came before that, and left the estimate).
     join = (int(first) - 1, int(first))
     assert int(first_line_in_view(page)[:6]) in join
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame("
-                  "() => requestAnimationFrame(r))))")
+    three_frames(page)
     assert int(first_line_in_view(page)[:6]) in join
 
 
