@@ -4340,7 +4340,7 @@ const LOG_PAGE = 256 * 1024;     // bytes of log fetched at once (the tail, or o
 const LOG_KEEP = 2 * 1024 * 1024;  // bytes kept in the page while following (to twice that); older ones are dropped
 const LOG_HOLD = 2 * LOG_KEEP;   // bytes a page scrolled up holds; newer output then waits undrawn
 const REFRESH_MS = 5000;         // status refresh while builds are active (the log itself streams)
-const READ_MS = 30000;           // a read with no whole answer by then fails: a stalled server or proxy
+const READ_MS = 30000;           // a read that gets nothing for this long fails: a stalled server or proxy
 const STATUSES = ['created', 'scheduled', 'running', 'stopping', 'succeeded', 'failed', 'stopped'];
 const SYMBOL = {created: '○', scheduled: '…', running: '▶', stopping: '◼', succeeded: '✓', failed: '✗', stopped: '■'};
 const FINAL = new Set(['succeeded', 'failed', 'stopped']);
@@ -4434,8 +4434,9 @@ function bytes(n) {
 
 function sleep(ms, signal) {
   return new Promise(resolve => {
-    const timer = setTimeout(resolve, ms);
-    if (signal) signal.addEventListener('abort', () => { clearTimeout(timer); resolve(); }, {once: true});
+    const end = () => { clearTimeout(timer); if (signal) signal.removeEventListener('abort', end); resolve(); };
+    const timer = setTimeout(end, ms);
+    if (signal) signal.addEventListener('abort', end);
   });
 }
 
@@ -4462,28 +4463,42 @@ class ApiError extends Error {
   constructor(status, message, errors) { super(message); this.status = status; this.errors = errors; }
 }
 
-/** A signal that aborts with `outer` (leaving the page), or once READ_MS have
- * passed (`late`): a read that stalls, its answer or its body, would keep the
- * button that asked disabled, and a page's refreshes would pile up behind it.
- * Not for writes: a late answer may still be a yes (a stop waits for its build). */
+/** A signal that aborts with `outer` (leaving the page), or once READ_MS pass
+ * with nothing received (`late`; each piece of the body puts it off, so a
+ * slow link is no stall): a read that stalls would keep the button that
+ * asked disabled, and a page's refreshes would pile up behind it. Not for
+ * writes: a late answer may still be a yes (a stop waits for its build). */
 function readDeadline(outer) {
   const ctl = new AbortController(), abort = () => ctl.abort();
-  const d = {signal: ctl.signal, late: false, timer: setTimeout(() => { d.late = true; abort(); }, READ_MS),
+  const d = {signal: ctl.signal, late: false, timer: null,
+             putOff() { clearTimeout(d.timer); d.timer = setTimeout(() => { d.late = true; abort(); }, READ_MS); },
              end() { clearTimeout(d.timer); if (outer) outer.removeEventListener('abort', abort); }};
+  d.putOff();
   if (outer && outer.aborted) abort(); else if (outer) outer.addEventListener('abort', abort);
   return d;
 }
 
 function tooSlow(d, e) {
-  return d.late ? new ApiError(0, `The server did not answer within ${READ_MS / 1000} seconds. ` +
+  return d.late ? new ApiError(0, `The server sent nothing for ${READ_MS / 1000} seconds. ` +
                                   'Check that it is running, then try again.') : e;
+}
+
+/** The whole body of `res`, each piece putting off the deadline `d`. */
+async function bodyOf(res, d) {
+  const chunks = [], reader = res.body ? res.body.getReader() : null;
+  for (;;) {
+    const {done, value} = reader ? await reader.read() : {done: true};
+    if (done) return concat(chunks);
+    chunks.push(value);
+    d.putOff();
+  }
 }
 
 /** JSON from /api/v1{path}; throws ApiError with the server's own sentence. */
 async function api(path, {method = 'GET', body, auth = token, signal = view && view.signal} = {}) {
   const headers = {Authorization: `Token ${auth}`, Accept: 'application/json'};
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const d = method === 'GET' ? readDeadline(signal) : {signal, end() {}};
+  const d = method === 'GET' ? readDeadline(signal) : {signal, putOff() {}, end() {}};
   let res, data;
   try {
     try {
@@ -4493,7 +4508,8 @@ async function api(path, {method = 'GET', body, auth = token, signal = view && v
       if (e.name === 'AbortError') throw tooSlow(d, e);
       throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
     }
-    data = await res.json().catch(e => { if (e.name === 'AbortError') throw tooSlow(d, e); return null; });
+    data = await bodyOf(res, d).then(body => JSON.parse(new TextDecoder().decode(body)))
+      .catch(e => { if (e.name === 'AbortError') throw tooSlow(d, e); return null; });
   } finally {
     d.end();
   }
@@ -4677,8 +4693,8 @@ async function projectsPage(v, user, q) {
   async function load(query) {
     current = query;
     const offset = offsetOf(query);
-    const data = await api(`${path}?limit=${PAGE}&offset=${offset}`);
-    if (query !== current) return;   // another page was asked for meanwhile: its answer wins
+    const data = await api(`${path}?limit=${PAGE}&offset=${offset}`).catch(e => { if (query === current) throw e; });
+    if (query !== current) return;   // another page was asked for meanwhile: its answer (or failure) wins
     active = data.results.some(p => p.last_build && !FINAL.has(p.last_build.last_status));
     const key = JSON.stringify(data);
     if (key === seen) return;
@@ -4782,8 +4798,8 @@ async function projectPage(v, user, name, q) {
     const statuses = (query.get('status') || '').split(',').filter(s => STATUSES.includes(s));
     boxes.forEach(b => { b.checked = statuses.includes(b.value); });
     const url = `${path}/builds?limit=${PAGE}&offset=${offset}` + (statuses.length ? `&status=${statuses.join(',')}` : '');
-    const data = await api(url);
-    if (query !== current) return;   // another page or filter was asked for meanwhile: its answer wins
+    const data = await api(url).catch(e => { if (query === current) throw e; });
+    if (query !== current) return;   // another page or filter was asked for meanwhile: its answer (or failure) wins
     active = data.results.some(b => !FINAL.has(b.last_status));
     const key = JSON.stringify(data);
     if (key === seen) return;
@@ -5035,12 +5051,24 @@ async function buildPage(v, user, name, id) {
       document.getElementById('duration').textContent = duration(clock.duration + (performance.now() - clock.at) / 1000);
     }
   });
-  try {
-    if (!await log.load(build)) log.follow();
-    else if (!FINAL.has(build.last_status)) refresh();   // it ended as the page opened
-  } catch (e) {
-    if (e.status === 401) return signOut(EXPIRED);
-    if (e.name !== 'AbortError') log.say(`The log could not be loaded: ${e.message}`);
+  // A log the server could not send (away, or stalled) is asked for again,
+  // less often as it goes on, until it comes: the pane has no button to ask.
+  for (let pause = 1000, note = null; !v.signal.aborted; pause = Math.min(2 * pause, 30000)) {
+    try {
+      const whole = await log.load(build);
+      if (note) note.remove();
+      if (!whole) log.follow();
+      else if (!FINAL.has(build.last_status)) refresh();   // it ended as the page opened
+      return;
+    } catch (e) {
+      if (e.status === 401) return signOut(EXPIRED);
+      if (e.name === 'AbortError' || v.signal.aborted) return;
+      const again = e.status === 0 || e.status >= 500;
+      if (note) note.remove();
+      note = log.say(`The log could not be loaded: ${e.message}${again ? ' (The page tries again by itself.)' : ''}`);
+      if (!again) return;
+      await sleep(pause, v.signal);
+    }
   }
 }
 
@@ -5174,7 +5202,7 @@ class LogView {
     this.growth.observe(this.watched = el);
   }
 
-  say(text) { this.pre.append(h('span', {class: 'note'}, `\n${text}\n`)); }
+  say(text) { const note = h('span', {class: 'note'}, `\n${text}\n`); this.pre.append(note); return note; }
 
   /** Show the last LOG_PAGE bytes; returns whether that is the whole, final log. */
   async load(build) {
@@ -5516,7 +5544,7 @@ async function logBytes(path, offset, limit) {
       cache: 'no-store', signal: d.signal,
       headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
     if (!res.ok) throw new ApiError(res.status, `The server answered ${res.status}.`);
-    return new Uint8Array(await res.arrayBuffer());
+    return await bodyOf(res, d);
   } catch (e) {
     throw tooSlow(d, e);
   } finally {
