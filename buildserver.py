@@ -4513,6 +4513,9 @@ async function api(path, {method = 'GET', body, auth = token, signal = view && v
   } finally {
     d.end();
   }
+  if (res.ok && data === null) {   // cut short, or a proxy's page (a sign-in form, say)
+    throw new ApiError(0, 'The server\'s answer was cut short, or was not buildserver\'s. Try again.');
+  }
   if (res.ok) return data;
   let message = (data && data.detail) || `The server answered ${res.status} ${res.statusText}.`;
   const errors = Object.entries((data && data.errors) || {}).filter(([, v]) => !message.includes(v));
@@ -4972,7 +4975,7 @@ async function buildPage(v, user, name, id) {
     if (!inflight) {
       let got = null;
       inflight = refreshed(Promise.all([api(path), api(`${path}/statuses?limit=1000`)])
-        .then(([b, s]) => { build = got = b; statuses = s.results; render(); }, gone), v)
+        .then(([b, s]) => { build = got = b; statuses = s.results; render(); log.sized(b.log_size); }, gone), v)
         .then(() => got)
         .finally(() => { inflight = null; });
     }
@@ -5053,23 +5056,26 @@ async function buildPage(v, user, name, id) {
   });
   // A log the server could not send (away, or stalled) is asked for again,
   // less often as it goes on, until it comes: the pane has no button to ask.
-  for (let pause = 1000, note = null; !v.signal.aborted; pause = Math.min(2 * pause, 30000)) {
+  let note, said;
+  for (let pause = 1000; !v.signal.aborted; pause = Math.min(2 * pause, 30000)) {
     try {
       const whole = await log.load(build);
-      if (note) note.remove();
+      if (note) log.unsay(note);
       if (!whole) log.follow();
       else if (!FINAL.has(build.last_status)) refresh();   // it ended as the page opened
       return;
     } catch (e) {
       if (e.status === 401) return signOut(EXPIRED);
-      if (e.name === 'AbortError' || v.signal.aborted) return;
+      if (e.status === 404) return gone(e);
+      if (e.name === 'AbortError' || v.signal.aborted) break;
+      said = `The log could not be loaded: ${e.message}`;
       const again = e.status === 0 || e.status >= 500;
-      if (note) note.remove();
-      note = log.say(`The log could not be loaded: ${e.message}${again ? ' (The page tries again by itself.)' : ''}`);
+      note = log.say(again ? `${said} (The page tries again by itself.)` : said, note);
       if (!again) return;
       await sleep(pause, v.signal);
     }
   }
+  if (note) log.say(said, note);   // no more tries: the build was deleted meanwhile, say
 }
 
 // The code a build was made from, as a script recorded it (POST .../coderef), or no row.
@@ -5126,6 +5132,7 @@ class LogView {
     this.growth = new ResizeObserver(() => { if (this.pinned && !this.atBottom()) this.toBottom(); });
     this.ansi = ansiState();
     this.onOutput = this.onEnd = () => null;
+    this.stream = null;            // the follow's AbortController while it is open (see sized)
     this.pre = h('pre', {class: 'logbox', id: 'log', tabindex: 0, 'aria-label': 'Build log', onscroll: () => this.scrolled(),
                          onkeydown: (e) => this.keyed(e)});
     this.empty = h('span', {class: 'note'}, 'No output yet.');
@@ -5202,7 +5209,18 @@ class LogView {
     this.growth.observe(this.watched = el);
   }
 
-  say(text) { const note = h('span', {class: 'note'}, `\n${text}\n`); this.pre.append(note); return note; }
+  /** A note in the log (`note`: one said before, said anew in its place). */
+  say(text, note = h('span', {class: 'note'})) {
+    note.textContent = `\n${text}\n`;
+    if (!note.isConnected) this.pre.append(note);
+    this.empty.hidden = true;   // (not known to be none)
+    return note;
+  }
+
+  unsay(note) {
+    note.remove();
+    this.empty.hidden = false;
+  }
 
   /** Show the last LOG_PAGE bytes; returns whether that is the whole, final log. */
   async load(build) {
@@ -5232,7 +5250,8 @@ class LogView {
       await visible(signal);
       const before = this.end;
       let retryAfter = 0;
-      const stream = new AbortController();
+      const stream = this.stream = new AbortController();
+      this.heard = performance.now();
       const end = () => { if (document.hidden || signal.aborted) stream.abort(); };
       document.addEventListener('visibilitychange', end);
       signal.addEventListener('abort', end);
@@ -5248,6 +5267,7 @@ class LogView {
           for (;;) {
             const {done, value} = await reader.read();
             if (done) break;
+            this.heard = performance.now();
             this.end += value.length;
             this.add(value);
             this.onOutput();
@@ -5261,6 +5281,8 @@ class LogView {
       } finally {
         document.removeEventListener('visibilitychange', end);
         signal.removeEventListener('abort', end);
+        this.stream = null;
+        clearTimeout(this.stuck);
       }
       this.setLive('wait');
       const build = await this.onEnd();
@@ -5272,6 +5294,18 @@ class LogView {
       pause = this.end > before ? 0 : Math.min(Math.max(pause * 2, 500, retryAfter * 1000), 10000);
       await sleep(pause, signal);
     }
+  }
+
+  /** A refresh read the log's `size`: a follow that has brought nothing for
+   * READ_MS while the server has more is stuck (held by a proxy, or its
+   * connection dropped without a word), and is opened again. A quiet
+   * build's follow is never cut: it has nothing to bring. */
+  sized(size) {
+    clearTimeout(this.stuck);
+    if (!this.stream || size <= this.end) return;
+    const wait = this.heard + READ_MS - performance.now();
+    if (wait <= 0) this.stream.abort();
+    else this.stuck = setTimeout(() => this.sized(size), wait);
   }
 
   setLive(state) {
@@ -5546,7 +5580,8 @@ async function logBytes(path, offset, limit) {
     if (!res.ok) throw new ApiError(res.status, `The server answered ${res.status}.`);
     return await bodyOf(res, d);
   } catch (e) {
-    throw tooSlow(d, e);
+    if (e.name === 'AbortError' || e instanceof ApiError) throw tooSlow(d, e);
+    throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
   } finally {
     d.end();
   }

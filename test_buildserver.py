@@ -11575,6 +11575,98 @@ def test_a_log_whose_first_read_stalls_is_asked_for_again_until_it_comes(page, d
     expect(log_of(page)).to_have_text("first line\nsecond line\n")  # followed
 
 
+@pytest.mark.parametrize("broken", ["cut", "reset"])
+def test_a_log_read_broken_off_is_asked_for_again(page, dash, open_page, broken):
+    # A body cut short read as null, and a connection reset on a text read as
+    # no ApiError: the pane said "Cannot read properties of null" or "Failed
+    # to fetch", tried no more, and never followed the log.
+    open_page.allowed.append("net::ERR_")
+    path = running_unmanaged(dash, f"broken-{broken}")
+    # (with no newline in its last 256 KiB, the page reads where a character starts: as text)
+    dash.api("POST", path + "/logs", "first line\n" if broken == "cut" else "start\n" + "x" * 300_000)
+    page.clock.install()
+    sign_in(page, dash)
+    broke = []
+
+    def once(route):
+        if broke:
+            return route.continue_()
+        broke.append(route.request.url)
+        if broken == "cut":
+            return route.fulfill(status=200, content_type="application/json", body='{"job": 1, "off')
+        route.abort("connectionreset")
+    page.route("**/logs?format=json*" if broken == "cut" else "**/logs?format=text*", once)
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text("(The page tries again by itself.)")
+    expect(log_of(page)).not_to_contain_text("No output yet.", use_inner_text=True)  # (not known)
+    page.clock.run_for(1500)
+    expect(log_of(page)).to_contain_text("first line\n" if broken == "cut" else "x" * 1000)
+    expect(log_of(page)).not_to_contain_text("could not be loaded")
+    dash.api("POST", path + "/logs", "\nnext line\n")
+    expect(log_of(page)).to_contain_text("next line")  # followed
+
+
+def test_a_build_deleted_before_its_log_is_read_is_shown_deleted(page, dash, open_page):
+    # The page went on showing it succeeded, Restart and Bookmark enabled;
+    # only the log's pane said there was no such build.
+    open_page.allowed.append("status of 404")
+    dash.project("gone-early", command="echo hello")
+    build = dash.final_build(f"/alice/gone-early/builds/{dash.api('POST', '/alice/gone-early/builds')['id']}")
+    sign_in(page, dash)
+    held = []
+    page.route("**/logs?format=json*", lambda route: held.append(route))
+    page.goto(f"{dash.url}/#/alice/gone-early/builds/{build['id']}")
+    while_page_waits(page, lambda: held, "the log's read")
+    dash.api("DELETE", f"/alice/gone-early/builds/{build['id']}")
+    held[0].continue_()  # (the server answers it: 404)
+    expect(status_of(page)).to_have_text("deleted")
+    expect(page.locator("#notice")).to_contain_text("There is no build")
+    for button in ("#stop", "#restart", "#bookmark"):
+        expect(page.locator(button)).to_be_disabled()
+
+
+def test_a_log_read_tried_again_until_its_build_is_deleted_says_it_tries_no_more(
+        page, dash, open_page):
+    open_page.allowed += ["status of 502", "status of 404"]
+    path = running_unmanaged(dash, "deleted-while-retried")
+    page.clock.install()
+    sign_in(page, dash)
+    page.route("**/logs?format=json*", lambda route: route.fulfill(
+        status=502, content_type="text/html", body="<html>Bad Gateway</html>"))
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_contain_text(
+        "The log could not be loaded: The server answered 502 Bad Gateway. "
+        "(The page tries again by itself.)")
+    dash.api("DELETE", path)
+    page.clock.run_for(6000)  # the next refresh learns it is gone
+    expect(status_of(page)).to_have_text("deleted")
+    expect(log_of(page)).to_have_text("The log could not be loaded: The server answered 502 Bad Gateway.",
+                                      use_inner_text=True)
+
+
+def test_a_followed_log_that_brings_nothing_while_the_server_has_more_is_opened_again(page, dash):
+    # A follow held by a proxy (or its connection dropped without a word)
+    # stayed "live" for ever while the build's details showed the log grow.
+    path = running_unmanaged(dash, "stuck-follow")
+    dash.api("POST", path + "/logs", "first line\n")
+    page.clock.install()
+    sign_in(page, dash)
+    follows = []
+    page.route("**/logs?follow=1*", lambda route: follows.append(route) if not follows
+               else route.continue_())  # the first, answered never
+    page.goto(f"{dash.url}/#{path}")
+    expect(log_of(page)).to_have_text("first line\n")
+    while_page_waits(page, lambda: follows, "the page's follow")
+    dash.api("POST", path + "/logs", "second line\n")
+    page.clock.run_for(25_000)  # refreshes see the log grow: not long enough to give up
+    assert log_of(page).text_content() == "first line\n"
+    page.clock.run_for(10_000)
+    expect(log_of(page)).to_have_text("first line\nsecond line\n")
+    expect(page.locator("#live")).to_have_text("live")
+    dash.api("POST", path + "/logs", "third line\n")
+    expect(log_of(page)).to_have_text("first line\nsecond line\nthird line\n")
+
+
 def test_a_read_on_a_slow_link_is_no_stall_while_its_body_keeps_coming(page, dash):
     # The whole answer had 30 s: a 256 KiB page at 40 KB/s was cut off at
     # 30 s, and the page said the server did not answer.
