@@ -4478,6 +4478,10 @@ function readDeadline(outer) {
   return d;
 }
 
+function unreachable() {
+  return new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
+}
+
 function tooSlow(d, e) {
   return d.late ? new ApiError(0, `The server sent nothing for ${READ_MS / 1000} seconds. ` +
                                   'Check that it is running, then try again.') : e;
@@ -4506,7 +4510,7 @@ async function api(path, {method = 'GET', body, auth = token, signal = view && v
                                      body: body === undefined ? undefined : JSON.stringify(body)});
     } catch (e) {
       if (e.name === 'AbortError') throw tooSlow(d, e);
-      throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
+      throw unreachable();
     }
     data = await bodyOf(res, d).then(body => JSON.parse(new TextDecoder().decode(body)))
       .catch(e => { if (e.name === 'AbortError') throw tooSlow(d, e); return null; });
@@ -5581,7 +5585,7 @@ async function logBytes(path, offset, limit) {
     return await bodyOf(res, d);
   } catch (e) {
     if (e.name === 'AbortError' || e instanceof ApiError) throw tooSlow(d, e);
-    throw new ApiError(0, 'The server cannot be reached. Check that it is running, then try again.');
+    throw unreachable();
   } finally {
     d.end();
   }
