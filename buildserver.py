@@ -4498,6 +4498,20 @@ async function bodyOf(res, d) {
   }
 }
 
+/** The JSON body of `res` under the deadline `d`; null if it is not JSON, or was cut short. */
+function jsonOf(res, d) {
+  return bodyOf(res, d).then(body => JSON.parse(new TextDecoder().decode(body)))
+    .catch(e => { if (e.name === 'AbortError') throw tooSlow(d, e); return null; });
+}
+
+/** The ApiError of a refusal (`res` not ok), in the server's own words (`data`, its JSON). */
+function refusal(res, data) {
+  let message = (data && data.detail) || `The server answered ${res.status} ${res.statusText}.`;
+  const errors = Object.entries((data && data.errors) || {}).filter(([, v]) => !message.includes(v));
+  if (errors.length) message += ' ' + errors.map(([k, v]) => `${k} ${v}.`).join(' ');   // e.g. "env must be ..."
+  return new ApiError(res.status, message, data && data.errors);
+}
+
 /** JSON from /api/v1{path}; throws ApiError with the server's own sentence. */
 async function api(path, {method = 'GET', body, auth = token, signal = view && view.signal} = {}) {
   const headers = {Authorization: `Token ${auth}`, Accept: 'application/json'};
@@ -4512,19 +4526,17 @@ async function api(path, {method = 'GET', body, auth = token, signal = view && v
       if (e.name === 'AbortError') throw tooSlow(d, e);
       throw unreachable();
     }
-    data = await bodyOf(res, d).then(body => JSON.parse(new TextDecoder().decode(body)))
-      .catch(e => { if (e.name === 'AbortError') throw tooSlow(d, e); return null; });
+    data = await jsonOf(res, d);
   } finally {
     d.end();
   }
-  if (res.ok && data === null) {   // cut short, or a proxy's page (a sign-in form, say)
-    throw new ApiError(0, 'The server\'s answer was cut short, or was not buildserver\'s. Try again.');
-  }
-  if (res.ok) return data;
-  let message = (data && data.detail) || `The server answered ${res.status} ${res.statusText}.`;
-  const errors = Object.entries((data && data.errors) || {}).filter(([, v]) => !message.includes(v));
-  if (errors.length) message += ' ' + errors.map(([k, v]) => `${k} ${v}.`).join(' ');   // e.g. "env must be ..."
-  throw new ApiError(res.status, message, data && data.errors);
+  if (!res.ok) throw refusal(res, data);
+  if (data !== null) return data;
+  // Cut short, or a proxy's page (a sign-in form, say). A write was done all the same.
+  throw new ApiError(0, method === 'GET'
+    ? 'The server\'s answer was cut short, or was not buildserver\'s. Try again.'
+    : 'The server said yes, but its answer was cut short, or was not buildserver\'s: ' +
+      'reload the page to see what was done.');
 }
 
 /** What a page does when a request fails: sign out on 401, else say what went wrong. */
@@ -5581,7 +5593,7 @@ async function logBytes(path, offset, limit) {
     const res = await fetch(`${API}${path}/logs?format=text&offset=${offset}&limit=${limit}`, {
       cache: 'no-store', signal: d.signal,
       headers: {Authorization: `Token ${token}`, Accept: 'text/plain'}});
-    if (!res.ok) throw new ApiError(res.status, `The server answered ${res.status}.`);
+    if (!res.ok) throw refusal(res, await jsonOf(res, d));
     return await bodyOf(res, d);
   } catch (e) {
     if (e.name === 'AbortError' || e instanceof ApiError) throw tooSlow(d, e);

@@ -11625,6 +11625,41 @@ def test_a_build_deleted_before_its_log_is_read_is_shown_deleted(page, dash, ope
         expect(page.locator(button)).to_be_disabled()
 
 
+def test_a_build_deleted_before_its_log_is_read_as_bytes_is_shown_deleted_in_the_servers_words(
+        page, dash, open_page):
+    # The bytes' read said only "The server answered 404.".
+    open_page.allowed.append("status of 404")
+    path = running_unmanaged(dash, "gone-as-bytes")
+    dash.api("POST", path + "/logs", "start\n" + "x" * 300_000)  # read where a character starts
+    sign_in(page, dash)
+    held = []
+    page.route("**/logs?format=text*", lambda route: held.append(route))
+    page.goto(f"{dash.url}/#{path}")
+    while_page_waits(page, lambda: held, "the log's bytes read")
+    dash.api("DELETE", path)
+    held[0].continue_()
+    expect(status_of(page)).to_have_text("deleted")
+    expect(page.locator("#notice")).to_have_text(re.compile(r"^There is no build \d+"))
+
+
+def test_a_write_whose_answer_was_cut_short_says_it_was_done_not_to_try_again(page, dash):
+    # "Try again": the build was made, and a second click made another.
+    dash.project("cut-write", command="true")
+    sign_in(page, dash)
+    page.goto(dash.url + "/#/alice/cut-write")
+
+    def cut(route):
+        answer = route.fetch()  # the server makes the build
+        route.fulfill(status=answer.status, content_type="application/json",
+                      body=answer.body()[:len(answer.body()) // 2])
+    page.route("**/api/v1/alice/cut-write/builds", cut)
+    page.get_by_role("button", name="Trigger build").click()
+    expect(page.locator("form p.error")).to_have_text(
+        "The server said yes, but its answer was cut short, or was not buildserver's: "
+        "reload the page to see what was done.")
+    assert dash.api("GET", "/alice/cut-write/builds")["count"] == 1
+
+
 def test_a_log_read_tried_again_until_its_build_is_deleted_says_it_tries_no_more(
         page, dash, open_page):
     open_page.allowed += ["status of 502", "status of 404"]
