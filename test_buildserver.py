@@ -11553,16 +11553,25 @@ def test_a_list_refresh_that_stalls_is_not_piled_on_and_says_so_when_it_gives_up
     assert page.evaluate("window.lists") > asked + 1
 
 
+def open_running_log(page, dash, project, log, pattern, handler):
+    """Sign in, the page's clock faked, and open the page of a running build
+    of alice's new `project` whose log holds `log`, the page's requests that
+    match `pattern` given to `handler` (page.route's); returns its path."""
+    path = running_unmanaged(dash, project)
+    dash.api("POST", path + "/logs", log)
+    page.clock.install()
+    sign_in(page, dash)
+    page.route(pattern, handler)
+    page.goto(f"{dash.url}/#{path}")
+    return path
+
+
 def test_a_log_whose_first_read_stalls_is_asked_for_again_until_it_comes(page, dash):
     # The pane said the log could not be loaded, and stayed so, never live,
     # long after the server answered again: it has no button to ask with.
-    path = running_unmanaged(dash, "late-log")
-    dash.api("POST", path + "/logs", "first line\n")
-    page.clock.install()
-    sign_in(page, dash)
     held = []
-    page.route("**/logs?format=json*", lambda route: held.append(route))  # answered never
-    page.goto(f"{dash.url}/#{path}")
+    path = open_running_log(page, dash, "late-log", "first line\n", "**/logs?format=json*",
+                            lambda route: held.append(route))  # answered never
     while_page_waits(page, lambda: held, "the log's first read")
     page.clock.run_for(31_000)
     expect(log_of(page)).to_contain_text(
@@ -11581,11 +11590,6 @@ def test_a_log_read_broken_off_is_asked_for_again(page, dash, open_page, broken)
     # no ApiError: the pane said "Cannot read properties of null" or "Failed
     # to fetch", tried no more, and never followed the log.
     open_page.allowed.append("net::ERR_")
-    path = running_unmanaged(dash, f"broken-{broken}")
-    # (with no newline in its last 256 KiB, the page reads where a character starts: as text)
-    dash.api("POST", path + "/logs", "first line\n" if broken == "cut" else "start\n" + "x" * 300_000)
-    page.clock.install()
-    sign_in(page, dash)
     broke = []
 
     def once(route):
@@ -11595,8 +11599,10 @@ def test_a_log_read_broken_off_is_asked_for_again(page, dash, open_page, broken)
         if broken == "cut":
             return route.fulfill(status=200, content_type="application/json", body='{"job": 1, "off')
         route.abort("connectionreset")
-    page.route("**/logs?format=json*" if broken == "cut" else "**/logs?format=text*", once)
-    page.goto(f"{dash.url}/#{path}")
+    # (with no newline in its last 256 KiB, the page reads where a character starts: as text)
+    path = open_running_log(
+        page, dash, f"broken-{broken}", "first line\n" if broken == "cut" else "start\n" + "x" * 300_000,
+        "**/logs?format=json*" if broken == "cut" else "**/logs?format=text*", once)
     expect(log_of(page)).to_contain_text("(The page tries again by itself.)")
     expect(log_of(page)).not_to_contain_text("No output yet.", use_inner_text=True)  # (not known)
     page.clock.run_for(1500)
@@ -11682,14 +11688,10 @@ def test_a_log_read_tried_again_until_its_build_is_deleted_says_it_tries_no_more
 def test_a_followed_log_that_brings_nothing_while_the_server_has_more_is_opened_again(page, dash):
     # A follow held by a proxy (or its connection dropped without a word)
     # stayed "live" for ever while the build's details showed the log grow.
-    path = running_unmanaged(dash, "stuck-follow")
-    dash.api("POST", path + "/logs", "first line\n")
-    page.clock.install()
-    sign_in(page, dash)
     follows = []
-    page.route("**/logs?follow=1*", lambda route: follows.append(route) if not follows
-               else route.continue_())  # the first, answered never
-    page.goto(f"{dash.url}/#{path}")
+    path = open_running_log(page, dash, "stuck-follow", "first line\n", "**/logs?follow=1*",
+                            lambda route: follows.append(route) if not follows
+                            else route.continue_())  # the first, answered never
     expect(log_of(page)).to_have_text("first line\n")
     while_page_waits(page, lambda: follows, "the page's follow")
     dash.api("POST", path + "/logs", "second line\n")
