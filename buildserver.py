@@ -4489,9 +4489,10 @@ function tooSlow(d, e) {
 
 /** The whole body of `res`, each piece putting off the deadline `d`. */
 async function bodyOf(res, d) {
-  const chunks = [], reader = res.body ? res.body.getReader() : null;
+  if (!res.body) return new Uint8Array(0);
+  const chunks = [], reader = res.body.getReader();
   for (;;) {
-    const {done, value} = reader ? await reader.read() : {done: true};
+    const {done, value} = await reader.read();
     if (done) return concat(chunks);
     chunks.push(value);
     d.putOff();
